@@ -1,0 +1,6 @@
+"""``python -m sphero_lightning`` is the ``sphero`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

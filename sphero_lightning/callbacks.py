@@ -1,0 +1,203 @@
+"""Callbacks: the pyramid curriculum, per-pair early stopping, the progress bar, the output writer."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ProgressBar
+
+from .errors import SpheroError
+from .model import Level, RegistrationModule
+
+
+def _per_level(value: float | list[float], levels: int, name: str) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels:
+            raise SpheroError(f"{name} has {len(value)} entries but there are {levels} pyramid levels; give one value or {levels}")
+        return [float(v) for v in value]
+    return [float(value)] * levels
+
+
+#: Learning rates of the reference pipeline (Adam), per level from coarse to fine.
+ADAM_LR = [1e-3, 1e-3, 5e-4, 1e-4]
+
+
+class PyramidSchedule(L.Callback):
+    """Coarse-to-fine curriculum: each block is fitted level by level, parameters carried over.
+
+    A level ends when its step budget is spent or every pair of the block has converged; after the
+    finest level the block (the epoch) ends.
+
+    Parameters
+    ----------
+    levels : int
+        Number of pyramid levels (the reference pipeline's ``pyramid_levels``).
+    factors : float or list of float
+        A number ``f`` gives downscale factors ``[f**(levels-1), ..., f, 1]`` (``pyramid_factors``);
+        a list gives them explicitly, coarse to fine.
+    steps : int or list of int
+        Step budget per level (``pyramid_epochs``). A BFGS step is one evaluation of every pair.
+    learning_rate : float or list of float, optional
+        Per level. For ``adam`` the step size (default the reference's ``[1e-3, 1e-3, 5e-4, 1e-4]``);
+        for ``bfgs`` the length of the first step (default 0.01, about 2 px on a 384 px slice).
+        Parameter units: see ``transforms.py`` (translation in half slice widths, angles in radians).
+    """
+
+    def __init__(self, levels: int = 4, factors: float | list[float] = 2.0, steps: int | list[int] = 100,
+                 learning_rate: float | list[float] | None = None) -> None:
+        if levels < 1:
+            raise SpheroError(f"pyramid levels must be >= 1, got {levels}")
+        if isinstance(factors, (list, tuple)):
+            fac = _per_level(factors, levels, "pyramid factors")
+        else:
+            if factors < 1:
+                raise SpheroError(f"pyramid factor must be >= 1, got {factors}")
+            fac = [float(factors) ** (levels - 1 - i) for i in range(levels)]
+        if any(f < 1 for f in fac):
+            raise SpheroError(f"pyramid factors must be >= 1, got {fac}")
+        st = [int(s) for s in _per_level(steps, levels, "pyramid steps")]
+        if any(s < 1 for s in st):
+            raise SpheroError(f"pyramid steps must be >= 1, got {st}")
+        self.factors, self.steps, self.learning_rate = fac, st, learning_rate
+        self.n_levels = levels
+
+    def levels_for(self, optimizer: str) -> list[Level]:
+        lr = self.learning_rate
+        if lr is None:
+            lr = ADAM_LR[-self.n_levels:] if optimizer == "adam" and self.n_levels <= 4 else (1e-3 if optimizer == "adam" else 1e-2)
+        lrs = _per_level(lr, self.n_levels, "learning_rate")
+        return [Level(f, s, r) for f, s, r in zip(self.factors, self.steps, lrs)]
+
+    def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
+        dm = trainer.datamodule
+        smallest = min(dm.slice_shape)
+        if max(self.factors) * 8 > smallest:
+            raise SpheroError(f"pyramid factor {max(self.factors):g} leaves fewer than 8 pixels of a {smallest} px slice; "
+                             f"use fewer levels (--pyramid.levels) or smaller factors (--pyramid.factors)")
+        pl_module.configure_pyramid(self.levels_for(pl_module.hparams.optimizer))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        blk = pl_module.block
+        if blk is None or blk.done or not pl_module.level_finished():
+            return
+        if blk.level + 1 < len(pl_module.levels):
+            pl_module.next_level()
+        else:
+            pl_module.finish_block()
+
+
+class PairEarlyStopping(L.Callback):
+    """Per-pair early stopping: a converged pair stops moving; the others go on.
+
+    A pair has converged at the current level when, over its last ``window`` accepted iterates,
+    the loss varied by less than ``tol`` (the reference pipeline's rule, ``stop_window`` and
+    ``stop_tol``) or every step moved every pixel by less than ``step_tol_px`` (pixels of the
+    current level). The step rule is what stops a quasi-Newton fit promptly: near the optimum its
+    loss changes are below float32 resolution while its steps shrink quadratically.
+    """
+
+    def __init__(self, enabled: bool = True, window: int = 3, tol: float = 1e-7, step_tol_px: float = 2e-4) -> None:
+        if window < 1:
+            raise SpheroError(f"early stopping window must be >= 1, got {window}")
+        self.enabled, self.window, self.tol, self.step_tol_px = enabled, window, tol, step_tol_px
+        self._key: tuple[int, int] | None = None
+
+    def _reset(self, rows: int, device: torch.device) -> None:
+        self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=device)
+        self.moves = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=device)
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        blk, solver = pl_module.block, pl_module.solver
+        if not self.enabled or blk is None or blk.done or "accepted" not in blk.extra:
+            return
+        key = (blk.index, blk.level, id(solver))
+        if key != self._key:
+            self._key = key
+            self._reset(solver.x.shape[0], solver.x.device)
+        acc = blk.extra["accepted"]
+        if not acc.any():
+            return
+        move = pl_module.step_displacement_px(blk.extra["x_before"], solver.x)
+        move = torch.where(self.count > 0, move, torch.full_like(move, float("inf")))  # first point is no step
+        a = acc.unsqueeze(-1)
+        self.losses = torch.where(a, torch.cat([self.losses[:, 1:], solver.f.unsqueeze(-1)], 1), self.losses)
+        self.moves = torch.where(a, torch.cat([self.moves[:, 1:], move.unsqueeze(-1)], 1), self.moves)
+        self.count += acc.long()
+        full = self.count >= self.window
+        flat = (self.losses.amax(1) - self.losses.amin(1)) < self.tol
+        still = self.moves.amax(1) < self.step_tol_px
+        solver.freeze(acc & full & (flat | still))
+
+
+class PairProgressBar(ProgressBar):
+    """Progress in pairs (the unit users think in), with pairs per second and time left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self.bar = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
+        if self._enabled and trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=pl_module.n_pairs, desc="registering", unit="pair", dynamic_ncols=True, file=sys.stderr)
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.bar is not None and pl_module.block is not None and batch_idx % 10 == 0:
+            blk = pl_module.block
+            self.bar.set_postfix(level=f"{blk.level + 1}/{len(pl_module.levels)}", active=int(pl_module.solver.active.sum()), refresh=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
+        if self.bar is not None and pl_module.block is not None:
+            self.bar.update(sum(1 for p in pl_module.block.pairs if p >= 0))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class RegistrationWriter(L.Callback):
+    """After fitting: compose the transforms, crop to the largest box valid in every slice, write.
+
+    Parameters
+    ----------
+    crop_borders : bool
+        Crop to the largest axis-aligned box whose every pixel lies inside every warped slice.
+        Computed exactly from the transforms (not guessed from intensities).
+    crop_safety_margin : int
+        Pixels removed on each side of that box (0 keeps the exact largest box).
+    interpolation : {"bspline", "bicubic", "bilinear"}
+        How slices are resampled for the output. ``bspline`` (prefiltered cubic B-spline) is the most
+        faithful; ``bicubic`` is torch's Keys kernel (the reference pipeline's choice).
+    compression_level : int
+        zstd level of the output chunks.
+    """
+
+    def __init__(self, crop_borders: bool = True, crop_safety_margin: int = 0, interpolation: str = "bspline",
+                 compression_level: int = 3) -> None:
+        if interpolation not in ("bspline", "bicubic", "bilinear"):
+            raise SpheroError(f"unknown interpolation {interpolation!r}; choose bspline, bicubic or bilinear")
+        if crop_safety_margin < 0:
+            raise SpheroError(f"crop_safety_margin must be >= 0, got {crop_safety_margin}")
+        self.crop_borders, self.crop_safety_margin = crop_borders, crop_safety_margin
+        self.interpolation, self.compression_level = interpolation, compression_level
+        self.output_path: str | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
+        from .output import write_registration
+
+        self.output_path = write_registration(trainer, pl_module, self)

@@ -1,0 +1,198 @@
+"""Input: a Zarr (v3) array of slices, streamed block by block; never the whole stack in memory."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, IterableDataset
+
+from .errors import SpheroError
+
+
+def _list_arrays(group: zarr.Group, prefix: str = "") -> list[str]:
+    out = []
+    for name, member in group.members():
+        path = f"{prefix}{name}"
+        if isinstance(member, zarr.Array):
+            out.append(path)
+        else:
+            out.extend(_list_arrays(member, path + "/"))
+    return out
+
+
+def open_source(root: str, array: str) -> zarr.Array:
+    """Open the source array read-only, with a clear error for each way it can be missing."""
+    path = Path(root)
+    if not path.exists():
+        raise SpheroError(f"store {root!r} does not exist; check --data.root (a .zarr directory)")
+    try:
+        group = zarr.open_group(root, mode="r")
+    except Exception as exc:  # not a zarr store at all
+        raise SpheroError(f"{root!r} is not a Zarr store ({type(exc).__name__}); point --data.root at a .zarr directory") from None
+    try:
+        arr = zarr.open_array(group.store, path=array, mode="r")
+    except Exception:
+        arrays = _list_arrays(group)
+        listing = ", ".join(arrays) if arrays else "none"
+        raise SpheroError(f"array {array!r} not found in {root!r} (arrays there: {listing}); set --data.array") from None
+    return arr
+
+
+def spacing_name(spacing: list[float]) -> str:
+    """``[50, 4, 4]`` -> ``"50-4-4"`` (the naming convention of the arrays)."""
+    return "-".join(f"{s:g}" for s in spacing)
+
+
+def read_block(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """Slices ``start..stop-1`` as a numpy array (one read, zarr decodes chunks in parallel)."""
+    return np.asarray(arr[start:stop])
+
+
+def to_tensor(block: np.ndarray) -> tuple[torch.Tensor, float]:
+    """A compact tensor for transfer (uint8 stays uint8) and the scale that maps it to ``[0, 1]``."""
+    if block.dtype == np.uint8:
+        return torch.from_numpy(block), 255.0
+    if np.issubdtype(block.dtype, np.integer):
+        info = np.iinfo(block.dtype)
+        return torch.from_numpy(block.astype(np.float32)), float(info.max)
+    return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)), 1.0
+
+
+class BlockStream(IterableDataset):
+    """Per epoch: this rank's slices of the epoch's block once, then step tokens until the epoch ends.
+
+    The next block is read in a background thread while the current one is fitted.
+    """
+
+    def __init__(self, dm: "ZarrPairDataModule", trainer: L.Trainer) -> None:
+        super().__init__()
+        self.dm, self.trainer = dm, trainer
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sphero-prefetch")
+        self.pending: dict[int, Future] = {}
+
+    def _fetch(self, block: int) -> Future:
+        if block not in self.pending:
+            self.pending[block] = self.pool.submit(self.dm.read_rank_block, block, self.trainer.global_rank, self.trainer.world_size)
+        return self.pending[block]
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.trainer.current_epoch
+        item = self._fetch(epoch).result()
+        self.pending.pop(epoch, None)
+        if epoch + 1 < self.dm.n_blocks(self.trainer.world_size):
+            self._fetch(epoch + 1)
+        yield item
+        token = 0
+        while True:
+            token += 1
+            yield token
+
+
+class ZarrPairDataModule(L.LightningDataModule):
+    """Consecutive slice pairs of a Zarr array, in blocks.
+
+    Parameters
+    ----------
+    root : str
+        The Zarr store (a ``.zarr`` directory).
+    array : str
+        Path of the ``(Z, Y, X)`` array inside the store, e.g. ``images/50-4-4``.
+    dst_group : str
+        Group the output is written to, as ``<dst_group>/<z>-<y>-<x>``.
+    max_pairs : int, optional
+        Register only the first ``max_pairs`` pairs (``max_pairs + 1`` slices).
+    pairs_per_block : int
+        Pairs fitted together per device and step. Larger blocks amortise per-step overhead (most on a
+        GPU); memory grows linearly.
+    spacing : list of float, optional
+        ``[z, y, x]`` voxel size in nm, for arrays without a ``spacing`` attribute.
+    """
+
+    def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
+                 pairs_per_block: int = 8, spacing: list[float] | None = None) -> None:
+        super().__init__()
+        self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
+        self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
+        if pairs_per_block < 1:
+            raise SpheroError(f"--data.pairs_per_block must be >= 1, got {pairs_per_block}")
+        if max_pairs is not None and max_pairs < 1:
+            raise SpheroError(f"--data.max_pairs must be >= 1 (or null for all pairs), got {max_pairs}")
+        self._arr: zarr.Array | None = None
+        self.validate()
+
+    # ------------------------------------------------------------------ input
+    def validate(self) -> None:
+        """Check the input before any work; raise :class:`SpheroError` with the fix."""
+        arr = open_source(self.root, self.array)
+        if arr.ndim != 3:
+            raise SpheroError(f"array {self.array!r} has shape {arr.shape}; expected 3D (Z, Y, X)")
+        if arr.shape[0] < 2:
+            raise SpheroError(f"array {self.array!r} has {arr.shape[0]} slice(s); registration needs at least 2")
+        if min(arr.shape[1:]) < 16:
+            raise SpheroError(f"slices of {self.array!r} are {arr.shape[1]} x {arr.shape[2]} px; need at least 16 x 16")
+        dt = np.dtype(arr.dtype)
+        if not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
+            raise SpheroError(f"array {self.array!r} has dtype {dt}; expected an integer or float type")
+        if self.spacing_override is None and "spacing" not in arr.attrs:
+            raise SpheroError(f"array {self.array!r} has no 'spacing' attribute; give it as --data.spacing [z,y,x] (nm)")
+        self._arr = arr
+        sp = self.spacing
+        if len(sp) != 3 or any(not (s > 0) for s in sp):
+            raise SpheroError(f"spacing {sp} is invalid; need three positive numbers [z, y, x] in nm")
+        self._arr = arr
+
+    @property
+    def source(self) -> zarr.Array:
+        if self._arr is None:
+            self.validate()
+        return self._arr
+
+    @property
+    def spacing(self) -> list[float]:
+        if self.spacing_override is not None:
+            return [float(s) for s in self.spacing_override]
+        return [float(s) for s in self._arr.attrs["spacing"]]
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.source.shape[1:])
+
+    @property
+    def n_pairs(self) -> int:
+        n = self.source.shape[0] - 1
+        return min(n, self.max_pairs) if self.max_pairs is not None else n
+
+    @property
+    def output_path(self) -> str:
+        return f"{self.dst_group}/{spacing_name(self.spacing)}"
+
+    def n_blocks(self, world: int) -> int:
+        return math.ceil(self.n_pairs / (self.pairs_per_block * world))
+
+    def rank_pairs(self, block: int, rank: int, world: int) -> range:
+        """Global indices of the pairs ``rank`` fits in ``block`` (possibly fewer than a full block)."""
+        start = (block * world + rank) * self.pairs_per_block
+        return range(min(start, self.n_pairs), min(start + self.pairs_per_block, self.n_pairs))
+
+    def read_rank_block(self, block: int, rank: int, world: int) -> dict[str, Any]:
+        pairs = self.rank_pairs(block, rank, world)
+        if len(pairs) == 0:  # uneven split: this rank idles in this block, in step with the others
+            h, w = self.slice_shape
+            return {"slices": torch.zeros(1, h, w, dtype=torch.uint8), "scale": torch.tensor(1.0), "first_pair": torch.tensor(-1)}
+        data, scale = to_tensor(read_block(self.source, pairs.start, pairs.stop + 1))
+        return {"slices": data, "scale": torch.tensor(scale), "first_pair": torch.tensor(pairs.start)}
+
+    # ------------------------------------------------------------------ Lightning
+    def setup(self, stage: str) -> None:
+        # One epoch per block; the whole fit is exactly that many epochs.
+        self.trainer.fit_loop.max_epochs = self.n_blocks(self.trainer.world_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(BlockStream(self, self.trainer), batch_size=None, num_workers=0)

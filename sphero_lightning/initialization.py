@@ -1,0 +1,68 @@
+"""Coarse translation estimate by phase correlation, to widen the capture range.
+
+Gradient-based fitting only sees a jump of tens of pixels if the pyramid is coarse enough and the
+content is smooth enough; phase correlation finds it directly, in one FFT per pair, whatever its size
+(up to half the slice).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .interpolation import downscale
+
+
+def _hann(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    wy = torch.hann_window(h, periodic=False, dtype=like.dtype, device=like.device)
+    wx = torch.hann_window(w, periodic=False, dtype=like.dtype, device=like.device)
+    return wy[:, None] * wx[None, :]
+
+
+def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, max_size: int = 256) -> torch.Tensor:
+    """Translation of ``moving`` against ``fixed``, in pixels of the given images.
+
+    Parameters
+    ----------
+    fixed, moving : torch.Tensor
+        ``(B, 1, H, W)`` images.
+    max_size : int
+        The images are downscaled (anti-aliased) until their larger side is at most this; the peak
+        is refined to subpixel by a parabola fit, then scaled back.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 2)`` float ``(dx, dy)`` such that ``moving(x + dx, y + dy) ~ fixed(x, y)``: the
+        translation of the transform mapping the fixed frame into the moving slice.
+    """
+    h, w = fixed.shape[-2:]
+    factor = max(1.0, max(h, w) / max_size)
+    f = downscale(fixed.float(), factor)[:, 0]
+    m = downscale(moving.float(), factor)[:, 0]
+    hh, ww = f.shape[-2:]
+    win = _hann(hh, ww, f)
+    f = (f - f.mean((-2, -1), keepdim=True)) * win
+    m = (m - m.mean((-2, -1), keepdim=True)) * win
+    cross = torch.fft.rfft2(m) * torch.conj(torch.fft.rfft2(f))
+    cross = cross / cross.abs().clamp_min(1e-12)
+    corr = torch.fft.irfft2(cross, s=(hh, ww))
+    # A light blur makes the peak robust to noise and to the small rotations that smear it.
+    corr = F.avg_pool2d(F.pad(corr.unsqueeze(1), (1, 1, 1, 1), mode="circular"), 3, stride=1)[:, 0]
+    b = corr.shape[0]
+    flat = corr.reshape(b, -1).argmax(-1)
+    py, px = flat // ww, flat % ww
+
+    def refine(vals_m: torch.Tensor, vals_0: torch.Tensor, vals_p: torch.Tensor) -> torch.Tensor:
+        denom = vals_m - 2 * vals_0 + vals_p
+        return torch.where(denom.abs() > 1e-12, 0.5 * (vals_m - vals_p) / denom, torch.zeros_like(denom))
+
+    idx = torch.arange(b, device=corr.device)
+    c0 = corr[idx, py, px]
+    dx = refine(corr[idx, py, (px - 1) % ww], c0, corr[idx, py, (px + 1) % ww])
+    dy = refine(corr[idx, (py - 1) % hh, px], c0, corr[idx, (py + 1) % hh, px])
+    sx = px.to(corr.dtype) + dx.clamp(-0.5, 0.5)
+    sy = py.to(corr.dtype) + dy.clamp(-0.5, 0.5)
+    sx = torch.where(sx > ww / 2, sx - ww, sx)
+    sy = torch.where(sy > hh / 2, sy - hh, sy)
+    return torch.stack([sx * (w / ww), sy * (h / hh)], -1)

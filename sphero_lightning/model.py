@@ -1,0 +1,340 @@
+"""The LightningModule: a block of pairs, their learnable affine transforms, one solver step per step.
+
+Lightning mapping (see README "Design"):
+
+* one epoch = one block of ``pairs_per_block`` pairs per device; one training step = one evaluation of
+  every still-active pair of the block at the solver's trial point, then one solver update;
+* the parameter ``delta`` holds one row per (rank, slot): a rank fills only its own rows and scales its
+  loss by the world size, so after DDP's gradient all-reduce every row holds exactly its own pair's
+  gradient and all ranks hold identical parameters; per-pair losses are all-reduced the same way, so
+  every rank takes the same decisions (no hang) and knows every pair's result;
+* the pyramid callback moves the block from level to level; the early-stopping callback freezes
+  converged pairs; when the last level is done ``on_train_batch_start`` returns -1 to end the epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from .errors import SpheroError
+from .initialization import phase_correlation
+from .interpolation import bspline_prefilter, bspline_sample, downscale, inside_weight, sample_positions
+from .losses import get_loss
+from .solvers import make_solver
+from .transforms import FAMILIES, corner_displacement, family_basis, params_to_normalized
+
+
+@dataclass
+class Level:
+    """One pyramid level: downscale factor, step budget, learning rate (first step length for BFGS)."""
+
+    factor: float
+    steps: int
+    lr: float
+
+
+@dataclass
+class BlockState:
+    """What the module knows about the block it is fitting (identical on every rank)."""
+
+    index: int
+    pairs: list[int]  # global pair index of each row, -1 for an empty slot; length world * B
+    valid: torch.Tensor  # (R,) bool
+    level: int = -1
+    level_steps: int = 0
+    steps: torch.Tensor | None = None  # (R,) evaluations while active, all levels
+    done: bool = False
+    losses_at_start: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RegistrationModule(L.LightningModule):
+    """Affine registration of consecutive slice pairs, many pairs at a time.
+
+    Parameters
+    ----------
+    transformation : {"translation", "rigid", "similarity", "affine"}
+        Transform family. ``similarity`` is rotation + one isotropic scale + translation.
+    scaling, shear : bool
+        For ``affine``: whether per-axis scale and horizontal shear are free.
+    loss : {"ncc", "mse", "mae", "ssim"}
+        Similarity between the fixed slice and the warped moving slice, over pixels inside the
+        warped moving slice only.
+    loss_kwargs : dict, optional
+        Extra keyword arguments of the loss (e.g. ``{"sigma": 1.5}`` for ssim).
+    optimizer : {"bfgs", "adam"}
+        ``bfgs``: per-pair quasi-Newton with line search (converges in tens of steps; default).
+        ``adam``: the reference pipeline's optimiser (hundreds of steps).
+    regularization : float
+        Weight of the squared deviation of the scale and shear parameters from identity.
+    init_std : float
+        Standard deviation of Gaussian noise added to the initial parameters (the reference
+        pipeline's ``init_std``); 0 starts from identity (plus the translation estimate).
+    init_translation : {"phase", "none"}
+        ``phase``: start each pair from a phase-correlation translation estimate, kept only where it
+        lowers the loss at the coarsest level. Widens the capture range to tens of pixels.
+    pairs_per_block : int
+        Pairs fitted together per device (set from ``data.pairs_per_block``).
+    """
+
+    def __init__(
+        self,
+        transformation: str = "rigid",
+        scaling: bool = True,
+        shear: bool = True,
+        loss: str = "ncc",
+        loss_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "bfgs",
+        regularization: float = 0.5,
+        init_std: float = 0.0,
+        init_translation: str = "phase",
+        pairs_per_block: int = 8,
+    ) -> None:
+        super().__init__()
+        if transformation not in FAMILIES:
+            raise SpheroError(f"unknown transformation {transformation!r}; choose one of {', '.join(FAMILIES)}")
+        if init_translation not in ("phase", "none"):
+            raise SpheroError(f"unknown init_translation {init_translation!r}; choose 'phase' or 'none'")
+        if pairs_per_block < 1:
+            raise SpheroError(f"pairs_per_block must be >= 1, got {pairs_per_block}")
+        get_loss(loss)  # validates the name
+        make_solver(optimizer, torch.zeros(1, 1), 1.0)  # validates the name
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.loss_fn = get_loss(loss)
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self.register_buffer("basis", family_basis(transformation, scaling, shear), persistent=False)
+        self.levels: list[Level] = [Level(1.0, 200, 1e-2)]
+        self.delta: torch.nn.Parameter | None = None
+        self.block: BlockState | None = None
+        self.solver = None
+        self.results: dict[int, dict[str, Any]] = {}
+        self.shape: tuple[int, int] | None = None
+        self.n_pairs = 0
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self._trainer is not None else 0
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of ``delta``."""
+        b = self.hparams.pairs_per_block
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def configure_pyramid(self, levels: list[Level]) -> None:
+        """Set the curriculum (called by the pyramid callback before fitting)."""
+        self.levels = list(levels)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise RuntimeError("RegistrationModule needs a datamodule that provides the pairs (ZarrPairDataModule)")
+        self.shape = dm.slice_shape
+        self.n_pairs = dm.n_pairs
+        rows = self.world * self.hparams.pairs_per_block
+        # float64: the solver works in float64 and the trial point must be evaluated exactly.
+        self.delta = torch.nn.Parameter(torch.zeros(rows, self.basis.shape[0], dtype=torch.float64))
+
+    def configure_optimizers(self) -> None:
+        # Optimisation is per pair and batched (solvers.py), driven from training_step.
+        return None
+
+    def block_pairs(self, block: int) -> list[int]:
+        """Global pair index of every row of ``block`` (-1 for empty slots); same on every rank."""
+        b, w = self.hparams.pairs_per_block, self.world
+        start = block * w * b
+        return [p if p < self.n_pairs else -1 for p in range(start, start + w * b)]
+
+    # ------------------------------------------------------------------ the math
+    def matrices(self, p: torch.Tensor) -> torch.Tensor:
+        """``(R, n_free)`` free parameters to ``(R, 2, 3)`` normalized matrices (float64)."""
+        return params_to_normalized(p @ self.basis.to(p), self.shape)
+
+    def pair_losses(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """Loss of each pair at free parameters ``p``.
+
+        Parameters
+        ----------
+        p : torch.Tensor
+            ``(B, n_free)`` free parameters.
+        fixed, coeffs : torch.Tensor
+            ``(B, 1, h, w)`` fixed slices and the moving slices' B-spline coefficients at one level.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` similarity loss plus regularisation.
+        """
+        theta = self.matrices(p).to(fixed.dtype)
+        size = tuple(fixed.shape[-2:])
+        px, py = sample_positions(theta, size, size)
+        warped = bspline_sample(coeffs, px, py)
+        weight = inside_weight(px, py, size).unsqueeze(1)
+        loss = self.loss_fn(fixed, warped, weight, **self.loss_kwargs).to(p.dtype)
+        q = p @ self.basis.to(p)
+        if self.hparams.regularization:
+            loss = loss + self.hparams.regularization * (q[:, 3:] ** 2).sum(-1)
+        return loss
+
+    # ------------------------------------------------------------------ block and level life cycle
+    def load_block(self, batch: dict[str, torch.Tensor]) -> None:
+        """Receive this rank's slices of the current block and set up the block's state."""
+        slices = batch["slices"]
+        self.block_slices = slices.float() / batch["scale"].float() if "scale" in batch else slices.float()
+        self.block_slices = self.block_slices.unsqueeze(1)  # (B + 1, 1, H, W)
+        pairs = self.block_pairs(self.current_epoch)
+        valid = torch.tensor([p >= 0 for p in pairs], device=self.device)
+        self.block = BlockState(index=self.current_epoch, pairs=pairs, valid=valid,
+                                steps=torch.zeros(len(pairs), dtype=torch.long, device=self.device))
+        self.local_valid = valid[self.rows]
+        n_local = int(self.local_valid.sum())
+        if slices.shape[0] != n_local + 1 and n_local > 0:
+            raise RuntimeError(f"block {self.current_epoch}: got {slices.shape[0]} slices for {n_local} pairs")
+        self.x = self._initial_params()
+
+    def _level_images(self, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        imgs = downscale(self.block_slices, factor)
+        return imgs[:-1], bspline_prefilter(imgs[1:])
+
+    def _initial_params(self) -> torch.Tensor:
+        """Identity (plus ``init_std`` noise), then the phase-correlation translation where it helps."""
+        rows, n = self.delta.shape
+        x = torch.zeros(rows, n, dtype=torch.float64, device=self.device)
+        if self.hparams.init_std > 0:
+            # Same generator state on all ranks (seeded by the CLI), so rows stay identical.
+            x = x + self.hparams.init_std * torch.randn(rows, n, dtype=torch.float64).to(self.device)
+        if self.hparams.init_translation == "phase":
+            n_local = int(self.local_valid.sum())
+            est = torch.zeros(rows, 2, dtype=torch.float64, device=self.device)
+            if n_local:
+                shift = phase_correlation(self.block_slices[:-1], self.block_slices[1:]).double()
+                local = torch.zeros(self.hparams.pairs_per_block, 2, dtype=torch.float64, device=self.device)
+                local[:n_local] = shift / (max(self.shape) / 2.0)
+                est[self.rows] = local
+            est = self._all_reduce(est)
+            cand = x.clone()
+            cand[:, :2] = est
+            # Keep the estimate only where it beats the starting point at the coarsest level.
+            fixed, coeffs = self._level_images(self.levels[0].factor)
+            with torch.no_grad():
+                keep = self._evaluate_rows(cand, fixed, coeffs) < self._evaluate_rows(x, fixed, coeffs)
+            x = torch.where(keep.unsqueeze(-1), cand, x)
+        return x
+
+    def _evaluate_rows(self, x: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """Loss of every row at ``x`` (``(R,)``, identical on all ranks; 0 for empty slots)."""
+        full = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
+        idx = torch.nonzero(self.local_valid).flatten()
+        if len(idx):
+            full[self.rows.start + idx] = self.pair_losses(x[self.rows][idx], fixed[idx], coeffs[idx]).detach()
+        return self._all_reduce(full)
+
+    def start_level(self, level: int) -> None:
+        """Move the block to pyramid ``level``: new images, fresh solver state, parameters kept."""
+        blk = self.block
+        lv = self.levels[level]
+        blk.level, blk.level_steps = level, 0
+        self.level_fixed, self.level_coeffs = self._level_images(lv.factor)
+        self.level_shape = tuple(self.level_fixed.shape[-2:])
+        self.solver = make_solver(self.hparams.optimizer, self.x, lv.lr, active=blk.valid.clone())
+
+    def next_level(self) -> None:
+        """Carry the parameters over to the next, finer level."""
+        self.x = self.solver.x.clone()
+        self.start_level(self.block.level + 1)
+
+    def level_finished(self) -> bool:
+        """Budget spent or every pair of the block converged (same answer on every rank)."""
+        blk = self.block
+        return blk.level_steps >= self.levels[blk.level].steps or not bool(self.solver.active.any())
+
+    def finish_block(self) -> None:
+        """Record every pair of the block (all ranks know all rows) and end the epoch."""
+        blk = self.block
+        self.x = self.solver.x.clone()
+        theta = self.matrices(self.x)
+        lv = self.levels[-1]
+        for row, pair in enumerate(blk.pairs):
+            if pair < 0:
+                continue
+            self.results[pair] = {
+                "pair_index": pair,
+                "slice_indices": [pair, pair + 1],
+                "matrix": theta[row].cpu().tolist(),
+                "final_loss": float(self.solver.f[row]),
+                "num_steps_taken": int(blk.steps[row]),
+                "status": "ok" if math.isfinite(float(self.solver.f[row])) else "failed",
+                "finest_factor": lv.factor,
+            }
+        blk.done = True
+
+    def step_displacement_px(self, x_old: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+        """Largest pixel displacement (at the current level's resolution) between two parameter sets."""
+        d = corner_displacement(self.matrices(x_new), self.matrices(x_old), self.shape)
+        return d / self.levels[self.block.level].factor
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if batch_idx == 0:
+            self.load_block(batch)
+            self.start_level(0)
+        if self.block is None or self.block.done:
+            return -1
+        return None
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        blk, solver = self.block, self.solver
+        trial = solver.trial()
+        with torch.no_grad():
+            self.delta.copy_(trial)
+        active_local = solver.active[self.rows] & self.local_valid
+        idx = torch.nonzero(active_local).flatten()
+        if len(idx):
+            losses = self.pair_losses(self.delta[self.rows][idx], self.level_fixed[idx], self.level_coeffs[idx])
+            total = losses.sum() * self.world
+        else:
+            losses = self.delta.new_zeros(0)
+            total = (self.delta * 0).sum()  # keeps DDP's all-reduce in step with the other ranks
+        self.delta.grad = None
+        self.manual_backward(total)
+        grad = self.delta.grad.detach().clone() if self.delta.grad is not None else torch.zeros_like(self.delta)
+        full = torch.zeros(self.delta.shape[0], dtype=torch.float64, device=self.device)
+        full[self.rows.start + idx] = losses.detach()
+        full = self._all_reduce(full)
+        was_active = solver.active.clone()
+        blk.extra["x_before"] = solver.x.clone()
+        accepted = solver.update(full, grad)
+        blk.extra["accepted"] = accepted
+        blk.steps += was_active.long()
+        blk.level_steps += 1
+        mean_loss = full[was_active].mean() if was_active.any() else full.new_zeros(())
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("loss/step", mean_loss.float(), on_step=True, prog_bar=False, rank_zero_only=True, batch_size=1)
+        return mean_loss
+
+    def on_train_epoch_end(self) -> None:
+        blk = self.block
+        if blk is None:
+            return
+        if not blk.done:  # budget of the epoch ended early (e.g. max_steps): keep what we have
+            self.finish_block()
+        losses = [self.results[p]["final_loss"] for p in blk.pairs if p >= 0]
+        if losses:
+            self.log("loss/block_final", float(sum(losses) / len(losses)), on_epoch=True, rank_zero_only=True, batch_size=1)

@@ -1,0 +1,171 @@
+"""Output: compose, crop, warp each slice once, write Zarr with provenance and OME-NGFF metadata.
+
+The array is written under a temporary name in the destination group and renamed into place only
+when every slice and every attribute is written, so an interrupted run never leaves a partial array
+at the final path. Under DDP each rank warps and writes its share of the slices (distinct chunks).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zarr
+from zarr.codecs import ZstdCodec
+
+from . import __version__
+from .crop import crop_box
+from .interpolation import warp
+from .transforms import compose, normalized_to_pixel
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from .callbacks import RegistrationWriter
+    from .model import RegistrationModule
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def to_dtype(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round and clip to an integer dtype's range; float dtypes pass through."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(image), info.min, info.max).astype(dtype)
+    return image.astype(dtype)
+
+
+def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
+    """OME-NGFF 0.5 ``ome`` attribute listing every array of ``group`` with its scale.
+
+    Arrays are ordered from finest to coarsest (y * x spacing), as the specification requires.
+    A ``translation`` places a cropped array where it lies in the source's frame.
+    """
+    datasets = []
+    for arr_name, arr in group.arrays():
+        if "spacing" not in arr.attrs or arr_name.startswith("tmp-"):
+            continue
+        sp = [float(s) for s in arr.attrs["spacing"]]
+        up, _, left, _ = arr.attrs.get("crop_box", [0, 0, 0, 0])
+        transforms = [{"type": "scale", "scale": sp}]
+        if up or left:
+            transforms.append({"type": "translation", "translation": [0.0, up * sp[1], left * sp[2]]})
+        datasets.append((sp[1] * sp[2], {"path": arr_name, "coordinateTransformations": transforms}))
+    datasets.sort(key=lambda d: d[0])
+    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in ("z", "y", "x")]
+    return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": [d for _, d in datasets]}]}
+
+
+def _local_dir(store: Any) -> Path | None:
+    root = getattr(store, "root", None)
+    return Path(root) if root is not None else None
+
+
+def write_registration(trainer: "L.Trainer", module: "RegistrationModule", writer: "RegistrationWriter") -> str:
+    """Compose, crop, warp and write the registered stack. Returns the output array's path."""
+    dm = trainer.datamodule
+    n, shape = dm.n_pairs, dm.slice_shape
+    missing = [p for p in range(n) if p not in module.results]
+    if missing:
+        raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
+    results = [module.results[p] for p in range(n)]
+    pairwise = torch.tensor([r["matrix"] for r in results], dtype=torch.float64)
+    composed = compose(pairwise)
+    if writer.crop_borders:
+        box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, writer.crop_safety_margin)
+    else:
+        box = [0, shape[0], 0, shape[1]]
+    up, down, left, right = box
+    out_shape = (n + 1, down - up, right - left)
+
+    src = dm.source
+    group_path, name = dm.output_path.rsplit("/", 1)
+    tmp_name = f"tmp-{name}-partial"
+    rank, world = trainer.global_rank, trainer.world_size
+    if rank == 0:
+        group = zarr.open_group(dm.root, mode="a").require_group(group_path)
+        chunks = tuple(min(c, s) for c, s in zip(src.chunks, out_shape))
+        chunks = (1, *chunks[1:])  # one slice per chunk row: each slice is written once, by one rank
+        group.create_array(tmp_name, shape=out_shape, chunks=chunks, dtype=src.dtype,
+                           compressors=ZstdCodec(level=writer.compression_level), overwrite=True,
+                           fill_value=0)
+    _barrier()
+    out = zarr.open_array(zarr.open_group(dm.root, mode="a").store, path=f"{group_path}/{tmp_name}", mode="r+")
+
+    device = module.device
+    theta = composed.to(device=device, dtype=torch.float32)
+    mine = list(range(rank, n + 1, world))
+    show = rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n + 1, desc="writing", unit="slice", dynamic_ncols=True, file=sys.stderr)
+    for z in mine:
+        img = np.asarray(src[z])
+        if z == 0:
+            res = img[up:down, left:right]
+        else:
+            t = torch.from_numpy(img.astype(np.float32)).to(device)[None, None]
+            res = warp(t, theta[z - 1:z], out_shape=out_shape[1:], mode=writer.interpolation,
+                       offset=(up, left), full_shape=shape)[0, 0].cpu().numpy()
+        out[z] = to_dtype(res, src.dtype)
+        if bar is not None:
+            bar.update(world)
+    if bar is not None:
+        bar.close()
+    _barrier()
+
+    final = f"{group_path}/{name}"
+    if rank == 0:
+        hp = dict(module.hparams)
+        pyramid = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in module.levels]
+        stamp = _now()
+        processing = list(src.attrs.get("processing", []))
+        processing.append({"step_name": "registration", "timestamp": stamp, "version": __version__,
+                           "parameters": {**{k: v for k, v in hp.items() if k != "pairs_per_block"},
+                                          "pyramid": pyramid, "max_pairs": dm.max_pairs,
+                                          "pairs_per_block": dm.pairs_per_block, "interpolation": writer.interpolation}})
+        processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
+                           "parameters": {"crop_box": box, "crop_borders": writer.crop_borders,
+                                          "crop_safety_margin": writer.crop_safety_margin, "method": "exact"}})
+        log = [{k: r[k] for k in r if k != "matrix"} for r in results]
+        out.attrs.update({
+            "spacing": dm.spacing,
+            "inputs": [dm.array],
+            "processing": processing,
+            "pairwise_transforms": [r["matrix"] for r in results],
+            "composed_transforms": composed.tolist(),
+            "registration_log": log,
+            "crop_box": box,
+        })
+        _move_into_place(dm.root, group_path, tmp_name, name)
+        group = zarr.open_group(dm.root, mode="a")[group_path]
+        group.attrs["ome"] = ome_multiscales(group, group_path)
+        print(f"sphero: wrote {dm.root}/{final} shape {out_shape} crop_box {box}", file=sys.stderr)
+    _barrier()
+    return final
+
+
+def _move_into_place(root: str, group_path: str, tmp_name: str, name: str) -> None:
+    """Rename the finished temporary array to its final name (replacing an old one)."""
+    base = Path(root) / group_path
+    src, dst = base / tmp_name, base / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)

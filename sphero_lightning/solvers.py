@@ -1,0 +1,196 @@
+"""Batched optimisers: one independent problem per row.
+
+torch's optimisers treat all rows as one problem: LBFGS would share one line search and one curvature
+model across every pair of a block, and a converged pair would keep moving. Here each row (a pair)
+has its own state, its own step length and its own convergence, and every call evaluates all rows at
+once, which is what makes blocks of pairs cheap. The parameters are small (at most 6 per pair), so
+BFGS keeps a dense ``(n, n)`` inverse-Hessian per row.
+
+Protocol, shared by both solvers (one call of each per optimisation step):
+
+1. ``trial()`` gives the ``(R, n)`` points to evaluate;
+2. the caller evaluates the loss ``(R,)`` and its gradient ``(R, n)`` there;
+3. ``update(loss, grad)`` returns the rows whose evaluation was accepted as a new iterate.
+
+Rows are frozen with ``freeze(mask)`` (converged, or no pair in that slot); a frozen row's trial point
+is its current iterate and it never changes again.
+"""
+
+from __future__ import annotations
+
+from .errors import SpheroError
+
+import torch
+
+
+class BatchSolver:
+    """Shared state of the batched solvers: iterates, losses, the active mask."""
+
+    def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None) -> None:
+        self.x = x0.detach().double().clone()
+        self.lr = float(lr)
+        r = self.x.shape[0]
+        self.f = torch.full((r,), float("inf"), dtype=torch.float64, device=self.x.device)
+        self.active = torch.ones(r, dtype=torch.bool, device=self.x.device) if active is None else active.clone()
+        self.evaluated = torch.zeros(r, dtype=torch.bool, device=self.x.device)
+
+    def freeze(self, mask: torch.Tensor) -> None:
+        """Stop the rows in ``mask`` (``(R,)`` bool) for good."""
+        self.active &= ~mask
+
+    def trial(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update(self, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class BatchAdam(BatchSolver):
+    """Adam (the reference pipeline's optimiser), one moment estimate per row; every step is accepted."""
+
+    def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(x0, lr, active)
+        self.m = torch.zeros_like(self.x)
+        self.v = torch.zeros_like(self.x)
+        self.t = torch.zeros_like(self.f)
+        self.betas, self.eps = betas, eps
+
+    def trial(self) -> torch.Tensor:
+        return self.x
+
+    def update(self, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        act = self.active
+        g = grad.double()
+        self.f = torch.where(act, loss.double(), self.f)
+        self.evaluated |= act
+        b1, b2 = self.betas
+        t = self.t + act.double()
+        m = b1 * self.m + (1 - b1) * g
+        v = b2 * self.v + (1 - b2) * g * g
+        tt = t.clamp_min(1).unsqueeze(-1)
+        step = self.lr * (m / (1 - b1**tt)) / (torch.sqrt(v / (1 - b2**tt)) + self.eps)
+        a = act.unsqueeze(-1)
+        self.m, self.v, self.t = torch.where(a, m, self.m), torch.where(a, v, self.v), t
+        self.x = torch.where(a, self.x - step, self.x)
+        return act.clone()
+
+
+class BatchBFGS(BatchSolver):
+    """BFGS with a backtracking (Armijo) line search, per row.
+
+    Each step evaluates one trial point per row. A row whose trial point decreases its loss enough
+    accepts it, updates its inverse-Hessian (skipped when the curvature ``s.y`` is not positive)
+    and takes a full quasi-Newton step next; a row whose trial point fails shortens its step by
+    quadratic interpolation. ``lr`` is the length of the very first step (largest component,
+    parameter units); later steps are scaled by the curvature the row has seen. ``max_step`` caps
+    any step, which keeps a bad curvature estimate from throwing a pair out of the image.
+    """
+
+    def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None,
+                 c1: float = 1e-4, max_step: float = 0.1) -> None:
+        super().__init__(x0, lr, active)
+        r, n = self.x.shape
+        self.c1, self.max_step = c1, max_step
+        self.g = torch.zeros_like(self.x)
+        self.d = torch.zeros_like(self.x)
+        self.alpha = torch.ones_like(self.f)
+        eye = torch.eye(n, dtype=torch.float64, device=self.x.device)
+        self.eye = eye
+        self.hinv = eye.expand(r, n, n).clone()
+        self.updated = torch.zeros_like(self.evaluated)  # has the row had a curvature update yet
+        self.backtracks = torch.zeros(r, dtype=torch.long, device=self.x.device)
+
+    def _direction(self, rows: torch.Tensor) -> None:
+        """Recompute the search direction of ``rows``; reset the curvature where it is not descent."""
+        d = -(self.hinv @ self.g.unsqueeze(-1)).squeeze(-1)
+        bad = rows & ((d * self.g).sum(-1) >= 0) & (self.g.abs().amax(-1) > 0)
+        if bad.any():
+            scale = (self.lr / self.g.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
+            self.hinv = torch.where(bad.view(-1, 1, 1), scale * self.eye, self.hinv)
+            self.updated &= ~bad
+            d = -(self.hinv @ self.g.unsqueeze(-1)).squeeze(-1)
+        # Cap the step length (largest component) at max_step.
+        big = d.abs().amax(-1, keepdim=True)
+        d = torch.where(big > self.max_step, d * (self.max_step / big.clamp_min(1e-30)), d)
+        self.d = torch.where(rows.unsqueeze(-1), d, self.d)
+        self.alpha = torch.where(rows, torch.ones_like(self.alpha), self.alpha)
+
+    def trial(self) -> torch.Tensor:
+        step = torch.where(self.active.unsqueeze(-1), self.alpha.unsqueeze(-1) * self.d, torch.zeros_like(self.d))
+        return self.x + step
+
+    def update(self, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        loss, grad = loss.double(), grad.double()
+        act = self.active
+        finite = torch.isfinite(loss) & torch.isfinite(grad).all(-1)
+        trial = self.trial()
+
+        # First evaluation of a row: take it as the iterate, start with a scaled identity.
+        first = act & ~self.evaluated & finite
+        if first.any():
+            self.x = torch.where(first.unsqueeze(-1), trial, self.x)
+            self.f = torch.where(first, loss, self.f)
+            self.g = torch.where(first.unsqueeze(-1), grad, self.g)
+            scale = (self.lr / grad.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
+            self.hinv = torch.where(first.view(-1, 1, 1), scale * self.eye, self.hinv)
+            self.evaluated |= first
+            self._direction(first)
+
+        cont = act & self.evaluated & ~first
+        slope = (self.g * self.d).sum(-1)
+        armijo = finite & (loss <= self.f + self.c1 * self.alpha * slope)
+        accept = cont & armijo
+        reject = cont & ~armijo
+
+        if accept.any():
+            s = trial - self.x
+            y = grad - self.g
+            sy = (s * y).sum(-1)
+            yy = (y * y).sum(-1)
+            good = accept & (sy > 1e-12 * torch.sqrt((s * s).sum(-1) * yy).clamp_min(1e-300))
+            # Before the first curvature update, rescale the identity to the observed curvature.
+            fresh = good & ~self.updated
+            gamma = (sy / yy.clamp_min(1e-300)).view(-1, 1, 1)
+            hinv = torch.where(fresh.view(-1, 1, 1), gamma * self.eye, self.hinv)
+            rho = (1.0 / sy.where(good, torch.ones_like(sy))).view(-1, 1, 1)
+            v = self.eye - rho * s.unsqueeze(-1) * y.unsqueeze(-2)
+            hnew = v @ hinv @ v.transpose(-1, -2) + rho * s.unsqueeze(-1) * s.unsqueeze(-2)
+            self.hinv = torch.where(good.view(-1, 1, 1), hnew, self.hinv)
+            self.updated |= good
+            self.x = torch.where(accept.unsqueeze(-1), trial, self.x)
+            self.f = torch.where(accept, loss, self.f)
+            self.g = torch.where(accept.unsqueeze(-1), grad, self.g)
+            self.backtracks = torch.where(accept, torch.zeros_like(self.backtracks), self.backtracks)
+            self._direction(accept)
+
+        if reject.any():
+            # Minimiser of the quadratic through f(0), f'(0) and f(alpha), kept in [0.1, 0.5] alpha.
+            a = self.alpha
+            denom = 2 * (loss - self.f - slope * a)
+            a_new = torch.where(finite & (denom > 0), -slope * a * a / denom.clamp_min(1e-300), 0.1 * a)
+            a_new = torch.minimum(torch.maximum(a_new, 0.1 * a), 0.5 * a)
+            self.alpha = torch.where(reject, a_new, self.alpha)
+            self.backtracks = self.backtracks + reject.long()
+            # After many failures the curvature model is useless: restart it from the gradient.
+            restart = reject & (self.backtracks >= 8)
+            if restart.any():
+                scale = (self.lr * 1e-2 / self.g.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
+                self.hinv = torch.where(restart.view(-1, 1, 1), scale * self.eye, self.hinv)
+                self.updated &= ~restart
+                self.backtracks = torch.where(restart, torch.zeros_like(self.backtracks), self.backtracks)
+                self._direction(restart)
+
+        return first | accept
+
+
+SOLVERS = {"bfgs": BatchBFGS, "adam": BatchAdam}
+
+
+def make_solver(name: str, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None) -> BatchSolver:
+    """A batched solver by name (``bfgs`` or ``adam``)."""
+    try:
+        cls = SOLVERS[name]
+    except KeyError:
+        raise SpheroError(f"unknown optimizer {name!r}; choose one of {', '.join(SOLVERS)}") from None
+    return cls(x0, lr, active)

@@ -1,0 +1,180 @@
+"""Test stacks with exact ground truth, and the error of a registration against it.
+
+Every slice is cut from one base image with a known random affine transform, as a detector would
+record it: the transformed base is sampled on a 2x finer grid and each output pixel averages its
+2 x 2 sub-pixels (so no interpolation kernel of ours is baked into the truth), then Gaussian noise is
+added. The ideal registration is therefore known to machine precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from zarr.codecs import ZstdCodec
+
+from .transforms import centered_to_normalized, homogeneous, mean_displacement, normalized_to_centered
+
+ISBI_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012" / "train-volume.tif"
+
+
+@dataclass
+class SyntheticStack:
+    """A generated stack and its truth."""
+
+    stack: np.ndarray  # (Z, H, W)
+    composed: np.ndarray  # (Z - 1, 2, 3) normalized: output (slice 0) frame -> slice k
+    slice_transforms: np.ndarray  # (Z, 2, 3) centered pixels: slice k pixel -> base pixel
+
+
+def em_like_image(size: int = 512, seed: int = 0) -> np.ndarray:
+    """A procedural image with EM-like content (cells with dark membranes, vesicles, grain), uint8.
+
+    For demos and tests that must run without the real data.
+    """
+    rng = np.random.default_rng(seed)
+    n_cells = max(8, size * size // 1500)
+    pts = rng.uniform(0, size, (n_cells, 2))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    d = np.full((2, size, size), np.inf, dtype=np.float32)
+    shade = np.zeros((size, size), dtype=np.float32)
+    tones = rng.uniform(0.45, 0.8, n_cells).astype(np.float32)
+    for (py, px), tone in zip(pts, tones):
+        dist = np.hypot(yy - py, xx - px)
+        nearer = dist < d[0]
+        shade = np.where(nearer, tone, shade)
+        d[1] = np.where(nearer, d[0], np.minimum(d[1], dist))
+        d[0] = np.where(nearer, dist, d[0])
+    membrane = np.exp(-((d[1] - d[0]) / 2.0) ** 2)
+    img = shade - 0.45 * membrane
+    for _ in range(size * size // 2500):  # vesicles
+        cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(2, 6)
+        ring = np.exp(-((np.hypot(yy - cy, xx - cx) - r) / 1.0) ** 2)
+        img -= 0.25 * ring
+    t = torch.from_numpy(img)[None, None]
+    grain = torch.from_numpy(rng.normal(0, 0.08, (size, size)).astype(np.float32))[None, None]
+    k = torch.tensor([0.25, 0.5, 0.25])
+    grain = F.conv2d(F.pad(grain, (1, 1, 1, 1), mode="reflect"), (k[:, None] * k[None, :])[None, None])
+    t = F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="reflect"), 3, stride=1) + grain
+    out = (t[0, 0].numpy() - float(t.min())) / float(t.max() - t.min())
+    return np.clip(out * 220 + 20, 0, 255).astype(np.uint8)
+
+
+def load_isbi_slice(index: int = 0, path: Path | str | None = None) -> np.ndarray:
+    """One slice of the ISBI 2012 training volume (needs ``tifffile`` and the data)."""
+    import tifffile
+
+    return np.asarray(tifffile.imread(str(path or ISBI_PATH), key=index))
+
+
+def random_transforms(n: int, rng: np.random.Generator, max_shift: float, max_rot_deg: float,
+                      max_scale: float = 0.0, max_shear: float = 0.0) -> np.ndarray:
+    """``(n, 2, 3)`` random centered-pixel affine maps ``R(theta) @ Shear(k) @ Scale(sx, sy)`` + t.
+
+    Each parameter is uniform in ``[-max, max]`` (scales as ``1 + u``), independently per slice.
+    """
+    out = np.zeros((n, 2, 3))
+    for i in range(n):
+        th = math.radians(rng.uniform(-max_rot_deg, max_rot_deg))
+        sx, sy = 1 + rng.uniform(-max_scale, max_scale), 1 + rng.uniform(-max_scale, max_scale)
+        k = rng.uniform(-max_shear, max_shear)
+        c, s = math.cos(th), math.sin(th)
+        lin = np.array([[c, -s], [s, c]]) @ np.array([[1, k], [0, 1]]) @ np.diag([sx, sy])
+        out[i, :, :2] = lin
+        out[i, :, 2] = rng.uniform(-max_shift, max_shift, 2)
+    return out
+
+
+def render(base: np.ndarray, transforms: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Detector model: sample each transformed slice on a 2x grid, average 2 x 2. Float output."""
+    hb, wb = base.shape
+    h, w = shape
+    up = F.interpolate(torch.from_numpy(base.astype(np.float64))[None, None], scale_factor=2, mode="bicubic", align_corners=False)
+    db = np.diag([2.0 / wb, 2.0 / hb])
+    ds_inv = np.diag([w / 2.0, h / 2.0])
+    thetas = np.stack([np.concatenate([db @ t[:, :2] @ ds_inv, (db @ t[:, 2])[:, None]], 1) for t in transforms])
+    theta = torch.from_numpy(thetas)
+    grid = F.affine_grid(theta, [len(transforms), 1, 2 * h, 2 * w], align_corners=False)
+    fine = F.grid_sample(up.expand(len(transforms), -1, -1, -1), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return F.avg_pool2d(fine, 2)[:, 0].numpy()
+
+
+def make_stack(base: np.ndarray, n_slices: int = 16, shape: tuple[int, int] = (384, 384), max_shift: float = 8.0,
+               max_rot_deg: float = 1.0, max_scale: float = 0.0, max_shear: float = 0.0, noise: float = 6.0,
+               contrast: float = 0.0, brightness: float = 0.0, dtype: str = "uint8", seed: int = 0) -> SyntheticStack:
+    """Cut a stack from ``base`` with random per-slice transforms (relative to the base) plus noise.
+
+    Parameters
+    ----------
+    base : np.ndarray
+        ``(Hb, Wb)`` image, larger than ``shape`` plus the largest displacement.
+    max_shift, max_rot_deg, max_scale, max_shear : float
+        Per-slice misalignment bounds (pixels, degrees, relative scale, shear); consecutive slices
+        differ by up to twice these.
+    noise : float
+        Gaussian noise sigma in grey levels of ``dtype``'s range scaled from 8 bits.
+    contrast, brightness : float
+        Per-slice gain ``1 + u * contrast`` and offset ``u * brightness * 255`` (``u`` uniform in
+        [-1, 1]); values are clipped, so some pixels saturate.
+    """
+    rng = np.random.default_rng(seed)
+    tf = random_transforms(n_slices, rng, max_shift, max_rot_deg, max_scale, max_shear)
+    img = render(base, tf, shape)
+    gain = 1 + contrast * rng.uniform(-1, 1, (n_slices, 1, 1))
+    offset = brightness * 255 * rng.uniform(-1, 1, (n_slices, 1, 1))
+    mean = img.mean()
+    img = (img - mean) * gain + mean + offset + rng.normal(0, noise, img.shape)
+    scale = 257.0 if dtype == "uint16" else 1.0
+    img = img * scale
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(np.dtype(dtype))
+        img = np.clip(np.rint(img), info.min, info.max)
+    stack = img.astype(dtype)
+    # Truth: output (slice 0) centered -> slice k centered = T_k^-1 T_0.
+    hom = homogeneous(torch.from_numpy(tf))
+    comp = torch.linalg.inv(hom[1:]) @ hom[0]
+    composed = centered_to_normalized(comp[:, :2], shape).numpy()
+    return SyntheticStack(stack=stack, composed=composed, slice_transforms=tf)
+
+
+def write_zarr(stack: np.ndarray, root: str | Path, array: str = "images/50-4-4", spacing: tuple[float, float, float] = (50, 4, 4),
+               chunks: tuple[int, ...] | None = None, truth: np.ndarray | None = None) -> str:
+    """Write a stack as the ``sphero fit`` input: a Zarr v3 array with ``spacing``. Returns ``root``."""
+    group = zarr.open_group(str(root), mode="a")
+    arr = group.create_array(array, shape=stack.shape, dtype=stack.dtype, chunks=chunks or (1, *stack.shape[1:]),
+                             compressors=ZstdCodec(level=3), overwrite=True)
+    arr[:] = stack
+    arr.attrs["spacing"] = list(spacing)
+    if truth is not None:
+        arr.attrs["synthetic_truth_composed"] = np.asarray(truth).tolist()
+    return str(root)
+
+
+def composed_error(estimated: np.ndarray, truth: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Mean displacement in pixels between estimated and true composed transforms, per slice.
+
+    ``(N, 2, 3)`` normalized inputs; the mean is over every pixel centre of the slice.
+    """
+    est = torch.as_tensor(np.asarray(estimated), dtype=torch.float64)
+    tru = torch.as_tensor(np.asarray(truth), dtype=torch.float64)
+    return mean_displacement(est, tru, shape).numpy()
+
+
+def pixel_error_of_output(root: str | Path, output: str, truth: np.ndarray | None = None) -> float:
+    """Mean composed-transform error (px) of a finished registration against its truth."""
+    out = zarr.open_array(str(root), path=output, mode="r")
+    src_path = out.attrs["inputs"][0]
+    src = zarr.open_array(str(root), path=src_path, mode="r")
+    if truth is None:
+        truth = np.asarray(src.attrs["synthetic_truth_composed"])
+    est = np.asarray(out.attrs["composed_transforms"])
+    return float(composed_error(est, truth[: len(est)], tuple(src.shape[1:])).mean())
+
+
+__all__ = ["SyntheticStack", "composed_error", "em_like_image", "load_isbi_slice", "make_stack", "normalized_to_centered",
+           "pixel_error_of_output", "render", "write_zarr"]

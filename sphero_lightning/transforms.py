@@ -1,0 +1,230 @@
+"""Affine transforms: parameters, matrices, unit conversions, composition.
+
+Pure functions over batched tensors. Three coordinate conventions appear:
+
+* **normalized** (torch's ``affine_grid``, ``align_corners=False``): ``x_n = (2 x_p + 1) / W - 1``,
+  so the image spans ``[-1, 1]`` edge to edge whatever its resolution. A ``(2, 3)`` matrix maps an
+  output position to the position sampled in the moving slice. Stored in the output attributes.
+* **centered pixels**: ``u = x_p - (W - 1) / 2``; isotropic, so a rotation here is a true rotation
+  even when ``H != W``. The parameters are built in this frame.
+* **pixel index** (Fiji/TurboReg/pystackreg style): ``x_p`` in ``0..W-1``; ``(3, 3)`` matrices.
+
+Parameters are the deviation from identity, ``q = [tx, ty, theta, dsx, dsy, k]``:
+translation in units of ``L = max(H, W) / 2`` pixels, rotation in radians, per-axis scale
+deviation (scale = 1 + ds) and horizontal shear. All are dimensionless and move the image edge by
+about the same amount per unit, which keeps the optimisation well conditioned and the values
+independent of the pyramid level.
+"""
+
+from __future__ import annotations
+
+from .errors import SpheroError
+
+import math
+
+import torch
+
+#: Names of the six full parameters, in order.
+PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")
+
+#: Transformation families and the free parameters of each. A free parameter is a row that maps
+#: onto the full vector; ``similarity`` ties both scale deviations to one isotropic value.
+FAMILIES = ("translation", "rigid", "similarity", "affine")
+
+
+def family_basis(transformation: str, scaling: bool = True, shear: bool = True) -> torch.Tensor:
+    """Linear map from the free parameters of a family to the full 6-vector.
+
+    Parameters
+    ----------
+    transformation : {"translation", "rigid", "similarity", "affine"}
+    scaling, shear : bool
+        For ``affine`` only: whether per-axis scale and shear are free.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n_free, 6)`` float64; ``q = p @ basis``.
+    """
+    if transformation not in FAMILIES:
+        raise SpheroError(f"unknown transformation {transformation!r}; choose one of {', '.join(FAMILIES)}")
+    rows = [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]]
+    if transformation != "translation":
+        rows.append([0, 0, 1, 0, 0, 0])
+    if transformation == "similarity":
+        rows.append([0, 0, 0, 1, 1, 0])
+    if transformation == "affine":
+        if scaling:
+            rows += [[0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0]]
+        if shear:
+            rows.append([0, 0, 0, 0, 0, 1])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def half_size(shape: tuple[int, int]) -> float:
+    """The length unit ``L`` of the translation parameters, in pixels: ``max(H, W) / 2``."""
+    return max(shape) / 2.0
+
+
+def params_to_centered(q: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Full parameters to affine matrices in centered pixel coordinates.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(B, 6)`` parameters ``[tx, ty, theta, dsx, dsy, k]`` (see module docstring).
+    shape : (H, W)
+        Slice shape in pixels at full resolution.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 2, 3)``: ``u_moving = A @ [u_out, 1]`` in centered pixels.
+        ``A = Rotate(theta) @ Shear(k) @ Scale(1 + dsx, 1 + dsy)``, plus translation.
+    """
+    tx, ty, th, dsx, dsy, k = q.unbind(-1)
+    c, s = torch.cos(th), torch.sin(th)
+    sx, sy = 1 + dsx, 1 + dsy
+    # R @ [[1, k], [0, 1]] @ diag(sx, sy)
+    a00 = c * sx
+    a01 = (c * k - s) * sy
+    a10 = s * sx
+    a11 = (s * k + c) * sy
+    length = half_size(shape)
+    row0 = torch.stack([a00, a01, tx * length], -1)
+    row1 = torch.stack([a10, a11, ty * length], -1)
+    return torch.stack([row0, row1], -2)
+
+
+def _scale_matrix(shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """``diag(2/W, 2/H)``: centered pixels to normalized coordinates."""
+    h, w = shape
+    return torch.diag(torch.tensor([2.0 / w, 2.0 / h], dtype=like.dtype, device=like.device))
+
+
+def centered_to_normalized(a: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``(B, 2, 3)`` centered-pixel matrices to normalized ``affine_grid`` matrices."""
+    d = _scale_matrix(shape, a)
+    dinv = torch.linalg.inv(d)
+    lin = d @ a[..., :2] @ dinv
+    t = (d @ a[..., 2:]).squeeze(-1)
+    return torch.cat([lin, t.unsqueeze(-1)], -1)
+
+
+def normalized_to_centered(theta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`centered_to_normalized`."""
+    d = _scale_matrix(shape, theta)
+    dinv = torch.linalg.inv(d)
+    lin = dinv @ theta[..., :2] @ d
+    t = (dinv @ theta[..., 2:]).squeeze(-1)
+    return torch.cat([lin, t.unsqueeze(-1)], -1)
+
+
+def params_to_normalized(q: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``(B, 6)`` parameters to ``(B, 2, 3)`` normalized matrices (see :func:`params_to_centered`)."""
+    return centered_to_normalized(params_to_centered(q, shape), shape)
+
+
+def homogeneous(a: torch.Tensor) -> torch.Tensor:
+    """``(..., 2, 3)`` to ``(..., 3, 3)`` by appending ``[0, 0, 1]``."""
+    last = torch.zeros(*a.shape[:-2], 1, 3, dtype=a.dtype, device=a.device)
+    last[..., 0, 2] = 1
+    return torch.cat([a, last], -2)
+
+
+def compose(pairwise: torch.Tensor) -> torch.Tensor:
+    """Chain pairwise transforms into transforms to slice 0.
+
+    Parameters
+    ----------
+    pairwise : torch.Tensor
+        ``(N, 2, 3)``; ``pairwise[i]`` maps slice ``i``'s frame to positions in slice ``i + 1``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, 2, 3)``; entry ``k - 1`` maps the output (slice 0) frame to positions in slice ``k``:
+        ``C_k = A_k @ C_(k-1)``, ``C_0 = I``. Any of the three conventions, as long as it is one.
+    """
+    out = []
+    acc = torch.eye(3, dtype=pairwise.dtype, device=pairwise.device)
+    for a in homogeneous(pairwise):
+        acc = a @ acc
+        out.append(acc[:2])
+    if not out:
+        return pairwise.new_zeros(0, 2, 3)
+    return torch.stack(out)
+
+
+def normalized_to_pixel(theta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Normalized ``(B, 2, 3)`` to pixel-index ``(B, 3, 3)`` matrices (``p_moving = M @ p_out``)."""
+    h, w = shape
+    a = homogeneous(normalized_to_centered(theta, shape))
+    shift = torch.eye(3, dtype=theta.dtype, device=theta.device)
+    shift[0, 2], shift[1, 2] = (w - 1) / 2, (h - 1) / 2
+    return shift @ a @ torch.linalg.inv(shift)
+
+
+def pixel_to_normalized(m: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`normalized_to_pixel`."""
+    h, w = shape
+    shift = torch.eye(3, dtype=m.dtype, device=m.device)
+    shift[0, 2], shift[1, 2] = (w - 1) / 2, (h - 1) / 2
+    a = (torch.linalg.inv(shift) @ m @ shift)[..., :2, :]
+    return centered_to_normalized(a, shape)
+
+
+def corner_displacement(theta_a: torch.Tensor, theta_b: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Largest distance, in pixels, between where two transforms send the slice's corners.
+
+    For affine maps the largest displacement over a rectangle is reached at a corner, so this is
+    the exact maximum over the whole slice. ``(B, 2, 3)`` normalized inputs, ``(B,)`` output.
+    """
+    h, w = shape
+    diff = normalized_to_centered(theta_a - theta_b, shape)  # linear in theta, so diff is exact
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [-cx, cy, 1], [cx, cy, 1]], dtype=diff.dtype, device=diff.device)
+    moved = torch.einsum("bij,cj->bci", diff, corners)
+    return moved.norm(dim=-1).amax(-1)
+
+
+def mean_displacement(theta_a: torch.Tensor, theta_b: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Mean distance in pixels over every pixel centre of the slice between two transforms.
+
+    ``(B, 2, 3)`` normalized inputs, ``(B,)`` output. Evaluated on the full pixel grid (float64).
+    """
+    h, w = shape
+    diff = normalized_to_centered((theta_a - theta_b).double(), shape)
+    ys = torch.arange(h, dtype=torch.float64, device=diff.device) - (h - 1) / 2
+    xs = torch.arange(w, dtype=torch.float64, device=diff.device) - (w - 1) / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    pts = torch.stack([gx.flatten(), gy.flatten(), torch.ones(h * w, dtype=torch.float64, device=diff.device)], -1)
+    moved = torch.einsum("bij,nj->bni", diff, pts)
+    return moved.norm(dim=-1).mean(-1)
+
+
+def rotation_degrees(theta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Rotation angle in degrees of normalized ``(B, 2, 3)`` matrices (from the centered frame)."""
+    a = normalized_to_centered(theta, shape)
+    return torch.rad2deg(torch.atan2(a[..., 1, 0], a[..., 0, 0]))
+
+
+def describe(theta: torch.Tensor, shape: tuple[int, int]) -> list[dict[str, float]]:
+    """Translation (pixels), rotation (degrees), scales and shear of normalized matrices, for humans.
+
+    Decomposes the centered-pixel matrix as ``Rotate @ Shear @ Scale`` (a QR decomposition).
+    """
+    a = normalized_to_centered(theta.double(), shape)
+    rows = []
+    for m in a:
+        lin = m[:, :2]
+        ang = math.atan2(float(lin[1, 0]), float(lin[0, 0]))
+        c, s = math.cos(ang), math.sin(ang)
+        r_inv = torch.tensor([[c, s], [-s, c]], dtype=lin.dtype)
+        upper = r_inv @ lin  # [[sx, k*sy], [0, sy]]
+        sx, sy = float(upper[0, 0]), float(upper[1, 1])
+        rows.append({
+            "tx_px": float(m[0, 2]), "ty_px": float(m[1, 2]), "rotation_deg": math.degrees(ang),
+            "scale_x": sx, "scale_y": sy, "shear": float(upper[0, 1]) / sy if sy else float("nan"),
+        })
+    return rows
