@@ -93,23 +93,19 @@ class PyramidSchedule(L.Callback):
 class PairEarlyStopping(L.Callback):
     """Per-pair early stopping: a converged pair stops moving; the others go on.
 
-    A pair has converged at the current level when, over its last ``window`` accepted iterates,
-    the loss varied by less than ``tol`` (the reference pipeline's rule, ``stop_window`` and
-    ``stop_tol``) or every step moved every pixel by less than ``step_tol_px`` (pixels of the
-    current level). The step rule is what stops a quasi-Newton fit promptly: near the optimum its
-    loss changes are below float32 resolution while its steps shrink quadratically.
+    A pair has converged at the current level when, over its last ``window`` accepted iterates, the
+    loss varied by less than ``tol`` (the reference pipeline's rule, ``stop_window`` and
+    ``stop_tol``), or when the step it is about to take moves every pixel by less than
+    ``step_tol_px`` (pixels of the current level). The step rule is what stops a quasi-Newton fit
+    promptly: near the optimum its loss changes fall below float32 resolution while its steps shrink
+    quadratically, and a line search that can no longer improve shrinks its step to nothing.
     """
 
-    def __init__(self, enabled: bool = True, window: int = 3, tol: float = 1e-7, step_tol_px: float = 2e-4) -> None:
+    def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7, step_tol_px: float = 1e-3) -> None:
         if window < 1:
             raise SpheroError(f"early stopping window must be >= 1, got {window}")
         self.enabled, self.window, self.tol, self.step_tol_px = enabled, window, tol, step_tol_px
-        self._key: tuple[int, int] | None = None
-
-    def _reset(self, rows: int, device: torch.device) -> None:
-        self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=device)
-        self.moves = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=device)
-        self.count = torch.zeros(rows, dtype=torch.long, device=device)
+        self._key: tuple[int, int, int] | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         blk, solver = pl_module.block, pl_module.solver
@@ -118,20 +114,17 @@ class PairEarlyStopping(L.Callback):
         key = (blk.index, blk.level, id(solver))
         if key != self._key:
             self._key = key
-            self._reset(solver.x.shape[0], solver.x.device)
+            rows = solver.x.shape[0]
+            self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=solver.x.device)
+            self.count = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
         acc = blk.extra["accepted"]
-        if not acc.any():
-            return
-        move = pl_module.step_displacement_px(blk.extra["x_before"], solver.x)
-        move = torch.where(self.count > 0, move, torch.full_like(move, float("inf")))  # first point is no step
         a = acc.unsqueeze(-1)
         self.losses = torch.where(a, torch.cat([self.losses[:, 1:], solver.f.unsqueeze(-1)], 1), self.losses)
-        self.moves = torch.where(a, torch.cat([self.moves[:, 1:], move.unsqueeze(-1)], 1), self.moves)
         self.count += acc.long()
-        full = self.count >= self.window
-        flat = (self.losses.amax(1) - self.losses.amin(1)) < self.tol
-        still = self.moves.amax(1) < self.step_tol_px
-        solver.freeze(acc & full & (flat | still))
+        flat = (self.count >= self.window) & ((self.losses.amax(1) - self.losses.amin(1)) < self.tol)
+        step = pl_module.step_displacement_px(solver.x, solver.x + solver.pending_step())
+        still = solver.evaluated & (step < self.step_tol_px)
+        solver.freeze(solver.active & (flat | still))
 
 
 class PairProgressBar(ProgressBar):

@@ -42,6 +42,13 @@ class SpheroCLI(LightningCLI):
         # Class-path defaults go through the parser so that they are instantiated like config values.
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
 
+    def before_instantiate_classes(self) -> None:
+        # --trainer.enable_progress_bar false must also drop our default progress bar.
+        cfg = self.config.get(self.subcommand, self.config)
+        trainer = cfg.get("trainer")
+        if trainer is not None and trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("PairProgressBar")]
+
 
 def _run_cli(argv: list[str]) -> SpheroCLI:
     return SpheroCLI(

@@ -144,6 +144,19 @@ def inside_weight(px: torch.Tensor, py: torch.Tensor, src_shape: tuple[int, int]
     return (d / ramp).clamp(0.0, 1.0)
 
 
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (sigma in pixels, radius 3 sigma, replicated border) of ``(B, C, H, W)``."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (k / sigma) ** 2)
+    k = k / k.sum()
+    b, c, h, w = images.shape
+    x = images.reshape(b * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return x.reshape(b, c, h, w)
+
+
 def downscale(images: torch.Tensor, factor: float) -> torch.Tensor:
     """Anti-aliased bilinear downscaling of ``(B, C, H, W)`` images by ``factor`` (>= 1).
 

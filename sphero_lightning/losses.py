@@ -9,6 +9,7 @@ biases the optimum (the reference pipeline's main error).
 from __future__ import annotations
 
 from .errors import SpheroError
+from .interpolation import gaussian_blur
 
 from collections.abc import Callable
 
@@ -49,27 +50,18 @@ def mae_loss(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor) ->
     return _wmean((fixed - moving).abs(), weight, wsum)
 
 
-def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = max(1, int(round(3 * sigma)))
-    k = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (k / sigma) ** 2)
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-
-
 def ssim_loss(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, sigma: float = 1.5,
               c1: float = 0.01**2, c2: float = 0.03**2) -> torch.Tensor:
     """``1 - SSIM`` with Gaussian windows (``sigma`` px), local statistics normalized by the weight.
 
     Intensities are expected in ``[0, 1]`` (``c1``, ``c2`` are the usual constants for that range).
     """
-    ws = _gauss(weight, sigma).clamp_min(_EPS)
-    mu_f = _gauss(weight * fixed, sigma) / ws
-    mu_m = _gauss(weight * moving, sigma) / ws
-    s_ff = _gauss(weight * fixed * fixed, sigma) / ws - mu_f**2
-    s_mm = _gauss(weight * moving * moving, sigma) / ws - mu_m**2
-    s_fm = _gauss(weight * fixed * moving, sigma) / ws - mu_f * mu_m
+    ws = gaussian_blur(weight, sigma).clamp_min(_EPS)
+    mu_f = gaussian_blur(weight * fixed, sigma) / ws
+    mu_m = gaussian_blur(weight * moving, sigma) / ws
+    s_ff = gaussian_blur(weight * fixed * fixed, sigma) / ws - mu_f**2
+    s_mm = gaussian_blur(weight * moving * moving, sigma) / ws - mu_m**2
+    s_fm = gaussian_blur(weight * fixed * moving, sigma) / ws - mu_f * mu_m
     ssim = ((2 * mu_f * mu_m + c1) * (2 * s_fm + c2)) / ((mu_f**2 + mu_m**2 + c1) * (s_ff + s_mm + c2))
     wsum = weight.sum((1, 2, 3)).clamp_min(_EPS)
     return 1 - _wmean(ssim, weight, wsum)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .errors import SpheroError
 from .initialization import phase_correlation
-from .interpolation import bspline_prefilter, bspline_sample, downscale, inside_weight, sample_positions
+from .interpolation import bspline_prefilter, bspline_sample, downscale, gaussian_blur, inside_weight, sample_positions
 from .losses import get_loss
 from .solvers import make_solver
 from .transforms import FAMILIES, corner_displacement, family_basis, params_to_normalized
@@ -79,6 +79,11 @@ class RegistrationModule(L.LightningModule):
     init_translation : {"phase", "none"}
         ``phase``: start each pair from a phase-correlation translation estimate, kept only where it
         lowers the loss at the coarsest level. Widens the capture range to tens of pixels.
+    smoothing : float
+        Sigma (pixels of each level) of a Gaussian applied to both slices before fitting. Interpolating
+        a noisy slice smooths its noise by an amount that depends on the sub-pixel shift, which pulls
+        the optimum; a light blur of both slices removes most of that bias (measured: 0.0088 -> 0.0029 px
+        per pair at noise sigma 6, see README). 0 disables it.
     pairs_per_block : int
         Pairs fitted together per device (set from ``data.pairs_per_block``).
     """
@@ -94,6 +99,7 @@ class RegistrationModule(L.LightningModule):
         regularization: float = 0.5,
         init_std: float = 0.0,
         init_translation: str = "phase",
+        smoothing: float = 0.7,
         pairs_per_block: int = 8,
     ) -> None:
         super().__init__()
@@ -101,6 +107,8 @@ class RegistrationModule(L.LightningModule):
             raise SpheroError(f"unknown transformation {transformation!r}; choose one of {', '.join(FAMILIES)}")
         if init_translation not in ("phase", "none"):
             raise SpheroError(f"unknown init_translation {init_translation!r}; choose 'phase' or 'none'")
+        if smoothing < 0:
+            raise SpheroError(f"smoothing must be >= 0 (pixels), got {smoothing}")
         if pairs_per_block < 1:
             raise SpheroError(f"pairs_per_block must be >= 1, got {pairs_per_block}")
         get_loss(loss)  # validates the name
@@ -206,6 +214,8 @@ class RegistrationModule(L.LightningModule):
 
     def _level_images(self, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         imgs = downscale(self.block_slices, factor)
+        if self.hparams.smoothing > 0:
+            imgs = gaussian_blur(imgs, self.hparams.smoothing)
         return imgs[:-1], bspline_prefilter(imgs[1:])
 
     def _initial_params(self) -> torch.Tensor:
@@ -248,7 +258,10 @@ class RegistrationModule(L.LightningModule):
         blk.level, blk.level_steps = level, 0
         self.level_fixed, self.level_coeffs = self._level_images(lv.factor)
         self.level_shape = tuple(self.level_fixed.shape[-2:])
-        self.solver = make_solver(self.hparams.optimizer, self.x, lv.lr, active=blk.valid.clone())
+        previous = self.solver if level > 0 else None
+        scale = (lv.factor / self.levels[level - 1].factor) ** 2 if level > 0 else 1.0
+        self.solver = make_solver(self.hparams.optimizer, self.x, lv.lr, active=blk.valid.clone(),
+                                  previous=previous, curvature_scale=scale)
 
     def next_level(self) -> None:
         """Carry the parameters over to the next, finer level."""

@@ -38,6 +38,10 @@ class BatchSolver:
         """Stop the rows in ``mask`` (``(R,)`` bool) for good."""
         self.active &= ~mask
 
+    def pending_step(self) -> torch.Tensor:
+        """``(R, n)``: the step a row is about to take (its last step, for solvers without line search)."""
+        return self.trial() - self.x
+
     def trial(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -55,9 +59,13 @@ class BatchAdam(BatchSolver):
         self.v = torch.zeros_like(self.x)
         self.t = torch.zeros_like(self.f)
         self.betas, self.eps = betas, eps
+        self.last_step = torch.full_like(self.x, float("inf"))
 
     def trial(self) -> torch.Tensor:
         return self.x
+
+    def pending_step(self) -> torch.Tensor:
+        return self.last_step
 
     def update(self, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         act = self.active
@@ -73,6 +81,7 @@ class BatchAdam(BatchSolver):
         a = act.unsqueeze(-1)
         self.m, self.v, self.t = torch.where(a, m, self.m), torch.where(a, v, self.v), t
         self.x = torch.where(a, self.x - step, self.x)
+        self.last_step = torch.where(a, step, self.last_step)
         return act.clone()
 
 
@@ -88,7 +97,7 @@ class BatchBFGS(BatchSolver):
     """
 
     def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None,
-                 c1: float = 1e-4, max_step: float = 0.1) -> None:
+                 c1: float = 1e-4, max_step: float = 0.1, hinv: torch.Tensor | None = None) -> None:
         super().__init__(x0, lr, active)
         r, n = self.x.shape
         self.c1, self.max_step = c1, max_step
@@ -100,6 +109,11 @@ class BatchBFGS(BatchSolver):
         self.hinv = eye.expand(r, n, n).clone()
         self.updated = torch.zeros_like(self.evaluated)  # has the row had a curvature update yet
         self.backtracks = torch.zeros(r, dtype=torch.long, device=self.x.device)
+        # A curvature model carried over (e.g. from the previous pyramid level) replaces the identity.
+        self.warm = hinv is not None
+        if self.warm:
+            self.hinv = hinv.detach().double().clone()
+            self.updated[:] = True
 
     def _direction(self, rows: torch.Tensor) -> None:
         """Recompute the search direction of ``rows``; reset the curvature where it is not descent."""
@@ -132,8 +146,9 @@ class BatchBFGS(BatchSolver):
             self.x = torch.where(first.unsqueeze(-1), trial, self.x)
             self.f = torch.where(first, loss, self.f)
             self.g = torch.where(first.unsqueeze(-1), grad, self.g)
-            scale = (self.lr / grad.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
-            self.hinv = torch.where(first.view(-1, 1, 1), scale * self.eye, self.hinv)
+            if not self.warm:
+                scale = (self.lr / grad.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
+                self.hinv = torch.where(first.view(-1, 1, 1), scale * self.eye, self.hinv)
             self.evaluated |= first
             self._direction(first)
 
@@ -187,10 +202,17 @@ class BatchBFGS(BatchSolver):
 SOLVERS = {"bfgs": BatchBFGS, "adam": BatchAdam}
 
 
-def make_solver(name: str, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None) -> BatchSolver:
-    """A batched solver by name (``bfgs`` or ``adam``)."""
+def make_solver(name: str, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None,
+                previous: BatchSolver | None = None, curvature_scale: float = 1.0) -> BatchSolver:
+    """A batched solver by name (``bfgs`` or ``adam``).
+
+    ``previous``: the solver of the previous pyramid level; BFGS starts from its inverse-Hessian times
+    ``curvature_scale`` (the curvature in parameter units grows as the square of the resolution).
+    """
     try:
         cls = SOLVERS[name]
     except KeyError:
         raise SpheroError(f"unknown optimizer {name!r}; choose one of {', '.join(SOLVERS)}") from None
+    if cls is BatchBFGS and isinstance(previous, BatchBFGS):
+        return cls(x0, lr, active, hinv=previous.hinv * curvature_scale)
     return cls(x0, lr, active)

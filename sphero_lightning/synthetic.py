@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import zarr
 from zarr.codecs import ZstdCodec
 
+from .interpolation import bspline_prefilter, bspline_sample
 from .transforms import centered_to_normalized, homogeneous, mean_displacement, normalized_to_centered
 
 ISBI_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012" / "train-volume.tif"
@@ -90,18 +91,28 @@ def random_transforms(n: int, rng: np.random.Generator, max_shift: float, max_ro
     return out
 
 
-def render(base: np.ndarray, transforms: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Detector model: sample each transformed slice on a 2x grid, average 2 x 2. Float output."""
+def render(base: np.ndarray, transforms: np.ndarray, shape: tuple[int, int], oversample: int = 2) -> np.ndarray:
+    """Detector model: each output pixel averages ``oversample x oversample`` point samples of the
+    transformed continuous image (the cubic B-spline model of ``base``). Float output ``(N, H, W)``.
+
+    Point samples of a continuous model, averaged over the pixel area, involve no resampling of a
+    discrete grid, so no phase-dependent interpolation kernel ends up in the truth.
+    """
     hb, wb = base.shape
     h, w = shape
-    up = F.interpolate(torch.from_numpy(base.astype(np.float64))[None, None], scale_factor=2, mode="bicubic", align_corners=False)
-    db = np.diag([2.0 / wb, 2.0 / hb])
-    ds_inv = np.diag([w / 2.0, h / 2.0])
-    thetas = np.stack([np.concatenate([db @ t[:, :2] @ ds_inv, (db @ t[:, 2])[:, None]], 1) for t in transforms])
-    theta = torch.from_numpy(thetas)
-    grid = F.affine_grid(theta, [len(transforms), 1, 2 * h, 2 * w], align_corners=False)
-    fine = F.grid_sample(up.expand(len(transforms), -1, -1, -1), grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return F.avg_pool2d(fine, 2)[:, 0].numpy()
+    n = oversample
+    coeffs = bspline_prefilter(torch.from_numpy(base.astype(np.float64))[None, None])
+    sub = (np.arange(n) + 0.5) / n - 0.5  # sub-pixel offsets inside a pixel
+    ys = (np.arange(h)[:, None] + sub[None, :]).reshape(-1) - (h - 1) / 2
+    xs = (np.arange(w)[:, None] + sub[None, :]).reshape(-1) - (w - 1) / 2
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    out = []
+    for t in transforms:
+        bx = t[0, 0] * gx + t[0, 1] * gy + t[0, 2] + (wb - 1) / 2
+        by = t[1, 0] * gx + t[1, 1] * gy + t[1, 2] + (hb - 1) / 2
+        fine = bspline_sample(coeffs, torch.from_numpy(bx)[None], torch.from_numpy(by)[None])
+        out.append(F.avg_pool2d(fine, n)[0, 0].numpy())
+    return np.stack(out)
 
 
 def make_stack(base: np.ndarray, n_slices: int = 16, shape: tuple[int, int] = (384, 384), max_shift: float = 8.0,

@@ -1,0 +1,115 @@
+"""sphero_lightning against pystackreg (TurboReg/StackReg), side by side, on stacks with exact truth.
+
+Stacks are cut from one real ISBI 2012 slice (see sphero_lightning.synthetic: detector model, noise)
+and registered by both tools in the same process:
+
+* ours: ``sphero_lightning.cli.main`` with ``configs/reg.yaml`` and ``--model.transformation rigid``;
+* pystackreg: ``StackReg(RIGID_BODY).register_stack(stack, reference="previous")``.
+
+Printed per case (mean over --seeds stacks): mean error of the composed transforms (px), seconds per
+pair and the ratio. Seconds per pair = (time for a 40-slice stack - time for an 8-slice stack) / 32,
+so start-up is not counted; start-up (the 8-slice time minus 7 pairs at that rate) is printed apart.
+
+    python benchmarks/compare_stackreg.py                 # all cases, 3 seeds
+    python benchmarks/compare_stackreg.py --cases static --seeds 1 --no-timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sphero_lightning.cli import main as sphero_main  # noqa: E402
+from sphero_lightning.synthetic import ISBI_PATH, composed_error, load_isbi_slice, make_stack, write_zarr  # noqa: E402
+from sphero_lightning.transforms import pixel_to_normalized  # noqa: E402
+
+CASES = {
+    # name: make_stack keyword arguments (on top of 384 x 384, noise 6)
+    "static": dict(max_shift=8.0, max_rot_deg=1.0),
+    "contrast": dict(max_shift=8.0, max_rot_deg=1.0, contrast=0.10, brightness=0.08),
+    "jumps": dict(max_shift=20.0, max_rot_deg=2.5),  # consecutive slices differ by up to 40 px / 5 deg
+}
+
+
+def run_ours(stack: np.ndarray, workdir: Path, extra: list[str]) -> tuple[np.ndarray, float]:
+    root = workdir / f"s{time.monotonic_ns()}.zarr"
+    write_zarr(stack, root)
+    args = ["fit", "--config", str(REPO / "configs" / "reg.yaml"), "--data.root", str(root), "--data.array", "images/50-4-4",
+            "--model.transformation", "rigid", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(workdir / "logs"), *extra]
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):
+        sphero_main(args)
+    dt = time.perf_counter() - t0
+    import zarr
+
+    out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
+    return np.asarray(out.attrs["composed_transforms"]), dt
+
+
+def run_stackreg(stack: np.ndarray) -> tuple[np.ndarray, float]:
+    from pystackreg import StackReg
+
+    t0 = time.perf_counter()
+    tmats = StackReg(StackReg.RIGID_BODY).register_stack(stack.astype(np.float64), reference="previous")
+    dt = time.perf_counter() - t0
+    shape = stack.shape[1:]
+    return pixel_to_normalized(torch.from_numpy(tmats[1:]), shape).numpy(), dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--slices", type=int, default=16, help="slices of the accuracy stacks")
+    ap.add_argument("--size", type=int, nargs=2, default=[384, 384])
+    ap.add_argument("--no-timing", action="store_true", help="skip the 8- and 40-slice throughput runs")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sphero fit arguments (last)")
+    a = ap.parse_args()
+    if not ISBI_PATH.exists():
+        sys.exit(f"needs {ISBI_PATH} (the ISBI 2012 volume in ../shared/data); not found")
+    base = load_isbi_slice(0)
+    shape = tuple(a.size)
+    print(f"# sphero_lightning vs pystackreg, {shape[0]}x{shape[1]}, noise 6, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for case in a.cases:
+            errs_o, errs_s = [], []
+            for seed in range(a.seeds):
+                s = make_stack(base, a.slices, shape, noise=6.0, seed=seed, **CASES[case])
+                est_o, _ = run_ours(s.stack, work, a.extra)
+                est_s, _ = run_stackreg(s.stack)
+                errs_o.append(composed_error(est_o, s.composed, shape).mean())
+                errs_s.append(composed_error(est_s, s.composed, shape).mean())
+                print(f"{case:9s} seed {seed}: ours {errs_o[-1]:.4f} px   pystackreg {errs_s[-1]:.4f} px", flush=True)
+            print(f"{case:9s} MEAN  : ours {np.mean(errs_o):.4f} px   pystackreg {np.mean(errs_s):.4f} px   "
+                  f"difference {np.mean(errs_o) - np.mean(errs_s):+.4f} px", flush=True)
+        if a.no_timing:
+            return
+        times = {}
+        for n in (8, 40):
+            s = make_stack(base, n, shape, noise=6.0, seed=100, **CASES["static"])
+            _, t_o = run_ours(s.stack, work, a.extra)
+            _, t_s = run_stackreg(s.stack)
+            times[n] = (t_o, t_s)
+            print(f"{n}-slice stack: ours {t_o:.2f} s   pystackreg {t_s:.2f} s", flush=True)
+        per_o = (times[40][0] - times[8][0]) / 32
+        per_s = (times[40][1] - times[8][1]) / 32
+        print(f"seconds per pair: ours {per_o:.4f}   pystackreg {per_s:.4f}   ratio ours/pystackreg {per_o / per_s:.2f}")
+        print(f"start-up (8-slice time - 7 pairs): ours {times[8][0] - 7 * per_o:.2f} s   pystackreg {times[8][1] - 7 * per_s:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
