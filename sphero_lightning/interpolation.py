@@ -23,6 +23,8 @@ import torch.nn.functional as F
 _POLE = math.sqrt(3.0) - 2.0
 #: Half-length of the truncated prefilter; |pole|**16 < 1e-9.
 _RADIUS = 16
+#: Mirrored border kept around the coefficients, so that the 4 x 4 support is exact at the edges.
+PAD = 2
 
 
 def _prefilter_kernel(radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -43,8 +45,8 @@ def bspline_prefilter(image: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        ``(B, C, H, W)`` coefficients ``c`` such that sampling ``c`` with the cubic B-spline at
-        pixel centres returns ``image`` (to about 1e-7 relative).
+        ``(B, C, H + 2 PAD, W + 2 PAD)`` coefficients, with ``PAD`` mirrored pixels on every side,
+        such that :func:`bspline_sample` at pixel centres returns ``image`` (to about 1e-7 relative).
     """
     b, c, h, w = image.shape
     x = image.reshape(b * c, 1, h, w)
@@ -57,7 +59,11 @@ def bspline_prefilter(image: torch.Tensor) -> torch.Tensor:
             x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
         else:
             x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x.reshape(b, c, h, w)
+    if min(h, w) > PAD:
+        x = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
+    else:
+        x = F.pad(x, (PAD, PAD, PAD, PAD), mode="replicate")
+    return x.reshape(b, c, h + 2 * PAD, w + 2 * PAD)
 
 
 def _taps(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,10 +88,11 @@ def bspline_sample(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> 
     Parameters
     ----------
     coeffs : torch.Tensor
-        ``(B, C, H, W)`` from :func:`bspline_prefilter`.
+        ``(B, C, H + 2 PAD, W + 2 PAD)`` from :func:`bspline_prefilter`.
     px, py : torch.Tensor
-        ``(B, h, w)`` sample positions in pixel-index units of ``coeffs`` (``0..W-1``).
-        Outside the image the border is extended (callers mask those pixels).
+        ``(B, h, w)`` sample positions in pixel-index units of the image (``0..W-1``).
+        Exact with mirror boundaries up to one pixel outside; further out the border is extended
+        (callers mask those pixels).
 
     Returns
     -------
@@ -93,8 +100,8 @@ def bspline_sample(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> 
         ``(B, C, h, w)``; differentiable with respect to ``coeffs``, ``px`` and ``py``.
     """
     b, _, hh, ww = coeffs.shape
-    hx0, hx1, gx0, gx1 = _taps(px)
-    hy0, hy1, gy0, gy1 = _taps(py)
+    hx0, hx1, gx0, gx1 = _taps(px + PAD)
+    hy0, hy1, gy0, gy1 = _taps(py + PAD)
     xs = torch.stack([hx0, hx1, hx0, hx1], 1)  # (B, 4, h, w)
     ys = torch.stack([hy0, hy0, hy1, hy1], 1)
     # pixel index -> normalized, align_corners=False

@@ -1,0 +1,49 @@
+"""Shared fixtures: synthetic stacks with exact truth, and an in-process ``sphero fit``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from sphero_lightning.cli import main
+from sphero_lightning.synthetic import ISBI_PATH, em_like_image, load_isbi_slice, make_stack, pixel_error_of_output, write_zarr
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "reg.yaml")
+
+
+@pytest.fixture(scope="session")
+def base_image() -> np.ndarray:
+    """Procedural EM-like base image (needs no data)."""
+    return em_like_image(512, seed=3)
+
+
+@pytest.fixture(scope="session")
+def isbi_base() -> np.ndarray:
+    if not ISBI_PATH.exists():
+        pytest.skip(f"real data not available: {ISBI_PATH} is absent (CI has ../shared/data)")
+    return load_isbi_slice(0)
+
+
+def fit(root: Path, *extra: str, array: str = "images/50-4-4", logs: Path | None = None) -> None:
+    """Run ``sphero fit`` in-process on ``root`` with the project config."""
+    args = ["fit", "--config", CONFIG, "--data.root", str(root), "--data.array", array,
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(logs or root.parent / "logs"), *extra]
+    with contextlib.redirect_stderr(io.StringIO()):
+        main(args)
+
+
+def register_synthetic(tmp_path: Path, base: np.ndarray, *extra: str, n: int = 8, shape=(256, 256), **kw) -> tuple[float, zarr.Array]:
+    """Make a stack with known truth, register it, return (mean composed error px, output array)."""
+    s = make_stack(base, n, shape, seed=kw.pop("seed", 0), **kw)
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root, truth=s.composed)
+    fit(root, *extra)
+    out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
+    return pixel_error_of_output(root, "images/registered/50-4-4"), out

@@ -1,0 +1,93 @@
+"""The command line: user errors, the demo, multi-process DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from sphero_lightning.synthetic import make_stack, pixel_error_of_output, write_zarr
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sphero(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "sphero_lightning", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture()
+def small_store(tmp_path, base_image):
+    s = make_stack(base_image, 4, (96, 96), seed=1)
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root, truth=s.composed)
+    return root, s
+
+
+def _fit_args(root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs" / "reg.yaml"), "--data.root", str(root), "--data.array", "images/50-4-4",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data.root", "/nonexistent/x.zarr"], "does not exist"),
+    (["--data.array", "images/nope"], "arrays there: images/50-4-4"),
+    (["--model.transformation", "elastic"], "unknown transformation"),
+    (["--model.loss", "l7"], "unknown loss"),
+    (["--pyramid.levels", "0"], "levels must be >= 1"),
+    (["--pyramid.factors", "64"], "fewer than 8 pixels"),
+])
+def test_user_errors_are_one_line_without_traceback(small_store, tmp_path, extra, message):
+    root, s = small_store
+    r = _sphero(*_fit_args(root, *extra), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    err_lines = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert any(message in ln for ln in err_lines), r.stderr[-2000:]
+    assert np.array_equal(zarr.open_array(str(root), path="images/50-4-4", mode="r")[:], s.stack)
+    assert "registered" not in zarr.open_group(str(root), mode="r")["images"]
+
+
+def test_missing_spacing_is_reported_and_can_be_supplied(tmp_path, base_image):
+    s = make_stack(base_image, 3, (64, 64), seed=1)
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root)
+    del zarr.open_array(str(root), path="images/50-4-4", mode="r+").attrs["spacing"]
+    r = _sphero(*_fit_args(root), cwd=tmp_path)
+    assert r.returncode != 0 and "no 'spacing' attribute" in r.stderr and "--data.spacing" in r.stderr
+    r = _sphero(*_fit_args(root, "--data.spacing", "[40, 5, 5]"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert zarr.open_array(str(root), path="images/registered/40-5-5", mode="r").attrs["spacing"] == [40.0, 5.0, 5.0]
+
+
+def test_demo_reports_its_error(tmp_path):
+    r = _sphero("demo", "--out", str(tmp_path / "demo"), "--slices", "4", "--size", "128", "128", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = [ln for ln in r.stdout.splitlines() if "mean error" in ln][0]
+    err = float(line.split(": ")[-1].split(" px")[0])
+    assert err < 0.05
+
+
+def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path, base_image):
+    """15 pairs on 2 ranks (uneven split): every pair once, same result as one process, one output."""
+    s = make_stack(base_image, 16, (96, 96), seed=4)
+    roots = []
+    for name, extra in (("one", []), ("ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
+        root = tmp_path / f"{name}.zarr"
+        write_zarr(s.stack, root, truth=s.composed)
+        r = _sphero(*_fit_args(root, "--data.pairs_per_block", "4", *extra), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        roots.append(root)
+    one, ddp = (zarr.open_array(str(r), path="images/registered/50-4-4", mode="r") for r in roots)
+    assert sorted(r["pair_index"] for r in ddp.attrs["registration_log"]) == list(range(15))
+    from sphero_lightning.synthetic import composed_error
+
+    diff = composed_error(np.asarray(ddp.attrs["composed_transforms"]), np.asarray(one.attrs["composed_transforms"]), (96, 96))
+    assert diff.max() < 0.01, diff
+    assert list(zarr.open_group(str(roots[1]), mode="r")["images/registered"].array_keys()) == ["50-4-4"]
+    assert pixel_error_of_output(roots[1], "images/registered/50-4-4") < 0.05

@@ -1,0 +1,52 @@
+import torch
+
+from sphero_lightning.solvers import BatchAdam, BatchBFGS
+
+
+def _quadratic(x, centers, scales):
+    return (scales * (x - centers) ** 2).sum(-1)
+
+
+def _run(solver, centers, scales, steps):
+    for _ in range(steps):
+        x = solver.trial().clone().requires_grad_(True)
+        f = _quadratic(x, centers, scales)
+        (g,) = torch.autograd.grad(f.sum(), x)
+        solver.update(f.detach(), g)
+    return solver.x
+
+
+def test_bfgs_solves_each_row_independently_in_few_steps():
+    centers = torch.tensor([[0.05, -0.02, 0.01], [-0.03, 0.04, 0.0]], dtype=torch.float64)
+    scales = torch.tensor([[1.0, 30.0, 500.0], [5.0, 1.0, 50.0]], dtype=torch.float64)  # badly conditioned
+    x = _run(BatchBFGS(torch.zeros(2, 3), lr=0.01), centers, scales, 25)
+    assert torch.allclose(x, centers, atol=1e-7)
+    # A row alone converges to the same point as in the batch: rows do not interact.
+    x1 = _run(BatchBFGS(torch.zeros(1, 3), lr=0.01), centers[1:], scales[1:], 25)
+    assert torch.allclose(x1, x[1:], atol=1e-9)
+
+
+def test_frozen_rows_do_not_move():
+    centers = torch.tensor([[0.05, 0.05], [0.05, 0.05]], dtype=torch.float64)
+    scales = torch.ones(2, 2, dtype=torch.float64)
+    s = BatchBFGS(torch.zeros(2, 2), lr=0.01)
+    s.freeze(torch.tensor([False, True]))
+    x = _run(s, centers, scales, 20)
+    assert torch.allclose(x[1], torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(x[0], centers[0], atol=1e-7)
+
+
+def test_bfgs_rejects_non_finite_trials():
+    s = BatchBFGS(torch.zeros(1, 1), lr=0.5)
+    x = s.trial()
+    s.update(torch.tensor([1.0]), torch.tensor([[-1.0]]))
+    x = s.trial()
+    assert x.item() > 0
+    s.update(torch.tensor([float("nan")]), torch.tensor([[float("nan")]]))
+    assert s.x.item() == 0 and s.trial().item() < x.item()  # step shortened, iterate kept
+
+
+def test_adam_converges_slower_but_converges():
+    centers = torch.tensor([[0.02, -0.01]], dtype=torch.float64)
+    x = _run(BatchAdam(torch.zeros(1, 2), lr=1e-3), centers, torch.ones(1, 2, dtype=torch.float64), 400)
+    assert torch.allclose(x, centers, atol=2e-3)
