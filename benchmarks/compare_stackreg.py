@@ -30,15 +30,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sphero_lightning.cli import main as sphero_main  # noqa: E402
-from sphero_lightning.synthetic import ISBI_PATH, composed_error, load_isbi_slice, make_stack, write_zarr  # noqa: E402
-from sphero_lightning.transforms import pixel_to_normalized  # noqa: E402
+from sphero_lightning.cli import main as sphero_main
+from sphero_lightning.synthetic import ISBI_PATH, composed_error, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.transforms import pixel_to_normalized
 
 CASES = {
     # name: make_stack keyword arguments (on top of 384 x 384, noise 6)
-    "static": dict(max_shift=8.0, max_rot_deg=1.0),
-    "contrast": dict(max_shift=8.0, max_rot_deg=1.0, contrast=0.10, brightness=0.08),
-    "jumps": dict(max_shift=20.0, max_rot_deg=2.5),  # consecutive slices differ by up to 40 px / 5 deg
+    "static": {"max_shift": 8.0, "max_rot_deg": 1.0},
+    "contrast": {"max_shift": 8.0, "max_rot_deg": 1.0, "contrast": 0.10, "brightness": 0.08},
+    "jumps": {"max_shift": 20.0, "max_rot_deg": 2.5},  # consecutive slices differ by up to 40 px / 5 deg
 }
 
 

@@ -34,7 +34,7 @@ class SpheroCLI(LightningCLI):
     the input; ``--trainer.*`` devices, strategy and nodes.
     """
 
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
+    def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(PairEarlyStopping, "early_stopping")
         parser.add_lightning_class_args(PyramidSchedule, "pyramid")
         parser.add_lightning_class_args(RegistrationWriter, "output")

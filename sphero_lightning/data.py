@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -34,11 +35,11 @@ def open_source(root: str, array: str) -> zarr.Array:
         raise SpheroError(f"store {root!r} does not exist; check --data.root (a .zarr directory)")
     try:
         group = zarr.open_group(root, mode="r")
-    except Exception as exc:  # not a zarr store at all
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a zarr store"
         raise SpheroError(f"{root!r} is not a Zarr store ({type(exc).__name__}); point --data.root at a .zarr directory") from None
     try:
         arr = zarr.open_array(group.store, path=array, mode="r")
-    except Exception:
+    except Exception:  # noqa: BLE001 - listed with the arrays that do exist
         arrays = _list_arrays(group)
         listing = ", ".join(arrays) if arrays else "none"
         raise SpheroError(f"array {array!r} not found in {root!r} (arrays there: {listing}); set --data.array") from None
@@ -71,7 +72,7 @@ class BlockStream(IterableDataset):
     The next block is read in a background thread while the current one is fitted.
     """
 
-    def __init__(self, dm: "ZarrPairDataModule", trainer: L.Trainer) -> None:
+    def __init__(self, dm: ZarrPairDataModule, trainer: L.Trainer) -> None:
         super().__init__()
         self.dm, self.trainer = dm, trainer
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sphero-prefetch")

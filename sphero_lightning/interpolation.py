@@ -153,7 +153,7 @@ def inside_weight(px: torch.Tensor, py: torch.Tensor, src_shape: tuple[int, int]
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur (sigma in pixels, radius 3 sigma, replicated border) of ``(B, C, H, W)``."""
-    r = max(1, int(math.ceil(3 * sigma)))
+    r = max(1, math.ceil(3 * sigma))
     k = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
     k = torch.exp(-0.5 * (k / sigma) ** 2)
     k = k / k.sum()
@@ -204,7 +204,7 @@ def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | 
     hh, ww = image.shape[-2:]
     full = full_shape or (hh, ww)
     oh, ow = out_shape or full
-    b = theta.shape[0]
+    theta.shape[0]
     # Pixel centres of the window in the full frame's normalized coordinates.
     ys = (2 * (torch.arange(oh, dtype=theta.dtype, device=theta.device) + offset[0]) + 1) / full[0] - 1
     xs = (2 * (torch.arange(ow, dtype=theta.dtype, device=theta.device) + offset[1]) + 1) / full[1] - 1

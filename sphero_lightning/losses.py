@@ -8,13 +8,12 @@ biases the optimum (the reference pipeline's main error).
 
 from __future__ import annotations
 
-from .errors import SpheroError
-from .interpolation import gaussian_blur
-
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from .errors import SpheroError
+from .interpolation import gaussian_blur
 
 _EPS = 1e-8
 

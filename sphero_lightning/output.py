@@ -76,7 +76,7 @@ def _local_dir(store: Any) -> Path | None:
     return Path(root) if root is not None else None
 
 
-def write_registration(trainer: "L.Trainer", module: "RegistrationModule", writer: "RegistrationWriter") -> str:
+def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter) -> str:
     """Compose, crop, warp and write the registered stack. Returns the output array's path."""
     dm = trainer.datamodule
     n, shape = dm.n_pairs, dm.slice_shape

@@ -18,9 +18,9 @@ is its current iterate and it never changes again.
 
 from __future__ import annotations
 
-from .errors import SpheroError
-
 import torch
+
+from .errors import SpheroError
 
 
 class BatchSolver:

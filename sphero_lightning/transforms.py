@@ -18,11 +18,11 @@ independent of the pyramid level.
 
 from __future__ import annotations
 
-from .errors import SpheroError
-
 import math
 
 import torch
+
+from .errors import SpheroError
 
 #: Names of the six full parameters, in order.
 PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")

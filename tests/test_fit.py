@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import fit, register_synthetic
+
 from sphero_lightning.synthetic import make_stack, write_zarr
 from sphero_lightning.transforms import normalized_to_pixel
 
@@ -102,7 +102,7 @@ def test_max_pairs_and_uint16(tmp_path, base_image):
 
 
 def test_ome_metadata_and_tensorboard(tmp_path, base_image):
-    err, out = register_synthetic(tmp_path, base_image, n=3, shape=(128, 128))
+    _err, _out = register_synthetic(tmp_path, base_image, n=3, shape=(128, 128))
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["images/registered"]
     ome = group.attrs["ome"]
     assert ome["version"] == "0.5"

@@ -5,8 +5,18 @@ import pytest
 import torch
 
 from sphero_lightning.transforms import (
-    centered_to_normalized, compose, corner_displacement, describe, family_basis, homogeneous, mean_displacement,
-    normalized_to_centered, normalized_to_pixel, params_to_centered, params_to_normalized, pixel_to_normalized,
+    centered_to_normalized,
+    compose,
+    corner_displacement,
+    describe,
+    family_basis,
+    homogeneous,
+    mean_displacement,
+    normalized_to_centered,
+    normalized_to_pixel,
+    params_to_centered,
+    params_to_normalized,
+    pixel_to_normalized,
 )
 
 
