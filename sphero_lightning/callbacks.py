@@ -96,9 +96,11 @@ class PairEarlyStopping(L.Callback):
     A pair has converged at the current level when, over its last ``window`` accepted iterates, the
     loss varied by less than ``tol`` (the reference pipeline's rule, ``stop_window`` and
     ``stop_tol``), or when the step it is about to take moves every pixel by less than
-    ``step_tol_px`` (pixels of the current level). The step rule is what stops a quasi-Newton fit
-    promptly: near the optimum its loss changes fall below float32 resolution while its steps shrink
-    quadratically, and a line search that can no longer improve shrinks its step to nothing.
+    ``step_tol_px`` (pixels of the current level); a BFGS pair then takes that last small step
+    unevaluated (accurate to second order near the optimum). The step rule is what stops a
+    quasi-Newton fit promptly: near the optimum its loss changes fall below float32 resolution while
+    its steps shrink quadratically, and a line search that can no longer improve shrinks its step to
+    nothing.
     """
 
     def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7, step_tol_px: float = 1e-3) -> None:
@@ -124,7 +126,8 @@ class PairEarlyStopping(L.Callback):
         flat = (self.count >= self.window) & ((self.losses.amax(1) - self.losses.amin(1)) < self.tol)
         step = pl_module.step_displacement_px(solver.x, solver.x + solver.pending_step())
         still = solver.evaluated & (step < self.step_tol_px)
-        solver.freeze(solver.active & (flat | still))
+        solver.freeze(solver.active & flat)
+        solver.finish(solver.active & still)
 
 
 class PairProgressBar(ProgressBar):

@@ -115,6 +115,31 @@ def bspline_sample(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> 
     return (taps * wts).sum(2)
 
 
+def upsample2(image: torch.Tensor) -> torch.Tensor:
+    """Exact 2x upsampling with the cubic B-spline interpolant, ``(B, C, H, W) -> (B, C, 2H, 2W)``.
+
+    The output grid covers the same extent edge to edge (pixel ``j`` of the output sits at
+    ``(j + 0.5) / 2 - 0.5`` of the input), so normalized coordinates are unchanged. Separable, with
+    two fixed 4-tap kernels per axis: costs about as much as one blur.
+    """
+    b, c, h, w = image.shape
+    coeffs = bspline_prefilter(image)  # padded by PAD on every side
+    k_even = torch.tensor(_bspline_weights(0.75), dtype=image.dtype, device=image.device)  # x = k - 0.25
+    k_odd = torch.tensor(_bspline_weights(0.25), dtype=image.dtype, device=image.device)  # x = k + 0.25
+    x = coeffs.reshape(b * c, 1, h + 2 * PAD, w + 2 * PAD)
+    # columns: output 2k uses coefficients k-2..k+1, output 2k+1 uses k-1..k+2 (in unpadded indices)
+    even = F.conv2d(x[..., PAD - 2: PAD + w + 1], k_even.view(1, 1, 1, 4))
+    odd = F.conv2d(x[..., PAD - 1: PAD + w + 2], k_odd.view(1, 1, 1, 4))
+    x = torch.stack([even, odd], -1).reshape(b * c, 1, h + 2 * PAD, 2 * w)
+    even = F.conv2d(x[..., PAD - 2: PAD + h + 1, :], k_even.view(1, 1, 4, 1))
+    odd = F.conv2d(x[..., PAD - 1: PAD + h + 2, :], k_odd.view(1, 1, 4, 1))
+    return torch.stack([even, odd], -2).reshape(b, c, 2 * h, 2 * w)
+
+
+def _bspline_weights(f: float) -> list[float]:
+    return [(1 - f) ** 3 / 6, (4 - 6 * f**2 + 3 * f**3) / 6, (1 + 3 * f + 3 * f**2 - 3 * f**3) / 6, f**3 / 6]
+
+
 def sample_positions(theta: torch.Tensor, out_shape: tuple[int, int], src_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each output pixel samples the source, in source pixel-index units.
 

@@ -42,6 +42,10 @@ class BatchSolver:
         """``(R, n)``: the step a row is about to take (its last step, for solvers without line search)."""
         return self.trial() - self.x
 
+    def finish(self, mask: torch.Tensor) -> None:
+        """Freeze converged rows; solvers whose pending step is a model minimiser take it first."""
+        self.freeze(mask)
+
     def trial(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -133,6 +137,16 @@ class BatchBFGS(BatchSolver):
     def trial(self) -> torch.Tensor:
         step = torch.where(self.active.unsqueeze(-1), self.alpha.unsqueeze(-1) * self.d, torch.zeros_like(self.d))
         return self.x + step
+
+    def finish(self, mask: torch.Tensor) -> None:
+        """Take the (tiny) pending quasi-Newton step of converged rows without evaluating it, then freeze.
+
+        Near the optimum that step is accurate to second order, so stopping after it rather than
+        before saves the evaluation that would only confirm it. ``f`` keeps the last evaluated loss.
+        """
+        fresh = mask & self.active & self.evaluated & (self.alpha >= 1)  # a full step, not a failed line search
+        self.x = torch.where(fresh.unsqueeze(-1), self.x + self.d, self.x)
+        self.freeze(mask)
 
     def update(self, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         loss, grad = loss.double(), grad.double()

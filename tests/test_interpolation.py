@@ -58,3 +58,16 @@ def test_downscale_keeps_the_extent():
     img = torch.rand(1, 1, 100, 60)
     assert downscale(img, 4).shape[-2:] == (25, 15)
     assert downscale(img, 1) is img
+
+
+def test_upsample2_is_the_bspline_interpolant_on_a_twice_finer_grid():
+    from sphero_lightning.interpolation import upsample2
+
+    img = torch.rand(2, 1, 20, 30, dtype=torch.float64)
+    up = upsample2(img)
+    assert up.shape == (2, 1, 40, 60)
+    ys = (torch.arange(40, dtype=torch.float64) + 0.5) / 2 - 0.5
+    xs = (torch.arange(60, dtype=torch.float64) + 0.5) / 2 - 0.5
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    ref = bspline_sample(bspline_prefilter(img), gx.expand(2, -1, -1), gy.expand(2, -1, -1))
+    assert torch.allclose(up, ref, atol=1e-9)
