@@ -24,21 +24,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sphero_lightning.cli import SpheroCLI, _PLAIN_DEFAULTS  # noqa: E402
-from sphero_lightning.data import ZarrPairDataModule  # noqa: E402
-from sphero_lightning.model import RegistrationModule  # noqa: E402
-from sphero_lightning.solvers import make_solver  # noqa: E402
-from sphero_lightning.synthetic import ISBI_PATH, em_like_image, load_isbi_slice, make_stack, write_zarr  # noqa: E402
+from sphero_lightning.cli import _PLAIN_DEFAULTS, SpheroCLI
+from sphero_lightning.data import ZarrPairDataModule
+from sphero_lightning.model import RegistrationModule
+from sphero_lightning.solvers import make_solver
+from sphero_lightning.synthetic import ISBI_PATH, em_like_image, load_isbi_slice, make_stack, write_zarr
 
 
 class StepTimer(L.Callback):
-    def on_train_start(self, trainer, pl_module):  # noqa: ANN001, D102
+    def on_train_start(self, trainer, pl_module):
         self.steps, self.t0 = 0, time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, D102
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps += 1
 
-    def on_train_end(self, trainer, pl_module):  # noqa: ANN001, D102
+    def on_train_end(self, trainer, pl_module):
         self.elapsed = time.perf_counter() - self.t0
 
 

@@ -30,7 +30,6 @@ from .losses import get_loss
 from .solvers import make_solver
 from .transforms import FAMILIES, corner_displacement, family_basis, params_to_normalized
 
-
 #: Interpolation of the moving slice inside the loss (see RegistrationModule).
 INTERPOLATIONS = ("bspline", "bspline2x", "bicubic")
 
