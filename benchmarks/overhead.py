@@ -47,7 +47,7 @@ def lightning_run(root: Path, block: int, steps: int, levels: int, logdir: Path)
             "--data.pairs_per_block", str(block), "--early_stopping.enabled", "false", "--pyramid.steps", str(steps),
             "--pyramid.levels", str(levels), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(logdir), "--output.crop_borders", "false",
-            "--model.init_translation", "none"]  # the plain loop starts from identity too
+            "--model.init_translation", "none", "--data.overwrite", "true"]  # plain loop: identity start too
     with contextlib.redirect_stderr(io.StringIO()):
         cli = SpheroCLI(RegistrationModule, ZarrPairDataModule, args=args, run=False, trainer_defaults=_PLAIN_DEFAULTS,
                         seed_everything_default=0)

@@ -114,13 +114,16 @@ class ZarrPairDataModule(L.LightningDataModule):
         GPU); memory grows linearly.
     spacing : list of float, optional
         ``[z, y, x]`` voxel size in nm, for arrays without a ``spacing`` attribute.
+    overwrite : bool
+        Replace an existing output array. Without it an existing result is never touched.
     """
 
     def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
-                 pairs_per_block: int = 8, spacing: list[float] | None = None) -> None:
+                 pairs_per_block: int = 8, spacing: list[float] | None = None, overwrite: bool = False) -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
+        self.overwrite = overwrite
         if pairs_per_block < 1:
             raise SpheroError(f"--data.pairs_per_block must be >= 1, got {pairs_per_block}")
         if max_pairs is not None and max_pairs < 1:
@@ -147,7 +150,11 @@ class ZarrPairDataModule(L.LightningDataModule):
         sp = self.spacing
         if len(sp) != 3 or any(not (s > 0) for s in sp):
             raise SpheroError(f"spacing {sp} is invalid; need three positive numbers [z, y, x] in nm")
-        self._arr = arr
+        if self.output_path.strip("/") == self.array.strip("/"):
+            raise SpheroError(f"the output {self.output_path!r} would replace the source; choose another --data.dst_group")
+        if not self.overwrite and (Path(self.root) / self.output_path / "zarr.json").exists():
+            raise SpheroError(f"output {self.output_path!r} already exists in {self.root!r}; "
+                              "pass --data.overwrite true to replace it, or choose another --data.dst_group")
 
     @property
     def source(self) -> zarr.Array:

@@ -53,6 +53,21 @@ def test_user_errors_are_one_line_without_traceback(small_store, tmp_path, extra
     assert "registered" not in zarr.open_group(str(root), mode="r")["images"]
 
 
+def test_existing_output_is_refused_unless_overwrite(small_store, tmp_path):
+    root, _ = small_store
+    assert _sphero(*_fit_args(root), cwd=tmp_path).returncode == 0
+    out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
+    stamp = out.attrs["processing"][0]["timestamp"]
+    before = out[:]
+    r = _sphero(*_fit_args(root), cwd=tmp_path)
+    assert r.returncode != 0 and "already exists" in r.stderr and "--data.overwrite true" in r.stderr
+    assert "Traceback" not in r.stderr
+    out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
+    assert out.attrs["processing"][0]["timestamp"] == stamp and np.array_equal(out[:], before)
+    r = _sphero(*_fit_args(root, "--data.overwrite", "true"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_missing_spacing_is_reported_and_can_be_supplied(tmp_path, base_image):
     s = make_stack(base_image, 3, (64, 64), seed=1)
     root = tmp_path / "s.zarr"
