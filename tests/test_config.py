@@ -1,0 +1,35 @@
+"""configs/reg.yaml documents the defaults: it must agree with the constructors (the demo runs without it)."""
+
+import inspect
+from pathlib import Path
+
+import yaml
+
+from sphero_lightning.callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
+from sphero_lightning.data import ZarrPairDataModule
+from sphero_lightning.model import RegistrationModule
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reg.yaml"
+
+
+def _defaults(cls):
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def test_config_values_equal_constructor_defaults():
+    cfg = yaml.safe_load(CONFIG.read_text())
+    groups = {"model": RegistrationModule, "data": ZarrPairDataModule, "pyramid": PyramidSchedule,
+              "early_stopping": PairEarlyStopping, "output": RegistrationWriter}
+    for key, cls in groups.items():
+        defaults = _defaults(cls)
+        for name, value in cfg[key].items():
+            if name in ("root", "array"):
+                assert value is None  # required, given on the command line
+                continue
+            assert name in defaults, f"{key}.{name} is not a parameter of {cls.__name__}"
+            expect = defaults[name]
+            if expect is None and value == {}:
+                continue  # loss_kwargs: {} documents "no extra arguments"
+            assert value == expect, f"{key}.{name}: config {value!r} != default {expect!r}"
+        missing = set(defaults) - set(cfg[key]) - {"pairs_per_block"} if key == "model" else set(defaults) - set(cfg[key])
+        assert not missing, f"{key}: options not documented in configs/reg.yaml: {sorted(missing)}"
