@@ -193,9 +193,9 @@ class ZarrPairDataModule(L.LightningDataModule):
         pairs = self.rank_pairs(block, rank, world)
         if len(pairs) == 0:  # uneven split: this rank idles in this block, in step with the others
             h, w = self.slice_shape
-            return {"slices": torch.zeros(1, h, w, dtype=torch.uint8), "scale": torch.tensor(1.0), "first_pair": torch.tensor(-1)}
+            return {"slices": torch.zeros(1, h, w, dtype=torch.uint8), "scale": torch.tensor(1.0)}
         data, scale = to_tensor(read_block(self.source, pairs.start, pairs.stop + 1))
-        return {"slices": data, "scale": torch.tensor(scale), "first_pair": torch.tensor(pairs.start)}
+        return {"slices": data, "scale": torch.tensor(scale)}
 
     # ------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:

@@ -360,7 +360,6 @@ class RegistrationModule(L.LightningModule):
         full[self.rows.start + idx] = losses.detach()
         full = self._all_reduce(full)
         was_active = solver.active.clone()
-        blk.extra["x_before"] = solver.x.clone()
         accepted = solver.update(full, grad)
         blk.extra["accepted"] = accepted
         blk.steps += was_active.long()

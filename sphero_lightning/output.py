@@ -71,11 +71,6 @@ def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
     return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": [d for _, d in datasets]}]}
 
 
-def _local_dir(store: Any) -> Path | None:
-    root = getattr(store, "root", None)
-    return Path(root) if root is not None else None
-
-
 def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter) -> str:
     """Compose, crop, warp and write the registered stack. Returns the output array's path."""
     dm = trainer.datamodule

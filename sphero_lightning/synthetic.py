@@ -19,7 +19,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from .interpolation import bspline_prefilter, bspline_sample
-from .transforms import centered_to_normalized, homogeneous, mean_displacement, normalized_to_centered
+from .transforms import centered_to_normalized, homogeneous, mean_displacement
 
 ISBI_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012" / "train-volume.tif"
 
@@ -187,5 +187,4 @@ def pixel_error_of_output(root: str | Path, output: str, truth: np.ndarray | Non
     return float(composed_error(est, truth[: len(est)], tuple(src.shape[1:])).mean())
 
 
-__all__ = ["SyntheticStack", "composed_error", "em_like_image", "load_isbi_slice", "make_stack", "normalized_to_centered",
-           "pixel_error_of_output", "render", "write_zarr"]
+__all__ = ["SyntheticStack", "composed_error", "em_like_image", "load_isbi_slice", "make_stack", "pixel_error_of_output", "render", "write_zarr"]

@@ -53,6 +53,26 @@ def test_user_errors_are_one_line_without_traceback(small_store, tmp_path, extra
     assert "registered" not in zarr.open_group(str(root), mode="r")["images"]
 
 
+@pytest.mark.parametrize("shape,message", [((4, 64), "expected 3D"), ((1, 64, 64), "at least 2"), ((3, 8, 64), "at least 16 x 16")])
+def test_bad_array_shapes(tmp_path, shape, message):
+    root = tmp_path / "bad.zarr"
+    write_zarr(np.zeros(shape, np.uint8), root)
+    r = _sphero(*_fit_args(root), cwd=tmp_path)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_float32_input_keeps_dtype_and_values(tmp_path, base_image):
+    s = make_stack(base_image, 4, (96, 96), dtype="float32", noise=0.0, seed=3)
+    stack = (s.stack / 255.0).astype(np.float32)  # float data in [0, 1]
+    root = tmp_path / "f.zarr"
+    write_zarr(stack, root, truth=s.composed)
+    r = _sphero(*_fit_args(root), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
+    assert out.dtype == np.float32 and 0.0 <= float(out[:].min()) and float(out[:].max()) <= 1.05
+    assert pixel_error_of_output(root, "images/registered/50-4-4") < 0.05
+
+
 def test_existing_output_is_refused_unless_overwrite(small_store, tmp_path):
     root, _ = small_store
     assert _sphero(*_fit_args(root), cwd=tmp_path).returncode == 0
