@@ -9,6 +9,7 @@ and registered by both tools in the same process:
 Printed per case (mean over --seeds stacks): mean error of the composed transforms (px), seconds per
 pair and the ratio. Seconds per pair = (time for a 40-slice stack - time for an 8-slice stack) / 32,
 so start-up is not counted; start-up (the 8-slice time minus 7 pairs at that rate) is printed apart.
+Each timing is the median of --repeats runs, ours and pystackreg alternating.
 
     python benchmarks/compare_stackreg.py                 # all cases, 3 seeds
     python benchmarks/compare_stackreg.py --cases static --seeds 1 --no-timing
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=16, help="slices of the accuracy stacks")
     ap.add_argument("--size", type=int, nargs=2, default=[384, 384])
     ap.add_argument("--no-timing", action="store_true", help="skip the 8- and 40-slice throughput runs")
+    ap.add_argument("--repeats", type=int, default=3, help="timing runs per tool and stack size (median)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sphero fit arguments (last)")
     a = ap.parse_args()
     if not ISBI_PATH.exists():
@@ -98,18 +100,23 @@ def main() -> None:
                   f"difference {np.mean(errs_o) - np.mean(errs_s):+.4f} px", flush=True)
         if a.no_timing:
             return
-        times = {}
-        for n in (8, 40):
-            s = make_stack(base, n, shape, noise=6.0, seed=100, **CASES["static"])
-            _, t_o = run_ours(s.stack, work, a.extra)
-            _, t_s = run_stackreg(s.stack)
-            times[n] = (t_o, t_s)
-            print(f"{n}-slice stack: ours {t_o:.2f} s   pystackreg {t_s:.2f} s", flush=True)
-        per_o = (times[40][0] - times[8][0]) / 32
-        per_s = (times[40][1] - times[8][1]) / 32
+        # Timing is noisy on a shared machine: repeat, alternate the two tools, take the median.
+        times: dict[int, tuple[list[float], list[float]]] = {8: ([], []), 40: ([], [])}
+        stacks = {n: make_stack(base, n, shape, noise=6.0, seed=100, **CASES["static"]).stack for n in times}
+        for rep in range(a.repeats):
+            for n, stack in stacks.items():
+                _, t_o = run_ours(stack, work, a.extra)
+                _, t_s = run_stackreg(stack)
+                times[n][0].append(t_o)
+                times[n][1].append(t_s)
+                print(f"repeat {rep}: {n}-slice stack: ours {t_o:.2f} s   pystackreg {t_s:.2f} s", flush=True)
+        med = {n: (float(np.median(o)), float(np.median(s_))) for n, (o, s_) in times.items()}
+        per_o = (med[40][0] - med[8][0]) / 32
+        per_s = (med[40][1] - med[8][1]) / 32
+        print(f"median of {a.repeats}: 8 slices ours {med[8][0]:.2f} s pystackreg {med[8][1]:.2f} s; "
+              f"40 slices ours {med[40][0]:.2f} s pystackreg {med[40][1]:.2f} s")
         print(f"seconds per pair: ours {per_o:.4f}   pystackreg {per_s:.4f}   ratio ours/pystackreg {per_o / per_s:.2f}")
-        print(f"start-up (8-slice time - 7 pairs): ours {times[8][0] - 7 * per_o:.2f} s   pystackreg {times[8][1] - 7 * per_s:.2f} s")
-
+        print(f"start-up (8-slice time - 7 pairs): ours {med[8][0] - 7 * per_o:.2f} s   pystackreg {med[8][1] - 7 * per_s:.2f} s")
 
 if __name__ == "__main__":
     main()

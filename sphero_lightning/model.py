@@ -134,6 +134,7 @@ class RegistrationModule(L.LightningModule):
         self.delta: torch.nn.Parameter | None = None
         self.block: BlockState | None = None
         self.solver = None
+        self._level0: tuple[torch.Tensor, torch.Tensor] | None = None
         self.results: dict[int, dict[str, Any]] = {}
         self.shape: tuple[int, int] | None = None
         self.n_pairs = 0
@@ -229,6 +230,7 @@ class RegistrationModule(L.LightningModule):
         n_local = int(self.local_valid.sum())
         if slices.shape[0] != n_local + 1 and n_local > 0:
             raise RuntimeError(f"block {self.current_epoch}: got {slices.shape[0]} slices for {n_local} pairs")
+        self._level0 = None  # level-0 images, kept when the initialisation computes them
         self.x = self._initial_params()
 
     def _level_images(self, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +265,7 @@ class RegistrationModule(L.LightningModule):
             cand = x.clone()
             cand[:, :2] = est
             # Keep the estimate only where it beats the starting point at the coarsest level.
-            fixed, coeffs = self._level_images(self.levels[0].factor)
+            fixed, coeffs = self._level0 = self._level_images(self.levels[0].factor)
             with torch.no_grad():
                 keep = self._evaluate_rows(cand, fixed, coeffs) < self._evaluate_rows(x, fixed, coeffs)
             x = torch.where(keep.unsqueeze(-1), cand, x)
@@ -282,7 +284,8 @@ class RegistrationModule(L.LightningModule):
         blk = self.block
         lv = self.levels[level]
         blk.level, blk.level_steps = level, 0
-        self.level_fixed, self.level_coeffs = self._level_images(lv.factor)
+        cached, self._level0 = self._level0, None
+        self.level_fixed, self.level_coeffs = cached if level == 0 and cached else self._level_images(lv.factor)
         self.level_shape = tuple(self.level_fixed.shape[-2:])
         previous = self.solver if level > 0 else None
         scale = (lv.factor / self.levels[level - 1].factor) ** 2 if level > 0 else 1.0
