@@ -109,6 +109,10 @@ class PairEarlyStopping(L.Callback):
         self.enabled, self.window, self.tol, self.step_tol_px = enabled, window, tol, step_tol_px
         self._key: tuple[int, int, int] | None = None
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change a pair's result (for the progress journal)."""
+        return {"enabled": self.enabled, "window": self.window, "tol": self.tol, "step_tol_px": self.step_tol_px}
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         blk, solver = pl_module.block, pl_module.solver
         if not self.enabled or blk is None or blk.done or "accepted" not in blk.extra:
@@ -148,7 +152,9 @@ class PairProgressBar(ProgressBar):
         if self._enabled and trainer.is_global_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=pl_module.n_pairs, desc="registering", unit="pair", dynamic_ncols=True, file=sys.stderr)
+            done = len(pl_module.results)  # resumed from the journal
+            self.bar = tqdm(total=pl_module.n_pairs, initial=done, desc="registering", unit="pair", dynamic_ncols=True,
+                            file=sys.stderr)
             self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -56,6 +57,42 @@ def read_block(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     return np.asarray(arr[start:stop])
 
 
+def read_slices(arr: zarr.Array, indices: list[int]) -> np.ndarray:
+    """Slices at ``indices`` (one contiguous read when they are consecutive)."""
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return read_block(arr, indices[0], indices[-1] + 1)
+    return np.stack([np.asarray(arr[z]) for z in indices])
+
+
+def slice_stats(image: np.ndarray) -> tuple[float, float]:
+    """``(finite, std)`` of one slice: ``finite`` is 1.0 when every value is finite; ``std`` on a 2x subsample."""
+    finite = 1.0
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        finite = 0.0
+    sub = image[::2, ::2].astype(np.float64)
+    return finite, float(np.nanstd(sub)) if finite == 0.0 else float(sub.std())
+
+
+def damaged_slices(stats: np.ndarray, min_contrast: float) -> dict[int, str]:
+    """Slices that cannot be registered, with the reason: non-finite values, constant, or blank.
+
+    ``stats`` is ``(Z, 2)`` from :func:`slice_stats`. A slice is blank when its standard deviation is
+    below ``min_contrast`` times the median over the stack's slices.
+    """
+    finite, std = stats[:, 0] > 0.5, stats[:, 1]
+    ok = finite & np.isfinite(std)
+    median = float(np.median(std[ok])) if ok.any() else 0.0
+    out: dict[int, str] = {}
+    for z in range(len(stats)):
+        if not finite[z]:
+            out[z] = "non-finite values (NaN or inf)"
+        elif std[z] == 0:
+            out[z] = "constant"
+        elif std[z] < min_contrast * median:
+            out[z] = f"blank (standard deviation {std[z]:.3g}, stack median {median:.3g})"
+    return out
+
+
 def to_tensor(block: np.ndarray) -> tuple[torch.Tensor, float]:
     """A compact tensor for transfer (uint8 stays uint8) and the scale that maps it to ``[0, 1]``."""
     if block.dtype == np.uint8:
@@ -79,6 +116,10 @@ class BlockStream(IterableDataset):
         self.pending: dict[int, Future] = {}
 
     def _fetch(self, block: int) -> Future:
+        if block in self.dm.skip_blocks:  # finished in an earlier run: nothing to read
+            f: Future = Future()
+            f.set_result({"skip": True})
+            return f
         if block not in self.pending:
             self.pending[block] = self.pool.submit(self.dm.read_rank_block, block, self.trainer.global_rank, self.trainer.world_size)
         return self.pending[block]
@@ -116,20 +157,36 @@ class ZarrPairDataModule(L.LightningDataModule):
         ``[z, y, x]`` voxel size in nm, for arrays without a ``spacing`` attribute.
     overwrite : bool
         Replace an existing output array. Without it an existing result is never touched.
+    check_slices : bool
+        Scan the slices before fitting (one read of the stack) for damaged ones: non-finite values,
+        constant, or blank. A damaged slice is left out of the fit: the slices on either side are
+        registered to each other and it gets a transform interpolated between theirs.
+    min_contrast : float
+        A slice whose standard deviation is below this fraction of the stack's median counts as blank.
+    resume : bool
+        Continue from the progress journal of an interrupted run with the same settings (kept inside the
+        store as ``<dst_group>/tmp-<z>-<y>-<x>-journal`` until the output is written). ``false`` starts over.
     """
 
     def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
-                 pairs_per_block: int = 8, spacing: list[float] | None = None, overwrite: bool = False) -> None:
+                 pairs_per_block: int = 8, spacing: list[float] | None = None, overwrite: bool = False,
+                 check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True) -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
-        self.overwrite = overwrite
+        self.overwrite, self.check_slices, self.min_contrast, self.resume = overwrite, check_slices, min_contrast, resume
+        if not 0 <= min_contrast < 1:
+            raise SpheroError(f"--data.min_contrast must be in [0, 1), got {min_contrast}")
         if pairs_per_block < 1:
             raise SpheroError(f"--data.pairs_per_block must be >= 1, got {pairs_per_block}")
         if max_pairs is not None and max_pairs < 1:
             raise SpheroError(f"--data.max_pairs must be >= 1 (or null for all pairs), got {max_pairs}")
         self._arr: zarr.Array | None = None
+        self.damaged: dict[int, str] = {}  # slice -> why it was left out (set by scan())
+        self.good: list[int] = []  # slices that are registered, in order
+        self.skip_blocks: set[int] = set()  # blocks finished by an earlier run (set by the module on resume)
         self.validate()
+        self.good = list(range(self.n_slices))
 
     # ------------------------------------------------------------------ input
     def validate(self) -> None:
@@ -173,19 +230,34 @@ class ZarrPairDataModule(L.LightningDataModule):
         return tuple(int(s) for s in self.source.shape[1:])
 
     @property
+    def n_slices(self) -> int:
+        """Slices in the registration (and in the output): all, or ``max_pairs + 1``."""
+        z = int(self.source.shape[0])
+        return min(z, self.max_pairs + 1) if self.max_pairs is not None else z
+
+    @property
     def n_pairs(self) -> int:
-        n = self.source.shape[0] - 1
-        return min(n, self.max_pairs) if self.max_pairs is not None else n
+        """Pairs that are fitted: consecutive usable slices (a damaged slice is bridged over)."""
+        return max(0, len(self.good) - 1)
+
+    def pair_slices(self, pair: int) -> tuple[int, int]:
+        """``(fixed, moving)`` slice indices of fitted pair ``pair``."""
+        return self.good[pair], self.good[pair + 1]
 
     @property
     def output_path(self) -> str:
         return f"{self.dst_group}/{spacing_name(self.spacing)}"
 
+    @property
+    def journal_path(self) -> Path:
+        group, name = self.output_path.rsplit("/", 1)
+        return Path(self.root) / group / f"tmp-{name}-journal"
+
     def n_blocks(self, world: int) -> int:
         return math.ceil(self.n_pairs / (self.pairs_per_block * world))
 
     def rank_pairs(self, block: int, rank: int, world: int) -> range:
-        """Global indices of the pairs ``rank`` fits in ``block`` (possibly fewer than a full block)."""
+        """Indices of the pairs ``rank`` fits in ``block`` (possibly fewer than a full block)."""
         start = (block * world + rank) * self.pairs_per_block
         return range(min(start, self.n_pairs), min(start + self.pairs_per_block, self.n_pairs))
 
@@ -194,13 +266,57 @@ class ZarrPairDataModule(L.LightningDataModule):
         if len(pairs) == 0:  # uneven split: this rank idles in this block, in step with the others
             h, w = self.slice_shape
             return {"slices": torch.zeros(1, h, w, dtype=torch.uint8), "scale": torch.tensor(1.0)}
-        data, scale = to_tensor(read_block(self.source, pairs.start, pairs.stop + 1))
+        data, scale = to_tensor(read_slices(self.source, self.good[pairs.start: pairs.stop + 1]))
         return {"slices": data, "scale": torch.tensor(scale)}
+
+    def scan(self, rank: int = 0, world: int = 1, reduce: Any = None, progress: bool = False) -> dict[int, str]:
+        """Find damaged slices (see ``check_slices``); each rank reads its share, ``reduce`` sums them."""
+        n = self.n_slices
+        stats = torch.zeros(n, 2, dtype=torch.float64)
+        mine = list(range(rank, n, world))
+        bar = None
+        if progress and rank == 0 and n >= 64:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="checking slices", unit="slice", dynamic_ncols=True, file=sys.stderr)
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="sphero-scan") as pool:
+            for z, st in zip(mine, pool.map(lambda z: slice_stats(np.asarray(self.source[z])), mine)):
+                stats[z] = torch.tensor(st, dtype=torch.float64)
+                if bar is not None:
+                    bar.update(world)
+        if bar is not None:
+            bar.close()
+        if reduce is not None:
+            stats = reduce(stats)
+        return damaged_slices(stats.cpu().numpy(), self.min_contrast)
+
+    def set_damaged(self, damaged: dict[int, str]) -> None:
+        self.damaged = dict(sorted(damaged.items()))
+        self.good = [z for z in range(self.n_slices) if z not in self.damaged]
+        if len(self.good) < 2:
+            raise SpheroError(f"fewer than 2 usable slices: {len(self.damaged)} of {self.n_slices} are damaged "
+                              f"(first: slice {next(iter(self.damaged))}, {next(iter(self.damaged.values()))}); "
+                              "check the data, or --data.check_slices false to fit them anyway")
 
     # ------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if self.check_slices:
+            strategy = trainer.strategy
+
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                if trainer.world_size == 1:
+                    return t
+                return strategy.reduce(t.to(strategy.root_device), reduce_op="sum").double().cpu()
+
+            self.set_damaged(self.scan(trainer.global_rank, trainer.world_size, reduce,
+                                       progress=getattr(trainer, "progress_bar_callback", None) is not None))
+            if self.damaged and trainer.is_global_zero:
+                listing = "; ".join(f"slice {z}: {why}" for z, why in list(self.damaged.items())[:10])
+                more = f" (and {len(self.damaged) - 10} more)" if len(self.damaged) > 10 else ""
+                print(f"sphero: {len(self.damaged)} damaged slice(s) left out and bridged over: {listing}{more}", file=sys.stderr)
         # One epoch per block; the whole fit is exactly that many epochs.
-        self.trainer.fit_loop.max_epochs = self.n_blocks(self.trainer.world_size)
+        trainer.fit_loop.max_epochs = self.n_blocks(trainer.world_size)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(BlockStream(self, self.trainer), batch_size=None, num_workers=0)

@@ -15,6 +15,7 @@ Lightning mapping (see README "Design"):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from .errors import SpheroError
 from .initialization import phase_correlation
 from .interpolation import bspline_prefilter, bspline_sample, downscale, gaussian_blur, inside_weight, sample_positions, upsample2
+from .journal import Journal
 from .losses import get_loss
 from .solvers import make_solver
 from .transforms import FAMILIES, corner_displacement, family_basis, params_to_normalized
@@ -164,9 +166,29 @@ class RegistrationModule(L.LightningModule):
             raise RuntimeError("RegistrationModule needs a datamodule that provides the pairs (ZarrPairDataModule)")
         self.shape = dm.slice_shape
         self.n_pairs = dm.n_pairs
+        self.pair_slices = [dm.pair_slices(p) for p in range(self.n_pairs)]
+        self.journal = Journal(dm.journal_path, self.fingerprint())
+        if dm.resume:
+            self.results.update({p: r for p, r in self.journal.load().items() if p < self.n_pairs})
+        per_block = self.world * self.hparams.pairs_per_block
+        dm.skip_blocks = {blk for blk in range(dm.n_blocks(self.world))
+                          if all(p < 0 or p in self.results for p in self.block_pairs(blk))}
+        if self.results and self.trainer.is_global_zero:
+            print(f"sphero: resuming: {len(self.results)} of {self.n_pairs} pairs finished earlier "
+                  f"(journal {self.journal.path}); {len(dm.skip_blocks)} of {dm.n_blocks(self.world)} blocks "
+                  f"of {per_block} skipped", file=sys.stderr)
         rows = self.world * self.hparams.pairs_per_block
         # float64: the solver works in float64 and the trial point must be evaluated exactly.
         self.delta = torch.nn.Parameter(torch.zeros(rows, self.basis.shape[0], dtype=torch.float64))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that determines the pairs' results; a journal with another fingerprint is not reused."""
+        dm, src = self.trainer.datamodule, self.trainer.datamodule.source
+        hp = {k: v for k, v in self.hparams.items() if k != "pairs_per_block"}
+        extra = {type(cb).__name__: cb.fingerprint() for cb in self.trainer.callbacks if hasattr(cb, "fingerprint")}
+        return {"array": dm.array, "shape": list(src.shape), "dtype": str(src.dtype), "n_slices": dm.n_slices,
+                "damaged": {str(k): v for k, v in dm.damaged.items()}, "model": hp,
+                "pyramid": [[lv.factor, lv.steps, lv.lr] for lv in self.levels], **extra}
 
     def configure_optimizers(self) -> None:
         # Optimisation is per pair and batched (solvers.py), driven from training_step.
@@ -314,7 +336,7 @@ class RegistrationModule(L.LightningModule):
                 continue
             self.results[pair] = {
                 "pair_index": pair,
-                "slice_indices": [pair, pair + 1],
+                "slice_indices": list(self.pair_slices[pair]),
                 "matrix": theta[row].cpu().tolist(),
                 "final_loss": float(self.solver.f[row]),
                 "num_steps_taken": int(blk.steps[row]),
@@ -332,6 +354,9 @@ class RegistrationModule(L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if batch_idx == 0:
+            if batch.get("skip"):  # finished in an earlier run (journal)
+                self.block = None
+                return -1
             self.load_block(batch)
             self.start_level(0)
         if self.block is None or self.block.done:
@@ -379,6 +404,8 @@ class RegistrationModule(L.LightningModule):
             return
         if not blk.done:  # budget of the epoch ended early (e.g. max_steps): keep what we have
             self.finish_block()
+        if self.trainer.is_global_zero:
+            self.journal.save(self.results)
         losses = [self.results[p]["final_loss"] for p in blk.pairs if p >= 0]
         if losses:
             self.log("loss/block_final", float(sum(losses) / len(losses)), on_epoch=True, rank_zero_only=True, batch_size=1)

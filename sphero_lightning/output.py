@@ -23,7 +23,7 @@ from zarr.codecs import ZstdCodec
 from . import __version__
 from .crop import crop_box
 from .interpolation import warp
-from .transforms import compose, normalized_to_pixel
+from .transforms import homogeneous, normalized_to_pixel
 
 if TYPE_CHECKING:
     import lightning as L
@@ -74,13 +74,13 @@ def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
 def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter) -> str:
     """Compose, crop, warp and write the registered stack. Returns the output array's path."""
     dm = trainer.datamodule
-    n, shape = dm.n_pairs, dm.slice_shape
-    missing = [p for p in range(n) if p not in module.results]
+    n, shape = dm.n_slices - 1, dm.slice_shape
+    missing = [p for p in range(dm.n_pairs) if p not in module.results]
     if missing:
         raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
-    results = [module.results[p] for p in range(n)]
-    pairwise = torch.tensor([r["matrix"] for r in results], dtype=torch.float64)
-    composed = compose(pairwise)
+    fitted = [module.results[p] for p in range(dm.n_pairs)]
+    composed, pairwise_m, log = chain_with_gaps(dm.n_slices, fitted, dm.damaged)
+    composed = composed[1:]
     if writer.crop_borders:
         box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, writer.crop_safety_margin)
     else:
@@ -139,22 +139,88 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
                            "parameters": {"crop_box": box, "crop_borders": writer.crop_borders,
                                           "crop_safety_margin": writer.crop_safety_margin, "method": "exact"}})
-        log = [{k: r[k] for k in r if k != "matrix"} for r in results]
         out.attrs.update({
             "spacing": dm.spacing,
             "inputs": [dm.array],
             "processing": processing,
-            "pairwise_transforms": [r["matrix"] for r in results],
+            "pairwise_transforms": pairwise_m.tolist(),
             "composed_transforms": composed.tolist(),
             "registration_log": log,
             "crop_box": box,
         })
         _move_into_place(dm.root, group_path, tmp_name, name)
+        journal = getattr(module, "journal", None)
+        if journal is not None:
+            journal.remove()  # the result is in place: nothing to resume any more
         group = zarr.open_group(dm.root, mode="a")[group_path]
         group.attrs["ome"] = ome_multiscales(group, group_path)
         print(f"sphero: wrote {dm.root}/{final} shape {out_shape} crop_box {box}", file=sys.stderr)
     _barrier()
     return final
+
+
+def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str]
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """Transforms to slice 0 of every slice, pairwise transforms of consecutive slices, the log.
+
+    ``fitted`` are the registered pairs in order, consecutive slices except across damaged ones; each
+    ``matrix`` maps slice ``slice_indices[0]``'s frame to positions in slice ``slice_indices[1]``
+    (the convention of :func:`~sphero_lightning.transforms.compose`). A damaged slice gets the
+    transform interpolated (per matrix entry, by slice position) between its nearest registered
+    neighbours, or the nearest one's at either end of the stack. The pairwise transform of a pair
+    next to a damaged slice follows from the composed ones, so the chain stays consistent.
+
+    Returns
+    -------
+    composed : ``(n_slices, 2, 3)`` float64, entry 0 the identity (or what slice 0 inherits).
+    pairwise : ``(n_slices - 1, 2, 3)``; entry ``i`` is the transform of pair ``(i, i + 1)``.
+    log : one entry per consecutive pair ``(i, i + 1)``, with ``status``.
+    """
+    eye = torch.eye(3, dtype=torch.float64)[:2]
+    known: dict[int, torch.Tensor] = {}
+    good = [r["slice_indices"][0] for r in fitted] + ([fitted[-1]["slice_indices"][1]] if fitted else [])
+    if not good:
+        good = [min(set(range(n_slices)) - set(damaged))]
+    known[good[0]] = eye
+    acc = torch.eye(3, dtype=torch.float64)
+    for r in fitted:
+        a = homogeneous(torch.tensor(r["matrix"], dtype=torch.float64)[None])[0]
+        acc = a @ acc
+        known[r["slice_indices"][1]] = acc[:2].clone()
+    composed = torch.zeros(n_slices, 2, 3, dtype=torch.float64)
+    for z in range(n_slices):
+        if z in known:
+            composed[z] = known[z]
+            continue
+        before = [g for g in good if g < z]
+        after = [g for g in good if g > z]
+        if before and after:
+            lo, hi = before[-1], after[0]
+            t = (z - lo) / (hi - lo)
+            composed[z] = (1 - t) * known[lo] + t * known[hi]
+        else:
+            composed[z] = known[before[-1] if before else after[0]]
+    by_pair = {tuple(r["slice_indices"]): r for r in fitted}
+    hom = homogeneous(composed)
+    pairwise = torch.zeros(max(0, n_slices - 1), 2, 3, dtype=torch.float64)
+    log: list[dict[str, Any]] = []
+    for i in range(n_slices - 1):
+        r = by_pair.get((i, i + 1))
+        if r is not None:
+            pairwise[i] = torch.tensor(r["matrix"], dtype=torch.float64)
+            log.append({k: v for k, v in r.items() if k != "matrix"} | {"pair_index": i})
+            continue
+        # C_(i+1) = A_i @ C_i  ->  A_i = C_(i+1) @ C_i^-1
+        pairwise[i] = (hom[i + 1] @ torch.linalg.inv(hom[i]))[:2]
+        bad = [z for z in (i, i + 1) if z in damaged]
+        bridge = next((r for r in fitted if r["slice_indices"][0] <= i and r["slice_indices"][1] >= i + 1), None)
+        entry: dict[str, Any] = {"pair_index": i, "slice_indices": [i, i + 1], "status": "damaged_slice",
+                                 "damaged_slices": {str(z): damaged[z] for z in bad}, "final_loss": None,
+                                 "num_steps_taken": 0, "steps_per_level": []}
+        if bridge is not None:
+            entry["bridged_by"] = {k: v for k, v in bridge.items() if k not in ("matrix", "pair_index")}
+        log.append(entry)
+    return composed, pairwise, log
 
 
 def _move_into_place(root: str, group_path: str, tmp_name: str, name: str) -> None:
