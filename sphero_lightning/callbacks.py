@@ -76,7 +76,7 @@ class PyramidSchedule(L.Callback):
         dm = trainer.datamodule
         smallest = min(dm.slice_shape)
         if max(self.factors) * 8 > smallest:
-            raise SpheroError(f"pyramid factor {max(self.factors):g} leaves fewer than 8 pixels of a {smallest} px slice; "
+            raise SpheroError(f"the coarsest pyramid level (downscale factor {max(self.factors):g}) leaves fewer than 8 pixels of a {smallest} px slice; "
                              f"use fewer levels (--pyramid.levels) or smaller factors (--pyramid.factors)")
         pl_module.configure_pyramid(self.levels_for(pl_module.hparams.optimizer))
 

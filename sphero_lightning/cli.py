@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
@@ -50,7 +52,7 @@ class SpheroCLI(LightningCLI):
             trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("PairProgressBar")]
 
 
-def _run_cli(argv: list[str]) -> SpheroCLI:
+def _run_cli(argv: list[str] | None) -> SpheroCLI:
     return SpheroCLI(
         RegistrationModule,
         ZarrPairDataModule,
@@ -58,8 +60,26 @@ def _run_cli(argv: list[str]) -> SpheroCLI:
         trainer_defaults=_PLAIN_DEFAULTS,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"fit": {"default_env": False}},
+        # Parse errors raise (one line from main) instead of printing the whole usage.
+        parser_kwargs={"exit_on_error": False, "fit": {"default_env": False, "exit_on_error": False}},
     )
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's multi-line validation report as one line: key, given value, expected types."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return "invalid arguments"
+    first = lines[0]
+    if first.startswith("Parser key") and first.endswith(":"):
+        key = first[len("Parser key"):].strip(' :"')
+        clean = [re.sub(r"<class '([\w.]+)'>", r"\1", ln) for ln in lines[1:]]
+        given = next((ln.split(":", 1)[1].strip() for ln in clean if ln.startswith("Given value:")), None)
+        if given is None:
+            return f"invalid value for {key}: {clean[0] if clean else 'not accepted'}"
+        expected = [ln[len("- Expected a"):].strip() for ln in clean if ln.startswith("- Expected a")]
+        return f"invalid value {given!r} for {key}" + (f" (expected {' or '.join(expected)})" if expected else "")
+    return first
 
 
 def main(argv: list[str] | None = None) -> SpheroCLI | None:
@@ -67,6 +87,7 @@ def main(argv: list[str] | None = None) -> SpheroCLI | None:
 
     User errors print one line to stderr and exit with status 2; nothing is written.
     """
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
@@ -74,9 +95,14 @@ def main(argv: list[str] | None = None) -> SpheroCLI | None:
         demo_main(argv[1:])
         return None
     try:
-        return _run_cli(argv)
-    except SpheroError as exc:
-        print(f"sphero: error: {exc}", file=sys.stderr)
+        # From the command line LightningCLI reads sys.argv itself (passing it again only earns a warning).
+        return _run_cli(None if from_command_line else argv)
+    except (SpheroError, ArgumentError) as exc:
+        msg = str(exc).strip()
+        if isinstance(exc, ArgumentError):
+            msg = _one_line(msg) + (f" (see: sphero {argv[0]} --help)" if argv and not argv[0].startswith("-") else
+                                    " (commands: sphero fit, sphero demo; see: sphero fit --help)")
+        print(f"sphero: error: {msg}", file=sys.stderr)
         if os.environ.get("SPHERO_DEBUG"):
             raise
         raise SystemExit(2) from None

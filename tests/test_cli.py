@@ -41,12 +41,15 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
     (["--model.loss", "l7"], "unknown loss"),
     (["--pyramid.levels", "0"], "levels must be >= 1"),
     (["--pyramid.factors", "64"], "fewer than 8 pixels"),
+    (["--model.nonsense", "1"], "unrecognized arguments: --model.nonsense"),
+    (["--data.max_pairs", "abc"], "invalid value 'abc' for data.max_pairs"),
+    (["--data.min_contrast", "2"], "min_contrast must be in [0, 1)"),
 ])
 def test_user_errors_are_one_line_without_traceback(small_store, tmp_path, extra, message):
     root, s = small_store
     r = _sphero(*_fit_args(root, *extra), cwd=tmp_path)
     assert r.returncode != 0
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "usage:" not in r.stderr
     err_lines = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
     assert any(message in ln for ln in err_lines), r.stderr[-2000:]
     assert np.array_equal(zarr.open_array(str(root), path="images/50-4-4", mode="r")[:], s.stack)
