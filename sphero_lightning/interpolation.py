@@ -202,6 +202,32 @@ def downscale(images: torch.Tensor, factor: float) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
+def _window_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None,
+                      offset: tuple[int, int], full_shape: tuple[int, int] | None) -> torch.Tensor:
+    """Normalized source positions ``(B, h, w, 2)`` sampled by each pixel of an output window."""
+    full = full_shape or src_shape
+    oh, ow = out_shape or full
+    # Pixel centres of the window in the full frame's normalized coordinates.
+    ys = (2 * (torch.arange(oh, dtype=theta.dtype, device=theta.device) + offset[0]) + 1) / full[0] - 1
+    xs = (2 * (torch.arange(ow, dtype=theta.dtype, device=theta.device) + offset[1]) + 1) / full[1] - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    pts = torch.stack([gx, gy, torch.ones_like(gx)], -1)  # (h, w, 3)
+    return torch.einsum("bij,hwj->bhwi", theta, pts)
+
+
+def nearest_index(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None = None,
+                  offset: tuple[int, int] = (0, 0), full_shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column ``(B, h, w)`` of the source pixel nearest to each output pixel (clamped to the slice).
+
+    Nearest-neighbour resampling as an index lookup keeps any value exactly (label ids of any integer type).
+    """
+    hh, ww = src_shape
+    src = _window_positions(theta.double(), src_shape, out_shape, offset, full_shape)
+    ix = torch.round(((src[..., 0] + 1) * ww - 1) / 2).long().clamp(0, ww - 1)
+    iy = torch.round(((src[..., 1] + 1) * hh - 1) / 2).long().clamp(0, hh - 1)
+    return iy, ix
+
+
 def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | None = None, mode: str = "bspline",
          offset: tuple[int, int] = (0, 0), full_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Warp images with normalized affine matrices.
@@ -209,7 +235,7 @@ def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | 
     Parameters
     ----------
     image : torch.Tensor
-        ``(B, C, H, W)`` floating point.
+        ``(B, C, H, W)`` floating point (any dtype for ``nearest``).
     theta : torch.Tensor
         ``(B, 2, 3)`` normalized matrices (output position -> source position).
     out_shape : (h, w), optional
@@ -227,17 +253,14 @@ def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | 
         ``(B, C, h, w)``; positions outside the source take the nearest border value.
     """
     hh, ww = image.shape[-2:]
-    full = full_shape or (hh, ww)
-    oh, ow = out_shape or full
-    theta.shape[0]
-    # Pixel centres of the window in the full frame's normalized coordinates.
-    ys = (2 * (torch.arange(oh, dtype=theta.dtype, device=theta.device) + offset[0]) + 1) / full[0] - 1
-    xs = (2 * (torch.arange(ow, dtype=theta.dtype, device=theta.device) + offset[1]) + 1) / full[1] - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    pts = torch.stack([gx, gy, torch.ones_like(gx)], -1)  # (h, w, 3)
-    src = torch.einsum("bij,hwj->bhwi", theta, pts)
-    if mode == "bspline":
+    src = _window_positions(theta, (hh, ww), out_shape, offset, full_shape)
+    if mode in ("bspline", "nearest"):
         px = ((src[..., 0] + 1) * ww - 1) / 2
         py = ((src[..., 1] + 1) * hh - 1) / 2
+        if mode == "nearest":
+            iy, ix = nearest_index(theta, (hh, ww), out_shape, offset, full_shape)
+            flat = image.reshape(*image.shape[:2], hh * ww)
+            idx = (iy * ww + ix).reshape(image.shape[0], 1, -1).expand(-1, image.shape[1], -1)
+            return flat.gather(2, idx).reshape(*image.shape[:2], *iy.shape[-2:])
         return bspline_sample(bspline_prefilter(image), px, py)
     return F.grid_sample(image, src.to(image.dtype), mode=mode, padding_mode="border", align_corners=False)

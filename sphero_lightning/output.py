@@ -22,7 +22,7 @@ from zarr.codecs import ZstdCodec
 
 from . import __version__
 from .crop import crop_box
-from .interpolation import warp
+from .interpolation import nearest_index, warp
 from .transforms import homogeneous, normalized_to_pixel
 
 if TYPE_CHECKING:
@@ -102,28 +102,8 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     _barrier()
     out = zarr.open_array(zarr.open_group(dm.root, mode="a").store, path=f"{group_path}/{tmp_name}", mode="r+")
 
-    device = module.device
-    theta = composed.to(device=device, dtype=torch.float32)
-    mine = list(range(rank, n + 1, world))
     show = rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n + 1, desc="writing", unit="slice", dynamic_ncols=True, file=sys.stderr)
-    for z in mine:
-        img = np.asarray(src[z])
-        if z == 0:
-            res = img[up:down, left:right]
-        else:
-            t = torch.from_numpy(img.astype(np.float32)).to(device)[None, None]
-            res = warp(t, theta[z - 1:z], out_shape=out_shape[1:], mode=writer.interpolation,
-                       offset=(up, left), full_shape=shape)[0, 0].cpu().numpy()
-        out[z] = to_dtype(res, src.dtype)
-        if bar is not None:
-            bar.update(world)
-    if bar is not None:
-        bar.close()
+    warp_slices(src, out, composed, box, writer.interpolation, module.device, rank, world, progress=show, n_slices=n + 1)
     _barrier()
 
     final = f"{group_path}/{name}"
@@ -157,6 +137,42 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         print(f"sphero: wrote {dm.root}/{final} shape {out_shape} crop_box {box}", file=sys.stderr)
     _barrier()
     return final
+
+
+def warp_slices(src: zarr.Array, out: zarr.Array, composed: torch.Tensor, box: list[int], mode: str,
+                device: torch.device | str = "cpu", rank: int = 0, world: int = 1, progress: bool = False,
+                n_slices: int | None = None) -> None:
+    """Warp every slice of ``src`` once into the cropped ``out`` (this rank's share: ``z = rank, rank + world, ...``).
+
+    ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped).
+    ``mode`` is a :func:`~sphero_lightning.interpolation.warp` mode; ``nearest`` keeps integer values exact
+    (labels), the others round and clip to ``src``'s dtype.
+    """
+    up, down, left, right = box
+    shape = tuple(src.shape[1:])
+    n = src.shape[0] if n_slices is None else n_slices
+    theta = composed.to(device=device, dtype=torch.float32)
+    window = {"out_shape": (down - up, right - left), "offset": (up, left), "full_shape": shape}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="writing", unit="slice", dynamic_ncols=True, file=sys.stderr)
+    for z in range(rank, n, world):
+        img = np.asarray(src[z])
+        if z == 0:
+            res = img[up:down, left:right]
+        elif mode == "nearest":
+            iy, ix = nearest_index(composed[z - 1:z], shape, **window)
+            res = img[iy[0].numpy(), ix[0].numpy()]
+        else:
+            t = torch.from_numpy(img.astype(np.float32)).to(device)[None, None]
+            res = warp(t, theta[z - 1:z], mode=mode, **window)[0, 0].cpu().numpy()
+        out[z] = res if mode == "nearest" else to_dtype(res, src.dtype)
+        if bar is not None:
+            bar.update(world)
+    if bar is not None:
+        bar.close()
 
 
 def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str]
