@@ -1,4 +1,8 @@
-"""``sphero``: the command line. ``sphero fit`` is a LightningCLI; ``sphero demo`` runs a self-check."""
+"""``sphero``: the command line.
+
+``sphero fit`` is a LightningCLI; ``sphero ingest`` (TIFF to Zarr), ``sphero apply`` (a registration onto
+another array) and ``sphero demo`` (a self-check) are plain commands.
+"""
 
 from __future__ import annotations
 
@@ -82,6 +86,19 @@ def _one_line(message: str) -> str:
     return first
 
 
+def _run_tool(name: str, argv: list[str]) -> None:
+    """The commands that are not LightningCLI subcommands, with the same one-line user errors."""
+    from importlib import import_module
+
+    try:
+        import_module(f"sphero_lightning.{name}").main(argv)
+    except SpheroError as exc:
+        print(f"sphero {name}: error: {exc}", file=sys.stderr)
+        if os.environ.get("SPHERO_DEBUG"):
+            raise
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> SpheroCLI | None:
     """Run ``sphero`` with ``argv`` (default ``sys.argv[1:]``); usable in-process.
 
@@ -89,10 +106,8 @@ def main(argv: list[str] | None = None) -> SpheroCLI | None:
     """
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        from .demo import main as demo_main
-
-        demo_main(argv[1:])
+    if argv and argv[0] in ("demo", "ingest", "apply"):
+        _run_tool(argv[0], argv[1:])
         return None
     try:
         # From the command line LightningCLI reads sys.argv itself (passing it again only earns a warning).
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> SpheroCLI | None:
         msg = str(exc).strip()
         if isinstance(exc, ArgumentError):
             msg = _one_line(msg) + (f" (see: sphero {argv[0]} --help)" if argv and not argv[0].startswith("-") else
-                                    " (commands: sphero fit, sphero demo; see: sphero fit --help)")
+                                    " (commands: sphero fit, ingest, apply, demo; see: sphero fit --help)")
         print(f"sphero: error: {msg}", file=sys.stderr)
         if os.environ.get("SPHERO_DEBUG"):
             raise

@@ -1,0 +1,107 @@
+"""``sphero apply``: put another array of the same stack (labels, another channel) through a finished registration.
+
+    sphero apply --root stack.zarr --array labels/50-4-4 --transforms images/registered/50-4-4
+
+Uses the registration's ``composed_transforms`` and ``crop_box``, so the result overlays the registered
+image pixel for pixel. Integer label arrays (a ``labels`` group in the path, or an ``image-label``
+attribute) are resampled by nearest neighbour, which keeps every label value and invents none; other
+arrays with the registration's own interpolation, so applying it to the registration's source
+reproduces the registered image. Default output: ``<parent of array>/registered/<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from . import __version__
+from .data import open_source
+from .errors import SpheroError
+from .output import _move_into_place, ome_multiscales, warp_slices
+
+MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
+
+
+def _is_labels(path: str, arr: zarr.Array) -> bool:
+    return np.issubdtype(np.dtype(arr.dtype), np.integer) and ("labels" in path.split("/") or "image-label" in arr.attrs)
+
+
+def apply_registration(root: str, array: str, transforms: str, dst: str | None = None, interpolation: str = "auto",
+                       overwrite: bool = False, progress: bool = True) -> str:
+    """Warp and crop ``array`` with the registration at ``transforms``; returns the output path."""
+    if interpolation not in MODES:
+        raise SpheroError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(MODES)}")
+    reg = open_source(root, transforms)
+    missing = [k for k in ("composed_transforms", "crop_box", "inputs") if k not in reg.attrs]
+    if missing:
+        raise SpheroError(f"{transforms!r} is not a sphero registration output (no {', '.join(missing)}); "
+                          "point --transforms at e.g. images/registered/50-4-4")
+    src = open_source(root, array)
+    composed = torch.tensor(reg.attrs["composed_transforms"], dtype=torch.float64)
+    box = [int(v) for v in reg.attrs["crop_box"]]
+    n = len(composed) + 1
+    ref_path = reg.attrs["inputs"][0]
+    ref_shape = tuple(zarr.open_array(zarr.open_group(root, mode="r").store, path=ref_path, mode="r").shape)
+    if src.ndim != 3 or tuple(src.shape) != ref_shape:
+        raise SpheroError(f"{array!r} has shape {tuple(src.shape)} but the registration was made on {ref_path!r} of shape "
+                          f"{ref_shape}; apply it only to arrays of the same stack and size")
+    mode = interpolation
+    if mode == "auto":
+        params = next((p.get("parameters", {}) for p in reg.attrs.get("processing", []) if p.get("step_name") == "registration"), {})
+        mode = "nearest" if _is_labels(array, src) else params.get("interpolation", "bspline")
+    parent, name = array.rsplit("/", 1) if "/" in array else ("", array)
+    dst = (dst or (f"{parent}/registered/{name}" if parent else f"registered/{name}")).strip("/")
+    if dst == array.strip("/") or dst == transforms.strip("/"):
+        raise SpheroError(f"--dst {dst!r} would replace an input; choose another path")
+    if (Path(root) / dst / "zarr.json").exists() and not overwrite:
+        raise SpheroError(f"{dst!r} already exists in {root!r}; pass --overwrite to replace it, or choose --dst")
+
+    group_path, out_name = dst.rsplit("/", 1) if "/" in dst else ("", dst)
+    top = zarr.open_group(root, mode="a")
+    group = top.require_group(group_path) if group_path else top
+    up, down, left, right = box
+    out_shape = (n, down - up, right - left)
+    tmp = f"tmp-{out_name}-partial"
+    chunks = (1, *(min(c, s) for c, s in zip(src.chunks[1:], out_shape[1:])))
+    out = group.create_array(tmp, shape=out_shape, chunks=chunks, dtype=src.dtype, compressors=ZstdCodec(level=3),
+                             overwrite=True, fill_value=0)
+    warp_slices(src, out, composed, box, mode, "cuda" if torch.cuda.is_available() else "cpu", progress=progress, n_slices=n)
+    spacing = list(src.attrs.get("spacing", reg.attrs.get("spacing", [])))
+    processing = list(src.attrs.get("processing", []))
+    processing.append({"step_name": "apply_registration", "version": __version__,
+                       "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "parameters": {"transforms": transforms, "interpolation": mode, "crop_box": box}})
+    out.attrs.update({"spacing": spacing, "inputs": [array, transforms], "processing": processing,
+                      "composed_transforms": reg.attrs["composed_transforms"], "crop_box": box})
+    for key in ("image-label",):
+        if key in src.attrs:
+            out.attrs[key] = src.attrs[key]
+    _move_into_place(root, group_path, tmp, out_name)
+    if group_path:
+        g = zarr.open_group(root, mode="a")[group_path]
+        g.attrs["ome"] = ome_multiscales(g, group_path)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="sphero apply", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", required=True, help="the Zarr store")
+    ap.add_argument("--array", required=True, help="the array to transform, e.g. labels/50-4-4")
+    ap.add_argument("--transforms", required=True, help="a finished registration, e.g. images/registered/50-4-4")
+    ap.add_argument("--dst", default=None, help="output path (default <parent of array>/registered/<name>)")
+    ap.add_argument("--interpolation", default="auto", choices=MODES,
+                    help="auto: nearest for integer labels, else the registration's own (default)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    dst = apply_registration(a.root, a.array, a.transforms, a.dst, a.interpolation, a.overwrite, not a.no_progress)
+    arr = zarr.open_array(a.root, path=dst, mode="r")
+    print(f"sphero: wrote {a.root}/{dst} shape {arr.shape} {arr.dtype}", file=sys.stderr)
+    return dst

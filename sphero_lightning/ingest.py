@@ -1,0 +1,161 @@
+"""``sphero ingest``: TIFF slices into the Zarr array ``sphero fit`` reads, one slice at a time.
+
+    sphero ingest stack.tif --root stack.zarr --spacing 50 4 4
+    sphero ingest slices/ --root stack.zarr --spacing 50 4 4 --array images/50-4-4
+
+``SRC`` is a multi-page TIFF or a folder of single-page TIFFs (``.tif``/``.tiff``), taken in natural
+name order (``s2.tif`` before ``s10.tif``). Slices are read and written one by one (memory: a few
+slices), into a temporary array renamed into place when complete. The array gets ``spacing`` and a
+``processing`` entry naming the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from . import __version__
+from .data import spacing_name
+from .errors import SpheroError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def tiff_slices(src: str | Path) -> tuple[int, tuple[int, int], np.dtype, Callable[[int], np.ndarray], list[str]]:
+    """Describe a TIFF stack without reading its pixels: ``(n, (Y, X), dtype, read(i), names)``."""
+    import tifffile
+
+    path = Path(src)
+    if not path.exists():
+        raise SpheroError(f"{str(src)!r} does not exist; give a multi-page TIFF or a folder of TIFF slices")
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()),
+                       key=lambda p: _natural_key(p.name))
+        if not files:
+            raise SpheroError(f"folder {str(src)!r} holds no .tif/.tiff files")
+        shapes = {}
+        for f in files:
+            try:
+                with tifffile.TiffFile(f) as tif:
+                    page = tif.pages[0]
+                    shapes[f.name] = (tuple(page.shape), np.dtype(page.dtype), len(tif.pages))
+            except Exception as exc:  # noqa: BLE001 - reported with the file's name
+                raise SpheroError(f"cannot read {f.name!r} in {str(src)!r} as TIFF ({type(exc).__name__}: {exc})") from None
+        first_shape, first_dtype, _ = shapes[files[0].name]
+        for name, (shape, dtype, pages) in shapes.items():
+            if len(shape) != 2:
+                raise SpheroError(f"{name!r} is not a single 2D slice (shape {shape}); use single-channel slices")
+            if (shape, dtype) != (first_shape, first_dtype):
+                raise SpheroError(f"{name!r} is {shape} {dtype}, but {files[0].name!r} is {first_shape} {first_dtype}; "
+                                  "every slice must have the same size and type")
+            if pages > 1:
+                raise SpheroError(f"{name!r} has {pages} pages; a folder must hold single-page TIFFs (or give the file itself)")
+        return len(files), first_shape, first_dtype, lambda i: tifffile.imread(files[i]), [f.name for f in files]
+    try:
+        tif = tifffile.TiffFile(path)  # kept open for the pages' reads; closed with the reader
+        pages = list(tif.pages)
+        shape, dtype = tuple(pages[0].shape), np.dtype(pages[0].dtype)
+        n = len(pages)
+        odd = next((i for i, p in enumerate(pages) if tuple(p.shape) != shape or np.dtype(p.dtype) != dtype), None)
+    except Exception as exc:  # noqa: BLE001
+        raise SpheroError(f"cannot read {str(src)!r} as TIFF ({type(exc).__name__}: {exc})") from None
+    if len(shape) != 2:
+        raise SpheroError(f"pages of {str(src)!r} have shape {shape}; expected single-channel 2D slices")
+    if odd is not None:
+        raise SpheroError(f"page {odd} of {str(src)!r} differs in size or type from page 0; every slice must match")
+
+    def read(i: int) -> np.ndarray:
+        return pages[i].asarray()  # tifffile serialises reads of one file handle
+
+    return n, shape, dtype, read, [f"{path.name}[{i}]" for i in range(n)]
+
+
+def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str | None = None,
+           chunks: tuple[int, int] | None = None, overwrite: bool = False, progress: bool = True,
+           workers: int = 4) -> str:
+    """Write TIFF slices to ``<root>/<array>``; returns the array path. See the module docstring."""
+    if len(spacing) != 3 or any(not (s > 0) for s in spacing):
+        raise SpheroError(f"--spacing needs three positive numbers Z Y X (nm), got {spacing}")
+    array = (array or f"images/{spacing_name(spacing)}").strip("/")
+    n, shape, dtype, read, names = tiff_slices(src)
+    if n < 2:
+        raise SpheroError(f"{str(src)!r} holds {n} slice; a stack to register needs at least 2")
+    root = Path(root)
+    final_dir = root / array
+    if (final_dir / "zarr.json").exists() and not overwrite:
+        raise SpheroError(f"array {array!r} already exists in {str(root)!r}; pass --overwrite to replace it, or choose --array")
+    group_path, name = array.rsplit("/", 1) if "/" in array else ("", array)
+    group = zarr.open_group(str(root), mode="a")
+    parent = group.require_group(group_path) if group_path else group
+    tmp = f"tmp-{name}-partial"
+    cy, cx = chunks or (min(shape[0], 4096), min(shape[1], 4096))
+    arr = parent.create_array(tmp, shape=(n, *shape), dtype=dtype, chunks=(1, cy, cx),
+                              compressors=ZstdCodec(level=3), overwrite=True, fill_value=0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="ingesting", unit="slice", dynamic_ncols=True, file=sys.stderr)
+
+    def copy(i: int) -> None:
+        arr[i] = read(i)
+
+    # A few slices in flight: reading (decode) and writing (compress) overlap; memory stays a few slices.
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sphero-ingest") as pool:
+        for _ in _bounded_map(pool, copy, range(n), 2 * max(1, workers)):
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    arr.attrs.update({"spacing": [float(s) for s in spacing], "processing": [{
+        "step_name": "ingest", "version": __version__,
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "parameters": {"source": str(Path(src).resolve()), "first": names[0], "last": names[-1], "slices": n}}]})
+    base = root / group_path if group_path else root
+    if (base / name).exists():
+        shutil.rmtree(base / name)
+    os.replace(base / tmp, base / name)
+    return array
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[int], None], items: range, depth: int) -> Iterator[None]:
+    """``pool.map`` with at most ``depth`` tasks in flight (so memory does not grow with the stack)."""
+    pending = []
+    for i in items:
+        pending.append(pool.submit(fn, i))
+        if len(pending) >= depth:
+            yield pending.pop(0).result()
+    for f in pending:
+        yield f.result()
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="sphero ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="a multi-page TIFF, or a folder of single-page TIFFs")
+    ap.add_argument("--root", required=True, help="the Zarr store to write into (created if absent)")
+    ap.add_argument("--spacing", required=True, type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size in nm")
+    ap.add_argument("--array", default=None, help="array path in the store (default images/<z>-<y>-<x>)")
+    ap.add_argument("--chunks", type=int, nargs=2, default=None, metavar=("Y", "X"), help="chunk size per slice (default up to 4096 x 4096)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing array")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    path = ingest(a.src, a.root, a.spacing, a.array, tuple(a.chunks) if a.chunks else None, a.overwrite, not a.no_progress)
+    arr = zarr.open_array(a.root, path=path, mode="r")
+    print(f"sphero: wrote {a.root}/{path} shape {arr.shape} {arr.dtype}; next: sphero fit --config configs/reg.yaml "
+          f"--data.root {a.root} --data.array {path}", file=sys.stderr)
+    return path
