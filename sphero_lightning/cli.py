@@ -1,7 +1,8 @@
 """``sphero``: the command line.
 
 ``sphero fit`` is a LightningCLI; ``sphero ingest`` (TIFF to Zarr), ``sphero apply`` (a registration onto
-another array) and ``sphero demo`` (a self-check) are plain commands.
+another array), ``sphero export`` (pixel-unit matrices and CSV) and ``sphero demo`` (a self-check) are plain
+commands.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> SpheroCLI | None:
     """
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("demo", "ingest", "apply"):
+    if argv and argv[0] in ("demo", "ingest", "apply", "export"):
         _run_tool(argv[0], argv[1:])
         return None
     try:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> SpheroCLI | None:
         msg = str(exc).strip()
         if isinstance(exc, ArgumentError):
             msg = _one_line(msg) + (f" (see: sphero {argv[0]} --help)" if argv and not argv[0].startswith("-") else
-                                    " (commands: sphero fit, ingest, apply, demo; see: sphero fit --help)")
+                                    " (commands: sphero fit, ingest, apply, export, demo; see: sphero fit --help)")
         print(f"sphero: error: {msg}", file=sys.stderr)
         if os.environ.get("SPHERO_DEBUG"):
             raise

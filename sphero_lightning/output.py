@@ -22,6 +22,7 @@ from zarr.codecs import ZstdCodec
 
 from . import __version__
 from .crop import crop_box
+from .export import pixel_matrices
 from .interpolation import nearest_index, warp
 from .transforms import homogeneous, normalized_to_pixel
 
@@ -125,6 +126,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "processing": processing,
             "pairwise_transforms": pairwise_m.tolist(),
             "composed_transforms": composed.tolist(),
+            "composed_transforms_pixel": pixel_matrices(composed.numpy(), shape).tolist(),
             "registration_log": log,
             "crop_box": box,
         })

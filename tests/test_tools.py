@@ -119,3 +119,34 @@ def test_apply_refuses_an_array_of_another_shape(tmp_path, stack, capsys):
     code, err = _run(capsys, "apply", "--root", str(root), "--array", "labels/other", "--transforms", "images/registered/50-4-4")
     assert code == 2 and "same stack and size" in err
     assert "registered" not in zarr.open_group(str(root), mode="r")["labels"]
+
+
+def test_exported_tmats_reproduce_the_output_with_pystackreg(tmp_path, isbi_base, capsys):
+    """pystackreg's transform_stack with our pixel matrices gives our registered output (inside the crop)."""
+    from pystackreg import StackReg
+
+    from sphero_lightning.synthetic import write_zarr
+
+    s = make_stack(isbi_base, 8, (192, 192), seed=3)
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root)
+    fit(root)
+    code, err = _run(capsys, "export", "--root", str(root), "--transforms", "images/registered/50-4-4",
+                     "--tmats", str(tmp_path / "t.npy"), "--csv", str(tmp_path / "t.csv"))
+    assert code == 0, err
+    tmats = np.load(tmp_path / "t.npy")
+    reg = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
+    assert np.allclose(tmats, np.asarray(reg.attrs["composed_transforms_pixel"]))
+    theirs = StackReg(StackReg.RIGID_BODY).transform_stack(s.stack.astype(np.float64), tmats=tmats)
+    up, down, left, right = reg.attrs["crop_box"]
+    diff = np.abs(theirs[:, up:down, left:right] - reg[:].astype(np.float64))
+    assert diff.mean() < 1.0, diff.mean()
+    rows = (tmp_path / "t.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "shear", "status"]
+    assert len(rows) == 9 and rows[1].endswith("reference")
+    # the CSV's rotation is the truth's within a hundredth of a degree
+    from sphero_lightning.export import decompose, pixel_matrices
+
+    truth = pixel_matrices(s.composed, (192, 192))
+    rot = [float(r.split(",")[3]) for r in rows[1:]]
+    assert np.allclose(rot, [decompose(m, (192, 192))["rotation_deg"] for m in truth], atol=0.01)

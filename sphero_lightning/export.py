@@ -1,0 +1,85 @@
+"""``sphero export``: a registration's transforms in pixel units, for Fiji/pystackreg and spreadsheets.
+
+    sphero export --root stack.zarr --transforms images/registered/50-4-4 --tmats tmats.npy --csv transforms.csv
+
+* ``tmats.npy``: ``(Z, 3, 3)`` matrices in the convention of TurboReg/pystackreg (``register_stack`` output,
+  input of ``StackReg.transform_stack(stack, tmats=...)``): pixel-index coordinates ``(x, y, 1)``, mapping a
+  position of the aligned (slice 0) frame to the position sampled in slice ``z``; slice 0 is the identity.
+  The same matrices are stored on the output array as ``composed_transforms_pixel``.
+* ``transforms.csv``: per slice, the displacement of the slice centre (px), rotation (degrees), scale and
+  shear of that mapping, and the registration status of the pair that ends at the slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import open_source
+from .errors import SpheroError
+from .transforms import normalized_to_pixel
+
+CSV_FIELDS = ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "shear", "status"]
+
+
+def pixel_matrices(composed: np.ndarray | list, shape: tuple[int, int]) -> np.ndarray:
+    """``(Z - 1, 2, 3)`` normalized composed transforms (slices 1..) to ``(Z, 3, 3)`` pixel tmats (slice 0 = I)."""
+    comp = torch.as_tensor(np.asarray(composed, dtype=np.float64)).reshape(-1, 2, 3)
+    px = normalized_to_pixel(comp, shape).numpy() if len(comp) else np.zeros((0, 3, 3))
+    return np.concatenate([np.eye(3)[None], px])
+
+
+def decompose(m: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
+    """Centre displacement, rotation, scale and shear of one ``(3, 3)`` pixel matrix.
+
+    ``A = R(rotation) @ [[scale_x, shear * scale_y], [0, scale_y]]``; the displacement is where the slice
+    centre is sampled minus the centre.
+    """
+    c = np.array([(shape[1] - 1) / 2, (shape[0] - 1) / 2, 1.0])
+    d = m @ c - c
+    a = m[:2, :2]
+    rot = math.atan2(a[1, 0], a[0, 0])
+    r = np.array([[math.cos(rot), math.sin(rot)], [-math.sin(rot), math.cos(rot)]])  # R^T
+    u = r @ a
+    return {"dx_px": float(d[0]), "dy_px": float(d[1]), "rotation_deg": math.degrees(rot),
+            "scale_x": float(u[0, 0]), "scale_y": float(u[1, 1]), "shear": float(u[0, 1] / u[1, 1])}
+
+
+def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: list[dict]) -> None:
+    status = {int(e["slice_indices"][1]): e.get("status", "") for e in log}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for z, m in enumerate(tmats):
+            row = {"slice": z, **{k: f"{v:.6f}" for k, v in decompose(m, shape).items()},
+                   "status": status.get(z, "reference" if z == 0 else "")}
+            w.writerow(row)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="sphero export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", required=True, help="the Zarr store")
+    ap.add_argument("--transforms", required=True, help="a finished registration, e.g. images/registered/50-4-4")
+    ap.add_argument("--tmats", default=None, help="write the (Z, 3, 3) pystackreg/TurboReg matrices here (.npy)")
+    ap.add_argument("--csv", default=None, help="write per-slice translation/rotation/scale here (.csv)")
+    a = ap.parse_args(argv)
+    if not a.tmats and not a.csv:
+        raise SpheroError("nothing to export; give --tmats FILE.npy and/or --csv FILE.csv")
+    reg = open_source(a.root, a.transforms)
+    if "composed_transforms" not in reg.attrs or "inputs" not in reg.attrs:
+        raise SpheroError(f"{a.transforms!r} is not a sphero registration output; point --transforms at e.g. images/registered/50-4-4")
+    src = open_source(a.root, reg.attrs["inputs"][0])
+    shape = tuple(int(s) for s in src.shape[1:])
+    tmats = pixel_matrices(reg.attrs["composed_transforms"], shape)
+    if a.tmats:
+        np.save(a.tmats, tmats)
+        print(f"sphero: wrote {a.tmats} ({len(tmats)} x 3 x 3, pystackreg tmats)", file=sys.stderr)
+    if a.csv:
+        write_csv(a.csv, tmats, shape, list(reg.attrs.get("registration_log", [])))
+        print(f"sphero: wrote {a.csv}", file=sys.stderr)
