@@ -8,6 +8,7 @@ at the final path. Under DDP each rank warps and writes its share of the slices 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import shutil
 import sys
@@ -120,6 +121,12 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
                            "parameters": {"crop_box": box, "crop_borders": writer.crop_borders,
                                           "crop_safety_margin": writer.crop_safety_margin, "method": "exact"}})
+        outliers = flag_outliers(log)
+        if outliers:
+            listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (z {e['qc_z']:.1f})" for e in outliers[:20])
+            print(f"sphero: QC: {len(outliers)} pair(s) with an outlying final loss along the stack, check them: {listing}",
+                  file=sys.stderr)
+        log_panels(trainer, src, fitted, log)
         out.attrs.update({
             "spacing": dm.spacing,
             "inputs": [dm.array],
@@ -139,6 +146,65 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         print(f"sphero: wrote {dm.root}/{final} shape {out_shape} crop_box {box}", file=sys.stderr)
     _barrier()
     return final
+
+
+def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dict[str, Any]]:
+    """Mark pairs whose final loss is an outlier along the stack (robust z-score above ``threshold``).
+
+    ``z = 0.6745 (loss - median) / MAD`` over the registered pairs; only high losses (poor matches) count.
+    Sets ``qc`` (``"ok"`` or ``"outlier"``) and ``qc_z`` on every registered entry; returns the outliers.
+    """
+    entries = [e for e in log if e.get("final_loss") is not None and math.isfinite(e["final_loss"])]
+    if len(entries) < 3:
+        return []
+    losses = np.array([e["final_loss"] for e in entries])
+    med = float(np.median(losses))
+    mad = float(np.median(np.abs(losses - med)))
+    scale = max(mad, 1e-6 * max(abs(med), 1e-12))
+    out = []
+    for e, x in zip(entries, losses):
+        z = 0.6745 * (x - med) / scale
+        e["qc_z"] = round(float(z), 3)
+        e["qc"] = "outlier" if z > threshold else "ok"
+        if z > threshold:
+            out.append(e)
+    return out
+
+
+def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]], log: list[dict[str, Any]], n_panels: int = 3) -> None:
+    """TensorBoard: final loss and QC score against the pair index, and overlays of a few pairs."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if logger is None:
+        return
+    tb = logger.experiment
+    for e in log:
+        if e.get("final_loss") is not None:
+            tb.add_scalar("pair/final_loss", e["final_loss"], global_step=e["pair_index"])
+            tb.add_scalar("pair/qc_z", e.get("qc_z", 0.0), global_step=e["pair_index"])
+    picks = sorted({0, len(fitted) // 2, len(fitted) - 1}) if fitted else []
+    shape = tuple(src.shape[1:])
+    for i in picks[:n_panels]:
+        r = fitted[i]
+        a, b = r["slice_indices"]
+        fixed = np.asarray(src[a]).astype(np.float32)
+        moving = np.asarray(src[b]).astype(np.float32)
+        theta = torch.tensor([r["matrix"]], dtype=torch.float32)
+        registered = warp(torch.from_numpy(moving)[None, None], theta, mode="bilinear", full_shape=shape)[0, 0].numpy()
+        step = max(1, max(shape) // 512)  # panels of at most ~512 px
+        for tag, mov in (("before", moving), ("after", registered)):
+            tb.add_image(f"pairs/{a}-{b}_{tag}", _overlay(fixed[::step, ::step], mov[::step, ::step]), dataformats="HWC")
+
+
+def _overlay(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """Fixed in magenta, moving in green: aligned structures turn grey, misaligned ones coloured."""
+    def norm(x: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(x, [1, 99])
+        return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+
+    f, m = norm(fixed), norm(moving)
+    return np.stack([f, m, f], -1)
 
 
 def warp_slices(src: zarr.Array, out: zarr.Array, composed: torch.Tensor, box: list[int], mode: str,
