@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,7 +80,7 @@ def tiff_slices(src: str | Path) -> tuple[int, tuple[int, int], np.dtype, Callab
         raise SpheroError(f"page {odd} of {str(src)!r} differs in size or type from page 0; every slice must match")
 
     def read(i: int) -> np.ndarray:
-        return pages[i].asarray()  # tifffile serialises reads of one file handle
+        return pages[i].asarray()
 
     return n, shape, dtype, read, [f"{path.name}[{i}]" for i in range(n)]
 
@@ -112,12 +112,22 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
 
         bar = tqdm(total=n, desc="ingesting", unit="slice", dynamic_ncols=True, file=sys.stderr)
 
-    def copy(i: int) -> None:
-        arr[i] = read(i)
+    def write(i: int, image: np.ndarray) -> None:
+        arr[i] = image
 
-    # A few slices in flight: reading (decode) and writing (compress) overlap; memory stays a few slices.
+    # Reads are serial (one TIFF file handle is not safe to share between threads); compressing and writing
+    # run in a few threads, with a bounded number of slices in flight so memory stays a few slices.
+    depth = 2 * max(1, workers)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sphero-ingest") as pool:
-        for _ in _bounded_map(pool, copy, range(n), 2 * max(1, workers)):
+        pending: list = []
+        for i in range(n):
+            pending.append(pool.submit(write, i, read(i)))
+            if len(pending) >= depth:
+                pending.pop(0).result()
+                if bar is not None:
+                    bar.update(1)
+        for f in pending:
+            f.result()
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -131,17 +141,6 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
         shutil.rmtree(base / name)
     os.replace(base / tmp, base / name)
     return array
-
-
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[int], None], items: range, depth: int) -> Iterator[None]:
-    """``pool.map`` with at most ``depth`` tasks in flight (so memory does not grow with the stack)."""
-    pending = []
-    for i in items:
-        pending.append(pool.submit(fn, i))
-        if len(pending) >= depth:
-            yield pending.pop(0).result()
-    for f in pending:
-        yield f.result()
 
 
 def main(argv: list[str] | None = None) -> str:
