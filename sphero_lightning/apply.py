@@ -12,7 +12,6 @@ reproduces the registered image. Default output: ``<parent of array>/registered/
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import sys
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from . import __version__
-from .data import open_source
+from .data import open_registration, open_source
 from .errors import SpheroError
-from .output import _move_into_place, ome_multiscales, warp_slices
+from .output import move_into_place, ome_multiscales, utc_now, warp_slices
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 
@@ -38,20 +37,14 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
     """Warp and crop ``array`` with the registration at ``transforms``; returns the output path."""
     if interpolation not in MODES:
         raise SpheroError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(MODES)}")
-    reg = open_source(root, transforms)
-    missing = [k for k in ("composed_transforms", "crop_box", "inputs") if k not in reg.attrs]
-    if missing:
-        raise SpheroError(f"{transforms!r} is not a sphero registration output (no {', '.join(missing)}); "
-                          "point --transforms at e.g. images/registered/50-4-4")
+    reg, ref = open_registration(root, transforms)
     src = open_source(root, array)
     composed = torch.tensor(reg.attrs["composed_transforms"], dtype=torch.float64)
     box = [int(v) for v in reg.attrs["crop_box"]]
     n = len(composed) + 1
-    ref_path = reg.attrs["inputs"][0]
-    ref_shape = tuple(zarr.open_array(zarr.open_group(root, mode="r").store, path=ref_path, mode="r").shape)
-    if src.ndim != 3 or tuple(src.shape) != ref_shape:
-        raise SpheroError(f"{array!r} has shape {tuple(src.shape)} but the registration was made on {ref_path!r} of shape "
-                          f"{ref_shape}; apply it only to arrays of the same stack and size")
+    if src.ndim != 3 or tuple(src.shape) != tuple(ref.shape):
+        raise SpheroError(f"{array!r} has shape {tuple(src.shape)} but the registration was made on {reg.attrs['inputs'][0]!r} "
+                          f"of shape {tuple(ref.shape)}; apply it only to arrays of the same stack and size")
     mode = interpolation
     if mode == "auto":
         params = next((p.get("parameters", {}) for p in reg.attrs.get("processing", []) if p.get("step_name") == "registration"), {})
@@ -76,14 +69,14 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
     spacing = list(src.attrs.get("spacing", reg.attrs.get("spacing", [])))
     processing = list(src.attrs.get("processing", []))
     processing.append({"step_name": "apply_registration", "version": __version__,
-                       "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "timestamp": utc_now(),
                        "parameters": {"transforms": transforms, "interpolation": mode, "crop_box": box}})
     out.attrs.update({"spacing": spacing, "inputs": [array, transforms], "processing": processing,
                       "composed_transforms": reg.attrs["composed_transforms"], "crop_box": box})
     for key in ("image-label",):
         if key in src.attrs:
             out.attrs[key] = src.attrs[key]
-    _move_into_place(root, group_path, tmp, out_name)
+    move_into_place(root, group_path, tmp, out_name)
     if group_path:
         g = zarr.open_group(root, mode="a")[group_path]
         g.attrs["ome"] = ome_multiscales(g, group_path)

@@ -47,6 +47,16 @@ def open_source(root: str, array: str) -> zarr.Array:
     return arr
 
 
+def open_registration(root: str, path: str) -> tuple[zarr.Array, zarr.Array]:
+    """A finished ``sphero fit`` output and the array it was registered from, or a clear error."""
+    reg = open_source(root, path)
+    missing = [k for k in ("composed_transforms", "crop_box", "inputs") if k not in reg.attrs]
+    if missing:
+        raise SpheroError(f"{path!r} is not a sphero registration output (no {', '.join(missing)}); "
+                          "point --transforms at e.g. images/registered/50-4-4")
+    return reg, open_source(root, reg.attrs["inputs"][0])
+
+
 def spacing_name(spacing: list[float]) -> str:
     """``[50, 4, 4]`` -> ``"50-4-4"`` (the naming convention of the arrays)."""
     return "-".join(f"{s:g}" for s in spacing)

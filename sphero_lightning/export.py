@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import open_source
+from .data import open_registration
 from .errors import SpheroError
 from .transforms import normalized_to_pixel
 
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if not a.tmats and not a.csv:
         raise SpheroError("nothing to export; give --tmats FILE.npy and/or --csv FILE.csv")
-    reg = open_source(a.root, a.transforms)
-    if "composed_transforms" not in reg.attrs or "inputs" not in reg.attrs:
-        raise SpheroError(f"{a.transforms!r} is not a sphero registration output; point --transforms at e.g. images/registered/50-4-4")
-    src = open_source(a.root, reg.attrs["inputs"][0])
+    reg, src = open_registration(a.root, a.transforms)
     shape = tuple(int(s) for s in src.shape[1:])
     tmats = pixel_matrices(reg.attrs["composed_transforms"], shape)
     if a.tmats:

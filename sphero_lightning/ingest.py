@@ -12,10 +12,7 @@ slices), into a temporary array renamed into place when complete. The array gets
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +25,7 @@ from zarr.codecs import ZstdCodec
 from . import __version__
 from .data import spacing_name
 from .errors import SpheroError
+from .output import move_into_place, utc_now
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -67,7 +65,7 @@ def tiff_slices(src: str | Path) -> tuple[int, tuple[int, int], np.dtype, Callab
                 raise SpheroError(f"{name!r} has {pages} pages; a folder must hold single-page TIFFs (or give the file itself)")
         return len(files), first_shape, first_dtype, lambda i: tifffile.imread(files[i]), [f.name for f in files]
     try:
-        tif = tifffile.TiffFile(path)  # kept open for the pages' reads; closed with the reader
+        tif = tifffile.TiffFile(path)  # stays open while the pages are read (released with the reader)
         pages = list(tif.pages)
         shape, dtype = tuple(pages[0].shape), np.dtype(pages[0].dtype)
         n = len(pages)
@@ -134,12 +132,9 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
         bar.close()
     arr.attrs.update({"spacing": [float(s) for s in spacing], "processing": [{
         "step_name": "ingest", "version": __version__,
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": utc_now(),
         "parameters": {"source": str(Path(src).resolve()), "first": names[0], "last": names[-1], "slices": n}}]})
-    base = root / group_path if group_path else root
-    if (base / name).exists():
-        shutil.rmtree(base / name)
-    os.replace(base / tmp, base / name)
+    move_into_place(root, group_path, tmp, name)
     return array
 
 

@@ -253,14 +253,14 @@ def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | 
         ``(B, C, h, w)``; positions outside the source take the nearest border value.
     """
     hh, ww = image.shape[-2:]
+    if mode == "nearest":
+        iy, ix = nearest_index(theta, (hh, ww), out_shape, offset, full_shape)
+        flat = image.reshape(*image.shape[:2], hh * ww)
+        idx = (iy * ww + ix).reshape(image.shape[0], 1, -1).expand(-1, image.shape[1], -1)
+        return flat.gather(2, idx).reshape(*image.shape[:2], *iy.shape[-2:])
     src = _window_positions(theta, (hh, ww), out_shape, offset, full_shape)
-    if mode in ("bspline", "nearest"):
+    if mode == "bspline":
         px = ((src[..., 0] + 1) * ww - 1) / 2
         py = ((src[..., 1] + 1) * hh - 1) / 2
-        if mode == "nearest":
-            iy, ix = nearest_index(theta, (hh, ww), out_shape, offset, full_shape)
-            flat = image.reshape(*image.shape[:2], hh * ww)
-            idx = (iy * ww + ix).reshape(image.shape[0], 1, -1).expand(-1, image.shape[1], -1)
-            return flat.gather(2, idx).reshape(*image.shape[:2], *iy.shape[-2:])
         return bspline_sample(bspline_prefilter(image), px, py)
     return F.grid_sample(image, src.to(image.dtype), mode=mode, padding_mode="border", align_corners=False)

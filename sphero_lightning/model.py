@@ -170,14 +170,13 @@ class RegistrationModule(L.LightningModule):
         self.journal = Journal(dm.journal_path, self.fingerprint())
         if dm.resume:
             self.results.update({p: r for p, r in self.journal.load().items() if p < self.n_pairs})
-        per_block = self.world * self.hparams.pairs_per_block
+        rows = self.world * self.hparams.pairs_per_block
         dm.skip_blocks = {blk for blk in range(dm.n_blocks(self.world))
                           if all(p < 0 or p in self.results for p in self.block_pairs(blk))}
         if self.results and self.trainer.is_global_zero:
             print(f"sphero: resuming: {len(self.results)} of {self.n_pairs} pairs finished earlier "
                   f"(journal {self.journal.path}); {len(dm.skip_blocks)} of {dm.n_blocks(self.world)} blocks "
-                  f"of {per_block} skipped", file=sys.stderr)
-        rows = self.world * self.hparams.pairs_per_block
+                  f"of {rows} skipped", file=sys.stderr)
         # float64: the solver works in float64 and the trial point must be evaluated exactly.
         self.delta = torch.nn.Parameter(torch.zeros(rows, self.basis.shape[0], dtype=torch.float64))
 

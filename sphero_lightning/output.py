@@ -39,7 +39,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -112,7 +112,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     if rank == 0:
         hp = dict(module.hparams)
         pyramid = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in module.levels]
-        stamp = _now()
+        stamp = utc_now()
         processing = list(src.attrs.get("processing", []))
         processing.append({"step_name": "registration", "timestamp": stamp, "version": __version__,
                            "parameters": {**{k: v for k, v in hp.items() if k != "pairs_per_block"},
@@ -137,7 +137,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "registration_log": log,
             "crop_box": box,
         })
-        _move_into_place(dm.root, group_path, tmp_name, name)
+        move_into_place(dm.root, group_path, tmp_name, name)
         journal = getattr(module, "journal", None)
         if journal is not None:
             journal.remove()  # the result is in place: nothing to resume any more
@@ -307,7 +307,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
     return composed, pairwise, log
 
 
-def _move_into_place(root: str, group_path: str, tmp_name: str, name: str) -> None:
+def move_into_place(root: str | Path, group_path: str, tmp_name: str, name: str) -> None:
     """Rename the finished temporary array to its final name (replacing an old one)."""
     base = Path(root) / group_path
     src, dst = base / tmp_name, base / name
