@@ -96,18 +96,31 @@ class PairEarlyStopping(L.Callback):
     A pair has converged at the current level when, over its last ``window`` accepted iterates, the
     loss varied by less than ``tol`` (the reference pipeline's rule, ``stop_window`` and
     ``stop_tol``), or when the step it is about to take moves every pixel by less than
-    ``step_tol_px`` (pixels of the current level); a BFGS pair then takes that last small step
-    unevaluated (accurate to second order near the optimum). The step rule is what stops a
-    quasi-Newton fit promptly: near the optimum its loss changes fall below float32 resolution while
-    its steps shrink quadratically, and a line search that can no longer improve shrinks its step to
-    nothing.
+    ``step_tol_px`` (pixels of the current level; one value, or one per level, coarse to fine); a
+    BFGS pair then takes that last small step unevaluated (accurate to second order near the
+    optimum). The step rule is what stops a quasi-Newton fit promptly: near the optimum its loss
+    changes fall below float32 resolution while its steps shrink quadratically, and a line search
+    that can no longer improve shrinks its step to nothing. With the Gauss-Newton curvature
+    (``model.curvature``) the first step of a level is already a Newton step whose error is a few
+    percent of its length, so the default 0.02 px stops most pairs after one evaluation per level at
+    no measurable cost in accuracy (README, "Measured").
     """
 
-    def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7, step_tol_px: float = 1e-3) -> None:
+    def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7,
+                 step_tol_px: float | list[float] = 0.02) -> None:
         if window < 1:
             raise SpheroError(f"early stopping window must be >= 1, got {window}")
+        tols = step_tol_px if isinstance(step_tol_px, (list, tuple)) else [step_tol_px]
+        if any(t < 0 for t in tols):
+            raise SpheroError(f"early stopping step_tol_px must be >= 0, got {step_tol_px}")
         self.enabled, self.window, self.tol, self.step_tol_px = enabled, window, tol, step_tol_px
+        self._tols: list[float] = []
         self._key: tuple[int, int, int] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
+        pyramid = next((cb for cb in trainer.callbacks if isinstance(cb, PyramidSchedule)), None)
+        levels = pyramid.n_levels if pyramid is not None else len(pl_module.levels)
+        self._tols = _per_level(self.step_tol_px, levels, "early_stopping.step_tol_px")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change a pair's result (for the progress journal)."""
@@ -129,7 +142,7 @@ class PairEarlyStopping(L.Callback):
         self.count += acc.long()
         flat = (self.count >= self.window) & ((self.losses.amax(1) - self.losses.amin(1)) < self.tol)
         step = pl_module.step_displacement_px(solver.x, solver.x + solver.pending_step())
-        still = solver.evaluated & (step < self.step_tol_px)
+        still = solver.evaluated & (step < self._tols[blk.level])
         solver.freeze(solver.active & flat)
         solver.finish(solver.active & still)
 

@@ -114,10 +114,17 @@ class BatchBFGS(BatchSolver):
         self.updated = torch.zeros_like(self.evaluated)  # has the row had a curvature update yet
         self.backtracks = torch.zeros(r, dtype=torch.long, device=self.x.device)
         # A curvature model carried over (e.g. from the previous pyramid level) replaces the identity.
-        self.warm = hinv is not None
-        if self.warm:
+        self.warm = torch.zeros_like(self.evaluated) if hinv is None else torch.ones_like(self.evaluated)
+        if hinv is not None:
             self.hinv = hinv.detach().double().clone()
             self.updated[:] = True
+
+    def set_curvature(self, rows: torch.Tensor, hinv: torch.Tensor) -> None:
+        """Start ``rows`` (not yet evaluated) from the inverse-Hessian ``hinv`` (``(R, n, n)``)."""
+        rows = rows & ~self.evaluated
+        self.hinv = torch.where(rows.view(-1, 1, 1), hinv.double(), self.hinv)
+        self.updated |= rows
+        self.warm |= rows
 
     def _direction(self, rows: torch.Tensor) -> None:
         """Recompute the search direction of ``rows``; reset the curvature where it is not descent."""
@@ -160,9 +167,9 @@ class BatchBFGS(BatchSolver):
             self.x = torch.where(first.unsqueeze(-1), trial, self.x)
             self.f = torch.where(first, loss, self.f)
             self.g = torch.where(first.unsqueeze(-1), grad, self.g)
-            if not self.warm:
-                scale = (self.lr / grad.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
-                self.hinv = torch.where(first.view(-1, 1, 1), scale * self.eye, self.hinv)
+            cold = first & ~self.warm
+            scale = (self.lr / grad.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
+            self.hinv = torch.where(cold.view(-1, 1, 1), scale * self.eye, self.hinv)
             self.evaluated |= first
             self._direction(first)
 

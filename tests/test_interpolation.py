@@ -71,3 +71,49 @@ def test_upsample2_is_the_bspline_interpolant_on_a_twice_finer_grid():
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     ref = bspline_sample(bspline_prefilter(img), gx.expand(2, -1, -1), gy.expand(2, -1, -1))
     assert torch.allclose(up, ref, atol=1e-9)
+
+
+def _reference_prefilter(img: torch.Tensor) -> torch.Tensor:
+    """The textbook form: truncated symmetric FIR inverse of [1 4 1] / 6 with reflect padding, by convolution."""
+    import torch.nn.functional as F
+
+    from sphero_lightning.interpolation import PAD, _prefilter_kernel
+
+    b, c, h, w = img.shape
+    x = img.reshape(b * c, 1, h, w)
+    for dim, size in ((3, w), (2, h)):
+        r = min(16, size - 1)
+        k = _prefilter_kernel(r, x.dtype, x.device)
+        if dim == 3:
+            x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        else:
+            x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect").reshape(b, c, h + 2 * PAD, w + 2 * PAD)
+
+
+def test_dense_and_banded_filters_agree_with_direct_convolution(monkeypatch):
+    import torch.nn.functional as F
+
+    import sphero_lightning.interpolation as interp
+
+    img = torch.rand(2, 1, 70, 150, dtype=torch.float64)
+    ref = _reference_prefilter(img)
+    sigma = 0.7
+    r = math.ceil(3 * sigma)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(img, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    blur_ref = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    dense = interp.bspline_prefilter(img)
+    dense_blur = interp.gaussian_blur(img, sigma)
+    monkeypatch.setattr(interp, "DENSE_MAX", 16)  # both axes take the banded path (several bands on x)
+    banded = interp.bspline_prefilter(img)
+    banded_blur = interp.gaussian_blur(img, sigma)
+    assert dense.shape == banded.shape == ref.shape
+    assert (dense - ref).abs().max() < 1e-8  # exact inverse vs the FIR truncated at |pole|**16
+    assert (banded - ref).abs().max() < 1e-12
+    assert (dense_blur - blur_ref).abs().max() < 1e-12
+    assert (banded_blur - blur_ref).abs().max() < 1e-12
+    # and the banded coefficients interpolate the samples
+    y, xx = torch.meshgrid(torch.arange(70.0, dtype=torch.float64), torch.arange(150.0, dtype=torch.float64), indexing="ij")
+    assert torch.allclose(bspline_sample(banded, xx.expand(2, -1, -1), y.expand(2, -1, -1)), img, atol=1e-6)

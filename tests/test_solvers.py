@@ -50,3 +50,46 @@ def test_adam_converges_slower_but_converges():
     centers = torch.tensor([[0.02, -0.01]], dtype=torch.float64)
     x = _run(BatchAdam(torch.zeros(1, 2), lr=1e-3), centers, torch.ones(1, 2, dtype=torch.float64), 400)
     assert torch.allclose(x, centers, atol=2e-3)
+
+
+def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc():
+    """The Gauss-Newton model from one evaluation's images is within a few percent of the loss's Hessian."""
+    from sphero_lightning.interpolation import bspline_prefilter, gaussian_blur, inside_weight, sample_positions
+    from sphero_lightning.model import RegistrationModule
+
+    torch.manual_seed(0)
+    h = w = 96
+    texture = gaussian_blur(torch.rand(1, 1, h, w, dtype=torch.float64), 2.0)
+    noise = 0.01
+    fixed = gaussian_blur(texture + noise * torch.randn_like(texture), 0.7)
+    moving = gaussian_blur(texture + noise * torch.randn_like(texture), 0.7)
+    for transformation in ("rigid", "affine"):
+        m = RegistrationModule(transformation=transformation, regularization=0.0)
+        m.shape = (h, w)
+        n = m.basis.shape[0]
+        coeffs = bspline_prefilter(moving)
+        # off the pixel grid: at exactly integer positions the border ramp's kinks make finite differences unreliable
+        p0 = torch.zeros(1, n, dtype=torch.float64)
+        p0[0, 0], p0[0, 1] = 0.37 / (w / 2), -0.21 / (h / 2)
+
+        def grad(p):
+            p = p.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(m.pair_losses(p, fixed, coeffs).sum(), p)
+            return g
+
+        eps = 1e-4
+        hess = torch.stack([(grad(p0 + eps * torch.eye(n, dtype=torch.float64)[k]) - grad(p0 - eps * torch.eye(n, dtype=torch.float64)[k]))[0]
+                            / (2 * eps) for k in range(n)])
+        hess = 0.5 * (hess + hess.T)
+        px, py = sample_positions(m.matrices(p0), (h, w), (h, w))
+        from sphero_lightning.interpolation import bspline_sample
+
+        warped = bspline_sample(coeffs, px, py)
+        weight = inside_weight(px, py, (h, w)).unsqueeze(1)
+        gn = m._gauss_newton_hessian(p0, fixed, warped, weight)[0]
+        rel = torch.linalg.matrix_norm(gn - hess) / torch.linalg.matrix_norm(hess)
+        assert rel < 0.1, (transformation, float(rel))
+        # and the Newton step it gives is close to the exact one
+        g = grad(p0)[0]
+        step_gn, step = torch.linalg.solve(gn, g), torch.linalg.solve(hess, g)
+        assert torch.linalg.norm(step_gn - step) < 0.15 * torch.linalg.norm(step), transformation
