@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from .model import RegistrationModule
 
 
+#: Axis names of every array we write (OME-NGFF 0.5 requires them as the arrays' ``dimension_names``).
+AXES = ("z", "y", "x")
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -56,11 +60,13 @@ def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
     """OME-NGFF 0.5 ``ome`` attribute listing every array of ``group`` with its scale.
 
     Arrays are ordered from finest to coarsest (y * x spacing), as the specification requires.
-    A ``translation`` places a cropped array where it lies in the source's frame.
+    A ``translation`` places a cropped array where it lies in the source's frame. The group is valid OME-NGFF
+    0.5 when the arrays have ``dimension_names`` ``["z", "y", "x"]`` (:data:`AXES`), as every array this
+    package writes does.
     """
     datasets = []
     for arr_name, arr in group.arrays():
-        if "spacing" not in arr.attrs or arr_name.startswith("tmp-"):
+        if "spacing" not in arr.attrs or arr_name.startswith("tmp-") or arr.ndim != len(AXES):
             continue
         sp = [float(s) for s in arr.attrs["spacing"]]
         up, _, left, _ = arr.attrs.get("crop_box", [0, 0, 0, 0])
@@ -69,7 +75,7 @@ def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
             transforms.append({"type": "translation", "translation": [0.0, up * sp[1], left * sp[2]]})
         datasets.append((sp[1] * sp[2], {"path": arr_name, "coordinateTransformations": transforms}))
     datasets.sort(key=lambda d: d[0])
-    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in ("z", "y", "x")]
+    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in AXES]
     return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": [d for _, d in datasets]}]}
 
 
@@ -100,7 +106,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         chunks = (1, *chunks[1:])  # one slice per chunk row: each slice is written once, by one rank
         group.create_array(tmp_name, shape=out_shape, chunks=chunks, dtype=src.dtype,
                            compressors=ZstdCodec(level=writer.compression_level), overwrite=True,
-                           fill_value=0)
+                           fill_value=0, dimension_names=AXES)
     _barrier()
     out = zarr.open_array(zarr.open_group(dm.root, mode="a").store, path=f"{group_path}/{tmp_name}", mode="r+")
 
