@@ -140,6 +140,7 @@ class RegistrationModule(L.LightningModule):
         self.results: dict[int, dict[str, Any]] = {}
         self.shape: tuple[int, int] | None = None
         self.n_pairs = 0
+        self.steps_run = 0  # training steps of this process (Lightning's logging step; global_step stays 0 without optimizers)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -393,7 +394,10 @@ class RegistrationModule(L.LightningModule):
         blk.level_counts[-1] += was_active.long()
         blk.level_steps += 1
         mean_loss = full[was_active].mean() if was_active.any() else full.new_zeros(())
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        # Lightning writes step metrics every log_every_n_steps training steps (counted like steps_run);
+        # self.global_step would not do: it counts optimizer steps, and there are none here.
+        self.steps_run += 1
+        if self.steps_run % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("loss/step", mean_loss.float(), on_step=True, prog_bar=False, rank_zero_only=True, batch_size=1)
         return mean_loss
 
