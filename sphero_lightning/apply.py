@@ -23,7 +23,7 @@ from zarr.codecs import ZstdCodec
 from . import __version__
 from .data import open_registration, open_source
 from .errors import SpheroError
-from .output import move_into_place, ome_multiscales, utc_now, warp_slices
+from .output import AXES, move_into_place, ome_multiscales, utc_now, warp_slices
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 
@@ -64,7 +64,7 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
     tmp = f"tmp-{out_name}-partial"
     chunks = (1, *(min(c, s) for c, s in zip(src.chunks[1:], out_shape[1:])))
     out = group.create_array(tmp, shape=out_shape, chunks=chunks, dtype=src.dtype, compressors=ZstdCodec(level=3),
-                             overwrite=True, fill_value=0)
+                             overwrite=True, fill_value=0, dimension_names=AXES)
     warp_slices(src, out, composed, box, mode, "cuda" if torch.cuda.is_available() else "cpu", progress=progress, n_slices=n)
     spacing = list(src.attrs.get("spacing", reg.attrs.get("spacing", [])))
     processing = list(src.attrs.get("processing", []))

@@ -117,6 +117,9 @@ class PairEarlyStopping(L.Callback):
         self._tols: list[float] = []
         self._key: tuple[int, int, int] | None = None
 
+    #: Config group of these settings (``--early_stopping.*``), for the logged hyperparameters.
+    config_group = "early_stopping"
+
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         pyramid = next((cb for cb in trainer.callbacks if isinstance(cb, PyramidSchedule)), None)
         levels = pyramid.n_levels if pyramid is not None else len(pl_module.levels)
@@ -125,6 +128,9 @@ class PairEarlyStopping(L.Callback):
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change a pair's result (for the progress journal)."""
         return {"enabled": self.enabled, "window": self.window, "tol": self.tol, "step_tol_px": self.step_tol_px}
+
+    def settings(self) -> dict[str, Any]:
+        return self.fingerprint()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         blk, solver = pl_module.block, pl_module.solver
@@ -148,12 +154,20 @@ class PairEarlyStopping(L.Callback):
 
 
 class PairProgressBar(ProgressBar):
-    """Progress in pairs (the unit users think in), with pairs per second and time left."""
+    """Progress in pairs (the unit users think in): pairs done of the total, pairs per second and time left,
+    with the pyramid level and the pairs still active in the current block (redrawn at most once a second, so a
+    long block still shows it is moving)."""
+
+    #: Seconds between redraws of the level and active pairs within a block.
+    refresh_s = 1.0
+    #: tqdm's shortest time between two redraws (s).
+    mininterval = 0.1
 
     def __init__(self) -> None:
         super().__init__()
         self._enabled = True
         self.bar = None
+        self._drawn = 0.0
 
     def disable(self) -> None:
         self._enabled = False
@@ -165,18 +179,22 @@ class PairProgressBar(ProgressBar):
         if self._enabled and trainer.is_global_zero:
             from tqdm.auto import tqdm
 
-            done = len(pl_module.results)  # resumed from the journal
+            done = len(pl_module.results)  # resumed from the journal; tqdm's rate counts only the pairs after these
             self.bar = tqdm(total=pl_module.n_pairs, initial=done, desc="registering", unit="pair", dynamic_ncols=True,
-                            file=sys.stderr)
-            self.t0 = time.perf_counter()
+                            file=sys.stderr, mininterval=self.mininterval)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.bar is not None and pl_module.block is not None and batch_idx % 10 == 0:
+        if self.bar is None or pl_module.block is None or pl_module.block.done:
+            return
+        now = time.monotonic()
+        if now - self._drawn >= self.refresh_s:
+            self._drawn = now
             blk = pl_module.block
-            self.bar.set_postfix(level=f"{blk.level + 1}/{len(pl_module.levels)}", active=int(pl_module.solver.active.sum()), refresh=False)
+            self.bar.set_postfix(level=f"{blk.level + 1}/{len(pl_module.levels)}", active=int(pl_module.solver.active.sum()))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
         if self.bar is not None and pl_module.block is not None:
+            self.bar.set_postfix_str("", refresh=False)  # the block is done: no level or active pairs to show
             self.bar.update(sum(1 for p in pl_module.block.pairs if p >= 0))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
@@ -211,6 +229,13 @@ class RegistrationWriter(L.Callback):
         self.crop_borders, self.crop_safety_margin = crop_borders, crop_safety_margin
         self.interpolation, self.compression_level = interpolation, compression_level
         self.output_path: str | None = None
+
+    #: Config group of these settings (``--output.*``), for the logged hyperparameters.
+    config_group = "output"
+
+    def settings(self) -> dict[str, Any]:
+        return {"crop_borders": self.crop_borders, "crop_safety_margin": self.crop_safety_margin,
+                "interpolation": self.interpolation, "compression_level": self.compression_level}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
         from .output import write_registration

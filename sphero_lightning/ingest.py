@@ -25,7 +25,7 @@ from zarr.codecs import ZstdCodec
 from . import __version__
 from .data import spacing_name
 from .errors import SpheroError
-from .output import move_into_place, utc_now
+from .output import AXES, move_into_place, utc_now
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -103,7 +103,7 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
     tmp = f"tmp-{name}-partial"
     cy, cx = chunks or (min(shape[0], 4096), min(shape[1], 4096))
     arr = parent.create_array(tmp, shape=(n, *shape), dtype=dtype, chunks=(1, cy, cx),
-                              compressors=ZstdCodec(level=3), overwrite=True, fill_value=0)
+                              compressors=ZstdCodec(level=3), overwrite=True, fill_value=0, dimension_names=AXES)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -26,9 +26,18 @@ import torch.nn.functional as F
 
 from .errors import SpheroError
 from .initialization import phase_correlation
-from .interpolation import PAD, bspline_prefilter, bspline_sample, downscale, gaussian_blur, inside_weight, sample_positions, upsample2
+from .interpolation import (
+    PAD,
+    bspline_prefilter,
+    bspline_sample,
+    downscale,
+    gaussian_blur,
+    inside_weight,
+    sample_positions,
+    upsample2,
+)
 from .journal import Journal
-from .losses import get_loss
+from .losses import get_loss, ncc_loss
 from .solvers import make_solver
 from .transforms import FAMILIES, corner_displacement, family_basis, params_to_normalized
 
@@ -138,7 +147,8 @@ class RegistrationModule(L.LightningModule):
             raise SpheroError(f"pairs_per_block must be >= 1, got {pairs_per_block}")
         get_loss(loss)  # validates the name
         make_solver(optimizer, torch.zeros(1, 1), 1.0)  # validates the name
-        self.save_hyperparameters()
+        # Lightning would log only these to TensorBoard; on_fit_start logs the whole run's settings instead.
+        self.save_hyperparameters(logger=False)
         self.automatic_optimization = False
         self.loss_fn = get_loss(loss)
         self.loss_kwargs = dict(loss_kwargs or {})
@@ -147,10 +157,11 @@ class RegistrationModule(L.LightningModule):
         self.delta: torch.nn.Parameter | None = None
         self.block: BlockState | None = None
         self.solver = None
-        self._level0: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._level0: tuple[torch.Tensor, torch.Tensor] | None = None  # (level-0 images, moving coefficients)
         self.results: dict[int, dict[str, Any]] = {}
         self.shape: tuple[int, int] | None = None
         self.n_pairs = 0
+        self.steps_run = 0  # training steps of this process (Lightning's logging step; global_step stays 0 without optimizers)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -215,9 +226,8 @@ class RegistrationModule(L.LightningModule):
         """``(R, n_free)`` free parameters to ``(R, 2, 3)`` normalized matrices (float64)."""
         return params_to_normalized(p @ self.basis.to(p), self.shape)
 
-    def pair_losses(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
-                    images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Loss of each pair at free parameters ``p``.
+    def warped_moving(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The moving slices warped by free parameters ``p`` and the weight of their valid overlap.
 
         Parameters
         ----------
@@ -229,9 +239,8 @@ class RegistrationModule(L.LightningModule):
 
         Returns
         -------
-        torch.Tensor
-            ``(B,)`` similarity loss plus regularisation. ``images``, when given, receives the detached
-            ``warped`` moving slices and their ``weight``.
+        warped, weight : torch.Tensor
+            ``(B, 1, h, w)`` each; ``weight`` is 1 inside the warped moving slice, 0 outside.
         """
         theta = self.matrices(p).to(fixed.dtype)
         size = tuple(fixed.shape[-2:])
@@ -243,7 +252,19 @@ class RegistrationModule(L.LightningModule):
             warped = F.grid_sample(coeffs, grid, mode="bicubic", padding_mode="border", align_corners=False)
             px = ((grid[..., 0] + 1) * size[1] - 1) / 2
             py = ((grid[..., 1] + 1) * size[0] - 1) / 2
-        weight = inside_weight(px, py, size).unsqueeze(1)
+        return warped, inside_weight(px, py, size).unsqueeze(1)
+
+    def pair_losses(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
+                    images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Loss of each pair at free parameters ``p`` (arguments as :meth:`warped_moving`).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` similarity loss plus regularisation. ``images``, when given, receives the detached
+            ``warped`` moving slices and their ``weight``.
+        """
+        warped, weight = self.warped_moving(p, fixed, coeffs)
         if images is not None:
             images.update(warped=warped.detach(), weight=weight.detach())
         loss = self.loss_fn(fixed, warped, weight, **self.loss_kwargs).to(p.dtype)
@@ -251,6 +272,20 @@ class RegistrationModule(L.LightningModule):
         if self.hparams.regularization:
             loss = loss + self.hparams.regularization * (q[:, 3:] ** 2).sum(-1)
         return loss
+
+    def pair_ncc(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """Normalized cross-correlation of each pair over the valid overlap at ``p`` (whatever the loss is)."""
+        warped, weight = self.warped_moving(p, fixed, coeffs)
+        return (1 - ncc_loss(fixed, warped, weight)).to(p.dtype)
+
+    def pair_ncc_identity(self, p: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """:meth:`pair_ncc` at the identity (``p`` only gives the rows), without resampling ``moving`` (the moving
+        slices, not their coefficients): at the identity the ``bspline`` and ``bicubic`` interpolations return
+        them exactly; ``bspline2x`` would smooth them slightly (about 1e-3 in NCC)."""
+        theta = self.matrices(torch.zeros_like(p)).to(fixed.dtype)
+        size = tuple(fixed.shape[-2:])
+        weight = inside_weight(*sample_positions(theta, size, size), size).unsqueeze(1)
+        return (1 - ncc_loss(fixed, moving, weight)).to(p.dtype)
 
     # ------------------------------------------------------------------ block and level life cycle
     def load_block(self, batch: dict[str, torch.Tensor]) -> None:
@@ -269,18 +304,26 @@ class RegistrationModule(L.LightningModule):
         self._level0 = None  # level-0 images, kept when the initialisation computes them
         self.x = self._initial_params()
 
-    def _level_images(self, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _level_stack(self, factor: float) -> torch.Tensor:
+        """The block's slices at one level (downscaled, pre-smoothed): ``(B + 1, 1, h, w)``."""
         imgs = downscale(self.block_slices, factor)
         if self.hparams.smoothing > 0:
             imgs = gaussian_blur(imgs, self.hparams.smoothing)
+        return imgs
+
+    def _moving_coeffs(self, imgs: torch.Tensor) -> torch.Tensor:
+        """What the loss samples the moving slices ``imgs[1:]`` from, for the configured interpolation."""
         mode = self.hparams.interpolation
         if mode == "bspline":
-            moving = bspline_prefilter(imgs[1:])
-        elif mode == "bspline2x":
-            moving = upsample2(imgs[1:])
-        else:
-            moving = imgs[1:]
-        return imgs[:-1], moving
+            return bspline_prefilter(imgs[1:])
+        if mode == "bspline2x":
+            return upsample2(imgs[1:])
+        return imgs[1:]
+
+    def _level_images(self, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed slices and moving coefficients at one level (as :meth:`pair_losses` takes them)."""
+        imgs = self._level_stack(factor)
+        return imgs[:-1], self._moving_coeffs(imgs)
 
     def _initial_params(self) -> torch.Tensor:
         """Identity (plus ``init_std`` noise), then the phase-correlation translation where it helps."""
@@ -301,18 +344,22 @@ class RegistrationModule(L.LightningModule):
             cand = x.clone()
             cand[:, :2] = est
             # Keep the estimate only where it beats the starting point at the coarsest level.
-            fixed, coeffs = self._level0 = self._level_images(self.levels[0].factor)
+            imgs = self._level_stack(self.levels[0].factor)
+            self._level0 = imgs, self._moving_coeffs(imgs)
+            fixed, coeffs = imgs[:-1], self._level0[1]
             with torch.no_grad():
                 keep = self._evaluate_rows(cand, fixed, coeffs) < self._evaluate_rows(x, fixed, coeffs)
             x = torch.where(keep.unsqueeze(-1), cand, x)
         return x
 
-    def _evaluate_rows(self, x: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-        """Loss of every row at ``x`` (``(R,)``, identical on all ranks; 0 for empty slots)."""
+    def _evaluate_rows(self, x: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, fn: Any = None) -> torch.Tensor:
+        """``fn`` (default :meth:`pair_losses`) of every row at ``x`` (``(R,)``, identical on all ranks; 0 for
+        empty slots). Every rank must call it the same number of times (it all-reduces)."""
+        fn = fn or self.pair_losses
         full = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
         idx = torch.nonzero(self.local_valid).flatten()
         if len(idx):
-            full[self.rows.start + idx] = self.pair_losses(x[self.rows][idx], fixed[idx], coeffs[idx]).detach()
+            full[self.rows.start + idx] = fn(x[self.rows][idx], fixed[idx], coeffs[idx]).detach()
         return self._all_reduce(full)
 
     def start_level(self, level: int) -> None:
@@ -321,7 +368,12 @@ class RegistrationModule(L.LightningModule):
         lv = self.levels[level]
         blk.level, blk.level_steps = level, 0
         cached, self._level0 = self._level0, None
-        self.level_fixed, self.level_coeffs = cached if level == 0 and cached else self._level_images(lv.factor)
+        if level == 0 and cached:
+            imgs, coeffs = cached
+        else:
+            imgs = self._level_stack(lv.factor)
+            coeffs = self._moving_coeffs(imgs)
+        self.level_fixed, self.level_moving, self.level_coeffs = imgs[:-1], imgs[1:], coeffs
         self.level_shape = tuple(self.level_fixed.shape[-2:])
         previous = self.solver if level > 0 else None
         scale = (lv.factor / self.levels[level - 1].factor) ** 2 if level > 0 else 1.0
@@ -427,8 +479,21 @@ class RegistrationModule(L.LightningModule):
 
     def next_level(self) -> None:
         """Carry the parameters over to the next, finer level."""
+        self._log_level_end()
         self.x = self.solver.x.clone()
         self.start_level(self.block.level + 1)
+
+    def _log_level_end(self) -> None:
+        """TensorBoard ``loss/level_<k>``: mean loss of the block's pairs at the end of level k (x = block)."""
+        from .output import tensorboard_writer
+
+        tb = tensorboard_writer(self._trainer) if self._trainer is not None and self.trainer.is_global_zero else None
+        if tb is None:
+            return
+        f = self.solver.f[self.block.valid]
+        f = f[torch.isfinite(f)]
+        if len(f):
+            tb.add_scalar(f"loss/level_{self.block.level}", float(f.mean()), global_step=self.block.index)
 
     def level_finished(self) -> bool:
         """Budget spent or every pair of the block converged (same answer on every rank)."""
@@ -438,9 +503,22 @@ class RegistrationModule(L.LightningModule):
     def finish_block(self) -> None:
         """Record every pair of the block (all ranks know all rows) and end the epoch."""
         blk = self.block
+        self._log_level_end()
         self.x = self.solver.x.clone()
         theta = self.matrices(self.x)
         lv = self.levels[-1]
+        # NCC over the valid overlap before (identity) and after, at the images of the level the block ended on
+        # (the finest), whatever the loss; every rank calls this (all-reduce).
+        # With the ncc loss the solver already knows NCC at its last evaluated point; the pair has moved since by
+        # less than step_tol_px (a change of NCC of the order of 1e-7), so no extra resampling is spent on it.
+        with torch.no_grad():
+            ncc_before = self._evaluate_rows(self.x, self.level_fixed, self.level_moving, self.pair_ncc_identity).tolist()
+            if self.hparams.loss == "ncc" and not self.loss_kwargs:
+                q = self.x @ self.basis.to(self.x)
+                reg = self.hparams.regularization * (q[:, 3:] ** 2).sum(-1)
+                ncc_after = (1 - (self.solver.f - reg)).tolist()
+            else:
+                ncc_after = self._evaluate_rows(self.x, self.level_fixed, self.level_coeffs, self.pair_ncc).tolist()
         for row, pair in enumerate(blk.pairs):
             if pair < 0:
                 continue
@@ -453,6 +531,8 @@ class RegistrationModule(L.LightningModule):
                 "steps_per_level": [int(c[row]) for c in blk.level_counts],
                 "status": "ok" if math.isfinite(float(self.solver.f[row])) else "failed",
                 "finest_factor": lv.factor,
+                "ncc_before": ncc_before[row],
+                "ncc_after": ncc_after[row],
             }
         blk.done = True
 
@@ -461,7 +541,44 @@ class RegistrationModule(L.LightningModule):
         d = corner_displacement(self.matrices(x_new), self.matrices(x_old), self.shape)
         return d / self.levels[self.block.level].factor
 
+    def run_hparams(self) -> dict[str, Any]:
+        """The settings of this run, by config group, for TensorBoard's HPARAMS tab and ``hparams.yaml``."""
+        dm = self.trainer.datamodule
+        src = dm.source
+        groups: dict[str, Any] = {
+            "model": {k: v for k, v in self.hparams.items() if k != "pairs_per_block" and not k.startswith("_")},
+            "pyramid": {"levels": len(self.levels), "factors": [lv.factor for lv in self.levels],
+                        "steps": [lv.steps for lv in self.levels], "learning_rate": [lv.lr for lv in self.levels]},
+            "data": {"root": str(dm.root), "array": dm.array, "output": dm.output_path, "shape": list(src.shape),
+                     "dtype": str(src.dtype), "spacing": dm.spacing, "n_slices": dm.n_slices, "n_pairs": dm.n_pairs,
+                     "max_pairs": dm.max_pairs, "pairs_per_block": dm.pairs_per_block, "check_slices": dm.check_slices,
+                     "min_contrast": dm.min_contrast, "resume": dm.resume,
+                     "damaged_slices": ", ".join(map(str, sorted(dm.damaged))) or "none"},
+            "trainer": {"accelerator": self.device.type, "world_size": self.world},
+        }
+        for cb in self.trainer.callbacks:
+            group = getattr(cb, "config_group", None)
+            if group and hasattr(cb, "settings"):
+                groups[group] = cb.settings()
+        return groups
+
     # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self) -> None:
+        # Here (data scanned, pyramid set) rather than Lightning's own logging right after this hook, which would
+        # show only the model's settings; the loggers then save hparams.yaml with these.
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        from .output import HPARAM_METRICS
+
+        if self.trainer.is_global_zero and getattr(self.trainer, "enable_autolog_hparams", True):
+            hp = self.run_hparams()
+            for logger in self.trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    # The HPARAMS tab's metrics get their values at the end of the run (output.log_panels).
+                    logger.log_hyperparams(hp, metrics={k: float("nan") for k in HPARAM_METRICS})
+                else:
+                    logger.log_hyperparams(hp)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if batch_idx == 0:
             if batch.get("skip"):  # finished in an earlier run (journal)
@@ -517,7 +634,10 @@ class RegistrationModule(L.LightningModule):
         blk.level_counts[-1] += was_active.long()
         blk.level_steps += 1
         mean_loss = full[was_active].mean() if was_active.any() else full.new_zeros(())
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        # Lightning writes step metrics every log_every_n_steps training steps (counted like steps_run);
+        # self.global_step would not do: it counts optimizer steps, and there are none here.
+        self.steps_run += 1
+        if self.steps_run % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("loss/step", mean_loss.float(), on_step=True, prog_bar=False, rank_zero_only=True, batch_size=1)
         return mean_loss
 

@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     from .model import RegistrationModule
 
 
+#: Axis names of every array we write (OME-NGFF 0.5 requires them as the arrays' ``dimension_names``).
+AXES = ("z", "y", "x")
+
+#: Run results shown next to the hyperparameters in TensorBoard's HPARAMS tab (set by :func:`log_panels`).
+HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -56,11 +63,13 @@ def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
     """OME-NGFF 0.5 ``ome`` attribute listing every array of ``group`` with its scale.
 
     Arrays are ordered from finest to coarsest (y * x spacing), as the specification requires.
-    A ``translation`` places a cropped array where it lies in the source's frame.
+    A ``translation`` places a cropped array where it lies in the source's frame. The group is valid OME-NGFF
+    0.5 when the arrays have ``dimension_names`` ``["z", "y", "x"]`` (:data:`AXES`), as every array this
+    package writes does.
     """
     datasets = []
     for arr_name, arr in group.arrays():
-        if "spacing" not in arr.attrs or arr_name.startswith("tmp-"):
+        if "spacing" not in arr.attrs or arr_name.startswith("tmp-") or arr.ndim != len(AXES):
             continue
         sp = [float(s) for s in arr.attrs["spacing"]]
         up, _, left, _ = arr.attrs.get("crop_box", [0, 0, 0, 0])
@@ -69,7 +78,7 @@ def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
             transforms.append({"type": "translation", "translation": [0.0, up * sp[1], left * sp[2]]})
         datasets.append((sp[1] * sp[2], {"path": arr_name, "coordinateTransformations": transforms}))
     datasets.sort(key=lambda d: d[0])
-    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in ("z", "y", "x")]
+    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in AXES]
     return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": [d for _, d in datasets]}]}
 
 
@@ -100,7 +109,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         chunks = (1, *chunks[1:])  # one slice per chunk row: each slice is written once, by one rank
         group.create_array(tmp_name, shape=out_shape, chunks=chunks, dtype=src.dtype,
                            compressors=ZstdCodec(level=writer.compression_level), overwrite=True,
-                           fill_value=0)
+                           fill_value=0, dimension_names=AXES)
     _barrier()
     out = zarr.open_array(zarr.open_group(dm.root, mode="a").store, path=f"{group_path}/{tmp_name}", mode="r+")
 
@@ -171,18 +180,34 @@ def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dic
     return out
 
 
-def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]], log: list[dict[str, Any]], n_panels: int = 3) -> None:
-    """TensorBoard: final loss and QC score against the pair index, and overlays of a few pairs."""
+def tensorboard_writer(trainer: L.Trainer) -> Any:
+    """The run's TensorBoard ``SummaryWriter``, or None without a TensorBoard logger (call on rank 0 only)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-    if logger is None:
+    return None if logger is None else logger.experiment
+
+
+def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]], log: list[dict[str, Any]], n_panels: int = 3) -> None:
+    """TensorBoard: per pair (x = pair index) the final loss, QC score and NCC before/after; overlays of a few
+    pairs; the run's summary values of the HPARAMS tab (:data:`HPARAM_METRICS`)."""
+    tb = tensorboard_writer(trainer)
+    if tb is None:
         return
-    tb = logger.experiment
     for e in log:
         if e.get("final_loss") is not None:
             tb.add_scalar("pair/final_loss", e["final_loss"], global_step=e["pair_index"])
             tb.add_scalar("pair/qc_z", e.get("qc_z", 0.0), global_step=e["pair_index"])
+        for key in ("ncc_before", "ncc_after"):
+            if e.get(key) is not None:  # absent for pairs next to a damaged slice (and from journals of older versions)
+                tb.add_scalar(f"pair/{key}", e[key], global_step=e["pair_index"])
+    summary = {}
+    for key in ("ncc_before", "ncc_after"):
+        values = [e[key] for e in log if e.get(key) is not None]
+        summary[f"hp/mean_{key}"] = float(np.mean(values)) if values else float("nan")
+    summary["hp/qc_outliers"] = float(sum(e.get("qc") == "outlier" for e in log))
+    for tag in HPARAM_METRICS:
+        tb.add_scalar(tag, summary[tag], global_step=1)
     picks = sorted({0, len(fitted) // 2, len(fitted) - 1}) if fitted else []
     shape = tuple(src.shape[1:])
     for i in picks[:n_panels]:
@@ -300,7 +325,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
         bridge = next((r for r in fitted if r["slice_indices"][0] <= i and r["slice_indices"][1] >= i + 1), None)
         entry: dict[str, Any] = {"pair_index": i, "slice_indices": [i, i + 1], "status": "damaged_slice",
                                  "damaged_slices": {str(z): damaged[z] for z in bad}, "final_loss": None,
-                                 "num_steps_taken": 0, "steps_per_level": []}
+                                 "num_steps_taken": 0, "steps_per_level": [], "ncc_before": None, "ncc_after": None}
         if bridge is not None:
             entry["bridged_by"] = {k: v for k, v in bridge.items() if k not in ("matrix", "pair_index")}
         log.append(entry)

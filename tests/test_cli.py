@@ -123,6 +123,11 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path, base_image):
         roots.append(root)
     one, ddp = (zarr.open_array(str(r), path="images/registered/50-4-4", mode="r") for r in roots)
     assert sorted(r["pair_index"] for r in ddp.attrs["registration_log"]) == list(range(15))
+    # NCC before/after, all-reduced across the ranks: every pair's values, as in one process
+    for key in ("ncc_before", "ncc_after"):
+        a = [e[key] for e in sorted(one.attrs["registration_log"], key=lambda e: e["pair_index"])]
+        b = [e[key] for e in sorted(ddp.attrs["registration_log"], key=lambda e: e["pair_index"])]
+        assert np.allclose(a, b, atol=1e-4), (key, a, b)
     from sphero_lightning.synthetic import composed_error
 
     diff = composed_error(np.asarray(ddp.attrs["composed_transforms"]), np.asarray(one.attrs["composed_transforms"]), (96, 96))

@@ -76,6 +76,8 @@ def test_uint16_stack_with_blank_slice_is_bridged(tmp_path, base_image):
     assert [e["pair_index"] for e in log if e["status"] != "ok"] == [4, 5]
     assert log[4]["damaged_slices"] == {"5": "constant"}
     assert log[4]["bridged_by"]["slice_indices"] == [4, 6] and log[4]["bridged_by"]["status"] == "ok"
+    assert log[4]["ncc_after"] is None and log[4]["bridged_by"]["ncc_after"] > 0.9  # no NCC for a pair with a blank slice
+    assert all(e["ncc_after"] > 0.9 for e in log if e["status"] == "ok")
     err = composed_error(np.asarray(out.attrs["composed_transforms"]), s.composed, (192, 192))  # slices 1..9
     others = [z - 1 for z in range(1, 10) if z != 5]
     assert err[others].max() <= 0.1, err
@@ -150,6 +152,9 @@ def test_sigkill_then_rerun_resumes_and_matches_a_clean_run(tmp_path, base_image
     assert diff.max() <= 1e-3
     assert np.array_equal(a[:], b[:])
     assert sorted(e["pair_index"] for e in b.attrs["registration_log"]) == list(range(20))
+    # pairs from the journal carry their NCC too
+    for key in ("ncc_before", "ncc_after"):
+        assert [e[key] for e in b.attrs["registration_log"]] == [e[key] for e in a.attrs["registration_log"]]
     assert not journal.parent.exists()  # removed once the output is in place
 
 

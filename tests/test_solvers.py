@@ -72,7 +72,7 @@ def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc():
         p0 = torch.zeros(1, n, dtype=torch.float64)
         p0[0, 0], p0[0, 1] = 0.37 / (w / 2), -0.21 / (h / 2)
 
-        def grad(p):
+        def grad(p, m=m, coeffs=coeffs):
             p = p.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(m.pair_losses(p, fixed, coeffs).sum(), p)
             return g

@@ -50,6 +50,7 @@ def test_ingest_fit_apply_labels(tmp_path, stack, capsys):
     reg = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
     out = zarr.open_array(str(root), path="labels/registered/50-4-4", mode="r")
     assert out.shape == reg.shape and out.dtype == np.uint32
+    assert out.metadata.dimension_names == src.metadata.dimension_names == ("z", "y", "x")  # OME-NGFF 0.5 needs them
     assert set(np.unique(out[:])) <= set(np.unique(labels))  # no new label values
     assert out.attrs["inputs"] == ["labels/50-4-4", "images/registered/50-4-4"]
     assert out.attrs["processing"][-1]["parameters"]["interpolation"] == "nearest"
