@@ -61,7 +61,7 @@ def plain_run(root: Path, block: int, steps: int, levels: int) -> tuple[float, i
     """The same fit as a hand-written PyTorch loop: no Trainer, no hooks, no callbacks."""
     from sphero_lightning.callbacks import PyramidSchedule
 
-    dm = ZarrPairDataModule(str(root), "images/50-4-4", pairs_per_block=block)
+    dm = ZarrPairDataModule(str(root), "images/50-4-4", pairs_per_block=block, overwrite=True)
     module = RegistrationModule(pairs_per_block=block, init_translation="none")
     module.shape, module.n_pairs = dm.slice_shape, dm.n_pairs
     module.levels = PyramidSchedule(levels=levels, steps=steps).levels_for("bfgs")
@@ -78,10 +78,14 @@ def plain_run(root: Path, block: int, steps: int, levels: int) -> tuple[float, i
             fixed, moving = module._level_images(lv.factor)
             scale = (lv.factor / module.levels[i - 1].factor) ** 2 if i else 1.0
             solver = make_solver("bfgs", x, lv.lr, previous=previous, curvature_scale=scale)
-            for _ in range(lv.steps):
+            for step in range(lv.steps):
                 p = solver.trial().clone().requires_grad_(True)
-                losses = module.pair_losses(p, fixed, moving)
+                images = {} if step == 0 and module.uses_gauss_newton else None  # same curvature model as the module
+                losses = module.pair_losses(p, fixed, moving, images)
                 (g,) = torch.autograd.grad(losses.sum(), p)
+                if images is not None:
+                    hess = module._gauss_newton_hessian(p.detach(), fixed, images["warped"], images["weight"])
+                    solver.set_curvature(torch.ones(len(x), dtype=torch.bool), torch.linalg.inv(hess))
                 solver.update(losses.detach(), g)
                 count += 1
             x, previous = solver.x, solver
