@@ -78,7 +78,7 @@ def kill(base: np.ndarray, seed: int, work: Path, n: int = 40, at: float = 0.6) 
     for root in (clean, killed):
         write_zarr(s.stack, root)
     t_clean, _ = run(clean)
-    journal = killed / "images" / "registered" / "tmp-50-4-4-journal" / "zarr.json"
+    journal = killed / "images" / "registered" / "tmp-50-4-4-journal"
     p = subprocess.Popen(fit_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = 0
     while p.poll() is None:

@@ -218,16 +218,34 @@ class RegistrationWriter(L.Callback):
         faithful; ``bicubic`` is torch's Keys kernel (the reference pipeline's choice).
     compression_level : int
         zstd level of the output chunks.
+    chunks : list of int, optional
+        Output chunk shape ``[z, y, x]``; default one slice deep with the source's y/x chunking (a slice reads
+        fast in a viewer, a z-column needs one chunk per slice). ``[64, 256, 256]`` suits 3D viewers.
+    shards : list of int, optional
+        zarr v3 sharding: shard shape ``[z, y, x]``, whole multiples of ``chunks``; many chunks go to one file
+        (fewer files on big stacks). Default: no sharding.
+    num_workers : int
+        Threads that read, warp, compress and write the output in parallel (one z-range of shards or chunks each).
     """
 
     def __init__(self, crop_borders: bool = True, crop_safety_margin: int = 0, interpolation: str = "bspline",
-                 compression_level: int = 3) -> None:
+                 compression_level: int = 3, chunks: list[int] | None = None, shards: list[int] | None = None,
+                 num_workers: int = 4) -> None:
         if interpolation not in ("bspline", "bicubic", "bilinear"):
             raise SpheroError(f"unknown interpolation {interpolation!r}; choose bspline, bicubic or bilinear")
         if crop_safety_margin < 0:
             raise SpheroError(f"crop_safety_margin must be >= 0, got {crop_safety_margin}")
+        if num_workers < 1:
+            raise SpheroError(f"output num_workers must be >= 1, got {num_workers}")
+        from .output import output_layout
+
+        probe = (1 << 20,) * 3
+        output_layout(probe, probe, chunks, shards)  # validates the shapes now, before any fitting
         self.crop_borders, self.crop_safety_margin = crop_borders, crop_safety_margin
         self.interpolation, self.compression_level = interpolation, compression_level
+        self.chunks = None if chunks is None else [int(c) for c in chunks]
+        self.shards = None if shards is None else [int(v) for v in shards]
+        self.num_workers = int(num_workers)
         self.output_path: str | None = None
 
     #: Config group of these settings (``--output.*``), for the logged hyperparameters.
@@ -235,7 +253,8 @@ class RegistrationWriter(L.Callback):
 
     def settings(self) -> dict[str, Any]:
         return {"crop_borders": self.crop_borders, "crop_safety_margin": self.crop_safety_margin,
-                "interpolation": self.interpolation, "compression_level": self.compression_level}
+                "interpolation": self.interpolation, "compression_level": self.compression_level,
+                "chunks": self.chunks, "shards": self.shards, "num_workers": self.num_workers}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
         from .output import write_registration

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -125,18 +126,26 @@ class BlockStream(IterableDataset):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sphero-prefetch")
         self.pending: dict[int, Future] = {}
 
+    def _read(self, block: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        item = self.dm.read_rank_block(block, self.trainer.global_rank, self.trainer.world_size)
+        self.dm.timings["read_s"] = self.dm.timings.get("read_s", 0.0) + time.perf_counter() - t0
+        return item
+
     def _fetch(self, block: int) -> Future:
         if block in self.dm.skip_blocks:  # finished in an earlier run: nothing to read
             f: Future = Future()
             f.set_result({"skip": True})
             return f
         if block not in self.pending:
-            self.pending[block] = self.pool.submit(self.dm.read_rank_block, block, self.trainer.global_rank, self.trainer.world_size)
+            self.pending[block] = self.pool.submit(self._read, block)
         return self.pending[block]
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.trainer.current_epoch
+        t0 = time.perf_counter()
         item = self._fetch(epoch).result()
+        self.dm.timings["wait_s"] = self.dm.timings.get("wait_s", 0.0) + time.perf_counter() - t0
         self.pending.pop(epoch, None)
         if epoch + 1 < self.dm.n_blocks(self.trainer.world_size):
             self._fetch(epoch + 1)
@@ -195,6 +204,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.damaged: dict[int, str] = {}  # slice -> why it was left out (set by scan())
         self.good: list[int] = []  # slices that are registered, in order
         self.skip_blocks: set[int] = set()  # blocks finished by an earlier run (set by the module on resume)
+        self.timings: dict[str, float] = {}  # where the time went (s): scan_s, read_s, wait_s (+ the module's)
         self.validate()
         self.good = list(range(self.n_slices))
 
@@ -312,6 +322,7 @@ class ZarrPairDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         if self.check_slices:
+            t0 = time.perf_counter()
             strategy = trainer.strategy
 
             def reduce(t: torch.Tensor) -> torch.Tensor:
@@ -321,6 +332,7 @@ class ZarrPairDataModule(L.LightningDataModule):
 
             self.set_damaged(self.scan(trainer.global_rank, trainer.world_size, reduce,
                                        progress=getattr(trainer, "progress_bar_callback", None) is not None))
+            self.timings["scan_s"] = time.perf_counter() - t0
             if self.damaged and trainer.is_global_zero:
                 listing = "; ".join(f"slice {z}: {why}" for z, why in list(self.damaged.items())[:10])
                 more = f" (and {len(self.damaged) - 10} more)" if len(self.damaged) > 10 else ""

@@ -2,9 +2,10 @@
 
 The journal lives inside the store, next to where the output will go, as a small Zarr group
 ``<dst_group>/tmp-<z>-<y>-<x>-journal`` whose attributes hold the settings that determine the result
-(the fingerprint, which includes the damaged-slice scan) and every finished pair. It is rewritten atomically
-(temporary file, then rename) after every block, so a SIGKILL at any moment leaves either the old
-or the new journal, never a torn one. It is removed once the output is in place.
+(the fingerprint, which includes the damaged-slice scan). After every block the pairs it finished are
+added as one small JSON file (``pairs-<first>-<last>.json``, written to a temporary file and renamed), so
+a SIGKILL at any moment leaves whole files only, and the cost of saving does not grow with the stack.
+It is removed once the output is in place.
 
 A journal written with other settings (or for other data) is never mixed in: the run starts over
 and says so. ``--data.resume false`` ignores any journal.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when the journal's content changes meaning.
-VERSION = 1
+VERSION = 2
 
 
 def _canonical(value: Any) -> Any:
@@ -47,34 +48,69 @@ class Journal:
     def file(self) -> Path:
         return self.path / "zarr.json"
 
-    def load(self) -> dict[int, dict[str, Any]]:
-        """Finished pairs of an earlier run with the same settings (else empty)."""
+    def _matches(self) -> bool | None:
+        """Whether the journal on disk was made with this fingerprint (None: there is none)."""
         if not self.file.exists():
-            return {}
+            return None
         try:
             doc = json.loads(self.file.read_text())["attributes"]["sphero_journal"]
         except (OSError, ValueError, KeyError, TypeError):
             print(f"sphero: the progress journal {self.path} is unreadable; starting over", file=sys.stderr)
-            return {}
+            return False
         if doc.get("version") != VERSION or doc.get("fingerprint") != self.fingerprint:
             print(f"sphero: the progress journal {self.path} was made with other settings or data; starting over",
                   file=sys.stderr)
-            return {}
-        return {int(k): v for k, v in doc.get("results", {}).items()}
+            return False
+        return True
 
-    def save(self, results: dict[int, dict[str, Any]]) -> None:
-        """Atomically replace the journal with ``results``."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        doc = {"zarr_format": 3, "node_type": "group", "attributes": {"sphero_journal": {
-            "version": VERSION, "fingerprint": self.fingerprint,
-            "results": {str(k): v for k, v in sorted(results.items())},
-        }}}
-        tmp = self.path / f".zarr.json.{os.getpid()}.tmp"
+    def load(self) -> dict[int, dict[str, Any]]:
+        """Finished pairs of an earlier run with the same settings (else empty)."""
+        if not self._matches():
+            return {}
+        results: dict[int, dict[str, Any]] = {}
+        for part in sorted(self.path.glob("pairs-*.json")):
+            try:
+                results.update({int(k): v for k, v in json.loads(part.read_text()).items()})
+            except (OSError, ValueError, AttributeError):
+                continue  # cannot happen with atomic writes; those pairs are fitted again
+        self._saved = set(results)
+        self._started = True
+        return results
+
+    def _write(self, target: Path, doc: Any) -> None:
+        tmp = self.path / f".{target.name}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.file)
+        os.replace(tmp, target)
+
+    def save(self, results: dict[int, dict[str, Any]]) -> None:
+        """Add the pairs of ``results`` not saved yet (one new file); start a fresh journal the first time."""
+        if not getattr(self, "_started", False):
+            if self.path.exists() and not self._matches():
+                shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write(self.file, {"zarr_format": 3, "node_type": "group", "attributes": {"sphero_journal": {
+                "version": VERSION, "fingerprint": self.fingerprint}}})
+            self._saved: set[int] = set(getattr(self, "_saved", set()))
+            self._started = True
+        new = {k: results[k] for k in sorted(results) if k not in self._saved}
+        if not new:
+            return
+        self._write(self.path / f"pairs-{min(new):08d}-{max(new):08d}.json", {str(k): v for k, v in new.items()})
+        self._saved.update(new)
+
+    @staticmethod
+    def count_saved(path: Path) -> int:
+        """Pairs saved in the journal at ``path`` so far (for monitoring; 0 if there is none)."""
+        n = 0
+        for part in Path(path).glob("pairs-*.json"):
+            try:
+                n += len(json.loads(part.read_text()))
+            except (OSError, ValueError):
+                pass
+        return n
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +160,9 @@ class RegistrationModule(L.LightningModule):
         self.solver = None
         self._level0: tuple[torch.Tensor, torch.Tensor] | None = None  # (level-0 images, moving coefficients)
         self.results: dict[int, dict[str, Any]] = {}
+        self.timings: dict[str, float] = {}
+        #: Pixels evaluated in one autograd pass (pairs x pixels per pair); bounds the memory of a step.
+        self.max_pixels_per_pass = 1 << 20
         self.shape: tuple[int, int] | None = None
         self.n_pairs = 0
         self.steps_run = 0  # training steps of this process (Lightning's logging step; global_step stays 0 without optimizers)
@@ -189,6 +193,7 @@ class RegistrationModule(L.LightningModule):
         self.shape = dm.slice_shape
         self.n_pairs = dm.n_pairs
         self.pair_slices = [dm.pair_slices(p) for p in range(self.n_pairs)]
+        self.timings = dm.timings  # shared with the datamodule: scan_s, read_s, wait_s; here fit_s; writer write_s
         self.journal = Journal(dm.journal_path, self.fingerprint())
         if dm.resume:
             self.results.update({p: r for p, r in self.journal.load().items() if p < self.n_pairs})
@@ -563,6 +568,12 @@ class RegistrationModule(L.LightningModule):
         return groups
 
     # ------------------------------------------------------------------ Lightning hooks
+    def on_train_start(self) -> None:
+        self._train_t0 = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self.timings["fit_s"] = time.perf_counter() - getattr(self, "_train_t0", time.perf_counter())
+
     def on_fit_start(self) -> None:
         # Here (data scanned, pyramid set) rather than Lightning's own logging right after this hook, which would
         # show only the model's settings; the loggers then save hparams.yaml with these.
@@ -604,10 +615,31 @@ class RegistrationModule(L.LightningModule):
         idx = torch.nonzero(active_local).flatten()
         # First evaluation of a level's rows: Gauss-Newton curvature from the same images (same on all ranks).
         fresh = solver.active & ~solver.evaluated if self.uses_gauss_newton else None
-        images: dict[str, torch.Tensor] | None = {} if fresh is not None and bool(fresh.any()) else None
+        need_curv = fresh is not None and bool(fresh.any())
+        n = self.basis.shape[0]
+        curv = torch.zeros(self.delta.shape[0], n, n, dtype=torch.float64, device=self.device) if need_curv else None
         if len(idx):
-            losses = self.pair_losses(self.delta[self.rows][idx], self.level_fixed[idx], self.level_coeffs[idx], images)
-            total = losses.sum() * self.world
+            # Pairs in passes of at most max_pixels_per_pass pixels, each pass's graph freed before the next: the
+            # memory of a step stays bounded whatever the block and slice size (same math as one pass).
+            p_all = self.delta.detach()[self.rows][idx]
+            h, w = self.level_fixed.shape[-2:]
+            per = max(1, self.max_pixels_per_pass // (h * w))
+            losses_l, grads_l = [], []
+            for c0 in range(0, len(idx), per):
+                sel = idx[c0:c0 + per]
+                pc = p_all[c0:c0 + per].clone().requires_grad_(True)
+                images: dict[str, torch.Tensor] | None = {} if need_curv else None
+                lc = self.pair_losses(pc, self.level_fixed[sel], self.level_coeffs[sel], images)
+                (gc,) = torch.autograd.grad(lc.sum(), pc)
+                losses_l.append(lc.detach())
+                grads_l.append(gc)
+                if images is not None:
+                    curv[self.rows.start + sel] = self._gauss_newton_hessian(pc.detach(), self.level_fixed[sel],
+                                                                              images["warped"], images["weight"])
+                del images, lc
+            losses = torch.cat(losses_l)
+            # a linear surrogate with exactly these gradients: DDP all-reduces them into every row of delta
+            total = (self.delta[self.rows][idx] * torch.cat(grads_l)).sum() * self.world
         else:
             losses = self.delta.new_zeros(0)
             total = (self.delta * 0).sum()  # keeps DDP's all-reduce in step with the other ranks
@@ -615,14 +647,9 @@ class RegistrationModule(L.LightningModule):
         self.manual_backward(total)
         grad = self.delta.grad.detach().clone() if self.delta.grad is not None else torch.zeros_like(self.delta)
         full = torch.zeros(self.delta.shape[0], dtype=torch.float64, device=self.device)
-        full[self.rows.start + idx] = losses.detach()
+        full[self.rows.start + idx] = losses
         full = self._all_reduce(full)
-        if images is not None:
-            n = self.basis.shape[0]
-            curv = torch.zeros(self.delta.shape[0], n, n, dtype=torch.float64, device=self.device)
-            if len(idx):
-                curv[self.rows.start + idx] = self._gauss_newton_hessian(
-                    trial[self.rows][idx], self.level_fixed[idx], images["warped"], images["weight"])
+        if curv is not None:
             curv = self._all_reduce(curv)
             ok = fresh & (curv.diagonal(dim1=-2, dim2=-1).sum(-1) > 0)
             eye = torch.eye(n, dtype=curv.dtype, device=curv.device)

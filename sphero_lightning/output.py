@@ -12,6 +12,8 @@ import math
 import os
 import shutil
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ from zarr.codecs import ZstdCodec
 
 from . import __version__
 from .crop import crop_box
+from .errors import SpheroError
 from .export import pixel_matrices
 from .interpolation import nearest_index, warp
 from .transforms import homogeneous, normalized_to_pixel
@@ -105,16 +108,16 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     rank, world = trainer.global_rank, trainer.world_size
     if rank == 0:
         group = zarr.open_group(dm.root, mode="a").require_group(group_path)
-        chunks = tuple(min(c, s) for c, s in zip(src.chunks, out_shape))
-        chunks = (1, *chunks[1:])  # one slice per chunk row: each slice is written once, by one rank
-        group.create_array(tmp_name, shape=out_shape, chunks=chunks, dtype=src.dtype,
+        chunks, shards = output_layout(src.chunks, out_shape, writer.chunks, writer.shards)
+        group.create_array(tmp_name, shape=out_shape, chunks=chunks, shards=shards, dtype=src.dtype,
                            compressors=ZstdCodec(level=writer.compression_level), overwrite=True,
                            fill_value=0, dimension_names=AXES)
     _barrier()
     out = zarr.open_array(zarr.open_group(dm.root, mode="a").store, path=f"{group_path}/{tmp_name}", mode="r+")
 
     show = rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
-    warp_slices(src, out, composed, box, writer.interpolation, module.device, rank, world, progress=show, n_slices=n + 1)
+    module.timings.update(warp_slices(src, out, composed, box, writer.interpolation, module.device, rank, world,
+                                      progress=show, n_slices=n + 1, num_workers=writer.num_workers))
     _barrier()
 
     final = f"{group_path}/{name}"
@@ -153,8 +156,17 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         group = zarr.open_group(dm.root, mode="a")[group_path]
         group.attrs["ome"] = ome_multiscales(group, group_path)
         print(f"sphero: wrote {dm.root}/{final} shape {out_shape} crop_box {box}", file=sys.stderr)
+        print(f"sphero: {timing_line(module.timings, writer.num_workers)}", file=sys.stderr)
     _barrier()
     return final
+
+
+def timing_line(t: dict[str, float], workers: int) -> str:
+    """One line: where the run's time went (this rank's view)."""
+    fit, wait = t.get("fit_s", 0.0), t.get("wait_s", 0.0)
+    return (f"time: checking slices {t.get('scan_s', 0.0):.1f} s, fitting {fit:.1f} s (computing {fit - wait:.1f} s, "
+            f"waiting for data {wait:.1f} s; reading took {t.get('read_s', 0.0):.1f} s in the background), "
+            f"writing {t.get('write_s', 0.0):.1f} s ({workers} threads)")
 
 
 def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dict[str, Any]]:
@@ -232,40 +244,88 @@ def _overlay(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return np.stack([f, m, f], -1)
 
 
+def output_layout(src_chunks: tuple[int, ...], out_shape: tuple[int, int, int], chunks: list[int] | None = None,
+                  shards: list[int] | None = None) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
+    """Chunk and shard shapes of an output array.
+
+    Default chunks: one slice deep, the source's chunking in y and x (capped at the output's size). ``shards``
+    (zarr v3 sharding: many chunks in one file) must be whole multiples of the chunks along every axis.
+    """
+    if chunks is None:
+        ch = (1, *(min(int(c), s) for c, s in zip(src_chunks[1:], out_shape[1:])))
+    else:
+        if len(chunks) != 3 or any(int(c) < 1 for c in chunks):
+            raise SpheroError(f"output chunks must be three positive numbers [z, y, x], got {chunks}")
+        # capped at the output's size unless sharded (shards must stay whole multiples of the chunks)
+        ch = tuple(int(c) if shards is not None else min(int(c), s) for c, s in zip(chunks, out_shape))
+    if shards is None:
+        return ch, None
+    if len(shards) != 3 or any(int(v) < 1 for v in shards):
+        raise SpheroError(f"output shards must be three positive numbers [z, y, x], got {shards}")
+    sh = tuple(int(v) for v in shards)
+    if any(v % c for v, c in zip(sh, ch)):
+        raise SpheroError(f"output shards {list(sh)} must be whole multiples of the chunks {list(ch)} along every axis")
+    return ch, sh
+
+
 def warp_slices(src: zarr.Array, out: zarr.Array, composed: torch.Tensor, box: list[int], mode: str,
                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1, progress: bool = False,
-                n_slices: int | None = None) -> None:
-    """Warp every slice of ``src`` once into the cropped ``out`` (this rank's share: ``z = rank, rank + world, ...``).
+                n_slices: int | None = None, num_workers: int = 4) -> dict[str, float]:
+    """Warp every slice of ``src`` once into the cropped ``out``, in parallel; returns timings (s).
 
     ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped).
     ``mode`` is a :func:`~sphero_lightning.interpolation.warp` mode; ``nearest`` keeps integer values exact
     (labels), the others round and clip to ``src``'s dtype.
+
+    The unit of work is one z-range of ``out``'s shards (or chunks, unsharded) across the whole slice, so no
+    two workers or ranks ever write the same chunk or shard; units go round-robin to the ranks, and within a
+    rank to ``num_workers`` threads (reading, warping on ``device``, compressing and writing overlap). At most
+    ``2 * num_workers`` units are in flight, so memory does not grow with the stack.
     """
     up, down, left, right = box
     shape = tuple(src.shape[1:])
     n = src.shape[0] if n_slices is None else n_slices
     theta = composed.to(device=device, dtype=torch.float32)
     window = {"out_shape": (down - up, right - left), "offset": (up, left), "full_shape": shape}
+    depth = int((getattr(out, "shards", None) or out.chunks)[0])
+    units = [(z0, min(z0 + depth, n)) for z0 in range(0, n, depth)][rank::world]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="writing", unit="slice", dynamic_ncols=True, file=sys.stderr)
-    for z in range(rank, n, world):
+
+    def one(z: int) -> np.ndarray:
         img = np.asarray(src[z])
         if z == 0:
-            res = img[up:down, left:right]
-        elif mode == "nearest":
+            return img[up:down, left:right]
+        if mode == "nearest":
             iy, ix = nearest_index(composed[z - 1:z], shape, **window)
-            res = img[iy[0].numpy(), ix[0].numpy()]
-        else:
-            t = torch.from_numpy(img.astype(np.float32)).to(device)[None, None]
-            res = warp(t, theta[z - 1:z], mode=mode, **window)[0, 0].cpu().numpy()
-        out[z] = res if mode == "nearest" else to_dtype(res, src.dtype)
-        if bar is not None:
-            bar.update(world)
+            return img[iy[0].numpy(), ix[0].numpy()]
+        t = torch.from_numpy(img.astype(np.float32)).to(device)[None, None]
+        return to_dtype(warp(t, theta[z - 1:z], mode=mode, **window)[0, 0].cpu().numpy(), src.dtype)
+
+    def unit(z0: int, z1: int) -> int:
+        out[z0:z1] = np.stack([one(z) for z in range(z0, z1)])
+        return z1 - z0
+
+    t0 = time.perf_counter()
+    workers = max(1, int(num_workers))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sphero-write") as pool:
+        pending: list[Future] = []
+        for z0, z1 in units:
+            pending.append(pool.submit(unit, z0, z1))
+            while len(pending) >= 2 * workers:
+                done = pending.pop(0).result()
+                if bar is not None:
+                    bar.update(done * world)
+        for f in pending:
+            done = f.result()
+            if bar is not None:
+                bar.update(done * world)
     if bar is not None:
         bar.close()
+    return {"write_s": time.perf_counter() - t0}
 
 
 def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str]

@@ -126,15 +126,12 @@ def test_sigkill_then_rerun_resumes_and_matches_a_clean_run(tmp_path, base_image
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run(_sphero_cmd(clean, *extra), check=True, capture_output=True, env=env, timeout=600, cwd=tmp_path)
 
-    journal = killed / "images" / "registered" / "tmp-50-4-4-journal" / "zarr.json"
+    journal = killed / "images" / "registered" / "tmp-50-4-4-journal"
     p = subprocess.Popen(_sphero_cmd(killed, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
     done, deadline = 0, time.monotonic() + 600
     while p.poll() is None and time.monotonic() < deadline:
         if journal.exists():
-            try:
-                done = len(json.loads(journal.read_text())["attributes"]["sphero_journal"]["results"])
-            except (ValueError, KeyError):
-                done = 0
+            done = Journal.count_saved(journal)
             if done >= 8:
                 os.kill(p.pid, signal.SIGKILL)
                 break
@@ -155,7 +152,7 @@ def test_sigkill_then_rerun_resumes_and_matches_a_clean_run(tmp_path, base_image
     # pairs from the journal carry their NCC too
     for key in ("ncc_before", "ncc_after"):
         assert [e[key] for e in b.attrs["registration_log"]] == [e[key] for e in a.attrs["registration_log"]]
-    assert not journal.parent.exists()  # removed once the output is in place
+    assert not journal.exists()  # removed once the output is in place
 
 
 def test_journal_with_other_settings_is_not_reused(tmp_path, capsys):
@@ -168,6 +165,29 @@ def test_journal_with_other_settings_is_not_reused(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
     (tmp_path / "j" / "zarr.json").write_text("{ torn")
     assert Journal(tmp_path / "j", {}).load() == {}
+
+
+def test_journal_saves_only_new_pairs_and_starts_over_for_other_settings(tmp_path):
+    fp = {"model": {"loss": "ncc"}}
+    j = Journal(tmp_path / "j", fp)
+    results = {0: {"final_loss": 0.1}, 1: {"final_loss": 0.2}}
+    j.save(results)
+    j.save(results)  # nothing new: no new file
+    results[2] = {"final_loss": 0.3}
+    j.save(results)
+    parts = sorted(p.name for p in (tmp_path / "j").glob("pairs-*.json"))
+    assert parts == ["pairs-00000000-00000001.json", "pairs-00000002-00000002.json"]
+    assert json.loads((tmp_path / "j" / parts[1]).read_text()) == {"2": {"final_loss": 0.3}}
+    assert Journal.count_saved(tmp_path / "j") == 3
+    again = Journal(tmp_path / "j", fp)
+    assert again.load() == results
+    again.save({**results, 3: {"final_loss": 0.4}})
+    assert Journal.count_saved(tmp_path / "j") == 4
+    # other settings: the old pairs are dropped when the new run saves
+    other = Journal(tmp_path / "j", {"model": {"loss": "mse"}})
+    assert other.load() == {}
+    other.save({0: {"final_loss": 9.0}})
+    assert Journal(tmp_path / "j", {"model": {"loss": "mse"}}).load() == {0: {"final_loss": 9.0}}
 
 
 def test_leftover_partial_output_is_replaced(tmp_path, base_image):

@@ -1,0 +1,60 @@
+"""Scale: output chunking and sharding, the parallel writer, the run's time breakdown."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import zarr
+from conftest import CONFIG
+
+from sphero_lightning.callbacks import RegistrationWriter
+from sphero_lightning.cli import main
+from sphero_lightning.errors import SpheroError
+from sphero_lightning.output import output_layout
+from sphero_lightning.synthetic import make_stack, write_zarr
+
+
+def _fit(root, *extra) -> str:
+    args = ["fit", "--config", CONFIG, "--data.root", str(root), "--data.array", "images/50-4-4",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(root.parent / "logs"), "--pyramid.levels", "3", *extra]
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        main(args)
+    return buf.getvalue()
+
+
+def test_sharded_tiled_parallel_output_equals_the_default(tmp_path, base_image):
+    s = make_stack(base_image, 11, (160, 192), seed=5)
+    roots = []
+    for i, extra in enumerate(([], ["--output.chunks", "[4,64,64]", "--output.shards", "[8,128,128]",
+                                    "--output.num_workers", "3"], ["--output.num_workers", "1"])):
+        root = tmp_path / f"s{i}.zarr"
+        write_zarr(s.stack, root)
+        err = _fit(root, *extra)
+        roots.append(root)
+        # the time breakdown, one line
+        line = next(ln for ln in err.splitlines() if ln.startswith("sphero: time:"))
+        assert "fitting" in line and "waiting for data" in line and "writing" in line, line
+    outs = [zarr.open_array(str(r), path="images/registered/50-4-4", mode="r") for r in roots]
+    assert outs[0].chunks[0] == 1 and outs[0].shards is None
+    assert outs[1].chunks == (4, 64, 64) and outs[1].shards == (8, 128, 128)
+    ref = outs[0][:]
+    assert ref.std() > 0
+    for o in outs[1:]:
+        assert o.shape == outs[0].shape
+        np.testing.assert_array_equal(o[:], ref)
+
+
+def test_output_layout_checks_shapes():
+    assert output_layout((1, 512, 512), (10, 300, 400)) == ((1, 300, 400), None)
+    assert output_layout((1, 64, 64), (10, 300, 400), [2, 128, 128], [4, 256, 256]) == ((2, 128, 128), (4, 256, 256))
+    with pytest.raises(SpheroError, match="whole multiples"):
+        RegistrationWriter(chunks=[1, 64, 64], shards=[1, 100, 128])
+    with pytest.raises(SpheroError, match="three positive"):
+        RegistrationWriter(chunks=[0, 64, 64])
+    with pytest.raises(SpheroError, match="num_workers"):
+        RegistrationWriter(num_workers=0)
