@@ -303,6 +303,18 @@ def nearest_index(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tu
     return iy, ix
 
 
+def warp_coefficients(coeffs: torch.Tensor, theta: torch.Tensor, src_shape: tuple[int, int],
+                      out_shape: tuple[int, int] | None = None, offset: tuple[int, int] = (0, 0),
+                      full_shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """:func:`warp` in ``bspline`` mode from precomputed :func:`bspline_prefilter` coefficients of ``src_shape``
+    images (prefilter once, then sample any number of windows)."""
+    hh, ww = src_shape
+    src = _window_positions(theta, (hh, ww), out_shape, offset, full_shape)
+    px = ((src[..., 0] + 1) * ww - 1) / 2
+    py = ((src[..., 1] + 1) * hh - 1) / 2
+    return bspline_sample(coeffs, px, py)
+
+
 def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | None = None, mode: str = "bspline",
          offset: tuple[int, int] = (0, 0), full_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Warp images with normalized affine matrices.
@@ -333,9 +345,7 @@ def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | 
         flat = image.reshape(*image.shape[:2], hh * ww)
         idx = (iy * ww + ix).reshape(image.shape[0], 1, -1).expand(-1, image.shape[1], -1)
         return flat.gather(2, idx).reshape(*image.shape[:2], *iy.shape[-2:])
-    src = _window_positions(theta, (hh, ww), out_shape, offset, full_shape)
     if mode == "bspline":
-        px = ((src[..., 0] + 1) * ww - 1) / 2
-        py = ((src[..., 1] + 1) * hh - 1) / 2
-        return bspline_sample(bspline_prefilter(image), px, py)
+        return warp_coefficients(bspline_prefilter(image), theta, (hh, ww), out_shape, offset, full_shape)
+    src = _window_positions(theta, (hh, ww), out_shape, offset, full_shape)
     return F.grid_sample(image, src.to(image.dtype), mode=mode, padding_mode="border", align_corners=False)

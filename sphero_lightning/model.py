@@ -14,6 +14,7 @@ Lightning mapping (see README "Design"):
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 import time
@@ -44,6 +45,15 @@ from .transforms import FAMILIES, corner_displacement, family_basis, params_to_n
 
 #: Interpolation of the moving slice inside the loss (see RegistrationModule).
 INTERPOLATIONS = ("bspline", "bspline2x", "bicubic")
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): keeps the resident size flat over thousands of blocks
+    instead of creeping up with allocator fragmentation. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 #: BFGS curvature model at the start of a level (see RegistrationModule).
 CURVATURES = ("gauss_newton", "carried")
 
@@ -676,6 +686,7 @@ class RegistrationModule(L.LightningModule):
             self.finish_block()
         if self.trainer.is_global_zero:
             self.journal.save(self.results)
+        release_memory()
         losses = [self.results[p]["final_loss"] for p in blk.pairs if p >= 0]
         if losses:
             self.log("loss/block_final", float(sum(losses) / len(losses)), on_epoch=True, rank_zero_only=True, batch_size=1)

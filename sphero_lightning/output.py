@@ -27,7 +27,7 @@ from . import __version__
 from .crop import crop_box
 from .errors import SpheroError
 from .export import pixel_matrices
-from .interpolation import nearest_index, warp
+from .interpolation import bspline_prefilter, nearest_index, warp, warp_coefficients
 from .transforms import homogeneous, normalized_to_pixel
 
 if TYPE_CHECKING:
@@ -268,6 +268,10 @@ def output_layout(src_chunks: tuple[int, ...], out_shape: tuple[int, int, int], 
     return ch, sh
 
 
+#: Output pixels warped at once per writer thread (a strip of rows); bounds the writer's memory per thread.
+_STRIP_PIXELS = 1 << 18
+
+
 def warp_slices(src: zarr.Array, out: zarr.Array, composed: torch.Tensor, box: list[int], mode: str,
                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1, progress: bool = False,
                 n_slices: int | None = None, num_workers: int = 4) -> dict[str, float]:
@@ -303,7 +307,18 @@ def warp_slices(src: zarr.Array, out: zarr.Array, composed: torch.Tensor, box: l
             iy, ix = nearest_index(composed[z - 1:z], shape, **window)
             return img[iy[0].numpy(), ix[0].numpy()]
         t = torch.from_numpy(img.astype(np.float32)).to(device)[None, None]
-        return to_dtype(warp(t, theta[z - 1:z], mode=mode, **window)[0, 0].cpu().numpy(), src.dtype)
+        if mode == "bspline":
+            t = bspline_prefilter(t)  # once per slice; the strips below sample it
+        res = np.empty((down - up, right - left), dtype=np.float32)
+        rows = max(1, _STRIP_PIXELS // max(1, right - left))  # strips of rows: bounded temporaries per thread
+        for r0 in range(0, down - up, rows):
+            r1 = min(r0 + rows, down - up)
+            strip = {"out_shape": (r1 - r0, right - left), "offset": (up + r0, left), "full_shape": shape}
+            if mode == "bspline":
+                res[r0:r1] = warp_coefficients(t, theta[z - 1:z], shape, **strip)[0, 0].cpu().numpy()
+            else:
+                res[r0:r1] = warp(t, theta[z - 1:z], mode=mode, **strip)[0, 0].cpu().numpy()
+        return to_dtype(res, src.dtype)
 
     def unit(z0: int, z1: int) -> int:
         out[z0:z1] = np.stack([one(z) for z in range(z0, z1)])

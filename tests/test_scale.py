@@ -58,3 +58,33 @@ def test_output_layout_checks_shapes():
         RegistrationWriter(chunks=[0, 64, 64])
     with pytest.raises(SpheroError, match="num_workers"):
         RegistrationWriter(num_workers=0)
+
+
+def test_writer_strips_and_threads_do_not_change_the_output(tmp_path, monkeypatch):
+    """Warping a slice in strips of rows, by several threads, gives exactly the whole-slice result."""
+    import torch
+
+    from sphero_lightning import output
+    from sphero_lightning.interpolation import warp
+    from sphero_lightning.synthetic import em_like_image
+
+    rng = np.random.default_rng(0)
+    stack = np.stack([em_like_image(96, seed=k)[:80, :90] for k in range(4)]).astype(np.uint16) * 200
+    src = zarr.create_array(str(tmp_path / "src.zarr"), shape=stack.shape, chunks=(1, 80, 90), dtype=stack.dtype)
+    src[:] = stack
+    theta = torch.tensor([[[1.0, 0.01, 0.02], [-0.01, 1.0, -0.03]]] * 3, dtype=torch.float64)
+    theta[:, :, 2] += torch.from_numpy(rng.normal(0, 0.01, (3, 2)))
+    box = [3, 75, 4, 84]
+    whole = output.to_dtype(warp(torch.from_numpy(stack[1:].astype(np.float32))[:, None], theta.float(), out_shape=(72, 80),
+                                 offset=(3, 4), full_shape=(80, 90))[:, 0].numpy(), stack.dtype)
+    for mode in ("bspline", "bicubic"):
+        outs = []
+        for strip, workers in ((1 << 18, 1), (7 * 80, 3)):  # whole slices; strips of 7 rows in 3 threads
+            monkeypatch.setattr(output, "_STRIP_PIXELS", strip)
+            out = zarr.create_array(str(tmp_path / f"o{mode}{strip}.zarr"), shape=(4, 72, 80), chunks=(1, 72, 80), dtype=stack.dtype)
+            output.warp_slices(src, out, theta, box, mode, num_workers=workers)
+            outs.append(out[:])
+        np.testing.assert_array_equal(outs[0], outs[1])
+        np.testing.assert_array_equal(outs[0][0], stack[0, 3:75, 4:84])
+        if mode == "bspline":
+            np.testing.assert_array_equal(outs[0][1:], whole)
