@@ -79,14 +79,11 @@ def plain_run(root: Path, block: int, steps: int, levels: int) -> tuple[float, i
             scale = (lv.factor / module.levels[i - 1].factor) ** 2 if i else 1.0
             solver = make_solver("bfgs", x, lv.lr, previous=previous, curvature_scale=scale)
             for step in range(lv.steps):
-                p = solver.trial().clone().requires_grad_(True)
-                images = {} if step == 0 and module.uses_gauss_newton else None  # same curvature model as the module
-                losses = module.pair_losses(p, fixed, moving, images)
-                (g,) = torch.autograd.grad(losses.sum(), p)
-                if images is not None:
-                    hess = module._gauss_newton_hessian(p.detach(), fixed, images["warped"], images["weight"])
+                # the module's evaluation (same passes, same Gauss-Newton curvature at a level's first step)
+                losses, g, hess = module.evaluate(solver.trial(), fixed, moving, step == 0 and module.uses_gauss_newton)
+                if hess is not None:
                     solver.set_curvature(torch.ones(len(x), dtype=torch.bool), torch.linalg.inv(hess))
-                solver.update(losses.detach(), g)
+                solver.update(losses, g)
                 count += 1
             x, previous = solver.x, solver
     return time.perf_counter() - t0, count

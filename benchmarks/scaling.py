@@ -1,13 +1,13 @@
 """Time and peak memory of ``sphero fit`` against stack depth (Z) and slice size (Y x X), CPU or GPU.
 
-Each configuration runs the ``sphero`` command in its own process (default config, rigid) on a synthetic stack
+Each configuration runs the ``sphero`` command (``--repeats`` times, each in its own process) (default config, rigid) on a synthetic stack
 (procedural EM-like texture, random rigid misalignment, noise), and prints: wall time of the whole command,
 seconds per pair, peak RSS of that process, and the run's own breakdown (the ``sphero: time:`` line): checking
 slices, fitting (computing vs waiting for the next block), reading (in the background thread), writing.
 ``hidden`` = fitting / computing: 1.00 means reading never stalled the fit.
 
-    python benchmarks/scaling.py                                  # Z = 32, 128 at 512 x 512
-    python benchmarks/scaling.py --depths 32 --sizes 1024 2048    # slice size
+    python benchmarks/scaling.py                                  # Z = 32, 128 at 512 x 512, 3 runs each
+    python benchmarks/scaling.py --depths 8 32 --sizes 1024 2048 --repeats 1   # slice size
     python benchmarks/scaling.py --extra --trainer.accelerator gpu
 """
 
@@ -78,9 +78,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512])
+    ap.add_argument("--repeats", type=int, default=3, help="runs per configuration: medians of times, largest peak RSS")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more sphero fit arguments (last)")
     a = ap.parse_args()
-    print(f"# sphero fit scaling ({' '.join(a.extra) or 'default config'}); one process per row")
+    print(f"# sphero fit scaling ({' '.join(a.extra) or 'default config'}); each run in its own process; "
+          f"medians of {a.repeats} runs, largest peak RSS")
     print(f"{'Z':>5} {'Y x X':>11} {'wall s':>7} {'s/pair':>7} {'peak RSS MB':>11} {'check s':>7} {'fit s':>7} "
           f"{'compute s':>9} {'wait s':>6} {'read s':>6} {'write s':>7} {'hidden':>6}")
     rows = []
@@ -89,7 +91,9 @@ def main() -> None:
             for z in a.depths:
                 root = Path(tmp) / f"z{z}-{size}.zarr"
                 write_zarr(synthetic_stack(z, size), root)
-                r = run(root, Path(tmp) / "logs", a.extra)
+                runs = [run(root, Path(tmp) / "logs", a.extra) for _ in range(a.repeats)]
+                r = {k: float(np.median([x[k] for x in runs])) for k in runs[0]}
+                r["rss_mb"] = max(x["rss_mb"] for x in runs)
                 rows.append((z, size, r))
                 print(f"{z:5d} {f'{size} x {size}':>11} {r['wall']:7.1f} {r['fit'] / (z - 1):7.3f} {r['rss_mb']:11.0f} "
                       f"{r['scan']:7.2f} {r['fit']:7.2f} {r['compute']:9.2f} {r['wait']:6.2f} {r['read']:6.2f} "

@@ -616,6 +616,30 @@ class RegistrationModule(L.LightningModule):
             dist.all_reduce(t)
         return t
 
+    def evaluate(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, curvature: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Losses ``(b,)``, their gradients ``(b, n)`` and (optionally) Gauss-Newton Hessians ``(b, n, n)`` at ``p``.
+
+        Pairs go in equal passes of at most ``max_pixels_per_pass`` pixels, each pass's autograd graph freed
+        before the next: the memory of a step stays bounded whatever the block and slice size (same math as one
+        pass).
+        """
+        h, w = fixed.shape[-2:]
+        per = max(1, self.max_pixels_per_pass // (h * w))
+        per = -(-len(p) // -(-len(p) // per))  # equal passes (8 pairs in 2 passes: 4 + 4, not 7 + 1)
+        losses, grads, hess = [], [], []
+        for c0 in range(0, len(p), per):
+            pc = p[c0:c0 + per].detach().clone().requires_grad_(True)
+            images: dict[str, torch.Tensor] | None = {} if curvature else None
+            lc = self.pair_losses(pc, fixed[c0:c0 + per], coeffs[c0:c0 + per], images)
+            (gc,) = torch.autograd.grad(lc.sum(), pc)
+            losses.append(lc.detach())
+            grads.append(gc)
+            if images is not None:
+                hess.append(self._gauss_newton_hessian(pc.detach(), fixed[c0:c0 + per], images["warped"], images["weight"]))
+            del images, lc
+        return torch.cat(losses), torch.cat(grads), (torch.cat(hess) if curvature else None)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         blk, solver = self.block, self.solver
         trial = solver.trial()
@@ -629,27 +653,12 @@ class RegistrationModule(L.LightningModule):
         n = self.basis.shape[0]
         curv = torch.zeros(self.delta.shape[0], n, n, dtype=torch.float64, device=self.device) if need_curv else None
         if len(idx):
-            # Pairs in passes of at most max_pixels_per_pass pixels, each pass's graph freed before the next: the
-            # memory of a step stays bounded whatever the block and slice size (same math as one pass).
-            p_all = self.delta.detach()[self.rows][idx]
-            h, w = self.level_fixed.shape[-2:]
-            per = max(1, self.max_pixels_per_pass // (h * w))
-            losses_l, grads_l = [], []
-            for c0 in range(0, len(idx), per):
-                sel = idx[c0:c0 + per]
-                pc = p_all[c0:c0 + per].clone().requires_grad_(True)
-                images: dict[str, torch.Tensor] | None = {} if need_curv else None
-                lc = self.pair_losses(pc, self.level_fixed[sel], self.level_coeffs[sel], images)
-                (gc,) = torch.autograd.grad(lc.sum(), pc)
-                losses_l.append(lc.detach())
-                grads_l.append(gc)
-                if images is not None:
-                    curv[self.rows.start + sel] = self._gauss_newton_hessian(pc.detach(), self.level_fixed[sel],
-                                                                              images["warped"], images["weight"])
-                del images, lc
-            losses = torch.cat(losses_l)
+            losses, grads, hess = self.evaluate(self.delta.detach()[self.rows][idx], self.level_fixed[idx],
+                                                self.level_coeffs[idx], need_curv)
+            if hess is not None:
+                curv[self.rows.start + idx] = hess
             # a linear surrogate with exactly these gradients: DDP all-reduces them into every row of delta
-            total = (self.delta[self.rows][idx] * torch.cat(grads_l)).sum() * self.world
+            total = (self.delta[self.rows][idx] * grads).sum() * self.world
         else:
             losses = self.delta.new_zeros(0)
             total = (self.delta * 0).sum()  # keeps DDP's all-reduce in step with the other ranks

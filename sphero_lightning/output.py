@@ -164,9 +164,9 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
 def timing_line(t: dict[str, float], workers: int) -> str:
     """One line: where the run's time went (this rank's view)."""
     fit, wait = t.get("fit_s", 0.0), t.get("wait_s", 0.0)
-    return (f"time: checking slices {t.get('scan_s', 0.0):.1f} s, fitting {fit:.1f} s (computing {fit - wait:.1f} s, "
-            f"waiting for data {wait:.1f} s; reading took {t.get('read_s', 0.0):.1f} s in the background), "
-            f"writing {t.get('write_s', 0.0):.1f} s ({workers} threads)")
+    return (f"time: checking slices {t.get('scan_s', 0.0):.2f} s, fitting {fit:.2f} s (computing {fit - wait:.2f} s, "
+            f"waiting for data {wait:.2f} s; reading took {t.get('read_s', 0.0):.2f} s in the background), "
+            f"writing {t.get('write_s', 0.0):.2f} s ({workers} threads)")
 
 
 def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dict[str, Any]]:
