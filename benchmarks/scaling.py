@@ -59,6 +59,7 @@ def run(root: Path, logs: Path, extra: list[str]) -> dict[str, float]:
     sphero = str(Path(sys.executable).with_name("sphero"))
     cmd = [sphero, "fit", "--config", str(REPO / "configs" / "reg.yaml"), "--data.root", str(root),
            "--data.array", "images/50-4-4", "--model.transformation", "rigid", "--trainer.enable_progress_bar", "false",
+           "--data.overwrite", "true",
            "--trainer.logger.init_args.save_dir", str(logs), *extra]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", _WRAP, *cmd], check=False, capture_output=True, text=True)
