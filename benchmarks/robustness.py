@@ -14,7 +14,6 @@ Runs ``sphero fit`` as a subprocess (as a user would) and prints:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import signal
@@ -30,6 +29,7 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sphero_lightning.journal import Journal
 from sphero_lightning.synthetic import ISBI_PATH, composed_error, load_isbi_slice, make_stack, write_zarr
 
 OUT = "images/registered/50-4-4"
@@ -83,10 +83,7 @@ def kill(base: np.ndarray, seed: int, work: Path, n: int = 40, at: float = 0.6) 
     done = 0
     while p.poll() is None:
         if journal.exists():
-            try:
-                done = len(json.loads(journal.read_text())["attributes"]["sphero_journal"]["results"])
-            except (ValueError, KeyError):
-                pass
+            done = Journal.count_saved(journal)
             if done >= at * (n - 1):
                 os.kill(p.pid, signal.SIGKILL)
                 break
