@@ -115,11 +115,12 @@ class RegistrationModule(L.LightningModule):
     interpolation : {"bspline", "bspline2x", "bicubic"}
         How the moving slice is resampled inside the loss (README, "Measured"). ``bspline``
         (prefiltered cubic B-spline, default): the most accurate (0.005 px on the benchmark stacks).
-        ``bspline2x``: exact 2x B-spline upsampling once per level, then torch's bicubic (0.012 px,
-        about 1.35x faster). ``bicubic``: torch's Keys kernel on the slice (0.023 px, 1.5x faster).
+        ``bspline2x``: exact 2x B-spline upsampling once per level, then torch's bicubic (0.013 px, no
+        faster since most pairs need one evaluation per level). ``bicubic``: torch's Keys kernel on the
+        slice (0.022 px, ~1.25x faster).
     curvature : {"gauss_newton", "carried"}
         BFGS's curvature model at the start of each pyramid level. ``gauss_newton`` (default; ncc and
-        mse losses): the Gauss-Newton Hessian of the loss from the fixed slice's gradients at that
+        mse losses): the Gauss-Newton Hessian of the loss from the slices' gradients at that
         level, so the first step of a level is already a Newton step (what TurboReg's
         Marquardt-Levenberg does) and the finest level usually converges in one or two evaluations.
         ``carried``: the previous level's BFGS model, rescaled (the only choice for mae and ssim).
