@@ -54,6 +54,8 @@ def release_memory() -> None:
         pass
 
 
+#: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC).
+NEWTON_MIN_NCC = 0.9
 #: BFGS curvature model at the start of a level (see RegistrationModule).
 CURVATURES = ("gauss_newton", "carried")
 
@@ -119,11 +121,12 @@ class RegistrationModule(L.LightningModule):
         faster since most pairs need one evaluation per level). ``bicubic``: torch's Keys kernel on the
         slice (0.022 px, ~1.25x faster).
     curvature : {"gauss_newton", "carried"}
-        BFGS's curvature model at the start of each pyramid level. ``gauss_newton`` (default; ncc and
-        mse losses): the Gauss-Newton Hessian of the loss from the slices' gradients at that
-        level, so the first step of a level is already a Newton step (what TurboReg's
-        Marquardt-Levenberg does) and the finest level usually converges in one or two evaluations.
-        ``carried``: the previous level's BFGS model, rescaled (the only choice for mae and ssim).
+        BFGS's curvature model at the start of each pyramid level. ``gauss_newton`` (default; ncc loss):
+        for pairs that match well (NCC >= 0.9 at the level's first evaluation) the Gauss-Newton Hessian
+        of the loss from the slices' gradients, so the first step of a level is already a Newton step
+        (what TurboReg's Marquardt-Levenberg does) and such a pair usually converges in one evaluation
+        per level; other pairs (e.g. consecutive real sections that differ a lot, where that model
+        overestimates the curvature) keep ``carried``: the previous level's BFGS model, rescaled.
     pairs_per_block : int
         Pairs fitted together per device (set from ``data.pairs_per_block``).
     """
@@ -399,8 +402,7 @@ class RegistrationModule(L.LightningModule):
 
     @property
     def uses_gauss_newton(self) -> bool:
-        return (self.hparams.optimizer == "bfgs" and self.hparams.curvature == "gauss_newton"
-                and self.hparams.loss in ("ncc", "mse"))
+        return self.hparams.optimizer == "bfgs" and self.hparams.curvature == "gauss_newton" and self.hparams.loss == "ncc"
 
     def _gauss_newton_hessian(self, p: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor,
                               weight: torch.Tensor) -> torch.Tensor:
@@ -671,7 +673,12 @@ class RegistrationModule(L.LightningModule):
         full = self._all_reduce(full)
         if curv is not None:
             curv = self._all_reduce(curv)
-            ok = fresh & (curv.diagonal(dim1=-2, dim2=-1).sum(-1) > 0)
+            # The Gauss-Newton model is the loss's Hessian only where the slices match (NCC near 1: the true Hessian
+            # is about NCC times it); consecutive real sections that differ more keep BFGS's own model (and the
+            # strict step tolerance: see PairEarlyStopping).
+            q = self.delta.detach() @ self.basis.to(self.delta)
+            ncc = 1 - (full - self.hparams.regularization * (q[:, 3:] ** 2).sum(-1))
+            ok = fresh & (curv.diagonal(dim1=-2, dim2=-1).sum(-1) > 0) & (ncc >= NEWTON_MIN_NCC)
             eye = torch.eye(n, dtype=curv.dtype, device=curv.device)
             solver.set_curvature(ok, torch.linalg.inv(torch.where(ok.view(-1, 1, 1), curv, eye)))
         was_active = solver.active.clone()

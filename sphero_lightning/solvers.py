@@ -115,6 +115,7 @@ class BatchBFGS(BatchSolver):
         self.backtracks = torch.zeros(r, dtype=torch.long, device=self.x.device)
         # A curvature model carried over (e.g. from the previous pyramid level) replaces the identity.
         self.warm = torch.zeros_like(self.evaluated) if hinv is None else torch.ones_like(self.evaluated)
+        self.newton = torch.zeros_like(self.evaluated)  # rows started from a Newton (Gauss-Newton) model
         if hinv is not None:
             self.hinv = hinv.detach().double().clone()
             self.updated[:] = True
@@ -125,6 +126,7 @@ class BatchBFGS(BatchSolver):
         self.hinv = torch.where(rows.view(-1, 1, 1), hinv.double(), self.hinv)
         self.updated |= rows
         self.warm |= rows
+        self.newton |= rows
 
     def _direction(self, rows: torch.Tensor) -> None:
         """Recompute the search direction of ``rows``; reset the curvature where it is not descent."""
