@@ -154,9 +154,8 @@ class PairEarlyStopping(L.Callback):
         flat = (self.count >= self.window) & ((self.losses.amax(1) - self.losses.amin(1)) < self.tol)
         step = pl_module.step_displacement_px(solver.x, solver.x + solver.pending_step())
         tol = self._tols[blk.level]
-        newton = getattr(solver, "newton", None)
-        if newton is not None:  # pairs whose level started from a validated Newton model: a looser step rule
-            tol = torch.where(newton, max(tol, self.newton_step_tol_px), tol)
+        # pairs whose level started from a validated Newton model: a looser step rule
+        tol = torch.where(solver.newton, max(tol, self.newton_step_tol_px), tol)
         still = solver.evaluated & (step < tol)
         solver.freeze(solver.active & flat)
         solver.finish(solver.active & still)

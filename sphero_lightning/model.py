@@ -287,10 +287,14 @@ class RegistrationModule(L.LightningModule):
         if images is not None:
             images.update(warped=warped.detach(), weight=weight.detach())
         loss = self.loss_fn(fixed, warped, weight, **self.loss_kwargs).to(p.dtype)
-        q = p @ self.basis.to(p)
         if self.hparams.regularization:
-            loss = loss + self.hparams.regularization * (q[:, 3:] ** 2).sum(-1)
+            loss = loss + self.penalty(p)
         return loss
+
+    def penalty(self, p: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` regularisation part of the loss: weighted squared scale/shear deviation at free parameters ``p``."""
+        q = p @ self.basis.to(p)
+        return self.hparams.regularization * (q[:, 3:] ** 2).sum(-1)
 
     def pair_ncc(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
         """Normalized cross-correlation of each pair over the valid overlap at ``p`` (whatever the loss is)."""
@@ -406,12 +410,12 @@ class RegistrationModule(L.LightningModule):
 
     def _gauss_newton_hessian(self, p: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor,
                               weight: torch.Tensor) -> torch.Tensor:
-        """``(b, n, n)`` Gauss-Newton Hessian of each pair's loss at ``p``, from one evaluation's images.
+        """``(b, n, n)`` Gauss-Newton Hessian of each pair's NCC loss at ``p``, from one evaluation's images.
 
         The derivative of a warped slice with respect to the parameters is its spatial gradient times
         the derivative of the sample positions: ``J = grad m . d(px, py)/d theta . d theta/d p``. For NCC
         (``1 - NCC = 0.5 sum w (f~ - m~)^2`` with zero-mean, unit-variance slices) the Hessian is
-        ``sum w Jc Jc^T / var`` (``Jc``: weighted-mean-free ``J``); for MSE ``2 sum w J J^T / sum w``.
+        ``sum w Jc Jc^T / var`` (``Jc``: weighted-mean-free ``J``).
         ``J J^T`` of one noisy slice counts its noise's gradients as signal and overestimates the
         curvature (steps ~20 % short); the cross product of the fixed and the warped moving slice's
         gradients does not (independent noise), so that is used wherever it is positive definite and
@@ -467,20 +471,17 @@ class RegistrationModule(L.LightningModule):
         wsum = wt.sum((1, 2)).double().clamp_min(1e-8)
         gf, gm = gradients(f), gradients(m)
         own, cross = second(gf, gf), second(gf, gm)
-        if self.hparams.loss == "ncc":
-            ff, fm = first(gf), first(gm)
-            own = own - ff.unsqueeze(2) * ff.unsqueeze(1) / wsum.view(b, 1, 1)
-            cross = cross - ff.unsqueeze(2) * fm.unsqueeze(1) / wsum.view(b, 1, 1)
+        ff, fm = first(gf), first(gm)
+        own = own - ff.unsqueeze(2) * ff.unsqueeze(1) / wsum.view(b, 1, 1)
+        cross = cross - ff.unsqueeze(2) * fm.unsqueeze(1) / wsum.view(b, 1, 1)
 
-            def variance(img: torch.Tensor) -> torch.Tensor:
-                s1 = (wt * img).sum((1, 2)).double()
-                s2 = (wt * img * img).sum((1, 2)).double()
-                return (s2 - s1 * s1 / wsum).clamp_min(1e-12)
+        def variance(img: torch.Tensor) -> torch.Tensor:
+            s1 = (wt * img).sum((1, 2)).double()
+            s2 = (wt * img * img).sum((1, 2)).double()
+            return (s2 - s1 * s1 / wsum).clamp_min(1e-12)
 
-            vf, vm = variance(f), variance(m)
-            own, cross = own / vf.view(b, 1, 1), cross / torch.sqrt(vf * vm).view(b, 1, 1)
-        else:
-            own, cross = 2 * own / wsum.view(b, 1, 1), 2 * cross / wsum.view(b, 1, 1)
+        vf, vm = variance(f), variance(m)
+        own, cross = own / vf.view(b, 1, 1), cross / torch.sqrt(vf * vm).view(b, 1, 1)
         cross = 0.5 * (cross + cross.transpose(1, 2))
         h_own = dtheta.transpose(1, 2) @ own @ dtheta
         h_cross = dtheta.transpose(1, 2) @ cross @ dtheta
@@ -489,7 +490,7 @@ class RegistrationModule(L.LightningModule):
         own_tr = h_own.diagonal(dim1=-2, dim2=-1).sum(-1)
         ok = (ev[:, 0] > 1e-6 * own_tr) & (h_cross.diagonal(dim1=-2, dim2=-1).sum(-1) > own_tr / 3)
         hp = torch.where(ok.view(b, 1, 1), h_cross, h_own)
-        if self.hparams.regularization:
+        if self.hparams.regularization:  # the Hessian of penalty()
             b3 = self.basis[:, 3:].to(hp)
             hp = hp + 2 * self.hparams.regularization * (b3 @ b3.T)
         # keep it positive definite (a flat slice has no gradient)
@@ -532,9 +533,7 @@ class RegistrationModule(L.LightningModule):
         with torch.no_grad():
             ncc_before = self._evaluate_rows(self.x, self.level_fixed, self.level_moving, self.pair_ncc_identity).tolist()
             if self.hparams.loss == "ncc" and not self.loss_kwargs:
-                q = self.x @ self.basis.to(self.x)
-                reg = self.hparams.regularization * (q[:, 3:] ** 2).sum(-1)
-                ncc_after = (1 - (self.solver.f - reg)).tolist()
+                ncc_after = (1 - (self.solver.f - self.penalty(self.x))).tolist()
             else:
                 ncc_after = self._evaluate_rows(self.x, self.level_fixed, self.level_coeffs, self.pair_ncc).tolist()
         for row, pair in enumerate(blk.pairs):
@@ -676,8 +675,7 @@ class RegistrationModule(L.LightningModule):
             # The Gauss-Newton model is the loss's Hessian only where the slices match (NCC near 1: the true Hessian
             # is about NCC times it); consecutive real sections that differ more keep BFGS's own model (and the
             # strict step tolerance: see PairEarlyStopping).
-            q = self.delta.detach() @ self.basis.to(self.delta)
-            ncc = 1 - (full - self.hparams.regularization * (q[:, 3:] ** 2).sum(-1))
+            ncc = 1 - (full - self.penalty(self.delta.detach()))
             ok = fresh & (curv.diagonal(dim1=-2, dim2=-1).sum(-1) > 0) & (ncc >= NEWTON_MIN_NCC)
             eye = torch.eye(n, dtype=curv.dtype, device=curv.device)
             solver.set_curvature(ok, torch.linalg.inv(torch.where(ok.view(-1, 1, 1), curv, eye)))

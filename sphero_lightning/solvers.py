@@ -33,6 +33,7 @@ class BatchSolver:
         self.f = torch.full((r,), float("inf"), dtype=torch.float64, device=self.x.device)
         self.active = torch.ones(r, dtype=torch.bool, device=self.x.device) if active is None else active.clone()
         self.evaluated = torch.zeros(r, dtype=torch.bool, device=self.x.device)
+        self.newton = torch.zeros_like(self.evaluated)  # rows started from a Newton (Gauss-Newton) model (BFGS)
 
     def freeze(self, mask: torch.Tensor) -> None:
         """Stop the rows in ``mask`` (``(R,)`` bool) for good."""
@@ -115,7 +116,6 @@ class BatchBFGS(BatchSolver):
         self.backtracks = torch.zeros(r, dtype=torch.long, device=self.x.device)
         # A curvature model carried over (e.g. from the previous pyramid level) replaces the identity.
         self.warm = torch.zeros_like(self.evaluated) if hinv is None else torch.ones_like(self.evaluated)
-        self.newton = torch.zeros_like(self.evaluated)  # rows started from a Newton (Gauss-Newton) model
         if hinv is not None:
             self.hinv = hinv.detach().double().clone()
             self.updated[:] = True
