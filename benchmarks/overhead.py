@@ -24,8 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sphero_lightning.cli import _PLAIN_DEFAULTS, SpheroCLI
 from sphero_lightning.data import ZarrPairDataModule
+from sphero_lightning.fit_cli import _PLAIN_DEFAULTS, SpheroCLI
 from sphero_lightning.model import RegistrationModule
 from sphero_lightning.solvers import make_solver
 from sphero_lightning.synthetic import ISBI_PATH, em_like_image, load_isbi_slice, make_stack, write_zarr
@@ -70,7 +70,7 @@ def plain_run(root: Path, block: int, steps: int, levels: int) -> tuple[float, i
     count = 0
     for b in range(dm.n_blocks(1)):
         item = dm.read_rank_block(b, 0, 1)
-        imgs = (item["slices"].float() / item["scale"]).unsqueeze(1)
+        imgs = ((item["slices"].float() - item["offset"]) / item["scale"]).unsqueeze(1)
         module.block_slices = imgs
         x = torch.zeros(imgs.shape[0] - 1, n_free, dtype=torch.float64)
         previous = None

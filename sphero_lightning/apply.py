@@ -13,17 +13,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
 
 from . import __version__
-from .data import open_registration, open_source
+from .data import open_registration
 from .errors import SpheroError
-from .output import AXES, move_into_place, ome_multiscales, utc_now, warp_slices
+from .output import warp_slices
+from .store import (
+    check_writable,
+    create_array,
+    move_into_place,
+    node_exists,
+    open_group,
+    open_source,
+    utc_now,
+    write_ome,
+    zarr_format,
+)
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 
@@ -48,23 +57,23 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
     mode = interpolation
     if mode == "auto":
         params = next((p.get("parameters", {}) for p in reg.attrs.get("processing", []) if p.get("step_name") == "registration"), {})
-        mode = "nearest" if _is_labels(array, src) else params.get("interpolation", "bspline")
+        # the writer's interpolation (older outputs stored it as "interpolation")
+        mode = "nearest" if _is_labels(array, src) else params.get("output_interpolation", params.get("interpolation", "bspline"))
     parent, name = array.rsplit("/", 1) if "/" in array else ("", array)
     dst = (dst or (f"{parent}/registered/{name}" if parent else f"registered/{name}")).strip("/")
     if dst == array.strip("/") or dst == transforms.strip("/"):
         raise SpheroError(f"--dst {dst!r} would replace an input; choose another path")
-    if (Path(root) / dst / "zarr.json").exists() and not overwrite:
+    if node_exists(root, dst) and not overwrite:
         raise SpheroError(f"{dst!r} already exists in {root!r}; pass --overwrite to replace it, or choose --dst")
+    check_writable(root, "apply writes into the store that holds the registration: copy it to writable storage first")
 
     group_path, out_name = dst.rsplit("/", 1) if "/" in dst else ("", dst)
-    top = zarr.open_group(root, mode="a")
-    group = top.require_group(group_path) if group_path else top
+    group = open_group(root, group_path, zarr_format(src))
     up, down, left, right = box
     out_shape = (n, down - up, right - left)
     tmp = f"tmp-{out_name}-partial"
     chunks = (1, *(min(c, s) for c, s in zip(src.chunks[1:], out_shape[1:])))
-    out = group.create_array(tmp, shape=out_shape, chunks=chunks, dtype=src.dtype, compressors=ZstdCodec(level=3),
-                             overwrite=True, fill_value=0, dimension_names=AXES)
+    out = create_array(group, tmp, shape=out_shape, chunks=chunks, dtype=src.dtype)
     warp_slices(src, out, composed, box, mode, "cuda" if torch.cuda.is_available() else "cpu", progress=progress, n_slices=n)
     spacing = list(src.attrs.get("spacing", reg.attrs.get("spacing", [])))
     processing = list(src.attrs.get("processing", []))
@@ -78,8 +87,7 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
             out.attrs[key] = src.attrs[key]
     move_into_place(root, group_path, tmp, out_name)
     if group_path:
-        g = zarr.open_group(root, mode="a")[group_path]
-        g.attrs["ome"] = ome_multiscales(g, group_path)
+        write_ome(root, group_path)
     return dst
 
 

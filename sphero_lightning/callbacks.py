@@ -248,7 +248,7 @@ class RegistrationWriter(L.Callback):
         from .output import output_layout
 
         probe = (1 << 20,) * 3
-        output_layout(probe, probe, chunks, shards)  # validates the shapes now, before any fitting
+        output_layout((1, 1, 1), probe, chunks, shards)  # the shapes' own validity now; with the source's chunks at setup
         self.crop_borders, self.crop_safety_margin = crop_borders, crop_safety_margin
         self.interpolation, self.compression_level = interpolation, compression_level
         self.chunks = None if chunks is None else [int(c) for c in chunks]
@@ -263,6 +263,16 @@ class RegistrationWriter(L.Callback):
         return {"crop_borders": self.crop_borders, "crop_safety_margin": self.crop_safety_margin,
                 "interpolation": self.interpolation, "compression_level": self.compression_level,
                 "chunks": self.chunks, "shards": self.shards, "num_workers": self.num_workers}
+
+    def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
+        # before any fitting: what the output store cannot hold
+        from .output import output_layout
+
+        dm = trainer.datamodule
+        if self.shards is not None and dm.output_format == 2:
+            raise SpheroError("--output.shards needs a Zarr v3 output store, and this one is Zarr v2: drop --output.shards, "
+                              "or write into a new store with --data.output_root OUT.zarr (pass a v3 store)")
+        output_layout(dm.source.chunks, (dm.n_slices, *dm.slice_shape), self.chunks, self.shards)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
         from .output import write_registration

@@ -1,90 +1,62 @@
 """``sphero``: the command line.
 
-``sphero fit`` is a LightningCLI; ``sphero ingest`` (TIFF to Zarr), ``sphero apply`` (a registration onto
-another array), ``sphero export`` (pixel-unit matrices and CSV) and ``sphero demo`` (a self-check) are plain
-commands.
+This module only dispatches: it imports neither torch nor Lightning, so ``sphero --help`` and
+``sphero --version`` answer at once. ``sphero fit`` is a LightningCLI (:mod:`.fit_cli`); ``sphero ingest``
+(TIFF to Zarr), ``sphero apply`` (a registration onto another array), ``sphero export`` (pixel-unit matrices
+and CSV) and ``sphero demo`` (a self-check) are plain commands.
+
+Every user error is one line on stderr naming the problem and the fix, exit status 2, no traceback
+(``SPHERO_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
+from typing import Any
 
-from jsonargparse import ArgumentError
-from lightning.pytorch.cli import LightningCLI
-
-from .callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
-from .data import ZarrPairDataModule
+from . import __version__
 from .errors import SpheroError
-from .model import RegistrationModule
 
-TRAINER_DEFAULTS = {
-    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "sphero"}},
-    "callbacks": [{"class_path": "sphero_lightning.callbacks.PairProgressBar"}],
-}
-_PLAIN_DEFAULTS = {
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "use_distributed_sampler": False,
-    "log_every_n_steps": 10,
-    "max_epochs": -1,  # replaced by the number of blocks at setup
+#: The commands, with one line each for ``sphero --help``.
+COMMANDS = {
+    "fit": "register a Zarr stack: fit the pairwise transforms, compose, crop, write the aligned stack",
+    "ingest": "TIFF stack or folder of TIFF slices -> Zarr array (with OME-NGFF metadata)",
+    "apply": "put a finished registration onto another array of the stack (labels, another channel)",
+    "export": "a registration's transforms as pystackreg/TurboReg matrices (.npy) and a CSV",
+    "demo": "cut a stack with known misalignment, register it, print the error (no data needed)",
 }
 
+USAGE = f"""usage: sphero COMMAND [options]
 
-class SpheroCLI(LightningCLI):
-    """LightningCLI with the registration's callbacks as first-class option groups.
+Align the slices of a serial-section or block-face EM stack stored in Zarr.
 
-    ``--early_stopping.*``, ``--pyramid.*`` and ``--output.*`` configure callbacks that are always
-    present (the fit is meaningless without them); ``--model.*`` the transform and loss; ``--data.*``
-    the input; ``--trainer.*`` devices, strategy and nodes.
-    """
+commands:
+{chr(10).join(f"  {name:<8} {text}" for name, text in COMMANDS.items())}
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(PairEarlyStopping, "early_stopping")
-        parser.add_lightning_class_args(PyramidSchedule, "pyramid")
-        parser.add_lightning_class_args(RegistrationWriter, "output")
-        parser.link_arguments("data.pairs_per_block", "model.pairs_per_block")
-        # Class-path defaults go through the parser so that they are instantiated like config values.
-        parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
+options:
+  -h, --help     show this help and exit
+  --version      show the version and exit
 
-    def before_instantiate_classes(self) -> None:
-        # --trainer.enable_progress_bar false must also drop our default progress bar.
-        cfg = self.config.get(self.subcommand, self.config)
-        trainer = cfg.get("trainer")
-        if trainer is not None and trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
-            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("PairProgressBar")]
+See 'sphero COMMAND --help'. Quick start:
+  sphero demo
+  sphero fit --data.root stack.zarr --data.array images/50-4-4
+"""
 
 
-def _run_cli(argv: list[str] | None) -> SpheroCLI:
-    return SpheroCLI(
-        RegistrationModule,
-        ZarrPairDataModule,
-        args=argv,
-        trainer_defaults=_PLAIN_DEFAULTS,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        # Parse errors raise (one line from main) instead of printing the whole usage.
-        parser_kwargs={"exit_on_error": False, "fit": {"default_env": False, "exit_on_error": False}},
-    )
+def _report(prefix: str, exc: BaseException) -> None:
+    """Print a user error as one line and exit with status 2 (the traceback only with SPHERO_DEBUG)."""
+    print(f"{prefix}: error: {exc}", file=sys.stderr)
+    if os.environ.get("SPHERO_DEBUG"):
+        raise exc
+    raise SystemExit(2) from None
 
 
-def _one_line(message: str) -> str:
-    """jsonargparse's multi-line validation report as one line: key, given value, expected types."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    if not lines:
-        return "invalid arguments"
-    first = lines[0]
-    if first.startswith("Parser key") and first.endswith(":"):
-        key = first[len("Parser key"):].strip(' :"')
-        clean = [re.sub(r"<class '([\w.]+)'>", r"\1", ln) for ln in lines[1:]]
-        given = next((ln.split(":", 1)[1].strip() for ln in clean if ln.startswith("Given value:")), None)
-        if given is None:
-            return f"invalid value for {key}: {clean[0] if clean else 'not accepted'}"
-        expected = [ln[len("- Expected a"):].strip() for ln in clean if ln.startswith("- Expected a")]
-        return f"invalid value {given!r} for {key}" + (f" (expected {' or '.join(expected)})" if expected else "")
-    return first
+def os_error_message(exc: OSError) -> str:
+    """An ``OSError`` (missing folder, permissions, full disk) as one line naming the path."""
+    what = exc.strerror or type(exc).__name__
+    where = exc.filename if exc.filename is not None else ""
+    return f"cannot access {str(where)!r}: {what}" if where else f"{what}: {exc}"
 
 
 def _run_tool(name: str, argv: list[str]) -> None:
@@ -94,37 +66,42 @@ def _run_tool(name: str, argv: list[str]) -> None:
     try:
         import_module(f"sphero_lightning.{name}").main(argv)
     except SpheroError as exc:
-        print(f"sphero {name}: error: {exc}", file=sys.stderr)
-        if os.environ.get("SPHERO_DEBUG"):
-            raise
-        raise SystemExit(2) from None
+        _report(f"sphero {name}", exc)
+    except OSError as exc:
+        _report(f"sphero {name}", SpheroError(os_error_message(exc)))
+    except KeyboardInterrupt:
+        print(f"sphero {name}: interrupted; nothing was written at the final path", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
-def main(argv: list[str] | None = None) -> SpheroCLI | None:
+def main(argv: list[str] | None = None) -> Any:
     """Run ``sphero`` with ``argv`` (default ``sys.argv[1:]``); usable in-process.
 
+    Returns the :class:`~sphero_lightning.fit_cli.SpheroCLI` of a ``fit`` run (``None`` for the other commands).
     User errors print one line to stderr and exit with status 2; nothing is written.
     """
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("demo", "ingest", "apply", "export"):
-        _run_tool(argv[0], argv[1:])
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        if not argv:
+            raise SystemExit(2)
         return None
-    try:
-        # From the command line LightningCLI reads sys.argv itself (passing it again only earns a warning).
-        return _run_cli(None if from_command_line else argv)
-    except (SpheroError, ArgumentError) as exc:
-        msg = str(exc).strip()
-        if isinstance(exc, ArgumentError):
-            msg = _one_line(msg) + (f" (see: sphero {argv[0]} --help)" if argv and not argv[0].startswith("-") else
-                                    " (commands: sphero fit, ingest, apply, export, demo; see: sphero fit --help)")
-        print(f"sphero: error: {msg}", file=sys.stderr)
-        if os.environ.get("SPHERO_DEBUG"):
-            raise
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("sphero: interrupted; no output was written at the final path", file=sys.stderr)
-        raise SystemExit(130) from None
+    if argv[0] == "--version":
+        print(f"sphero {__version__}")
+        return None
+    command = argv[0]
+    if command in ("ingest", "apply", "export", "demo"):
+        _run_tool(command, argv[1:])
+        return None
+    if command != "fit":
+        hint = " (the Lightning subcommands validate, test and predict have nothing to do here)" \
+            if command in ("validate", "test", "predict") else ""
+        _report("sphero", SpheroError(f"unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)} "
+                                      "(see: sphero --help)"))
+    from .fit_cli import run_fit
+
+    return run_fit(argv, from_command_line)
 
 
 def entry() -> None:

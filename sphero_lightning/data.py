@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -17,50 +18,31 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import SpheroError
-
-
-def _list_arrays(group: zarr.Group, prefix: str = "") -> list[str]:
-    out = []
-    for name, member in group.members():
-        path = f"{prefix}{name}"
-        if isinstance(member, zarr.Array):
-            out.append(path)
-        else:
-            out.extend(_list_arrays(member, path + "/"))
-    return out
-
-
-def open_source(root: str, array: str) -> zarr.Array:
-    """Open the source array read-only, with a clear error for each way it can be missing."""
-    path = Path(root)
-    if not path.exists():
-        raise SpheroError(f"store {root!r} does not exist; check --data.root (a .zarr directory)")
-    try:
-        group = zarr.open_group(root, mode="r")
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not a zarr store"
-        raise SpheroError(f"{root!r} is not a Zarr store ({type(exc).__name__}); point --data.root at a .zarr directory") from None
-    try:
-        arr = zarr.open_array(group.store, path=array, mode="r")
-    except Exception:  # noqa: BLE001 - listed with the arrays that do exist
-        arrays = _list_arrays(group)
-        listing = ", ".join(arrays) if arrays else "none"
-        raise SpheroError(f"array {array!r} not found in {root!r} (arrays there: {listing}); set --data.array") from None
-    return arr
+from .store import (
+    acquire_lock,
+    check_writable,
+    node_exists,
+    open_source,
+    parse_spacing,
+    release_lock,
+    spacing_name,
+    store_format,
+    zarr_format,
+)
 
 
 def open_registration(root: str, path: str) -> tuple[zarr.Array, zarr.Array]:
-    """A finished ``sphero fit`` output and the array it was registered from, or a clear error."""
+    """A finished ``sphero fit`` output and the array it was registered from, or a clear error.
+
+    The source is looked up in the same store, or in the store the registration names (``source_root``)
+    when the output was written into another store (``--data.output_root``)."""
     reg = open_source(root, path)
     missing = [k for k in ("composed_transforms", "crop_box", "inputs") if k not in reg.attrs]
     if missing:
         raise SpheroError(f"{path!r} is not a sphero registration output (no {', '.join(missing)}); "
                           "point --transforms at e.g. images/registered/50-4-4")
-    return reg, open_source(root, reg.attrs["inputs"][0])
-
-
-def spacing_name(spacing: list[float]) -> str:
-    """``[50, 4, 4]`` -> ``"50-4-4"`` (the naming convention of the arrays)."""
-    return "-".join(f"{s:g}" for s in spacing)
+    src_root = reg.attrs.get("source_root") or root
+    return reg, open_source(src_root, reg.attrs["inputs"][0])
 
 
 def read_block(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
@@ -75,19 +57,24 @@ def read_slices(arr: zarr.Array, indices: list[int]) -> np.ndarray:
     return np.stack([np.asarray(arr[z]) for z in indices])
 
 
-def slice_stats(image: np.ndarray) -> tuple[float, float]:
-    """``(finite, std)`` of one slice: ``finite`` is 1.0 when every value is finite; ``std`` on a 2x subsample."""
+def slice_stats(image: np.ndarray) -> tuple[float, float, float, float]:
+    """``(finite, std, min, max)`` of one slice on a 2x subsample (float64, so 64-bit integers keep their range);
+    ``finite`` is 1.0 when every value is finite (then min and max ignore the non-finite values)."""
     finite = 1.0
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         finite = 0.0
     sub = image[::2, ::2].astype(np.float64)
-    return finite, float(np.nanstd(sub)) if finite == 0.0 else float(sub.std())
+    if finite == 0.0:
+        sub = sub[np.isfinite(sub)]
+        if sub.size == 0:
+            return 0.0, float("nan"), float("nan"), float("nan")
+    return finite, float(sub.std()), float(sub.min()), float(sub.max())
 
 
 def damaged_slices(stats: np.ndarray, min_contrast: float) -> dict[int, str]:
     """Slices that cannot be registered, with the reason: non-finite values, constant, or blank.
 
-    ``stats`` is ``(Z, 2)`` from :func:`slice_stats`. A slice is blank when its standard deviation is
+    ``stats`` is ``(Z, 2+)`` from :func:`slice_stats`. A slice is blank when its standard deviation is
     below ``min_contrast`` times the median over the stack's slices.
     """
     finite, std = stats[:, 0] > 0.5, stats[:, 1]
@@ -104,14 +91,40 @@ def damaged_slices(stats: np.ndarray, min_contrast: float) -> dict[int, str]:
     return out
 
 
-def to_tensor(block: np.ndarray) -> tuple[torch.Tensor, float]:
-    """A compact tensor for transfer (uint8 stays uint8) and the scale that maps it to ``[0, 1]``."""
-    if block.dtype == np.uint8:
-        return torch.from_numpy(block), 255.0
-    if np.issubdtype(block.dtype, np.integer):
-        info = np.iinfo(block.dtype)
-        return torch.from_numpy(block.astype(np.float32)), float(info.max)
-    return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)), 1.0
+def intensity_range(stats: np.ndarray, use: list[int]) -> tuple[float, float]:
+    """``(low, high)``: the grey-value range of the slices ``use`` (rows of :func:`slice_stats` output)."""
+    rows = stats[use] if len(use) else stats
+    lo, hi = rows[:, 2], rows[:, 3]
+    lo, hi = lo[np.isfinite(lo)], hi[np.isfinite(hi)]
+    if not len(lo) or not len(hi):
+        return 0.0, 1.0
+    return float(lo.min()), float(hi.max())
+
+
+#: Integer types whose every value float32 holds exactly (sent as they are; normalized on the device).
+_COMPACT = (np.uint8, np.int8, np.uint16, np.int16)
+
+
+def to_tensor(block: np.ndarray, low: float, high: float) -> tuple[torch.Tensor, float, float]:
+    """A compact tensor for transfer and ``(offset, scale)`` with ``(t - offset) / scale`` in about ``[0, 1]``.
+
+    The range is the stack's own grey-value range (not the dtype's): an int32 stack holding 12-bit data, or
+    floats around 1e-3 or 1e9, register exactly like uint8. 8- and 16-bit integers travel as they are; wider
+    integers and floats are normalized here in float64 (an offset of 1e12 leaves their variation intact).
+    """
+    scale = (high - low) if high > low else 1.0
+    if block.dtype.type in _COMPACT:
+        return torch.from_numpy(np.ascontiguousarray(block)), float(low), float(scale)
+    out = ((block.astype(np.float64) - low) / scale).astype(np.float32)
+    return torch.from_numpy(out), 0.0, 1.0
+
+
+def _launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's DDP launcher); 0 alone."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
 
 
 class BlockStream(IterableDataset):
@@ -184,16 +197,21 @@ class ZarrPairDataModule(L.LightningDataModule):
         A slice whose standard deviation is below this fraction of the stack's median counts as blank.
     resume : bool
         Continue from the progress journal of an interrupted run with the same settings (kept inside the
-        store as ``<dst_group>/tmp-<z>-<y>-<x>-journal`` until the output is written). ``false`` starts over.
+        output store as ``<dst_group>/tmp-<z>-<y>-<x>-journal`` until the output is written). ``false`` starts over.
+    output_root : str, optional
+        The store the output (and the progress journal) goes into; default: the source's store. Use it when the
+        source is read-only or on slow shared storage. A new store takes the source's Zarr format.
     """
 
     def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
                  pairs_per_block: int = 8, spacing: list[float] | None = None, overwrite: bool = False,
-                 check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True) -> None:
+                 check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True,
+                 output_root: str | None = None) -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
         self.overwrite, self.check_slices, self.min_contrast, self.resume = overwrite, check_slices, min_contrast, resume
+        self.output_root = str(output_root) if output_root is not None else None
         if not 0 <= min_contrast < 1:
             raise SpheroError(f"--data.min_contrast must be in [0, 1), got {min_contrast}")
         if pairs_per_block < 1:
@@ -205,6 +223,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.good: list[int] = []  # slices that are registered, in order
         self.skip_blocks: set[int] = set()  # blocks finished by an earlier run (set by the module on resume)
         self.timings: dict[str, float] = {}  # where the time went (s): scan_s, read_s, wait_s (+ the module's)
+        self.intensity: tuple[float, float] | None = None  # the stack's grey-value range (set at setup)
         self.validate()
         self.good = list(range(self.n_slices))
 
@@ -224,14 +243,41 @@ class ZarrPairDataModule(L.LightningDataModule):
         if self.spacing_override is None and "spacing" not in arr.attrs:
             raise SpheroError(f"array {self.array!r} has no 'spacing' attribute; give it as --data.spacing [z,y,x] (nm)")
         self._arr = arr
-        sp = self.spacing
-        if len(sp) != 3 or any(not (s > 0) for s in sp):
-            raise SpheroError(f"spacing {sp} is invalid; need three positive numbers [z, y, x] in nm")
-        if self.output_path.strip("/") == self.array.strip("/"):
+        self._spacing = parse_spacing(self.spacing_override, "--data.spacing") if self.spacing_override is not None \
+            else parse_spacing(arr.attrs["spacing"], f"the 'spacing' attribute of {self.array!r}")
+        same_store = self.output_root is None or os.path.realpath(self.output_root) == os.path.realpath(self.root)
+        if same_store and self.output_path.strip("/") == self.array.strip("/"):
             raise SpheroError(f"the output {self.output_path!r} would replace the source; choose another --data.dst_group")
-        if not self.overwrite and (Path(self.root) / self.output_path / "zarr.json").exists():
-            raise SpheroError(f"output {self.output_path!r} already exists in {self.root!r}; "
+        check_writable(self.out_root, "the source can stay read-only: write the output into another (local) store "
+                                      "with --data.output_root OTHER.zarr")
+        # One run per output at a time (rank 0 of a run holds it; other ranks of the same run do not ask).
+        if _launch_rank() == 0:
+            acquire_lock(self.lock_path, f"output {self.output_path!r} in {self.out_root!r}", self.out_root)
+        if not self.overwrite and node_exists(self.out_root, self.output_path):
+            self.release()
+            raise SpheroError(f"output {self.output_path!r} already exists in {self.out_root!r}; "
                               "pass --data.overwrite true to replace it, or choose another --data.dst_group")
+
+    @property
+    def out_root(self) -> str:
+        """The store the output and the journal go into."""
+        return self.output_root if self.output_root is not None else str(self.root)
+
+    @property
+    def output_format(self) -> int:
+        """Zarr format of the output: the output store's, or (a new store) the source's."""
+        return store_format(self.out_root) or zarr_format(self.source)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.journal_path / "lock"
+
+    def release(self) -> None:
+        """Let other runs at this output (called when the run ends, however it ends)."""
+        release_lock(self.lock_path)
+
+    def teardown(self, stage: str) -> None:
+        self.release()
 
     @property
     def source(self) -> zarr.Array:
@@ -241,9 +287,9 @@ class ZarrPairDataModule(L.LightningDataModule):
 
     @property
     def spacing(self) -> list[float]:
-        if self.spacing_override is not None:
-            return [float(s) for s in self.spacing_override]
-        return [float(s) for s in self._arr.attrs["spacing"]]
+        if self._arr is None:
+            self.validate()
+        return list(self._spacing)
 
     @property
     def slice_shape(self) -> tuple[int, int]:
@@ -271,7 +317,7 @@ class ZarrPairDataModule(L.LightningDataModule):
     @property
     def journal_path(self) -> Path:
         group, name = self.output_path.rsplit("/", 1)
-        return Path(self.root) / group / f"tmp-{name}-journal"
+        return Path(self.out_root) / group / f"tmp-{name}-journal"
 
     def n_blocks(self, world: int) -> int:
         return math.ceil(self.n_pairs / (self.pairs_per_block * world))
@@ -285,14 +331,23 @@ class ZarrPairDataModule(L.LightningDataModule):
         pairs = self.rank_pairs(block, rank, world)
         if len(pairs) == 0:  # uneven split: this rank idles in this block, in step with the others
             h, w = self.slice_shape
-            return {"slices": torch.zeros(1, h, w, dtype=torch.uint8), "scale": torch.tensor(1.0)}
-        data, scale = to_tensor(read_slices(self.source, self.good[pairs.start: pairs.stop + 1]))
-        return {"slices": data, "scale": torch.tensor(scale)}
+            return {"slices": torch.zeros(1, h, w, dtype=torch.uint8), "offset": torch.tensor(0.0), "scale": torch.tensor(1.0)}
+        low, high = self.intensity if self.intensity is not None else self.sample_intensity()
+        data, offset, scale = to_tensor(read_slices(self.source, self.good[pairs.start: pairs.stop + 1]), low, high)
+        return {"slices": data, "offset": torch.tensor(offset), "scale": torch.tensor(scale)}
+
+    def sample_intensity(self, n: int = 16) -> tuple[float, float]:
+        """The grey-value range from up to ``n`` evenly spread slices (when the slices are not all scanned);
+        the same on every rank."""
+        zs = sorted({round(float(z)) for z in np.linspace(0, self.n_slices - 1, min(n, self.n_slices))})
+        stats = np.array([slice_stats(np.asarray(self.source[z])) for z in zs])
+        usable = [i for i, z in enumerate(zs) if z not in self.damaged]
+        return intensity_range(stats, usable)
 
     def scan(self, rank: int = 0, world: int = 1, reduce: Any = None, progress: bool = False) -> dict[int, str]:
         """Find damaged slices (see ``check_slices``); each rank reads its share, ``reduce`` sums them."""
         n = self.n_slices
-        stats = torch.zeros(n, 2, dtype=torch.float64)
+        stats = torch.zeros(n, 4, dtype=torch.float64)
         mine = list(range(rank, n, world))
         bar = None
         if progress and rank == 0 and n >= 64:
@@ -308,7 +363,10 @@ class ZarrPairDataModule(L.LightningDataModule):
             bar.close()
         if reduce is not None:
             stats = reduce(stats)
-        return damaged_slices(stats.cpu().numpy(), self.min_contrast)
+        st = stats.cpu().numpy()
+        damaged = damaged_slices(st, self.min_contrast)
+        self.intensity = intensity_range(st, [z for z in range(n) if z not in damaged])
+        return damaged
 
     def set_damaged(self, damaged: dict[int, str]) -> None:
         self.damaged = dict(sorted(damaged.items()))
@@ -333,6 +391,8 @@ class ZarrPairDataModule(L.LightningDataModule):
             self.set_damaged(self.scan(trainer.global_rank, trainer.world_size, reduce,
                                        progress=getattr(trainer, "progress_bar_callback", None) is not None))
             self.timings["scan_s"] = time.perf_counter() - t0
+        else:
+            self.intensity = self.sample_intensity()
             if self.damaged and trainer.is_global_zero:
                 listing = "; ".join(f"slice {z}: {why}" for z, why in list(self.damaged.items())[:10])
                 more = f" (and {len(self.damaged) - 10} more)" if len(self.damaged) > 10 else ""

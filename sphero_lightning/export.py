@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if not a.tmats and not a.csv:
         raise SpheroError("nothing to export; give --tmats FILE.npy and/or --csv FILE.csv")
+    for option, target in (("--tmats", a.tmats), ("--csv", a.csv)):
+        if target and not Path(target).resolve().parent.is_dir():
+            raise SpheroError(f"{option} {target}: folder {str(Path(target).parent)!r} does not exist; create it first, "
+                              "or give a path in an existing folder")
     reg, src = open_registration(a.root, a.transforms)
     shape = tuple(int(s) for s in src.shape[1:])
     tmats = pixel_matrices(reg.attrs["composed_transforms"], shape)

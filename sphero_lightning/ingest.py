@@ -20,12 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
 from . import __version__
-from .data import spacing_name
 from .errors import SpheroError
-from .output import AXES, move_into_place, utc_now
+from .store import (
+    check_writable,
+    create_array,
+    move_into_place,
+    node_exists,
+    open_group,
+    spacing_name,
+    store_format,
+    utc_now,
+    write_ome,
+)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -85,25 +93,30 @@ def tiff_slices(src: str | Path) -> tuple[int, tuple[int, int], np.dtype, Callab
 
 def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str | None = None,
            chunks: tuple[int, int] | None = None, overwrite: bool = False, progress: bool = True,
-           workers: int = 4) -> str:
-    """Write TIFF slices to ``<root>/<array>``; returns the array path. See the module docstring."""
+           workers: int = 4, zarr_format: int | None = None) -> str:
+    """Write TIFF slices to ``<root>/<array>``; returns the array path. See the module docstring.
+
+    ``zarr_format``: 2 or 3 for a new store (default 3); an existing store keeps its own format.
+    """
     if len(spacing) != 3 or any(not (s > 0) for s in spacing):
         raise SpheroError(f"--spacing needs three positive numbers Z Y X (nm), got {spacing}")
+    existing = store_format(root)
+    if existing is not None and zarr_format is not None and existing != zarr_format:
+        raise SpheroError(f"{str(root)!r} is a Zarr v{existing} store; drop --zarr-format {zarr_format} "
+                          "or write into a new store")
     array = (array or f"images/{spacing_name(spacing)}").strip("/")
     n, shape, dtype, read, names = tiff_slices(src)
     if n < 2:
         raise SpheroError(f"{str(src)!r} holds {n} slice; a stack to register needs at least 2")
     root = Path(root)
-    final_dir = root / array
-    if (final_dir / "zarr.json").exists() and not overwrite:
+    if node_exists(root, array) and not overwrite:
         raise SpheroError(f"array {array!r} already exists in {str(root)!r}; pass --overwrite to replace it, or choose --array")
+    check_writable(root, "give a --root on writable local storage")
     group_path, name = array.rsplit("/", 1) if "/" in array else ("", array)
-    group = zarr.open_group(str(root), mode="a")
-    parent = group.require_group(group_path) if group_path else group
+    parent = open_group(root, group_path, existing or zarr_format or 3)
     tmp = f"tmp-{name}-partial"
     cy, cx = chunks or (min(shape[0], 4096), min(shape[1], 4096))
-    arr = parent.create_array(tmp, shape=(n, *shape), dtype=dtype, chunks=(1, cy, cx),
-                              compressors=ZstdCodec(level=3), overwrite=True, fill_value=0, dimension_names=AXES)
+    arr = create_array(parent, tmp, shape=(n, *shape), dtype=dtype, chunks=(1, cy, cx))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -135,6 +148,7 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
         "timestamp": utc_now(),
         "parameters": {"source": str(Path(src).resolve()), "first": names[0], "last": names[-1], "slices": n}}]})
     move_into_place(root, group_path, tmp, name)
+    write_ome(root, group_path)  # viewers find the source, and the registered output has a frame to overlay on
     return array
 
 
@@ -146,10 +160,13 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--array", default=None, help="array path in the store (default images/<z>-<y>-<x>)")
     ap.add_argument("--chunks", type=int, nargs=2, default=None, metavar=("Y", "X"), help="chunk size per slice (default up to 4096 x 4096)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing array")
+    ap.add_argument("--zarr-format", type=int, choices=(2, 3), default=None,
+                    help="Zarr format of a new store (default 3; an existing store keeps its own)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    path = ingest(a.src, a.root, a.spacing, a.array, tuple(a.chunks) if a.chunks else None, a.overwrite, not a.no_progress)
+    path = ingest(a.src, a.root, a.spacing, a.array, tuple(a.chunks) if a.chunks else None, a.overwrite, not a.no_progress,
+                  zarr_format=a.zarr_format)
     arr = zarr.open_array(a.root, path=path, mode="r")
-    print(f"sphero: wrote {a.root}/{path} shape {arr.shape} {arr.dtype}; next: sphero fit --config configs/reg.yaml "
+    print(f"sphero: wrote {a.root}/{path} shape {arr.shape} {arr.dtype}; next: sphero fit "
           f"--data.root {a.root} --data.array {path}", file=sys.stderr)
     return path

@@ -38,22 +38,28 @@ class Journal:
         The journal group's directory.
     fingerprint : dict
         Everything that determines the pairs' results (source, slices, model and schedule settings).
+    zarr_format : int
+        The format of the store it lives in: a v3 group (``zarr.json``) or a v2 group (``.zgroup`` and ``.zattrs``).
     """
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, path: Path, fingerprint: dict[str, Any], zarr_format: int = 3) -> None:
         self.path = Path(path)
         self.fingerprint = _canonical(fingerprint)
+        self.zarr_format = zarr_format
 
     @property
     def file(self) -> Path:
-        return self.path / "zarr.json"
+        return self.path / ("zarr.json" if self.zarr_format == 3 else ".zattrs")
+
+    def _attributes(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return doc["attributes"] if self.zarr_format == 3 else doc
 
     def _matches(self) -> bool | None:
         """Whether the journal on disk was made with this fingerprint (None: there is none)."""
         if not self.file.exists():
             return None
         try:
-            doc = json.loads(self.file.read_text())["attributes"]["sphero_journal"]
+            doc = self._attributes(json.loads(self.file.read_text()))["sphero_journal"]
         except (OSError, ValueError, KeyError, TypeError):
             print(f"sphero: the progress journal {self.path} is unreadable; starting over", file=sys.stderr)
             return False
@@ -89,10 +95,14 @@ class Journal:
         """Add the pairs of ``results`` not saved yet (one new file); start a fresh journal the first time."""
         if not getattr(self, "_started", False):
             if self.path.exists() and not self._matches():
-                shutil.rmtree(self.path, ignore_errors=True)
+                self._clear()
             self.path.mkdir(parents=True, exist_ok=True)
-            self._write(self.file, {"zarr_format": 3, "node_type": "group", "attributes": {"sphero_journal": {
-                "version": VERSION, "fingerprint": self.fingerprint}}})
+            attrs = {"sphero_journal": {"version": VERSION, "fingerprint": self.fingerprint}}
+            if self.zarr_format == 3:
+                self._write(self.file, {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+            else:
+                self._write(self.path / ".zgroup", {"zarr_format": 2})
+                self._write(self.file, attrs)
             self._saved: set[int] = set(getattr(self, "_saved", set()))
             self._started = True
         new = {k: results[k] for k in sorted(results) if k not in self._saved}
@@ -111,6 +121,16 @@ class Journal:
             except (OSError, ValueError):
                 pass
         return n
+
+    def _clear(self) -> None:
+        """Remove an outdated journal's content (not the run's lock file beside it)."""
+        for p in self.path.iterdir():
+            if p.name == "lock":
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

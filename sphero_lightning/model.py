@@ -208,7 +208,7 @@ class RegistrationModule(L.LightningModule):
         self.n_pairs = dm.n_pairs
         self.pair_slices = [dm.pair_slices(p) for p in range(self.n_pairs)]
         self.timings = dm.timings  # shared with the datamodule: scan_s, read_s, wait_s; here fit_s; writer write_s
-        self.journal = Journal(dm.journal_path, self.fingerprint())
+        self.journal = Journal(dm.journal_path, self.fingerprint(), dm.output_format)
         if dm.resume:
             self.results.update({p: r for p, r in self.journal.load().items() if p < self.n_pairs})
         rows = self.world * self.hparams.pairs_per_block
@@ -228,6 +228,7 @@ class RegistrationModule(L.LightningModule):
         extra = {type(cb).__name__: cb.fingerprint() for cb in self.trainer.callbacks if hasattr(cb, "fingerprint")}
         return {"array": dm.array, "shape": list(src.shape), "dtype": str(src.dtype), "n_slices": dm.n_slices,
                 "damaged": {str(k): v for k, v in dm.damaged.items()}, "model": hp,
+                "intensity": list(dm.intensity) if dm.intensity is not None else None,
                 "pyramid": [[lv.factor, lv.steps, lv.lr] for lv in self.levels], **extra}
 
     def configure_optimizers(self) -> None:
@@ -314,7 +315,12 @@ class RegistrationModule(L.LightningModule):
     def load_block(self, batch: dict[str, torch.Tensor]) -> None:
         """Receive this rank's slices of the current block and set up the block's state."""
         slices = batch["slices"]
-        self.block_slices = slices.float() / batch["scale"].float() if "scale" in batch else slices.float()
+        # grey values to about [0, 1] by the stack's own range (data.to_tensor)
+        self.block_slices = slices.float()
+        if "offset" in batch:
+            self.block_slices = self.block_slices - batch["offset"].float()
+        if "scale" in batch:
+            self.block_slices = self.block_slices / batch["scale"].float()
         self.block_slices = self.block_slices.unsqueeze(1)  # (B + 1, 1, H, W)
         pairs = self.block_pairs(self.current_epoch)
         valid = torch.tensor([p >= 0 for p in pairs], device=self.device)

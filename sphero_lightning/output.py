@@ -7,10 +7,7 @@ at the final path. Under DDP each rank warps and writes its share of the slices 
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
-import os
-import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,13 +18,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import zarr
-from zarr.codecs import ZstdCodec
 
 from . import __version__
 from .crop import crop_box
 from .errors import SpheroError
 from .export import pixel_matrices
 from .interpolation import bspline_prefilter, nearest_index, warp, warp_coefficients
+from .store import AXES, create_array, move_into_place, ome_multiscales, open_group, utc_now, write_ome  # noqa: F401 (re-exported)
 from .transforms import homogeneous, normalized_to_pixel
 
 if TYPE_CHECKING:
@@ -37,9 +34,6 @@ if TYPE_CHECKING:
     from .model import RegistrationModule
 
 
-#: Axis names of every array we write (OME-NGFF 0.5 requires them as the arrays' ``dimension_names``).
-AXES = ("z", "y", "x")
-
 #: Run results shown next to the hyperparameters in TensorBoard's HPARAMS tab (set by :func:`log_panels`).
 HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
 
@@ -47,10 +41,6 @@ HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def to_dtype(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -62,29 +52,6 @@ def to_dtype(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return image.astype(dtype)
 
 
-def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
-    """OME-NGFF 0.5 ``ome`` attribute listing every array of ``group`` with its scale.
-
-    Arrays are ordered from finest to coarsest (y * x spacing), as the specification requires.
-    A ``translation`` places a cropped array where it lies in the source's frame. The group is valid OME-NGFF
-    0.5 when the arrays have ``dimension_names`` ``["z", "y", "x"]`` (:data:`AXES`), as every array this
-    package writes does.
-    """
-    datasets = []
-    for arr_name, arr in group.arrays():
-        if "spacing" not in arr.attrs or arr_name.startswith("tmp-") or arr.ndim != len(AXES):
-            continue
-        sp = [float(s) for s in arr.attrs["spacing"]]
-        up, _, left, _ = arr.attrs.get("crop_box", [0, 0, 0, 0])
-        transforms = [{"type": "scale", "scale": sp}]
-        if up or left:
-            transforms.append({"type": "translation", "translation": [0.0, up * sp[1], left * sp[2]]})
-        datasets.append((sp[1] * sp[2], {"path": arr_name, "coordinateTransformations": transforms}))
-    datasets.sort(key=lambda d: d[0])
-    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in AXES]
-    return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": [d for _, d in datasets]}]}
-
-
 def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter) -> str:
     """Compose, crop, warp and write the registered stack. Returns the output array's path."""
     dm = trainer.datamodule
@@ -94,6 +61,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
     fitted = [module.results[p] for p in range(dm.n_pairs)]
     composed, pairwise_m, log = chain_with_gaps(dm.n_slices, fitted, dm.damaged)
+    mark_untrusted(log)
     composed = composed[1:]
     if writer.crop_borders:
         box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, writer.crop_safety_margin)
@@ -106,14 +74,14 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     group_path, name = dm.output_path.rsplit("/", 1)
     tmp_name = f"tmp-{name}-partial"
     rank, world = trainer.global_rank, trainer.world_size
+    out_root, fmt = dm.out_root, dm.output_format
     if rank == 0:
-        group = zarr.open_group(dm.root, mode="a").require_group(group_path)
+        group = open_group(out_root, group_path, fmt)
         chunks, shards = output_layout(src.chunks, out_shape, writer.chunks, writer.shards)
-        group.create_array(tmp_name, shape=out_shape, chunks=chunks, shards=shards, dtype=src.dtype,
-                           compressors=ZstdCodec(level=writer.compression_level), overwrite=True,
-                           fill_value=0, dimension_names=AXES)
+        create_array(group, tmp_name, shape=out_shape, chunks=chunks, shards=shards, dtype=src.dtype,
+                     compression_level=writer.compression_level)
     _barrier()
-    out = zarr.open_array(zarr.open_group(dm.root, mode="a").store, path=f"{group_path}/{tmp_name}", mode="r+")
+    out = zarr.open_array(str(out_root), path=f"{group_path}/{tmp_name}", mode="r+", zarr_format=fmt)
 
     show = rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
     module.timings.update(warp_slices(src, out, composed, box, writer.interpolation, module.device, rank, world,
@@ -129,7 +97,10 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         processing.append({"step_name": "registration", "timestamp": stamp, "version": __version__,
                            "parameters": {**{k: v for k, v in hp.items() if k != "pairs_per_block"},
                                           "pyramid": pyramid, "max_pairs": dm.max_pairs,
-                                          "pairs_per_block": dm.pairs_per_block, "interpolation": writer.interpolation}})
+                                          "pairs_per_block": dm.pairs_per_block,
+                                          "output_interpolation": writer.interpolation,
+                                          "intensity_range": list(dm.intensity) if dm.intensity else None,
+                                          "trainer": trainer_record(trainer)}})
         processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
                            "parameters": {"crop_box": box, "crop_borders": writer.crop_borders,
                                           "crop_safety_margin": writer.crop_safety_margin, "method": "exact"}})
@@ -138,10 +109,16 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (z {e['qc_z']:.1f})" for e in outliers[:20])
             print(f"sphero: QC: {len(outliers)} pair(s) with an outlying final loss along the stack, check them: {listing}",
                   file=sys.stderr)
+        poor = [e for e in log if e.get("status") == "low_correlation"]
+        if poor:
+            listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (NCC {e['ncc_after']:.3f})" for e in poor[:20])
+            print(f"sphero: warning: {len(poor)} pair(s) barely correlate after fitting (NCC < {MIN_TRUSTED_NCC}); their "
+                  f"transforms cannot be trusted (status low_correlation): {listing}", file=sys.stderr)
         log_panels(trainer, src, fitted, log)
         out.attrs.update({
             "spacing": dm.spacing,
             "inputs": [dm.array],
+            "source_root": str(Path(dm.root).resolve()) if "://" not in str(dm.root) else str(dm.root),
             "processing": processing,
             "pairwise_transforms": pairwise_m.tolist(),
             "composed_transforms": composed.tolist(),
@@ -149,13 +126,13 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "registration_log": log,
             "crop_box": box,
         })
-        move_into_place(dm.root, group_path, tmp_name, name)
+        move_into_place(out_root, group_path, tmp_name, name)
         journal = getattr(module, "journal", None)
         if journal is not None:
             journal.remove()  # the result is in place: nothing to resume any more
-        group = zarr.open_group(dm.root, mode="a")[group_path]
-        group.attrs["ome"] = ome_multiscales(group, group_path)
-        print(f"sphero: wrote {dm.root}/{final} shape {out_shape} crop_box {box}", file=sys.stderr)
+        write_ome(out_root, group_path)
+        print(f"sphero: wrote {out_root}/{final} shape {out_shape} {np.dtype(src.dtype)} crop_box {box} (Zarr v{fmt})",
+              file=sys.stderr)
         print(f"sphero: {timing_line(module.timings, writer.num_workers)}", file=sys.stderr)
     _barrier()
     return final
@@ -169,19 +146,53 @@ def timing_line(t: dict[str, float], workers: int) -> str:
             f"writing {t.get('write_s', 0.0):.2f} s ({workers} threads)")
 
 
+#: A pair whose NCC after fitting is below this is marked ``low_correlation``, never ``ok``: its slices share too
+#: little structure for the transform to mean anything (consecutive real ssTEM sections: 0.2-0.4; FIB-SEM: ~0.9).
+MIN_TRUSTED_NCC = 0.1
+
+
+def mark_untrusted(log: list[dict[str, Any]]) -> None:
+    """Set ``status: low_correlation`` on fitted pairs whose NCC after fitting is below :data:`MIN_TRUSTED_NCC`
+    (or not finite): a result that cannot be trusted is never marked ``ok``."""
+    for e in log:
+        if e.get("status") != "ok":
+            continue
+        ncc = e.get("ncc_after")
+        if ncc is not None and not (math.isfinite(ncc) and ncc >= MIN_TRUSTED_NCC):
+            e["status"] = "low_correlation"
+
+
+def trainer_record(trainer: L.Trainer) -> dict[str, Any]:
+    """What the run ran on, for the provenance record."""
+    return {"accelerator": trainer.strategy.root_device.type, "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes, "strategy": type(trainer.strategy).__name__,
+            "precision": str(trainer.precision)}
+
+
+#: Fewest pairs for the along-the-stack QC: a median and MAD of fewer say nothing about outliers.
+QC_MIN_PAIRS = 5
+#: The spread below which differences in final loss are not outliers: this fraction of the median loss.
+QC_MIN_SPREAD = 0.05
+
+
 def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dict[str, Any]]:
     """Mark pairs whose final loss is an outlier along the stack (robust z-score above ``threshold``).
 
-    ``z = 0.6745 (loss - median) / MAD`` over the registered pairs; only high losses (poor matches) count.
-    Sets ``qc`` (``"ok"`` or ``"outlier"``) and ``qc_z`` on every registered entry; returns the outliers.
+    ``z = 0.6745 (loss - median) / max(MAD, QC_MIN_SPREAD * median)`` over the registered pairs; only high
+    losses (poor matches) count. The floor keeps near-identical pairs (all losses within a few percent, as on
+    a short or very regular stack) from being flagged for differences that mean nothing. Sets ``qc`` (``"ok"``,
+    ``"outlier"``, or ``"not_assessed"`` with fewer than :data:`QC_MIN_PAIRS` pairs) and ``qc_z`` on every
+    registered entry; returns the outliers.
     """
     entries = [e for e in log if e.get("final_loss") is not None and math.isfinite(e["final_loss"])]
-    if len(entries) < 3:
+    if len(entries) < QC_MIN_PAIRS:
+        for e in entries:
+            e["qc"], e["qc_z"] = "not_assessed", None
         return []
     losses = np.array([e["final_loss"] for e in entries])
     med = float(np.median(losses))
     mad = float(np.median(np.abs(losses - med)))
-    scale = max(mad, 1e-6 * max(abs(med), 1e-12))
+    scale = max(mad, QC_MIN_SPREAD * abs(med), 1e-12)
     out = []
     for e, x in zip(entries, losses):
         z = 0.6745 * (x - med) / scale
@@ -209,7 +220,8 @@ def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]]
     for e in log:
         if e.get("final_loss") is not None:
             tb.add_scalar("pair/final_loss", e["final_loss"], global_step=e["pair_index"])
-            tb.add_scalar("pair/qc_z", e.get("qc_z", 0.0), global_step=e["pair_index"])
+            if e.get("qc_z") is not None:
+                tb.add_scalar("pair/qc_z", e["qc_z"], global_step=e["pair_index"])
         for key in ("ncc_before", "ncc_after"):
             if e.get(key) is not None:  # absent for pairs next to a damaged slice (and from journals of older versions)
                 tb.add_scalar(f"pair/{key}", e[key], global_step=e["pair_index"])
@@ -268,6 +280,19 @@ def output_layout(src_chunks: tuple[int, ...], out_shape: tuple[int, int, int], 
     return ch, sh
 
 
+def warp_dtype(dtype: Any) -> torch.dtype:
+    """The arithmetic an output slice is warped in: float32 where it holds every value of ``dtype`` to the
+    output's own precision (8/16-bit integers, float16/32), float64 for wider integers and float64 (an int64
+    stack at 1e12, or float64 data around 1e9 with small variations, would lose its variation in float32)."""
+    dt = np.dtype(dtype)
+    wide = (np.issubdtype(dt, np.integer) and dt.itemsize >= 4) or dt == np.float64
+    return torch.float64 if wide else torch.float32
+
+
+def torch_to_numpy(dtype: torch.dtype) -> type:
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
 #: Output pixels warped at once per writer thread (a strip of rows); bounds the writer's memory per thread.
 _STRIP_PIXELS = 1 << 18
 
@@ -289,7 +314,8 @@ def warp_slices(src: zarr.Array, out: zarr.Array, composed: torch.Tensor, box: l
     up, down, left, right = box
     shape = tuple(src.shape[1:])
     n = src.shape[0] if n_slices is None else n_slices
-    theta = composed.to(device=device, dtype=torch.float32)
+    work = warp_dtype(src.dtype)
+    theta = composed.to(device=device, dtype=work)
     window = {"out_shape": (down - up, right - left), "offset": (up, left), "full_shape": shape}
     depth = int((getattr(out, "shards", None) or out.chunks)[0])
     units = [(z0, min(z0 + depth, n)) for z0 in range(0, n, depth)][rank::world]
@@ -306,10 +332,10 @@ def warp_slices(src: zarr.Array, out: zarr.Array, composed: torch.Tensor, box: l
         if mode == "nearest":
             iy, ix = nearest_index(composed[z - 1:z], shape, **window)
             return img[iy[0].numpy(), ix[0].numpy()]
-        t = torch.from_numpy(img.astype(np.float32)).to(device)[None, None]
+        t = torch.from_numpy(img.astype(torch_to_numpy(work))).to(device)[None, None]
         if mode == "bspline":
             t = bspline_prefilter(t)  # once per slice; the strips below sample it
-        res = np.empty((down - up, right - left), dtype=np.float32)
+        res = np.empty((down - up, right - left), dtype=torch_to_numpy(work))
         rows = max(1, _STRIP_PIXELS // max(1, right - left))  # strips of rows: bounded temporaries per thread
         for r0 in range(0, down - up, rows):
             r1 = min(r0 + rows, down - up)
@@ -405,12 +431,3 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
             entry["bridged_by"] = {k: v for k, v in bridge.items() if k not in ("matrix", "pair_index")}
         log.append(entry)
     return composed, pairwise, log
-
-
-def move_into_place(root: str | Path, group_path: str, tmp_name: str, name: str) -> None:
-    """Rename the finished temporary array to its final name (replacing an old one)."""
-    base = Path(root) / group_path
-    src, dst = base / tmp_name, base / name
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(src, dst)

@@ -154,11 +154,17 @@ def make_stack(base: np.ndarray, n_slices: int = 16, shape: tuple[int, int] = (3
 
 
 def write_zarr(stack: np.ndarray, root: str | Path, array: str = "images/50-4-4", spacing: tuple[float, float, float] = (50, 4, 4),
-               chunks: tuple[int, ...] | None = None, truth: np.ndarray | None = None) -> str:
-    """Write a stack as the ``sphero fit`` input: a Zarr v3 array with ``spacing``. Returns ``root``."""
-    group = zarr.open_group(str(root), mode="a")
+               chunks: tuple[int, ...] | None = None, truth: np.ndarray | None = None, zarr_format: int = 3) -> str:
+    """Write a stack as the ``sphero fit`` input: a Zarr array (v3 by default, or v2) with ``spacing``. Returns ``root``."""
+    group = zarr.open_group(str(root), mode="a", zarr_format=zarr_format)
+    if zarr_format == 2:
+        import numcodecs
+
+        codec = numcodecs.Zstd(level=3)
+    else:
+        codec = ZstdCodec(level=3)
     arr = group.create_array(array, shape=stack.shape, dtype=stack.dtype, chunks=chunks or (1, *stack.shape[1:]),
-                             compressors=ZstdCodec(level=3), overwrite=True)
+                             compressors=codec, overwrite=True)
     arr[:] = stack
     arr.attrs["spacing"] = list(spacing)
     if truth is not None:

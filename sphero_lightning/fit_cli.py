@@ -1,0 +1,203 @@
+"""``sphero fit``: the LightningCLI.
+
+``--model.*`` the transform and loss, ``--data.*`` the input and output stores, ``--pyramid.*``,
+``--early_stopping.*`` and ``--output.*`` the callbacks that are always present, ``--trainer.*`` devices,
+strategy and nodes. Trainer options that would change the result (a partial or lower-precision fit) are
+refused before any work, with one line saying why (:data:`RESULT_CHANGING`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+from typing import Any
+
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from .callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
+from .cli import COMMANDS, os_error_message
+from .data import ZarrPairDataModule
+from .errors import SpheroError
+from .model import RegistrationModule
+from .store import release_all
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "sphero"}},
+    "callbacks": [{"class_path": "sphero_lightning.callbacks.PairProgressBar"}],
+}
+_PLAIN_DEFAULTS = {
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "use_distributed_sampler": False,
+    "log_every_n_steps": 10,
+    "max_epochs": -1,  # replaced by the number of blocks at setup
+}
+
+#: Trainer options that would change the registration, with the value that leaves it exact and why.
+#: A pair is fitted to convergence within one epoch (one block); anything that cuts epochs or steps short,
+#: or lowers the arithmetic's precision, degrades the transforms silently, so these are refused.
+RESULT_CHANGING: dict[str, tuple[tuple[Any, ...], str]] = {
+    "fast_dev_run": ((False, 0, None), "fits one step of one block only"),
+    "precision": ((None, "32-true", "32", 32), "the loss and its derivatives need float32 images (16-mixed: 0.27 px off)"),
+    "max_epochs": ((None, -1), "the number of epochs is the number of blocks; use --data.max_pairs to fit fewer pairs"),
+    "min_epochs": ((None,), "the number of epochs is the number of blocks"),
+    "max_steps": ((None, -1), "stops pairs before they converge; use --pyramid.steps for the budget per level"),
+    "min_steps": ((None,), "steps are per pair and level; use --pyramid.steps"),
+    "max_time": ((None,), "stops pairs before they converge"),
+    "limit_train_batches": ((None, 1.0, 1), "stops pairs before they converge"),
+    "overfit_batches": ((0, 0.0, None), "not meaningful for a registration"),
+    "accumulate_grad_batches": ((1, None), "each step is one solver update of every pair"),
+    "gradient_clip_val": ((None,), "the solver takes exact steps; use --pyramid.learning_rate to change the first step"),
+}
+
+#: Accelerators that need a device torch can see, and how to check for it.
+def _accelerator_missing(name: str) -> str | None:
+    import torch
+
+    name = str(name).lower()
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        return (f"--trainer.accelerator {name}: torch sees no CUDA GPU here ({build}); "
+                "use --trainer.accelerator cpu (or auto), or install a CUDA build of torch on a machine with a GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "--trainer.accelerator mps: no Apple GPU (MPS) is available here; use --trainer.accelerator cpu (or auto)"
+    return None
+
+
+#: Groups shown first by ``sphero fit --help`` (the project's options), in this order; Lightning's follow.
+HELP_ORDER = ("data", "model", "pyramid", "early_stopping", "output")
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's chatter out of the user's terminal: only what they can act on stays.
+
+    Lightning's INFO lines (accelerator availability, seed, a logging-service tip, "max_epochs reached") and
+    warnings that describe how this program is built (no optimizer: the solvers are per pair; torch's pytree
+    deprecation inside Lightning) say nothing a user can change. Lightning's real warnings still show.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (r".*configure_optimizers.* returned `None`", r".*treespec, LeafSpec", r".*LightningCLI's args parameter",
+                    r".*does not have many workers", r".*litlogger", r".*`isinstance\(treespec"):
+        warnings.filterwarnings("ignore", message=pattern)
+    # deprecations inside the libraries (Lightning's use of jsonargparse, torch's pytree): nothing a user can act on
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(lightning|jsonargparse|torch)(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|jsonargparse)(\.|$)")
+
+
+class SaveConfigWithLogs(SaveConfigCallback):
+    """The run's full configuration beside its TensorBoard logs (``config.yaml``); nothing without a logger
+    (Lightning would write it into the current directory, over a ``config.yaml`` the user may keep there)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+class SpheroCLI(LightningCLI):
+    """LightningCLI with the registration's callbacks as first-class option groups.
+
+    ``--early_stopping.*``, ``--pyramid.*`` and ``--output.*`` configure callbacks that are always
+    present (the fit is meaningless without them); ``--model.*`` the transform and loss; ``--data.*``
+    the input; ``--trainer.*`` devices, strategy and nodes.
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # validate/test/predict have nothing to evaluate here: only fit.
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(PairEarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(PyramidSchedule, "pyramid")
+        parser.add_lightning_class_args(RegistrationWriter, "output")
+        parser.link_arguments("data.pairs_per_block", "model.pairs_per_block")
+        # Class-path defaults go through the parser so that they are instantiated like config values.
+        parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
+        # --help: the project's options first, Lightning's Trainer after them.
+        groups = parser._action_groups
+        first = [g for key in HELP_ORDER for g in groups if getattr(g, "dest", None) == key or g.title == key]
+        parser._action_groups = groups[:2] + first + [g for g in groups[2:] if g not in first]
+        parser.usage = ("sphero fit --data.root STORE.zarr --data.array PATH [--data.* ...] [--model.* ...] [--pyramid.* ...]\n"
+                        "                  [--early_stopping.* ...] [--output.* ...] [--trainer.* ...] [--config FILE.yaml]")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config)
+        trainer = cfg.get("trainer")
+        if trainer is None:
+            return
+        # --trainer.enable_progress_bar false must also drop our default progress bar.
+        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("PairProgressBar")]
+        for key, (allowed, why) in RESULT_CHANGING.items():
+            value = trainer.get(key)
+            if value not in allowed:
+                raise SpheroError(f"--trainer.{key} {value} would change the registration ({why}); remove it")
+        missing = _accelerator_missing(trainer.get("accelerator", "auto"))
+        if missing:
+            raise SpheroError(missing)
+
+
+def _run_cli(argv: list[str] | None) -> SpheroCLI:
+    return SpheroCLI(
+        RegistrationModule,
+        ZarrPairDataModule,
+        args=argv,
+        trainer_defaults=_PLAIN_DEFAULTS,
+        seed_everything_default=0,
+        save_config_callback=SaveConfigWithLogs,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the solvers are per pair (solvers.py): no --optimizer/--lr_scheduler
+        # Parse errors raise (one line from main) instead of printing the whole usage.
+        parser_kwargs={"exit_on_error": False, "fit": {"default_env": False, "exit_on_error": False,
+                                                       "description": "Register a Zarr stack: " + COMMANDS["fit"].split(": ", 1)[1]}},
+    )
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's multi-line validation report as one line: key, given value, expected types."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return "invalid arguments"
+    first = lines[0]
+    if first.startswith("Parser key") and first.endswith(":"):
+        key = first[len("Parser key"):].strip(' :"')
+        clean = [re.sub(r"<class '([\w.]+)'>", r"\1", ln) for ln in lines[1:]]
+        given = next((ln.split(":", 1)[1].strip() for ln in clean if ln.startswith("Given value:")), None)
+        if given is None:
+            return f"invalid value for {key}: {clean[0] if clean else 'not accepted'}"
+        expected = [ln[len("- Expected a"):].strip() for ln in clean if ln.startswith("- Expected a")]
+        return f"invalid value {given!r} for {key}" + (f" (expected {' or '.join(expected)})" if expected else "")
+    return first
+
+
+def run_fit(argv: list[str], from_command_line: bool = False) -> SpheroCLI:
+    """``sphero fit ARGS`` (``argv`` starts with ``fit``). From the command line LightningCLI reads ``sys.argv``
+    itself (DDP's launcher starts the other ranks with the same ``sys.argv``)."""
+    quiet_lightning()
+    try:
+        return _run_cli(None if from_command_line else argv)
+    except (SpheroError, ArgumentError, MisconfigurationException, OSError) as exc:
+        if isinstance(exc, ArgumentError):
+            msg = _one_line(str(exc).strip()) + " (see: sphero fit --help)"
+        elif isinstance(exc, OSError):
+            msg = os_error_message(exc)
+        else:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"sphero fit: error: {msg}", file=sys.stderr)
+        if os.environ.get("SPHERO_DEBUG"):
+            raise
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("sphero fit: interrupted; no output was written at the final path (run the same command again to resume)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        release_all()  # the output's lock, however the run ended
