@@ -19,7 +19,6 @@ import torch
 import zarr
 
 from . import __version__
-from .data import open_registration
 from .errors import SpheroError
 from .output import warp_slices
 from .store import (
@@ -28,6 +27,7 @@ from .store import (
     move_into_place,
     node_exists,
     open_group,
+    open_registration,
     open_source,
     utc_now,
     write_ome,

@@ -22,6 +22,7 @@ from .store import (
     acquire_lock,
     check_writable,
     node_exists,
+    open_registration,  # noqa: F401 (re-exported)
     open_source,
     parse_spacing,
     release_lock,
@@ -29,20 +30,6 @@ from .store import (
     store_format,
     zarr_format,
 )
-
-
-def open_registration(root: str, path: str) -> tuple[zarr.Array, zarr.Array]:
-    """A finished ``sphero fit`` output and the array it was registered from, or a clear error.
-
-    The source is looked up in the same store, or in the store the registration names (``source_root``)
-    when the output was written into another store (``--data.output_root``)."""
-    reg = open_source(root, path)
-    missing = [k for k in ("composed_transforms", "crop_box", "inputs") if k not in reg.attrs]
-    if missing:
-        raise SpheroError(f"{path!r} is not a sphero registration output (no {', '.join(missing)}); "
-                          "point --transforms at e.g. images/registered/50-4-4")
-    src_root = reg.attrs.get("source_root") or root
-    return reg, open_source(src_root, reg.attrs["inputs"][0])
 
 
 def read_block(arr: zarr.Array, start: int, stop: int) -> np.ndarray:

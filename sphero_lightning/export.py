@@ -19,19 +19,24 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .data import open_registration
 from .errors import SpheroError
-from .transforms import normalized_to_pixel
+from .store import open_registration
 
 CSV_FIELDS = ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "shear", "status"]
 
 
 def pixel_matrices(composed: np.ndarray | list, shape: tuple[int, int]) -> np.ndarray:
-    """``(Z - 1, 2, 3)`` normalized composed transforms (slices 1..) to ``(Z, 3, 3)`` pixel tmats (slice 0 = I)."""
-    comp = torch.as_tensor(np.asarray(composed, dtype=np.float64)).reshape(-1, 2, 3)
-    px = normalized_to_pixel(comp, shape).numpy() if len(comp) else np.zeros((0, 3, 3))
+    """``(Z - 1, 2, 3)`` normalized composed transforms (slices 1..) to ``(Z, 3, 3)`` pixel tmats (slice 0 = I).
+
+    torch's normalized coordinates (``align_corners=False``) map to pixel indices by ``x = (W x_n + W - 1) / 2``,
+    so each matrix is conjugated by that scaling (numpy only: ``sphero export`` needs no torch).
+    """
+    comp = np.asarray(composed, dtype=np.float64).reshape(-1, 2, 3)
+    h, w = shape
+    to_px = np.array([[w / 2, 0, (w - 1) / 2], [0, h / 2, (h - 1) / 2], [0, 0, 1.0]])
+    hom = np.concatenate([comp, np.tile(np.array([[[0, 0, 1.0]]]), (len(comp), 1, 1))], 1)
+    px = to_px @ hom @ np.linalg.inv(to_px)
     return np.concatenate([np.eye(3)[None], px])
 
 

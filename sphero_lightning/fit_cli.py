@@ -25,6 +25,7 @@ from .data import ZarrPairDataModule
 from .errors import SpheroError
 from .model import RegistrationModule
 from .store import release_all
+from .threads import share_cores
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "sphero"}},
@@ -143,6 +144,7 @@ class SpheroCLI(LightningCLI):
         missing = _accelerator_missing(trainer.get("accelerator", "auto"))
         if missing:
             raise SpheroError(missing)
+        share_cores()  # this process's share of the cores (threads.py), again before every block
 
 
 def _run_cli(argv: list[str] | None) -> SpheroCLI:

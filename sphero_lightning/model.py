@@ -41,6 +41,7 @@ from .interpolation import (
 from .journal import Journal
 from .losses import get_loss, ncc_loss
 from .solvers import make_solver
+from .threads import share_cores
 from .transforms import FAMILIES, corner_displacement, family_basis, params_to_normalized
 
 #: Interpolation of the moving slice inside the loss (see RegistrationModule).
@@ -608,6 +609,9 @@ class RegistrationModule(L.LightningModule):
                 else:
                     logger.log_hyperparams(hp)
 
+    def on_train_epoch_start(self) -> None:
+        share_cores()  # other sphero processes may have started or ended since the last block
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if batch_idx == 0:
             if batch.get("skip"):  # finished in an earlier run (journal)
@@ -649,6 +653,16 @@ class RegistrationModule(L.LightningModule):
         return torch.cat(losses), torch.cat(grads), (torch.cat(hess) if curvature else None)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._step()
+        finally:  # the profile of a run: time and steps per pyramid level (see benchmarks/real_sections.py)
+            k = self.block.level
+            self.timings[f"level{k}_s"] = self.timings.get(f"level{k}_s", 0.0) + time.perf_counter() - t0
+            self.timings[f"level{k}_steps"] = self.timings.get(f"level{k}_steps", 0) + 1
+
+    def _step(self) -> torch.Tensor:
+        """One evaluation of every active pair of the block at its solver's trial point, then one solver update."""
         blk, solver = self.block, self.solver
         trial = solver.trial()
         with torch.no_grad():

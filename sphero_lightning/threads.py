@@ -1,0 +1,104 @@
+"""CPU threads: use the cores that are there, and share them when several ``sphero`` processes run at once.
+
+Each ``sphero fit`` process (every DDP rank too) holds one slot file under ``<tmp>/sphero-cores-<uid>/`` with an
+exclusive ``flock`` (gone when the process ends, however it ends). At start and before every block a process
+counts the slots in use and takes ``max(1, cores // processes)`` torch threads, so two runs started at once on one
+machine share its cores instead of oversubscribing them (OpenMP threads of two processes spinning on the same
+cores slowed each 4x here). Set ``SPHERO_NUM_THREADS`` (or ``OMP_NUM_THREADS``) to fix the number yourself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+#: Slot files looked at (processes beyond this many share as if there were this many).
+MAX_SLOTS = 256
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under SLURM or taskset), else the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def user_threads() -> int | None:
+    """A thread count the user fixed (``SPHERO_NUM_THREADS``, else ``OMP_NUM_THREADS``), or None."""
+    for key in ("SPHERO_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(key, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+class CoreShare:
+    """This process's slot among the ``sphero`` processes of this user on this machine."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        import fcntl
+
+        self.folder = Path(folder or Path(tempfile.gettempdir()) / f"sphero-cores-{os.getuid()}")
+        self.fd: int | None = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for i in range(MAX_SLOTS):
+                fd = os.open(self.folder / f"slot-{i:03d}", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    continue
+                self.fd, self.slot = fd, i
+                break
+        except OSError:  # no writable temporary folder: behave as the only process
+            self.fd = None
+
+    def processes(self) -> int:
+        """``sphero`` processes holding a slot now (this one included; at least 1)."""
+        import fcntl
+
+        if self.fd is None:
+            return 1
+        n = 0
+        for path in self.folder.glob("slot-*"):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)  # free
+            except OSError:
+                n += 1  # held by a live process (ours included: flock locks are per open file description)
+            finally:
+                os.close(fd)
+        return max(1, n)
+
+    def threads(self) -> int:
+        """Threads for this process: the user's number, or an equal share of the cores."""
+        return user_threads() or max(1, available_cores() // self.processes())
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+_SHARE: CoreShare | None = None
+
+
+def share_cores() -> int:
+    """Set torch's intra-op threads to this process's share of the cores (cheap: call it before every block);
+    returns the number."""
+    import torch
+
+    global _SHARE
+    if _SHARE is None:
+        _SHARE = CoreShare()
+    n = _SHARE.threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

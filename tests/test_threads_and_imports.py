@@ -1,0 +1,77 @@
+"""Issue 12's infrastructure: cores shared between sphero processes, and commands that import only what they need."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import zarr
+
+from sphero_lightning import threads
+from sphero_lightning.synthetic import write_zarr
+
+
+def test_processes_share_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPHERO_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    a = threads.CoreShare(tmp_path)
+    assert a.processes() == 1 and a.threads() == 8
+    b = threads.CoreShare(tmp_path)  # a second process (its own open file: its own lock)
+    c = threads.CoreShare(tmp_path)
+    assert a.slot != b.slot != c.slot
+    assert a.processes() == b.processes() == 3 and a.threads() == 2  # 8 // 3
+    b.close()
+    c.close()
+    assert a.processes() == 1 and a.threads() == 8  # freed slots count no more
+    d = threads.CoreShare(tmp_path)
+    assert d.slot == 1  # a freed slot is reused
+    monkeypatch.setenv("SPHERO_NUM_THREADS", "3")
+    assert a.threads() == 3  # the user's number wins
+    a.close()
+    d.close()
+
+
+def test_a_killed_process_frees_its_share(tmp_path):
+    code = f"from sphero_lightning.threads import CoreShare; s = CoreShare({str(tmp_path)!r}); print(s.slot, flush=True); import time; time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "0"
+        mine = threads.CoreShare(tmp_path)
+        assert mine.processes() == 2
+    finally:
+        p.kill()
+        p.wait()
+    assert mine.processes() == 1
+    mine.close()
+
+
+def _modules_after(code: str) -> set[str]:
+    r = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
+                       capture_output=True, text=True, check=True)
+    return set(r.stdout.split())
+
+
+def test_commands_that_do_not_fit_import_neither_torch_nor_lightning(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "s.tif", np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8),
+                     photometric="minisblack")
+    mods = _modules_after("from sphero_lightning.cli import main\n"
+                          f"main(['ingest', {str(tmp_path / 's.tif')!r}, '--root', {str(tmp_path / 's.zarr')!r}, "
+                          "'--spacing', '50', '4', '4', '--no-progress'])")
+    assert "torch" not in mods and "lightning" not in mods
+    # export of a registration (its attributes are all export reads)
+    root = tmp_path / "r.zarr"
+    write_zarr(np.zeros((3, 32, 32), np.uint8), root)
+    write_zarr(np.zeros((3, 30, 30), np.uint8), root, array="images/registered/50-4-4")
+    out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r+")
+    out.attrs.update({"composed_transforms": [[[1, 0, 0.1], [0, 1, 0]]] * 2, "crop_box": [1, 31, 1, 31], "inputs": ["images/50-4-4"]})
+    mods = _modules_after("from sphero_lightning.cli import main\n"
+                          f"main(['export', '--root', {str(root)!r}, '--transforms', 'images/registered/50-4-4', "
+                          f"'--tmats', {str(tmp_path / 't.npy')!r}])")
+    assert "torch" not in mods and "lightning" not in mods
+    assert np.allclose(np.load(tmp_path / "t.npy")[1], [[1, 0, 0.1 * 16], [0, 1, 0], [0, 0, 1]])
+    # apply warps with torch, but needs no Lightning
+    assert "lightning" not in _modules_after("import sphero_lightning.apply")
