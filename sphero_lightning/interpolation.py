@@ -73,6 +73,9 @@ def _axis_matrix(kind: str, n: int, sigma: float, dtype: torch.dtype, device: to
                 for j, wgt in ((i - 1, 1.0), (i, 4.0), (i + 1, 1.0)):
                     t[i, int(_mirror(torch.tensor(j), n))] += wgt / 6
             coef = torch.linalg.inv(t)
+            # entries decay as |pole|**distance: below 1e-20 they change nothing in float32 or float64 results, but
+            # as float32 denormals they made the matrix product 17x slower (290 against 17 ms for 9 x 512^2)
+            coef = torch.where(coef.abs() < 1e-20, 0.0, coef)
             rows = _mirror(torch.arange(-PAD, n + PAD), n)
             m = coef[rows]
         else:

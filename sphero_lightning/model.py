@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .errors import SpheroError
+from .fastncc import ncc_and_gradient
 from .initialization import phase_correlation
 from .interpolation import (
     PAD,
@@ -406,6 +407,14 @@ class RegistrationModule(L.LightningModule):
         self.level_fixed, self.level_moving, self.level_coeffs = imgs[:-1], imgs[1:], coeffs
         self.level_shape = tuple(self.level_fixed.shape[-2:])
         previous = self.solver if level > 0 else None
+        # Pairs that may start this level from the Gauss-Newton model: all at the first level; later only those that
+        # matched with NCC >= NEWTON_MIN_NCC at the end of the coarser level (finer levels match less well), so no
+        # Hessian is built for consecutive real sections that would reject it anyway
+        if previous is None:
+            self.newton_rows = torch.ones_like(blk.valid)
+        else:
+            ncc_prev = 1 - (previous.f - self.penalty(previous.x))
+            self.newton_rows = torch.isfinite(ncc_prev) & (ncc_prev >= NEWTON_MIN_NCC)
         scale = (lv.factor / self.levels[level - 1].factor) ** 2 if level > 0 else 1.0
         blk.level_counts.append(torch.zeros_like(blk.steps))
         self.solver = make_solver(self.hparams.optimizer, self.x, lv.lr, active=blk.valid.clone(),
@@ -628,9 +637,11 @@ class RegistrationModule(L.LightningModule):
             dist.all_reduce(t)
         return t
 
-    def evaluate(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, curvature: bool = False
+    def evaluate(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, curvature: bool | torch.Tensor = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Losses ``(b,)``, their gradients ``(b, n)`` and (optionally) Gauss-Newton Hessians ``(b, n, n)`` at ``p``.
+
+        ``curvature``: True for every row's Hessian, or a ``(b,)`` mask of the rows that need one (the others get 0).
 
         Pairs go in equal passes of at most ``max_pixels_per_pass`` pixels, each pass's autograd graph freed
         before the next: the memory of a step stays bounded whatever the block and slice size (same math as one
@@ -640,17 +651,44 @@ class RegistrationModule(L.LightningModule):
         per = max(1, self.max_pixels_per_pass // (h * w))
         per = -(-len(p) // -(-len(p) // per))  # equal passes (8 pairs in 2 passes: 4 + 4, not 7 + 1)
         losses, grads, hess = [], [], []
+        if isinstance(curvature, torch.Tensor):
+            want, curvature = curvature, bool(curvature.any())
+        else:
+            want = torch.full((len(p),), bool(curvature), dtype=torch.bool, device=p.device)
         for c0 in range(0, len(p), per):
             pc = p[c0:c0 + per].detach().clone().requires_grad_(True)
             images: dict[str, torch.Tensor] | None = {} if curvature else None
-            lc = self.pair_losses(pc, fixed[c0:c0 + per], coeffs[c0:c0 + per], images)
-            (gc,) = torch.autograd.grad(lc.sum(), pc)
+            if self.uses_fast_ncc:
+                # the default objective: value and exact gradient without autograd through the images (fastncc.py);
+                # autograd only through the small matrices(p) and the penalty
+                theta = self.matrices(pc)
+                lc, g_theta = ncc_and_gradient(theta.detach().to(fixed.dtype), fixed[c0:c0 + per], coeffs[c0:c0 + per],
+                                               images=images)
+                total = (theta * g_theta).sum()
+                if self.hparams.regularization:
+                    pen = self.penalty(pc)
+                    total, lc = total + pen.sum(), lc + pen.detach()
+                (gc,) = torch.autograd.grad(total, pc)
+            else:
+                lc = self.pair_losses(pc, fixed[c0:c0 + per], coeffs[c0:c0 + per], images)
+                (gc,) = torch.autograd.grad(lc.sum(), pc)
             losses.append(lc.detach())
             grads.append(gc)
             if images is not None:
-                hess.append(self._gauss_newton_hessian(pc.detach(), fixed[c0:c0 + per], images["warped"], images["weight"]))
+                n = pc.shape[1]
+                hc = torch.zeros(len(pc), n, n, dtype=torch.float64, device=pc.device)
+                rows = want[c0:c0 + per]
+                if rows.any():
+                    hc[rows] = self._gauss_newton_hessian(pc.detach()[rows], fixed[c0:c0 + per][rows],
+                                                          images["warped"][rows], images["weight"][rows])
+                hess.append(hc)
             del images, lc
         return torch.cat(losses), torch.cat(grads), (torch.cat(hess) if curvature else None)
+
+    @property
+    def uses_fast_ncc(self) -> bool:
+        """Whether evaluations take the analytic path of :mod:`.fastncc` (ncc loss, bspline interpolation)."""
+        return self.hparams.loss == "ncc" and self.hparams.interpolation == "bspline" and not self.loss_kwargs
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -670,13 +708,13 @@ class RegistrationModule(L.LightningModule):
         active_local = solver.active[self.rows] & self.local_valid
         idx = torch.nonzero(active_local).flatten()
         # First evaluation of a level's rows: Gauss-Newton curvature from the same images (same on all ranks).
-        fresh = solver.active & ~solver.evaluated if self.uses_gauss_newton else None
+        fresh = solver.active & ~solver.evaluated & self.newton_rows if self.uses_gauss_newton else None
         need_curv = fresh is not None and bool(fresh.any())
         n = self.basis.shape[0]
         curv = torch.zeros(self.delta.shape[0], n, n, dtype=torch.float64, device=self.device) if need_curv else None
         if len(idx):
             losses, grads, hess = self.evaluate(self.delta.detach()[self.rows][idx], self.level_fixed[idx],
-                                                self.level_coeffs[idx], need_curv)
+                                                self.level_coeffs[idx], fresh[self.rows][idx] if need_curv else False)
             if hess is not None:
                 curv[self.rows.start + idx] = hess
             # a linear surrogate with exactly these gradients: DDP all-reduces them into every row of delta

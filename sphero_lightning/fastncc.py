@@ -1,0 +1,143 @@
+"""The default objective without autograd: NCC of a fixed slice and a cubic-B-spline-warped moving slice, and its
+exact gradient with respect to the affine matrix, in one pass over the pixels.
+
+Autograd through the B-spline sampling recorded ~250 elementwise operations per pass over a (B, h, w) block and
+replayed them backwards; here the value and both spatial derivatives of the interpolant come from one
+``grid_sample`` of 12 bilinear taps (each cubic weight pair merged into one bilinear tap, as for the value: the
+derivative weights of a pair share their sign too), and the gradient is a weighted moment sum. Same loss as
+:func:`~sphero_lightning.losses.ncc_loss` over the weight of :func:`~sphero_lightning.interpolation.inside_weight`
+(the weight's own derivative on its one-pixel ramp included), to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .interpolation import PAD
+
+_EPS = 1e-8
+
+
+def _axis_taps(x: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """Normalized positions and weights of the merged bilinear taps along one axis, at padded-pixel positions
+    ``x`` (``size`` = padded length): value taps (q0, q1) with weights (g0, 1 - g0), derivative taps (r0, r1) with
+    weights (e0, -e0)."""
+    i = torch.floor(x)
+    f = x - i
+    f2 = f * f
+    f3 = f2 * f
+    w1 = (4 - 6 * f2 + 3 * f3) / 6
+    g0 = (1 - f) ** 3 / 6 + w1
+    w3 = f3 / 6
+    d1 = (3 * f2 - 4 * f) / 2
+    e0 = f2 - f - 0.5
+    scale, shift = 2.0 / size, 1.0 / size - 1.0  # pixel index -> normalized (align_corners=False)
+    q0 = (i - 1 + w1 / g0) * scale + shift
+    q1 = (i + 1 + w3 / (1 - g0)) * scale + shift
+    r0 = (i - 1 + d1 / e0) * scale + shift
+    r1 = (i + 1 + (f2 / 2) / (-e0)) * scale + shift
+    return q0, q1, r0, r1, g0, e0
+
+
+def sample_with_gradient(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cubic B-spline value and its x and y derivatives at pixel positions (no autograd).
+
+    ``coeffs``: ``(B, 1, H + 2 PAD, W + 2 PAD)`` from :func:`~sphero_lightning.interpolation.bspline_prefilter`;
+    ``px, py``: ``(B, h, w)`` in pixel-index units. Returns three ``(B, h, w)`` tensors.
+    """
+    b, _, hh, ww = coeffs.shape
+    qx0, qx1, rx0, rx1, gx0, ex0 = _axis_taps(px + PAD, ww)
+    qy0, qy1, ry0, ry1, gy0, ey0 = _axis_taps(py + PAD, hh)
+    oh, ow = px.shape[-2:]
+    grid = torch.empty(b, 12, oh, ow, 2, dtype=px.dtype, device=px.device)  # written in place: no stacked copies
+    for k, (tx, ty) in enumerate(((qx0, qy0), (qx1, qy0), (qx0, qy1), (qx1, qy1), (rx0, qy0), (rx1, qy0), (rx0, qy1),
+                                  (rx1, qy1), (qx0, ry0), (qx1, ry0), (qx0, ry1), (qx1, ry1))):
+        grid[:, k, :, :, 0] = tx
+        grid[:, k, :, :, 1] = ty
+    grid = grid.view(b, 12 * oh, ow, 2)
+    taps = F.grid_sample(coeffs, grid, mode="bilinear", padding_mode="border", align_corners=False).reshape(b, 12, oh, ow)
+    gx1, gy1 = 1 - gx0, 1 - gy0
+    value = gy0 * (gx0 * taps[:, 0] + gx1 * taps[:, 1]) + gy1 * (gx0 * taps[:, 2] + gx1 * taps[:, 3])
+    dx = ex0 * (gy0 * (taps[:, 4] - taps[:, 5]) + gy1 * (taps[:, 6] - taps[:, 7]))
+    dy = ey0 * (gx0 * (taps[:, 8] - taps[:, 10]) + gx1 * (taps[:, 9] - taps[:, 11]))
+    return value, dx, dy
+
+
+def _ncc_from_sums(s: torch.Tensor) -> torch.Tensor:
+    """``1 - NCC`` from the weighted sums ``[S1, Sf, Sm, Sff, Smm, Sfm]`` (``(B, 6)``, centred data)."""
+    s1 = s[:, 0].clamp_min(_EPS)
+    cov = s[:, 5] - s[:, 1] * s[:, 2] / s1
+    vf = s[:, 3] - s[:, 1] ** 2 / s1
+    vm = s[:, 4] - s[:, 2] ** 2 / s1
+    return 1 - cov / torch.sqrt(vf * vm + _EPS)
+
+
+def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, ramp: float = 1.0,
+                     images: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 - NCC`` of each pair and its gradient with respect to ``theta``.
+
+    Parameters
+    ----------
+    theta : torch.Tensor
+        ``(B, 2, 3)`` normalized matrices (output position -> moving position).
+    fixed, coeffs : torch.Tensor
+        ``(B, 1, h, w)`` fixed slices and ``(B, 1, h + 2 PAD, w + 2 PAD)`` B-spline coefficients of the moving ones.
+    images : dict, optional
+        Receives ``warped`` and ``weight`` (``(B, 1, h, w)``), as :meth:`RegistrationModule.pair_losses` gives them.
+
+    Returns
+    -------
+    loss : ``(B,)`` float64; grad : ``(B, 2, 3)`` float64.
+    """
+    b = theta.shape[0]
+    h, w = fixed.shape[-2:]
+    dt, dev = fixed.dtype, fixed.device
+    th = theta.to(torch.float64)
+    # pixel position = (size / 2) (theta @ [xn, yn, 1] + 1) - 1/2, xn = (2 X + 1) / w - 1
+    xn = (2 * torch.arange(w, device=dev, dtype=torch.float64) + 1) / w - 1
+    yn = (2 * torch.arange(h, device=dev, dtype=torch.float64) + 1) / h - 1
+    cx = (w / 2) * th[:, 0]  # (B, 3): coefficients of xn, yn, 1
+    cy = (h / 2) * th[:, 1]
+    px = ((cx[:, 0, None, None] * xn + cx[:, 1, None, None] * yn[:, None]) + (cx[:, 2] + (w - 1) / 2)[:, None, None]).to(dt)
+    py = ((cy[:, 0, None, None] * xn + cy[:, 1, None, None] * yn[:, None]) + (cy[:, 2] + (h - 1) / 2)[:, None, None]).to(dt)
+    m, mx, my = sample_with_gradient(coeffs, px, py)
+    # the inside weight (interpolation.inside_weight) and its derivative on the ramp
+    left, right, top, bottom = px, (w - 1) - px, py, (h - 1) - py
+    dxm, dym = torch.minimum(left, right), torch.minimum(top, bottom)
+    d = torch.minimum(dxm, dym)
+    wt = (d / ramp).clamp(0.0, 1.0)
+    on_ramp = ((d >= 0) & (d <= ramp)).to(dt) / ramp  # as clamp's gradient: both ends included
+    x_side = dxm <= dym
+    wx = torch.where(x_side, torch.where(left <= right, on_ramp, -on_ramp), 0.0)
+    wy = torch.where(x_side, 0.0, torch.where(top <= bottom, on_ramp, -on_ramp))
+    # weighted sums of centred data (NCC is invariant to the shifts; they keep float32 sums accurate)
+    f = fixed[:, 0] - fixed[:, 0].mean((1, 2), keepdim=True)
+    mc = m - coeffs[:, 0].mean((1, 2)).view(b, 1, 1)
+    wf, wm = wt * f, wt * mc
+    s = torch.stack([wt.sum((1, 2), dtype=torch.float64), wf.sum((1, 2), dtype=torch.float64),
+                     wm.sum((1, 2), dtype=torch.float64), (wf * f).sum((1, 2), dtype=torch.float64),
+                     (wm * mc).sum((1, 2), dtype=torch.float64), (wf * mc).sum((1, 2), dtype=torch.float64)], 1)
+    s = s.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = _ncc_from_sums(s)
+        (a,) = torch.autograd.grad(loss.sum(), s)
+    a = a.to(dt).view(b, 6, 1, 1)
+    # dL/dm (through Sm, Smm, Sfm) and dL/dw (through every sum), per pixel
+    dl_dm = wt * (a[:, 2] + 2 * a[:, 4] * mc + a[:, 5] * f)
+    dl_dw = a[:, 0] + f * (a[:, 1] + a[:, 3] * f + a[:, 5] * mc) + mc * (a[:, 2] + a[:, 4] * mc)
+    gx = dl_dm * mx + dl_dw * wx
+    gy = dl_dm * my + dl_dw * wy
+    # dL/dtheta_0j = (w/2) sum gx [xn, yn, 1]_j, likewise row 1 with h/2 and gy
+    xp = torch.stack([xn, torch.ones_like(xn)], 1).to(dt)  # (w, 2): xn, 1
+    yp = torch.stack([yn, torch.ones_like(yn)], 1).to(dt)  # (h, 2): yn, 1
+    grad = torch.empty(b, 2, 3, dtype=torch.float64, device=dev)
+    for row, (g, half) in enumerate(((gx, w / 2), (gy, h / 2))):
+        mom = (yp.T @ (g @ xp)).double()  # (B, 2, 2): [j, i] = sum g yn^(1-j) xn^(1-i)
+        grad[:, row, 0] = half * mom[:, 1, 0]  # sum g xn
+        grad[:, row, 1] = half * mom[:, 0, 1]  # sum g yn
+        grad[:, row, 2] = half * mom[:, 1, 1]  # sum g
+    if images is not None:
+        images.update(warped=m.unsqueeze(1), weight=wt.unsqueeze(1))
+    return loss.detach(), grad

@@ -1,0 +1,64 @@
+"""The analytic NCC path (fastncc.py) equals autograd through the B-spline sampling: loss and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphero_lightning.fastncc import ncc_and_gradient, sample_with_gradient
+from sphero_lightning.interpolation import bspline_prefilter, bspline_sample, gaussian_blur
+from sphero_lightning.model import RegistrationModule
+
+
+@pytest.fixture(scope="module")
+def images(base_image):
+    img = torch.from_numpy(base_image[:200, :240].astype("float32") / 255)
+    moved = torch.roll(img, shifts=(3, -2), dims=(0, 1))
+    stack = gaussian_blur(torch.stack([img, moved, img.flip(0), moved.flip(1)])[:, None], 0.7)
+    return stack[:2], bspline_prefilter(stack[2:])
+
+
+def test_value_and_derivatives_of_the_interpolant(images):
+    _, coeffs = images
+    g = torch.Generator().manual_seed(0)
+    px = (torch.rand(2, 30, 40, generator=g) * 236 + 1).requires_grad_(True)
+    py = (torch.rand(2, 30, 40, generator=g) * 196 + 1).requires_grad_(True)
+    ref = bspline_sample(coeffs, px, py)[:, 0]
+    gx, gy = torch.autograd.grad(ref.sum(), (px, py))
+    v, dx, dy = sample_with_gradient(coeffs, px.detach(), py.detach())
+    assert torch.allclose(v, ref.detach(), atol=1e-5)
+    assert torch.allclose(dx, gx, atol=1e-4) and torch.allclose(dy, gy, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["rigid", "affine"])
+def test_loss_and_gradient_equal_autograd(images, family):
+    fixed, coeffs = images
+    m = RegistrationModule(transformation=family, regularization=0.3)
+    m.shape = tuple(fixed.shape[-2:])
+    n = m.basis.shape[0]
+    # off the identity, and far enough out that the border ramp of the inside weight is crossed
+    p = torch.tensor([[0.013, -0.021, 0.004, 0.01, -0.02, 0.015][:n], [0.031, 0.017, -0.006, 0.0, 0.01, -0.01][:n]],
+                     dtype=torch.float64)
+    pr = p.clone().requires_grad_(True)
+    ref = m.pair_losses(pr, fixed, coeffs)  # autograd through sampling, weight and loss
+    (g_ref,) = torch.autograd.grad(ref.sum(), pr)
+    assert m.uses_fast_ncc
+    loss, grad, _ = m.evaluate(p, fixed, coeffs)
+    assert torch.allclose(loss, ref.detach(), atol=1e-6), (loss, ref)
+    rel = (grad - g_ref).abs().amax(1) / g_ref.abs().amax(1)
+    assert rel.max() < 2e-3, (grad, g_ref)
+
+
+def test_the_inside_weights_ramp_counts_in_the_gradient(images):
+    """Dropping the weight's derivative (pixels crossing the border) would leave the gradient off."""
+    fixed, coeffs = images
+    theta = torch.tensor([[[1.0, 0.0, 0.0517], [0.0, 1.0, -0.0331]]] * 2)  # not at whole pixels (kinks of the ramp)
+    _, g_full = ncc_and_gradient(theta, fixed, coeffs)
+    shifted = theta.clone().double()
+    eps = 1e-4
+    shifted[:, 0, 2] += eps
+    lp, _ = ncc_and_gradient(shifted.float(), fixed, coeffs)
+    shifted[:, 0, 2] -= 2 * eps
+    lm, _ = ncc_and_gradient(shifted.float(), fixed, coeffs)
+    fd = (lp - lm) / (2 * eps)
+    assert torch.allclose(g_full[:, 0, 2], fd, rtol=0.05, atol=1e-3), (g_full[:, 0, 2], fd)
