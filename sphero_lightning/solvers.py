@@ -119,6 +119,10 @@ class BatchBFGS(BatchSolver):
         if hinv is not None:
             self.hinv = hinv.detach().double().clone()
             self.updated[:] = True
+        # A carried model is right in shape but its scale only guessed (the curvature at a finer level of real
+        # sections grows less than the resolution squared): the first curvature update rescales it to the curvature
+        # measured along the step (self-scaling BFGS), then updates it as usual.
+        self.rescale = self.warm.clone()
 
     def set_curvature(self, rows: torch.Tensor, hinv: torch.Tensor) -> None:
         """Start ``rows`` (not yet evaluated) from the inverse-Hessian ``hinv`` (``(R, n, n)``)."""
@@ -127,6 +131,7 @@ class BatchBFGS(BatchSolver):
         self.updated |= rows
         self.warm |= rows
         self.newton |= rows
+        self.rescale &= ~rows  # a validated Newton model needs no rescaling
 
     def _direction(self, rows: torch.Tensor) -> None:
         """Recompute the search direction of ``rows``; reset the curvature where it is not descent."""
@@ -191,6 +196,12 @@ class BatchBFGS(BatchSolver):
             fresh = good & ~self.updated
             gamma = (sy / yy.clamp_min(1e-300)).view(-1, 1, 1)
             hinv = torch.where(fresh.view(-1, 1, 1), gamma * self.eye, self.hinv)
+            scale_now = good & self.rescale
+            if scale_now.any():
+                hy = (hinv @ y.unsqueeze(-1)).squeeze(-1)
+                tau = (sy / (y * hy).sum(-1).clamp_min(1e-300)).clamp(0.1, 10.0).view(-1, 1, 1)
+                hinv = torch.where(scale_now.view(-1, 1, 1), tau * hinv, hinv)
+                self.rescale &= ~scale_now
             rho = (1.0 / sy.where(good, torch.ones_like(sy))).view(-1, 1, 1)
             v = self.eye - rho * s.unsqueeze(-1) * y.unsqueeze(-2)
             hnew = v @ hinv @ v.transpose(-1, -2) + rho * s.unsqueeze(-1) * s.unsqueeze(-2)

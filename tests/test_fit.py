@@ -128,7 +128,8 @@ def test_poorly_matching_slices_still_reach_the_optimum(tmp_path, base_image):
 
     s = make_stack(base_image, 5, (128, 128), noise=70.0, seed=3)
     out = []
-    for i, extra in enumerate(([], ["--model.curvature", "carried", "--early_stopping.step_tol_px", "0.0001"])):
+    for i, extra in enumerate(([], ["--model.curvature", "carried", "--early_stopping.step_tol_px", "0.0001",
+                                         "--early_stopping.coarse_step_tol_px", "0.001"])):
         root = tmp_path / f"s{i}.zarr"
         write_zarr(s.stack, root)
         fit(root, "--pyramid.levels", "3", *extra)
