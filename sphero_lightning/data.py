@@ -22,7 +22,6 @@ from .store import (
     acquire_lock,
     check_writable,
     node_exists,
-    open_registration,  # noqa: F401 (re-exported)
     open_source,
     parse_spacing,
     release_lock,

@@ -24,7 +24,7 @@ from .crop import crop_box
 from .errors import SpheroError
 from .export import pixel_matrices
 from .interpolation import bspline_prefilter, nearest_index, warp, warp_coefficients
-from .store import AXES, create_array, move_into_place, ome_multiscales, open_group, utc_now, write_ome  # noqa: F401 (re-exported)
+from .store import create_array, move_into_place, open_group, utc_now, write_ome
 from .transforms import homogeneous, normalized_to_pixel
 
 if TYPE_CHECKING:

@@ -49,8 +49,13 @@ def open_source(root: str, array: str, option: str = "--data") -> zarr.Array:
     with a clear error for each way it can be missing."""
     if not is_url(root) and not Path(root).exists():
         raise SpheroError(f"store {str(root)!r} does not exist; check {option}.root (a .zarr directory)")
+    store: Any = root
+    if not is_url(root) and Path(root).is_file() and str(root).lower().endswith(".zip"):
+        from zarr.storage import ZipStore
+
+        store = ZipStore(str(root), mode="r")  # a zipped store (read-only; the output goes to a directory store)
     try:
-        group = zarr.open_group(root, mode="r")
+        group = zarr.open_group(store, mode="r")
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a zarr store"
         raise SpheroError(f"{str(root)!r} is not a Zarr store ({type(exc).__name__}); point {option}.root at a .zarr directory") from None
     try:
@@ -172,8 +177,7 @@ def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
 
 def write_ome(root: str | Path, group_path: str) -> None:
     """(Re)write the OME-NGFF metadata of ``group_path``: 0.5 (``ome``) in a v3 store, 0.4 (``multiscales``) in v2."""
-    group = zarr.open_group(str(root), mode="a", zarr_format=store_format(root))[group_path] if group_path else \
-        zarr.open_group(str(root), mode="a", zarr_format=store_format(root))
+    group = open_group(root, group_path)
     if zarr_format(group) == 2:
         group.attrs["multiscales"] = [{"version": "0.4", **multiscales(group, group_path)}]
     else:
@@ -195,6 +199,8 @@ def check_writable(root: str | Path, fix: str) -> None:
     if is_url(root):
         raise SpheroError(f"cannot write into the remote store {str(root)!r}; {fix}")
     p = Path(root)
+    if p.is_file():
+        raise SpheroError(f"cannot write into {str(root)!r}: it is a file (a zipped store?), not a directory store; {fix}")
     probe_dir = p if p.exists() else p.parent
     if not probe_dir.exists():
         raise SpheroError(f"cannot create the store {str(root)!r}: folder {str(probe_dir)!r} does not exist")

@@ -136,6 +136,23 @@ def test_zarr_v2_source_registers_end_to_end(tmp_path, base_image):
     assert np.load(tmp_path / "t.npy").shape == (5, 3, 3)
 
 
+def test_zipped_store_is_read_and_the_output_goes_to_a_directory_store(tmp_path, base_image):
+    from zarr.storage import ZipStore
+
+    s = make_stack(base_image, 4, (96, 96), seed=3)
+    zipped = tmp_path / "s.zip"
+    store = ZipStore(str(zipped), mode="w")
+    arr = zarr.open_group(store, mode="w").create_array("images/50-4-4", shape=s.stack.shape, dtype=s.stack.dtype,
+                                                        chunks=(1, 96, 96), attributes={"spacing": [50, 4, 4]})
+    arr[:] = s.stack  # (a zip member is written once: metadata first, with its attributes)
+    store.close()
+    _assert_one_line_error(*_run(_fit_args(zipped)), "is a file", "--data.output_root")
+    code, err = _run(_fit_args(zipped, "--data.output_root", str(tmp_path / "out.zarr"), "--trainer.logger", "false"))
+    assert code == 0, err
+    out = zarr.open_array(str(tmp_path / "out.zarr"), path=OUT, mode="r")
+    assert float(composed_error(np.asarray(out.attrs["composed_transforms"]), s.composed, (96, 96)).mean()) < 0.05
+
+
 def test_ingest_writes_ome_metadata_viewers_find(tmp_path, base_image):
     import tifffile
 
