@@ -26,17 +26,18 @@ def _axis_taps(x: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     i = torch.floor(x)
     f = x - i
     f2 = f * f
-    f3 = f2 * f
-    w1 = (4 - 6 * f2 + 3 * f3) / 6
-    g0 = (1 - f) ** 3 / 6 + w1
-    w3 = f3 / 6
-    d1 = (3 * f2 - 4 * f) / 2
-    e0 = f2 - f - 0.5
+    # cubic B-spline weights w0..w3 and their derivatives d0..d3 (Horner forms):
+    # w1 = 2/3 - f^2 + f^3/2, g0 = w0 + w1 = 5/6 - f/2 - f^2/2 + f^3/3, w3 = f^3/6;
+    # d1 = (3 f^2 - 4 f)/2, e0 = d0 + d1 = f^2 - f - 1/2, d3 = f^2/2, d2 + d3 = -e0
+    w1 = torch.addcmul(torch.full_like(f, 2 / 3), f2, f * 0.5 - 1)
+    g0 = ((f * (1 / 3) - 0.5) * f - 0.5).mul_(f).add_(5 / 6)
+    e0 = (f - 1).mul_(f).sub_(0.5)
     scale, shift = 2.0 / size, 1.0 / size - 1.0  # pixel index -> normalized (align_corners=False)
-    q0 = (i - 1 + w1 / g0) * scale + shift
-    q1 = (i + 1 + w3 / (1 - g0)) * scale + shift
-    r0 = (i - 1 + d1 / e0) * scale + shift
-    r1 = (i + 1 + (f2 / 2) / (-e0)) * scale + shift
+    base = i.mul_(scale).add_(shift)  # normalized position of pixel i
+    q0 = (w1 / g0 - 1).mul_(scale).add_(base)
+    q1 = ((f2 * f) / (6 * (1 - g0)) + 1).mul_(scale).add_(base)
+    r0 = (((1.5 * f - 2) * f) / e0 - 1).mul_(scale).add_(base)
+    r1 = (1 - f2 / (2 * e0)).mul_(scale).add_(base)
     return q0, q1, r0, r1, g0, e0
 
 
@@ -58,10 +59,11 @@ def sample_with_gradient(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tenso
         grid[:, k, :, :, 1] = ty
     grid = grid.view(b, 12 * oh, ow, 2)
     taps = F.grid_sample(coeffs, grid, mode="bilinear", padding_mode="border", align_corners=False).reshape(b, 12, oh, ow)
-    gx1, gy1 = 1 - gx0, 1 - gy0
-    value = gy0 * (gx0 * taps[:, 0] + gx1 * taps[:, 1]) + gy1 * (gx0 * taps[:, 2] + gx1 * taps[:, 3])
-    dx = ex0 * (gy0 * (taps[:, 4] - taps[:, 5]) + gy1 * (taps[:, 6] - taps[:, 7]))
-    dy = ey0 * (gx0 * (taps[:, 8] - taps[:, 10]) + gx1 * (taps[:, 9] - taps[:, 11]))
+    # the second tap of each pair has weight 1 - g (value) or -e (derivative): lerps and differences
+    t = taps.unbind(1)
+    value = torch.lerp(torch.lerp(t[3], t[2], gx0), torch.lerp(t[1], t[0], gx0), gy0)
+    dx = torch.lerp(t[6] - t[7], t[4] - t[5], gy0).mul_(ex0)
+    dy = torch.lerp(t[9] - t[11], t[8] - t[10], gx0).mul_(ey0)
     return value, dx, dy
 
 
