@@ -123,6 +123,7 @@ class BatchBFGS(BatchSolver):
         # sections grows less than the resolution squared): the first curvature update rescales it to the curvature
         # measured along the step (self-scaling BFGS), then updates it as usual.
         self.rescale = self.warm.clone()
+        self.tau = torch.ones_like(self.f)  # the factor that rescaling found (1 where none happened)
 
     def set_curvature(self, rows: torch.Tensor, hinv: torch.Tensor) -> None:
         """Start ``rows`` (not yet evaluated) from the inverse-Hessian ``hinv`` (``(R, n, n)``)."""
@@ -199,7 +200,9 @@ class BatchBFGS(BatchSolver):
             scale_now = good & self.rescale
             if scale_now.any():
                 hy = (hinv @ y.unsqueeze(-1)).squeeze(-1)
-                tau = (sy / (y * hy).sum(-1).clamp_min(1e-300)).clamp(0.1, 10.0).view(-1, 1, 1)
+                tau = (sy / (y * hy).sum(-1).clamp_min(1e-300)).clamp(0.1, 10.0)
+                self.tau = torch.where(scale_now, tau, self.tau)
+                tau = tau.view(-1, 1, 1)
                 hinv = torch.where(scale_now.view(-1, 1, 1), tau * hinv, hinv)
                 self.rescale &= ~scale_now
             rho = (1.0 / sy.where(good, torch.ones_like(sy))).view(-1, 1, 1)
@@ -248,5 +251,7 @@ def make_solver(name: str, x0: torch.Tensor, lr: float, active: torch.Tensor | N
     except KeyError:
         raise SpheroError(f"unknown optimizer {name!r}; choose one of {', '.join(SOLVERS)}") from None
     if cls is BatchBFGS and isinstance(previous, BatchBFGS):
-        return cls(x0, lr, active, hinv=previous.hinv * curvature_scale)
+        # the rescaling the previous level needed is the best guess for this one's (real sections: the curvature
+        # grows less than the resolution squared, by a factor that is similar from level to level)
+        return cls(x0, lr, active, hinv=previous.hinv * curvature_scale * previous.tau.view(-1, 1, 1))
     return cls(x0, lr, active)
