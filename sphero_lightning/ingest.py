@@ -1,9 +1,10 @@
-"""``sphero ingest``: TIFF slices into the Zarr array ``sphero fit`` reads, one slice at a time.
+"""``sphero ingest``: TIFF or PNG slices into the Zarr array ``sphero fit`` reads, one slice at a time.
 
     sphero ingest stack.tif --root stack.zarr --spacing 50 4 4
     sphero ingest slices/ --root stack.zarr --spacing 50 4 4 --array images/50-4-4
 
-``SRC`` is a multi-page TIFF or a folder of single-page TIFFs (``.tif``/``.tiff``), taken in natural
+``SRC`` is a multi-page TIFF, or a folder of single-page TIFFs (``.tif``/``.tiff``) or of PNG slices (grey, 8 or
+16 bit; grey with alpha, or stored as equal colour channels, gives the grey channel), taken in natural
 name order (``s2.tif`` before ``s10.tif``). Slices are read and written one by one (memory: a few
 slices), into a temporary array renamed into place when complete. The array gets ``spacing`` and a
 ``processing`` entry naming the source.
@@ -36,6 +37,11 @@ from .store import (
 )
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+PNG_SUFFIXES = (".png",)
+
+#: Pillow modes of grey-value PNG slices and the dtype they hold (colour modes count when R = G = B).
+_PNG_DTYPES = {"L": np.uint8, "LA": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "I;16": np.uint16, "I;16B": np.uint16,
+               "I;16L": np.uint16, "I": np.int32, "F": np.float32}
 
 
 def _natural_key(name: str) -> list[object]:
@@ -48,12 +54,16 @@ def tiff_slices(src: str | Path) -> tuple[int, tuple[int, int], np.dtype, Callab
 
     path = Path(src)
     if not path.exists():
-        raise SpheroError(f"{str(src)!r} does not exist; give a multi-page TIFF or a folder of TIFF slices")
+        raise SpheroError(f"{str(src)!r} does not exist; give a multi-page TIFF or a folder of TIFF or PNG slices")
     if path.is_dir():
         files = sorted((p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()),
                        key=lambda p: _natural_key(p.name))
         if not files:
-            raise SpheroError(f"folder {str(src)!r} holds no .tif/.tiff files")
+            pngs = sorted((p for p in path.iterdir() if p.suffix.lower() in PNG_SUFFIXES and p.is_file()),
+                          key=lambda p: _natural_key(p.name))
+            if pngs:
+                return png_slices(path, pngs)
+            raise SpheroError(f"folder {str(src)!r} holds no .tif/.tiff or .png files")
         shapes = {}
         for f in files:
             try:
@@ -89,6 +99,39 @@ def tiff_slices(src: str | Path) -> tuple[int, tuple[int, int], np.dtype, Callab
         return pages[i].asarray()
 
     return n, shape, dtype, read, [f"{path.name}[{i}]" for i in range(n)]
+
+
+def png_slices(folder: Path, files: list[Path]) -> tuple[int, tuple[int, int], np.dtype, Callable[[int], np.ndarray], list[str]]:
+    """A folder of single-slice PNGs (Pillow reads the headers only, here): grey values, 8 or 16 bit. Grey stored
+    with an alpha channel (``LA``) or as equal colour channels (``RGB``/``RGBA``, R = G = B) gives channel 0; a
+    colour image is refused when it is read."""
+    from PIL import Image
+
+    heads = {}
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                heads[f.name] = (im.size[::-1], im.mode)
+        except Exception as exc:  # noqa: BLE001 - reported with the file's name
+            raise SpheroError(f"cannot read {f.name!r} in {str(folder)!r} as PNG ({type(exc).__name__}: {exc})") from None
+    first_shape, first_mode = heads[files[0].name]
+    for name, (shape, mode) in heads.items():
+        if mode not in _PNG_DTYPES:
+            raise SpheroError(f"{name!r} is a PNG of mode {mode}; expected grey values (8 or 16 bit)")
+        if shape != first_shape or _PNG_DTYPES[mode] != _PNG_DTYPES[first_mode]:
+            raise SpheroError(f"{name!r} is {shape} {mode}, but {files[0].name!r} is {first_shape} {first_mode}; "
+                              "every slice must have the same size and bit depth")
+
+    def read(i: int) -> np.ndarray:
+        with Image.open(files[i]) as im:
+            a = np.asarray(im)
+        if a.ndim == 3:
+            if a.shape[2] >= 3 and not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
+                raise SpheroError(f"{files[i].name!r} is a colour image (R, G and B differ); convert the slices to grey first")
+            a = a[..., 0]
+        return np.ascontiguousarray(a, dtype=_PNG_DTYPES[first_mode])
+
+    return len(files), first_shape, np.dtype(_PNG_DTYPES[first_mode]), read, [f.name for f in files]
 
 
 def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str | None = None,
@@ -154,7 +197,7 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="sphero ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="a multi-page TIFF, or a folder of single-page TIFFs")
+    ap.add_argument("src", help="a multi-page TIFF, or a folder of single-page TIFFs or of PNG slices")
     ap.add_argument("--root", required=True, help="the Zarr store to write into (created if absent)")
     ap.add_argument("--spacing", required=True, type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size in nm")
     ap.add_argument("--array", default=None, help="array path in the store (default images/<z>-<y>-<x>)")

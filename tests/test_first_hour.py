@@ -153,6 +153,31 @@ def test_zipped_store_is_read_and_the_output_goes_to_a_directory_store(tmp_path,
     assert float(composed_error(np.asarray(out.attrs["composed_transforms"]), s.composed, (96, 96)).mean()) < 0.05
 
 
+def test_ingest_reads_a_folder_of_png_slices(tmp_path, base_image):
+    from PIL import Image
+
+    s = make_stack(base_image, 3, (64, 80), seed=1)
+    for name, stack, mode in (("grey8", s.stack, "L"), ("grey16", s.stack.astype(np.uint16) * 257, "I;16")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, sl in enumerate(stack):
+            im = Image.fromarray(sl) if mode == "L" else Image.frombytes("I;16", sl.shape[::-1], sl.astype("<u2").tobytes())
+            if name == "grey8" and i == 1:
+                im = im.convert("LA")  # grey with an alpha channel (as the EPFL FIB-SEM PNGs)
+            im.save(folder / f"s{i * 5}.png")
+        root = tmp_path / f"{name}.zarr"
+        assert _run(["ingest", str(folder), "--root", str(root), "--spacing", "5", "5", "5", "--no-progress"])[0] == 0
+        arr = zarr.open_array(str(root), path="images/5-5-5", mode="r")
+        assert arr.dtype == stack.dtype and np.array_equal(arr[:], stack)
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    rgb = np.stack([s.stack[0], s.stack[0] // 2, s.stack[0]], -1)
+    for i in range(2):
+        Image.fromarray(rgb).save(colour / f"c{i}.png")
+    _assert_one_line_error(*_run(["ingest", str(colour), "--root", str(tmp_path / "c.zarr"), "--spacing", "5", "5", "5",
+                                  "--no-progress"]), "colour image")
+
+
 def test_ingest_writes_ome_metadata_viewers_find(tmp_path, base_image):
     import tifffile
 
