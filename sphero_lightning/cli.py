@@ -44,12 +44,19 @@ See 'sphero COMMAND --help'. Quick start:
 """
 
 
-def _report(prefix: str, exc: BaseException) -> None:
-    """Print a user error as one line and exit with status 2 (the traceback only with SPHERO_DEBUG)."""
-    print(f"{prefix}: error: {exc}", file=sys.stderr)
+def report(prefix: str, message: str, exc: BaseException) -> None:
+    """Print a user error as one line and exit with status 2 (``exc`` re-raised with its traceback only with
+    SPHERO_DEBUG)."""
+    print(f"{prefix}: error: {message}", file=sys.stderr)
     if os.environ.get("SPHERO_DEBUG"):
         raise exc
     raise SystemExit(2) from None
+
+
+def interrupted(prefix: str, what: str) -> None:
+    """Ctrl-C: one line saying what was (not) written, exit status 130."""
+    print(f"{prefix}: interrupted; {what}", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 def os_error_message(exc: OSError) -> str:
@@ -66,12 +73,11 @@ def _run_tool(name: str, argv: list[str]) -> None:
     try:
         import_module(f"sphero_lightning.{name}").main(argv)
     except SpheroError as exc:
-        _report(f"sphero {name}", exc)
+        report(f"sphero {name}", str(exc), exc)
     except OSError as exc:
-        _report(f"sphero {name}", SpheroError(os_error_message(exc)))
+        report(f"sphero {name}", os_error_message(exc), exc)
     except KeyboardInterrupt:
-        print(f"sphero {name}: interrupted; nothing was written at the final path", file=sys.stderr)
-        raise SystemExit(130) from None
+        interrupted(f"sphero {name}", "nothing was written at the final path")
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -97,8 +103,9 @@ def main(argv: list[str] | None = None) -> Any:
     if command != "fit":
         hint = " (the Lightning subcommands validate, test and predict have nothing to do here)" \
             if command in ("validate", "test", "predict") else ""
-        _report("sphero", SpheroError(f"unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)} "
-                                      "(see: sphero --help)"))
+        error = SpheroError(f"unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)} "
+                                      "(see: sphero --help)")
+        report("sphero", str(error), error)
     from .fit_cli import run_fit
 
     return run_fit(argv, from_command_line)

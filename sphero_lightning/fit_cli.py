@@ -9,9 +9,7 @@ refused before any work, with one line saying why (:data:`RESULT_CHANGING`).
 from __future__ import annotations
 
 import logging
-import os
 import re
-import sys
 import warnings
 from typing import Any
 
@@ -20,7 +18,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
-from .cli import COMMANDS, os_error_message
+from .cli import COMMANDS, interrupted, os_error_message, report
 from .data import ZarrPairDataModule
 from .errors import SpheroError
 from .model import RegistrationModule
@@ -193,13 +191,8 @@ def run_fit(argv: list[str], from_command_line: bool = False) -> SpheroCLI:
             msg = os_error_message(exc)
         else:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"sphero fit: error: {msg}", file=sys.stderr)
-        if os.environ.get("SPHERO_DEBUG"):
-            raise
-        raise SystemExit(2) from None
+        report("sphero fit", msg, exc)
     except KeyboardInterrupt:
-        print("sphero fit: interrupted; no output was written at the final path (run the same command again to resume)",
-              file=sys.stderr)
-        raise SystemExit(130) from None
+        interrupted("sphero fit", "no output was written at the final path (run the same command again to resume)")
     finally:
         release_all()  # the output's lock, however the run ended

@@ -317,13 +317,8 @@ class RegistrationModule(L.LightningModule):
     def load_block(self, batch: dict[str, torch.Tensor]) -> None:
         """Receive this rank's slices of the current block and set up the block's state."""
         slices = batch["slices"]
-        # grey values to about [0, 1] by the stack's own range (data.to_tensor)
-        self.block_slices = slices.float()
-        if "offset" in batch:
-            self.block_slices = self.block_slices - batch["offset"].float()
-        if "scale" in batch:
-            self.block_slices = self.block_slices / batch["scale"].float()
-        self.block_slices = self.block_slices.unsqueeze(1)  # (B + 1, 1, H, W)
+        # grey values to about [0, 1] by the stack's own range (data.to_tensor); (B + 1, 1, H, W)
+        self.block_slices = ((slices.float() - batch["offset"].float()) / batch["scale"].float()).unsqueeze(1)
         pairs = self.block_pairs(self.current_epoch)
         valid = torch.tensor([p >= 0 for p in pairs], device=self.device)
         self.block = BlockState(index=self.current_epoch, pairs=pairs, valid=valid,

@@ -24,7 +24,7 @@ from .crop import crop_box
 from .errors import SpheroError
 from .export import pixel_matrices
 from .interpolation import bspline_prefilter, nearest_index, warp, warp_coefficients
-from .store import create_array, move_into_place, open_group, utc_now, write_ome
+from .store import create_array, is_url, move_into_place, open_group, utc_now, write_ome
 from .transforms import homogeneous, normalized_to_pixel
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         out.attrs.update({
             "spacing": dm.spacing,
             "inputs": [dm.array],
-            "source_root": str(Path(dm.root).resolve()) if "://" not in str(dm.root) else str(dm.root),
+            "source_root": str(dm.root) if is_url(dm.root) else str(Path(dm.root).resolve()),
             "processing": processing,
             "pairwise_transforms": pairwise_m.tolist(),
             "composed_transforms": composed.tolist(),
