@@ -104,11 +104,12 @@ class PairEarlyStopping(L.Callback):
     (README, "Speed on real sections"). The step rule is what stops a quasi-Newton fit promptly: near the
     optimum its loss changes fall below float32 resolution while its steps shrink quadratically, and a line search
     that can no longer improve shrinks its step to nothing. A pair whose level started from the
-    Gauss-Newton model (``model.curvature``; only pairs with NCC >= 0.9) takes Newton steps whose error
-    is a few percent of their length, so for it ``newton_step_tol_px`` (default 0.02 px) applies:
-    one evaluation per level on well-matching slices at no measurable cost in accuracy (README,
-    "Measured"). Everything else keeps ``step_tol_px`` (default 0.003 px: within the float32 resolution of
-    the loss on real sections, 10x tighter moved them 0.003 px on average).
+    Gauss-Newton model (``model.curvature``: every pair with NCC >= 0.1) takes Newton steps whose error
+    is a fraction of their length, so for it ``newton_step_tol_px`` (default 0.02 px) applies: one
+    evaluation per level on well-matching slices, ~4 at the finest level of consecutive real sections, at
+    no measurable cost in accuracy (README, "Measured", "Speed on real sections"). Everything else (the
+    ``carried`` model, adam) keeps ``step_tol_px`` (default 0.003 px: within the float32 resolution of the
+    loss on real sections, 10x tighter moved them 0.003 px on average).
     """
 
     def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7,

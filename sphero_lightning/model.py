@@ -56,8 +56,9 @@ def release_memory() -> None:
         pass
 
 
-#: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC).
-NEWTON_MIN_NCC = 0.9
+#: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC); below it a pair barely
+#: matches (``low_correlation`` in the output) and its slices' gradients say nothing about the loss's curvature.
+NEWTON_MIN_NCC = 0.1
 #: BFGS curvature model at the start of a level (see RegistrationModule).
 CURVATURES = ("gauss_newton", "carried")
 
@@ -124,11 +125,12 @@ class RegistrationModule(L.LightningModule):
         slice (0.022 px, ~1.25x faster).
     curvature : {"gauss_newton", "carried"}
         BFGS's curvature model at the start of each pyramid level. ``gauss_newton`` (default; ncc loss):
-        for pairs that match well (NCC >= 0.9 at the level's first evaluation) the Gauss-Newton Hessian
-        of the loss from the slices' gradients, so the first step of a level is already a Newton step
-        (what TurboReg's Marquardt-Levenberg does) and such a pair usually converges in one evaluation
-        per level; other pairs (e.g. consecutive real sections that differ a lot, where that model
-        overestimates the curvature) keep ``carried``: the previous level's BFGS model, rescaled.
+        every pair that matches at all (NCC >= 0.1 at the level's first evaluation) starts the level from
+        the Gauss-Newton Hessian of the loss, built from the fixed and warped moving slices' gradients, so
+        the first step of a level is already a Newton step (what TurboReg's Marquardt-Levenberg does): a
+        pair of matching slices usually converges in one evaluation per level, consecutive real sections
+        in ~4 at the finest level (6.7 with ``carried``). ``carried``: the previous level's BFGS model,
+        rescaled by the curvature measured along the level's first step.
     pairs_per_block : int
         Pairs fitted together per device (set from ``data.pairs_per_block``).
     """
@@ -427,11 +429,14 @@ class RegistrationModule(L.LightningModule):
         the derivative of the sample positions: ``J = grad m . d(px, py)/d theta . d theta/d p``. For NCC
         (``1 - NCC = 0.5 sum w (f~ - m~)^2`` with zero-mean, unit-variance slices) the Hessian is
         ``sum w Jc Jc^T / var`` (``Jc``: weighted-mean-free ``J``).
-        ``J J^T`` of one noisy slice counts its noise's gradients as signal and overestimates the
-        curvature (steps ~20 % short); the cross product of the fixed and the warped moving slice's
-        gradients does not (independent noise), so that is used wherever it is positive definite and
-        of the same size as the fixed slice's own (the slices match); elsewhere the fixed slice's own.
-        Costs a fraction of an evaluation (no sampling).
+        ``J J^T`` of one slice counts every gradient of that slice as signal: it overestimates the curvature
+        by ~20 % on noisy matching slices, and 10-100x on consecutive real ssTEM sections, whose fine texture
+        does not continue from one section to the next. The loss's own Hessian is, integrating by parts, the
+        cross product of the fixed and the warped moving slice's gradients (the term of the variance of the
+        warped slice vanishes the same way; the ramp of the inside weight is left out), which counts only
+        what the two slices share. That is used wherever it is positive definite: measured on the 30 ISBI
+        sections, finest-level evaluations per pair 6.7 -> 4.1 against BFGS's carried model; elsewhere the
+        fixed slice's own (short steps, safe). Costs a fraction of an evaluation (no sampling).
         """
         b, n = p.shape
         f, m, wt = fixed[:, 0].float(), warped[:, 0].float(), weight[:, 0].float()
@@ -496,10 +501,10 @@ class RegistrationModule(L.LightningModule):
         cross = 0.5 * (cross + cross.transpose(1, 2))
         h_own = dtheta.transpose(1, 2) @ own @ dtheta
         h_cross = dtheta.transpose(1, 2) @ cross @ dtheta
-        # the cross product where it is positive definite and not much smaller than the own (slices match)
+        # the cross product where it is positive definite
         ev = torch.linalg.eigvalsh(h_cross)
         own_tr = h_own.diagonal(dim1=-2, dim2=-1).sum(-1)
-        ok = (ev[:, 0] > 1e-6 * own_tr) & (h_cross.diagonal(dim1=-2, dim2=-1).sum(-1) > own_tr / 3)
+        ok = ev[:, 0] > 1e-6 * own_tr
         hp = torch.where(ok.view(b, 1, 1), h_cross, h_own)
         if self.hparams.regularization:  # the Hessian of penalty()
             b3 = self.basis[:, 3:].to(hp)
