@@ -41,13 +41,34 @@ def _axis_taps(x: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     return q0, q1, r0, r1, g0, e0
 
 
+#: Pixels sampled per chunk in :func:`sample_with_gradient`. The tap grid of a chunk (96 bytes a pixel) then stays
+#: below glibc's largest mmap threshold (32 MiB): larger temporaries are mapped afresh and page-faulted in on every
+#: evaluation, which made the grid's construction cost as much as the sampling (512 x 512, 4 pairs: 35 -> ~18 ms a
+#: pair for the sampling).
+CHUNK_PIXELS = 1 << 17
+
+
 def sample_with_gradient(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cubic B-spline value and its x and y derivatives at pixel positions (no autograd).
 
     ``coeffs``: ``(B, 1, H + 2 PAD, W + 2 PAD)`` from :func:`~sphero_lightning.interpolation.bspline_prefilter`;
-    ``px, py``: ``(B, h, w)`` in pixel-index units. Returns three ``(B, h, w)`` tensors.
+    ``px, py``: ``(B, h, w)`` in pixel-index units. Returns three ``(B, h, w)`` tensors. Works in chunks of rows of
+    at most :data:`CHUNK_PIXELS` pixels (one row at least).
     """
+    b, oh, ow = px.shape
+    rows = max(1, CHUNK_PIXELS // max(1, b * ow))
+    if rows >= oh:
+        return _sample_chunk(coeffs, px, py)
+    out = torch.empty(3, b, oh, ow, dtype=px.dtype, device=px.device)
+    for r0 in range(0, oh, rows):
+        for dst, src in zip(out.unbind(0), _sample_chunk(coeffs, px[:, r0:r0 + rows], py[:, r0:r0 + rows])):
+            dst[:, r0:r0 + rows] = src
+    return out[0], out[1], out[2]
+
+
+def _sample_chunk(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, _, hh, ww = coeffs.shape
     qx0, qx1, rx0, rx1, gx0, ex0 = _axis_taps(px + PAD, ww)
     qy0, qy1, ry0, ry1, gy0, ey0 = _axis_taps(py + PAD, hh)
