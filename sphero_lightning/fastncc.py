@@ -101,6 +101,11 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
                      images: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``1 - NCC`` of each pair and its gradient with respect to ``theta``.
 
+    Two passes over the pixels in chunks of rows (:data:`CHUNK_PIXELS`), so every temporary stays small: the first
+    samples the moving slice and sums the NCC's moments, the second (once the loss's derivatives with respect to
+    those sums are known) sums the gradient. The derivative of the inside weight lives on its one-pixel ramp along
+    the border; those few pixels are gathered in the first pass and summed apart.
+
     Parameters
     ----------
     theta : torch.Tensor
@@ -123,44 +128,78 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
     yn = (2 * torch.arange(h, device=dev, dtype=torch.float64) + 1) / h - 1
     cx = (w / 2) * th[:, 0]  # (B, 3): coefficients of xn, yn, 1
     cy = (h / 2) * th[:, 1]
-    px = ((cx[:, 0, None, None] * xn + cx[:, 1, None, None] * yn[:, None]) + (cx[:, 2] + (w - 1) / 2)[:, None, None]).to(dt)
-    py = ((cy[:, 0, None, None] * xn + cy[:, 1, None, None] * yn[:, None]) + (cy[:, 2] + (h - 1) / 2)[:, None, None]).to(dt)
-    m, mx, my = sample_with_gradient(coeffs, px, py)
-    # the inside weight (interpolation.inside_weight) and its derivative on the ramp
-    left, right, top, bottom = px, (w - 1) - px, py, (h - 1) - py
-    dxm, dym = torch.minimum(left, right), torch.minimum(top, bottom)
-    d = torch.minimum(dxm, dym)
-    wt = (d / ramp).clamp(0.0, 1.0)
-    on_ramp = ((d >= 0) & (d <= ramp)).to(dt) / ramp  # as clamp's gradient: both ends included
-    x_side = dxm <= dym
-    wx = torch.where(x_side, torch.where(left <= right, on_ramp, -on_ramp), 0.0)
-    wy = torch.where(x_side, 0.0, torch.where(top <= bottom, on_ramp, -on_ramp))
-    # weighted sums of centred data (NCC is invariant to the shifts; they keep float32 sums accurate)
-    f = fixed[:, 0] - fixed[:, 0].mean((1, 2), keepdim=True)
-    mc = m - coeffs[:, 0].mean((1, 2)).view(b, 1, 1)
-    wf, wm = wt * f, wt * mc
-    s = torch.stack([wt.sum((1, 2), dtype=torch.float64), wf.sum((1, 2), dtype=torch.float64),
-                     wm.sum((1, 2), dtype=torch.float64), (wf * f).sum((1, 2), dtype=torch.float64),
-                     (wm * mc).sum((1, 2), dtype=torch.float64), (wf * mc).sum((1, 2), dtype=torch.float64)], 1)
+    cx[:, 2] += (w - 1) / 2
+    cy[:, 2] += (h - 1) / 2
+    xcol = (cx[:, 0, None] * xn).view(b, 1, w)  # the xn term of px, per column
+    ycol = (cy[:, 0, None] * xn).view(b, 1, w)
+    xrow = (cx[:, 1, None] * yn + cx[:, 2, None]).view(b, h, 1)  # the yn and constant terms, per row
+    yrow = (cy[:, 1, None] * yn + cy[:, 2, None]).view(b, h, 1)
+    fmean = fixed[:, 0].mean((1, 2), dtype=torch.float64).to(dt).view(b, 1, 1)
+    cmean = coeffs[:, 0].mean((1, 2), dtype=torch.float64).to(dt).view(b, 1, 1)
+    rows = max(1, CHUNK_PIXELS // max(1, b * w))
+    chunks = [(r0, min(r0 + rows, h)) for r0 in range(0, h, rows)]
+    # pass 1: sample, weight, moments of centred data (NCC is invariant to the shifts; they keep float32 sums accurate)
+    mc_all = torch.empty(b, h, w, dtype=dt, device=dev)
+    mx_all, my_all, wt_all = torch.empty_like(mc_all), torch.empty_like(mc_all), torch.empty_like(mc_all)
+    s = torch.zeros(b, 6, dtype=torch.float64, device=dev)
+    ramp_pix = []  # (pair, row, col, d weight / d px, d weight / d py) of the pixels on the weight's ramp
+    half_w, half_h = (w - 1) / 2, (h - 1) / 2
+    for r0, r1 in chunks:
+        px = (xrow[:, r0:r1] + xcol).to(dt)
+        py = (yrow[:, r0:r1] + ycol).to(dt)
+        m, mx, my = _sample_chunk(coeffs, px, py)
+        mc = m.sub_(cmean)
+        # the inside weight (interpolation.inside_weight): distance to the nearest border, clamped to the ramp
+        ux, uy = px - half_w, py - half_h
+        dxm = ux.abs().neg_().add_(half_w)  # min(px, w - 1 - px)
+        dym = uy.abs().neg_().add_(half_h)
+        d = torch.minimum(dxm, dym)
+        wt = (d / ramp).clamp_(0.0, 1.0)
+        on = (d >= 0) & (d <= ramp)  # as clamp's gradient: both ends of the ramp included
+        if bool(on.any()):
+            pb, pr, pc = on.nonzero(as_tuple=True)
+            x_side = (dxm[pb, pr, pc] <= dym[pb, pr, pc]).to(dt)
+            # d min(px, w - 1 - px) / d px = +1 on the left half, -1 on the right (ties: left, as torch.minimum)
+            sx = torch.where(ux[pb, pr, pc] <= 0, 1.0, -1.0).to(dt)
+            sy = torch.where(uy[pb, pr, pc] <= 0, 1.0, -1.0).to(dt)
+            ramp_pix.append((pb, pr + r0, pc, x_side * sx / ramp, (1 - x_side) * sy / ramp))
+        f = fixed[:, 0, r0:r1] - fmean
+        wf, wm = wt * f, wt * mc
+        s += torch.stack([wt.sum((1, 2), dtype=torch.float64), wf.sum((1, 2), dtype=torch.float64),
+                          wm.sum((1, 2), dtype=torch.float64), (wf * f).sum((1, 2), dtype=torch.float64),
+                          (wm * mc).sum((1, 2), dtype=torch.float64), (wf * mc).sum((1, 2), dtype=torch.float64)], 1)
+        mc_all[:, r0:r1], mx_all[:, r0:r1], my_all[:, r0:r1], wt_all[:, r0:r1] = mc, mx, my, wt
     s = s.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = _ncc_from_sums(s)
-        (a,) = torch.autograd.grad(loss.sum(), s)
-    a = a.to(dt).view(b, 6, 1, 1)
-    # dL/dm (through Sm, Smm, Sfm) and dL/dw (through every sum), per pixel
-    dl_dm = wt * (a[:, 2] + 2 * a[:, 4] * mc + a[:, 5] * f)
-    dl_dw = a[:, 0] + f * (a[:, 1] + a[:, 3] * f + a[:, 5] * mc) + mc * (a[:, 2] + a[:, 4] * mc)
-    gx = dl_dm * mx + dl_dw * wx
-    gy = dl_dm * my + dl_dw * wy
-    # dL/dtheta_0j = (w/2) sum gx [xn, yn, 1]_j, likewise row 1 with h/2 and gy
+        (a64,) = torch.autograd.grad(loss.sum(), s)
+    a = a64.to(dt).view(b, 6, 1, 1)
+    # pass 2: dL/dtheta_0j = (w/2) sum gx [xn, yn, 1]_j, likewise row 1 with h/2 and gy, where g = dL/dm * dm/dpos
     xp = torch.stack([xn, torch.ones_like(xn)], 1).to(dt)  # (w, 2): xn, 1
     yp = torch.stack([yn, torch.ones_like(yn)], 1).to(dt)  # (h, 2): yn, 1
+    mom = torch.zeros(2, b, 2, 2, dtype=torch.float64, device=dev)  # [row][pair, j, i] = sum g yn^(1-j) xn^(1-i)
+    for r0, r1 in chunks:
+        f = fixed[:, 0, r0:r1] - fmean
+        mc = mc_all[:, r0:r1]
+        dl_dm = (a[:, 4] * 2 * mc).add_(a[:, 5] * f).add_(a[:, 2]).mul_(wt_all[:, r0:r1])  # through Sm, Smm, Sfm
+        for k, grad_img in enumerate((mx_all, my_all)):
+            g = dl_dm * grad_img[:, r0:r1]
+            mom[k] += (yp[r0:r1].T @ (g @ xp)).double()
     grad = torch.empty(b, 2, 3, dtype=torch.float64, device=dev)
-    for row, (g, half) in enumerate(((gx, w / 2), (gy, h / 2))):
-        mom = (yp.T @ (g @ xp)).double()  # (B, 2, 2): [j, i] = sum g yn^(1-j) xn^(1-i)
-        grad[:, row, 0] = half * mom[:, 1, 0]  # sum g xn
-        grad[:, row, 1] = half * mom[:, 0, 1]  # sum g yn
-        grad[:, row, 2] = half * mom[:, 1, 1]  # sum g
+    for k, half in enumerate((w / 2, h / 2)):
+        grad[:, k, 0] = half * mom[k][:, 1, 0]  # sum g xn
+        grad[:, k, 1] = half * mom[k][:, 0, 1]  # sum g yn
+        grad[:, k, 2] = half * mom[k][:, 1, 1]  # sum g
+    if ramp_pix:
+        # dL/dw through every sum, on the ramp only: times d w / d pos, summed like g above
+        pb, pr, pc, wx, wy = (torch.cat(v) for v in zip(*ramp_pix))
+        f = fixed[pb, 0, pr, pc] - fmean.view(b)[pb]
+        mc = mc_all[pb, pr, pc]
+        ap = a64[pb]  # (k, 6)
+        dl_dw = ap[:, 0] + f * (ap[:, 1] + ap[:, 3] * f + ap[:, 5] * mc) + mc * (ap[:, 2] + ap[:, 4] * mc)
+        basis = torch.stack([xn[pc], yn[pr], torch.ones_like(xn[pc])], 1)  # (k, 3)
+        for k, (dw, half) in enumerate(((wx, w / 2), (wy, h / 2))):
+            grad[:, k].index_add_(0, pb, half * (dl_dw * dw.double()).unsqueeze(1) * basis)
     if images is not None:
-        images.update(warped=m.unsqueeze(1), weight=wt.unsqueeze(1))
+        images.update(warped=(mc_all + cmean).unsqueeze(1), weight=wt_all.unsqueeze(1))
     return loss.detach(), grad
