@@ -14,31 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interpolation import PAD
+from .interpolation import PAD, axis_taps
 
 _EPS = 1e-8
-
-
-def _axis_taps(x: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
-    """Normalized positions and weights of the merged bilinear taps along one axis, at padded-pixel positions
-    ``x`` (``size`` = padded length): value taps (q0, q1) with weights (g0, 1 - g0), derivative taps (r0, r1) with
-    weights (e0, -e0)."""
-    i = torch.floor(x)
-    f = x - i
-    f2 = f * f
-    # cubic B-spline weights w0..w3 and their derivatives d0..d3 (Horner forms):
-    # w1 = 2/3 - f^2 + f^3/2, g0 = w0 + w1 = 5/6 - f/2 - f^2/2 + f^3/3, w3 = f^3/6;
-    # d1 = (3 f^2 - 4 f)/2, e0 = d0 + d1 = f^2 - f - 1/2, d3 = f^2/2, d2 + d3 = -e0
-    w1 = torch.addcmul(torch.full_like(f, 2 / 3), f2, f * 0.5 - 1)
-    g0 = ((f * (1 / 3) - 0.5) * f - 0.5).mul_(f).add_(5 / 6)
-    e0 = (f - 1).mul_(f).sub_(0.5)
-    scale, shift = 2.0 / size, 1.0 / size - 1.0  # pixel index -> normalized (align_corners=False)
-    base = i.mul_(scale).add_(shift)  # normalized position of pixel i
-    q0 = (w1 / g0 - 1).mul_(scale).add_(base)
-    q1 = ((f2 * f) / (6 * (1 - g0)) + 1).mul_(scale).add_(base)
-    r0 = (((1.5 * f - 2) * f) / e0 - 1).mul_(scale).add_(base)
-    r1 = (1 - f2 / (2 * e0)).mul_(scale).add_(base)
-    return q0, q1, r0, r1, g0, e0
 
 
 #: Pixels sampled per chunk in :func:`sample_with_gradient`. The tap grid of a chunk (96 bytes a pixel) then stays
@@ -70,8 +48,8 @@ def sample_with_gradient(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tenso
 def _sample_chunk(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, _, hh, ww = coeffs.shape
-    qx0, qx1, rx0, rx1, gx0, ex0 = _axis_taps(px + PAD, ww)
-    qy0, qy1, ry0, ry1, gy0, ey0 = _axis_taps(py + PAD, hh)
+    qx0, qx1, rx0, rx1, gx0, ex0 = axis_taps(px + PAD, ww)
+    qy0, qy1, ry0, ry1, gy0, ey0 = axis_taps(py + PAD, hh)
     oh, ow = px.shape[-2:]
     grid = torch.empty(b, 12, oh, ow, 2, dtype=px.dtype, device=px.device)  # written in place: no stacked copies
     for k, (tx, ty) in enumerate(((qx0, qy0), (qx1, qy0), (qx0, qy1), (qx1, qy1), (rx0, qy0), (rx1, qy0), (rx0, qy1),

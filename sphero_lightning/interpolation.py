@@ -167,6 +167,47 @@ def _taps(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     return h0, h1, g0, g1
 
 
+def axis_taps(x: torch.Tensor, size: int, derivative: bool = True) -> tuple[torch.Tensor, ...]:
+    """Normalized positions and weights of the merged bilinear taps along one axis, at padded-pixel positions
+    ``x`` (``size`` = padded length): value taps (q0, q1) with weights (g0, 1 - g0) and, with ``derivative``,
+    derivative taps (r0, r1) with weights (e0, -e0). Returns ``(q0, q1, g0)`` or ``(q0, q1, r0, r1, g0, e0)``.
+    No autograd (see :func:`_taps` for that)."""
+    i = torch.floor(x)
+    f = x - i
+    f2 = f * f
+    # cubic B-spline weights w0..w3 and their derivatives d0..d3 (Horner forms):
+    # w1 = 2/3 - f^2 + f^3/2, g0 = w0 + w1 = 5/6 - f/2 - f^2/2 + f^3/3, w3 = f^3/6;
+    # d1 = (3 f^2 - 4 f)/2, e0 = d0 + d1 = f^2 - f - 1/2, d3 = f^2/2, d2 + d3 = -e0
+    w1 = torch.addcmul(torch.full_like(f, 2 / 3), f2, f * 0.5 - 1)
+    g0 = ((f * (1 / 3) - 0.5) * f - 0.5).mul_(f).add_(5 / 6)
+    scale, shift = 2.0 / size, 1.0 / size - 1.0  # pixel index -> normalized (align_corners=False)
+    base = i.mul_(scale).add_(shift)  # normalized position of pixel i
+    q0 = (w1 / g0 - 1).mul_(scale).add_(base)
+    q1 = ((f2 * f) / (6 * (1 - g0)) + 1).mul_(scale).add_(base)
+    if not derivative:
+        return q0, q1, g0
+    e0 = (f - 1).mul_(f).sub_(0.5)
+    r0 = (((1.5 * f - 2) * f) / e0 - 1).mul_(scale).add_(base)
+    r1 = (1 - f2 / (2 * e0)).mul_(scale).add_(base)
+    return q0, q1, r0, r1, g0, e0
+
+
+def _bspline_value(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """:func:`bspline_sample` without autograd: four merged bilinear taps and three lerps."""
+    b, c, hh, ww = coeffs.shape
+    qx0, qx1, gx0 = axis_taps(px + PAD, ww, derivative=False)
+    qy0, qy1, gy0 = axis_taps(py + PAD, hh, derivative=False)
+    oh, ow = px.shape[-2:]
+    grid = torch.empty(b, 4, oh, ow, 2, dtype=px.dtype, device=px.device)
+    for k, (tx, ty) in enumerate(((qx0, qy0), (qx1, qy0), (qx0, qy1), (qx1, qy1))):
+        grid[:, k, :, :, 0] = tx
+        grid[:, k, :, :, 1] = ty
+    taps = F.grid_sample(coeffs, grid.view(b, 4 * oh, ow, 2), mode="bilinear", padding_mode="border",
+                         align_corners=False).view(b, c, 4, oh, ow).unbind(2)
+    gx, gy = gx0.unsqueeze(1), gy0.unsqueeze(1)
+    return torch.lerp(torch.lerp(taps[3], taps[2], gx), torch.lerp(taps[1], taps[0], gx), gy)
+
+
 def bspline_sample(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     """Sample cubic B-spline coefficient images at pixel positions.
 
@@ -184,6 +225,8 @@ def bspline_sample(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> 
     torch.Tensor
         ``(B, C, h, w)``; differentiable with respect to ``coeffs``, ``px`` and ``py``.
     """
+    if not (torch.is_grad_enabled() and (coeffs.requires_grad or px.requires_grad or py.requires_grad)):
+        return _bspline_value(coeffs, px, py)
     b, _, hh, ww = coeffs.shape
     hx0, hx1, gx0, gx1 = _taps(px + PAD)
     hy0, hy1, gy0, gy1 = _taps(py + PAD)

@@ -149,7 +149,7 @@ class RegistrationModule(L.LightningModule):
         smoothing: float = 0.7,
         interpolation: str = "bspline",
         curvature: str = "gauss_newton",
-        pairs_per_block: int = 8,
+        pairs_per_block: int = 32,
     ) -> None:
         super().__init__()
         if transformation not in FAMILIES:
@@ -209,6 +209,7 @@ class RegistrationModule(L.LightningModule):
         if dm is None:
             raise RuntimeError("RegistrationModule needs a datamodule that provides the pairs (ZarrPairDataModule)")
         self.shape = dm.slice_shape
+        self.hparams.pairs_per_block = dm.pairs_per_block  # the block the data module settled on (large slices: fewer)
         self.n_pairs = dm.n_pairs
         self.pair_slices = [dm.pair_slices(p) for p in range(self.n_pairs)]
         self.timings = dm.timings  # shared with the datamodule: scan_s, read_s, wait_s; here fit_s; writer write_s
@@ -471,9 +472,10 @@ class RegistrationModule(L.LightningModule):
             gy = (c[:, PAD + 1:PAD + h + 1, PAD:PAD + w] - c[:, PAD - 1:PAD + h - 1, PAD:PAD + w]) / 2
             return gx, gy
 
-        def second(ga: tuple[torch.Tensor, torch.Tensor], gb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            """(b, 6, 6): sum w J_a J_b^T."""
-            out = torch.empty(b, 6, 6, dtype=torch.float64, device=f.device)
+        def second(ga: tuple[torch.Tensor, torch.Tensor], gb: tuple[torch.Tensor, torch.Tensor], wt: torch.Tensor
+                   ) -> torch.Tensor:
+            """(rows, 6, 6): sum w J_a J_b^T."""
+            out = torch.empty(wt.shape[0], 6, 6, dtype=torch.float64, device=f.device)
             for a in range(2):
                 for c in range(2):
                     r = moments(wt * ga[a] * gb[c])
@@ -486,10 +488,8 @@ class RegistrationModule(L.LightningModule):
 
         wsum = wt.sum((1, 2)).double().clamp_min(1e-8)
         gf, gm = gradients(f), gradients(m)
-        own, cross = second(gf, gf), second(gf, gm)
         ff, fm = first(gf), first(gm)
-        own = own - ff.unsqueeze(2) * ff.unsqueeze(1) / wsum.view(b, 1, 1)
-        cross = cross - ff.unsqueeze(2) * fm.unsqueeze(1) / wsum.view(b, 1, 1)
+        cross = second(gf, gm, wt) - ff.unsqueeze(2) * fm.unsqueeze(1) / wsum.view(b, 1, 1)
 
         def variance(img: torch.Tensor) -> torch.Tensor:
             s1 = (wt * img).sum((1, 2)).double()
@@ -497,15 +497,16 @@ class RegistrationModule(L.LightningModule):
             return (s2 - s1 * s1 / wsum).clamp_min(1e-12)
 
         vf, vm = variance(f), variance(m)
-        own, cross = own / vf.view(b, 1, 1), cross / torch.sqrt(vf * vm).view(b, 1, 1)
+        cross = cross / torch.sqrt(vf * vm).view(b, 1, 1)
         cross = 0.5 * (cross + cross.transpose(1, 2))
-        h_own = dtheta.transpose(1, 2) @ own @ dtheta
-        h_cross = dtheta.transpose(1, 2) @ cross @ dtheta
-        # the cross product where it is positive definite
-        ev = torch.linalg.eigvalsh(h_cross)
-        own_tr = h_own.diagonal(dim1=-2, dim2=-1).sum(-1)
-        ok = ev[:, 0] > 1e-6 * own_tr
-        hp = torch.where(ok.view(b, 1, 1), h_cross, h_own)
+        hp = dtheta.transpose(1, 2) @ cross @ dtheta
+        # the cross product where it is positive definite (relative to its own size); elsewhere the fixed slice's own
+        ev = torch.linalg.eigvalsh(hp)
+        bad = ~(ev[:, 0] > 1e-7 * hp.diagonal(dim1=-2, dim2=-1).sum(-1))
+        if bool(bad.any()):
+            gfb = (gf[0][bad], gf[1][bad])
+            own = second(gfb, gfb, wt[bad]) - (ff[bad].unsqueeze(2) * ff[bad].unsqueeze(1)) / wsum[bad].view(-1, 1, 1)
+            hp[bad] = dtheta[bad].transpose(1, 2) @ (own / vf[bad].view(-1, 1, 1)) @ dtheta[bad]
         if self.hparams.regularization:  # the Hessian of penalty()
             b3 = self.basis[:, 3:].to(hp)
             hp = hp + 2 * self.hparams.regularization * (b3 @ b3.T)
