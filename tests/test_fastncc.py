@@ -62,3 +62,33 @@ def test_the_inside_weights_ramp_counts_in_the_gradient(images):
     lm, _ = ncc_and_gradient(shifted.float(), fixed, coeffs)
     fd = (lp - lm) / (2 * eps)
     assert torch.allclose(g_full[:, 0, 2], fd, rtol=0.05, atol=1e-3), (g_full[:, 0, 2], fd)
+
+
+def test_chunked_evaluation_equals_one_pass(images, monkeypatch):
+    """The evaluation runs over chunks of rows (bounded temporaries); any chunk size gives the same numbers."""
+    from sphero_lightning import fastncc
+
+    fixed, coeffs = images
+    theta = torch.tensor([[[0.999, 0.02, 0.0317], [-0.02, 0.999, -0.0121]]] * 2)
+    one = ncc_and_gradient(theta, fixed, coeffs)
+    monkeypatch.setattr(fastncc, "CHUNK_PIXELS", 2 * 240 * 7)  # 7 rows of both pairs per chunk: 29 chunks
+    chunked = ncc_and_gradient(theta, fixed, coeffs)
+    assert torch.allclose(one[0], chunked[0], rtol=0, atol=1e-12)
+    assert torch.allclose(one[1], chunked[1], rtol=1e-4, atol=1e-7)  # float32 moment sums, summed in another order
+    v1 = sample_with_gradient(coeffs, torch.full((2, 200, 240), 17.3), torch.full((2, 200, 240), 40.6))
+    monkeypatch.setattr(fastncc, "CHUNK_PIXELS", 1)  # one row per chunk
+    v2 = sample_with_gradient(coeffs, torch.full((2, 200, 240), 17.3), torch.full((2, 200, 240), 40.6))
+    assert all(torch.equal(a, b) for a, b in zip(v1, v2))
+
+
+def test_sampling_without_autograd_equals_the_differentiable_path(images):
+    """bspline_sample takes a lean path (4 merged taps) when no gradient is wanted: same values."""
+    _, coeffs = images
+    g = torch.Generator().manual_seed(1)
+    px = torch.rand(2, 30, 40, generator=g) * 237 - 0.5
+    py = torch.rand(2, 30, 40, generator=g) * 197 - 0.5
+    with torch.no_grad():
+        lean = bspline_sample(coeffs, px, py)
+    full = bspline_sample(coeffs, px.clone().requires_grad_(True), py)
+    assert full.requires_grad and not lean.requires_grad
+    assert torch.allclose(lean, full.detach(), atol=2e-6)

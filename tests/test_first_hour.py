@@ -392,3 +392,20 @@ def test_qc_does_not_flag_outliers_on_short_or_uniform_stacks():
     assert flag_outliers(uniform) == [] and all(e["qc"] == "ok" for e in uniform)
     real = [{"final_loss": v} for v in (0.10, 0.11, 0.09, 0.10, 0.12, 0.10, 0.45, 0.11)]
     assert [e["final_loss"] for e in flag_outliers(real)] == [0.45]
+
+
+def test_blocks_of_large_slices_hold_at_most_block_pixels(tmp_path):
+    """pairs_per_block is an upper bound: a block of large slices holds at most data.BLOCK_PIXELS pixels."""
+    import zarr
+
+    from sphero_lightning.data import BLOCK_PIXELS, ZarrPairDataModule
+
+    root = tmp_path / "big.zarr"
+    g = zarr.open_group(str(root), mode="w")
+    for name, side in (("small", 256), ("mid", 2048), ("large", 4096)):
+        a = g.create_array(name, shape=(3, side, side), dtype="uint8", chunks=(1, 256, 256))  # nothing written
+        a.attrs["spacing"] = [50, 4, 4]
+    got = {name: ZarrPairDataModule(str(root), name, dst_group=f"out_{name}").pairs_per_block
+           for name in ("small", "mid", "large")}
+    assert got == {"small": 32, "mid": BLOCK_PIXELS // 2048**2, "large": 1}, got
+    assert ZarrPairDataModule(str(root), "small", dst_group="o", pairs_per_block=5).pairs_per_block == 5

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sphero_lightning.solvers import BatchAdam, BatchBFGS
@@ -52,8 +53,12 @@ def test_adam_converges_slower_but_converges():
     assert torch.allclose(x, centers, atol=2e-3)
 
 
-def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc():
-    """The Gauss-Newton model from one evaluation's images is within a few percent of the loss's Hessian."""
+@pytest.mark.parametrize("fine", [0.0, 3.0])
+def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc(fine):
+    """The Gauss-Newton model from one evaluation's images is within a few percent of the loss's Hessian: for
+    slices that match (``fine=0``) and for slices that share only their coarse structure, each with its own fine
+    texture (``fine=3``: like consecutive real sections, NCC ~0.3, where the Hessian is a small fraction of
+    either slice's own gradient product)."""
     from sphero_lightning.interpolation import bspline_prefilter, gaussian_blur, inside_weight, sample_positions
     from sphero_lightning.model import RegistrationModule
 
@@ -63,6 +68,9 @@ def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc():
     noise = 0.01
     fixed = gaussian_blur(texture + noise * torch.randn_like(texture), 0.7)
     moving = gaussian_blur(texture + noise * torch.randn_like(texture), 0.7)
+    if fine:
+        fixed = fixed + fine * texture.std() * gaussian_blur(torch.randn_like(texture), 0.8)
+        moving = moving + fine * texture.std() * gaussian_blur(torch.randn_like(texture), 0.8)
     for transformation in ("rigid", "affine"):
         m = RegistrationModule(transformation=transformation, regularization=0.0)
         m.shape = (h, w)
@@ -87,9 +95,18 @@ def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc():
         warped = bspline_sample(coeffs, px, py)
         weight = inside_weight(px, py, (h, w)).unsqueeze(1)
         gn = m._gauss_newton_hessian(p0, fixed, warped, weight)[0]
-        rel = torch.linalg.matrix_norm(gn - hess) / torch.linalg.matrix_norm(hess)
-        assert rel < 0.1, (transformation, float(rel))
-        # and the Newton step it gives is close to the exact one
+        rel = float(torch.linalg.matrix_norm(gn - hess) / torch.linalg.matrix_norm(hess))
         g = grad(p0)[0]
         step_gn, step = torch.linalg.solve(gn, g), torch.linalg.solve(hess, g)
-        assert torch.linalg.norm(step_gn - step) < 0.15 * torch.linalg.norm(step), transformation
+        step_err = float(torch.linalg.norm(step_gn - step) / torch.linalg.norm(step))
+        if not fine:
+            assert rel < 0.1, (transformation, rel)
+            assert step_err < 0.15, (transformation, step_err)  # the Newton step it gives is close to the exact one
+        else:
+            # the slices' own gradient product (the model before 2026-11-26) overestimates this curvature ~8x; the
+            # cross product is within ~30 % (what it misses: the warped slice's fine texture changes its variance
+            # with the sub-pixel shift), so the first Newton step of a level gets most of the way
+            own = m._gauss_newton_hessian(p0, fixed, fixed, weight)[0]
+            rel_own = float(torch.linalg.matrix_norm(own - hess) / torch.linalg.matrix_norm(hess))
+            assert rel < 0.45 and rel_own > 3, (transformation, rel, rel_own)
+            assert step_err < 0.6, (transformation, step_err)
