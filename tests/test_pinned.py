@@ -1,0 +1,70 @@
+"""Results pinned across refactorings: the transforms and the output of two fixed stacks must not change.
+
+``tests/data/pinned.json`` was written by ``python tests/test_pinned.py --write`` (2026-11-26, commit 743c1d3,
+before the layered redesign). A change of the numbers is a change of the method: rewrite the file only on purpose,
+and say so in the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import fit
+
+from sphero_lightning.synthetic import em_like_image, make_stack, write_zarr
+
+PINNED = Path(__file__).resolve().parent / "data" / "pinned.json"
+#: name: (make_stack arguments, extra sphero fit arguments)
+CASES = {
+    "rigid_128": ({"n_slices": 6, "shape": (128, 128), "seed": 3}, ["--model.transformation", "rigid"]),
+    "affine_160": ({"n_slices": 5, "shape": (160, 144), "seed": 5, "max_scale": 0.02, "max_shear": 0.01},
+                   ["--model.transformation", "affine", "--pyramid.levels", "3"]),
+}
+
+
+def run_case(tmp: Path, name: str) -> dict:
+    kw, extra = CASES[name]
+    s = make_stack(em_like_image(256, seed=11), **kw)
+    root = tmp / f"{name}.zarr"
+    write_zarr(s.stack, root)
+    fit(root, *extra, logs=tmp / "logs")
+    out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
+    data = np.asarray(out[:])
+    return {"pairwise": np.asarray(out.attrs["pairwise_transforms"]).tolist(),
+            "composed": np.asarray(out.attrs["composed_transforms"]).tolist(),
+            "crop_box": list(out.attrs["crop_box"]), "shape": list(data.shape), "dtype": str(data.dtype),
+            "sha256": hashlib.sha256(data.tobytes()).hexdigest(), "sum": int(data.astype(np.int64).sum())}
+
+
+def _px(a: np.ndarray, shape: list[int]) -> float:
+    """Largest difference of normalized 2x3 matrices, in pixels of a slice of ``shape`` (Z, Y, X)."""
+    return float(np.abs(a).max() * max(shape[1:]) / 2)
+
+
+def test_pinned_results(tmp_path):
+    pinned = json.loads(PINNED.read_text())
+    for name in CASES:
+        got, want = run_case(tmp_path, name), pinned[name]
+        for key in ("pairwise", "composed"):
+            d = _px(np.asarray(got[key]) - np.asarray(want[key]), want["shape"])
+            assert d < 1e-6, f"{name}: {key} transforms moved by {d:.2e} px"
+        assert got["crop_box"] == want["crop_box"] and got["shape"] == want["shape"] and got["dtype"] == want["dtype"]
+        if got["sha256"] != want["sha256"]:  # another float rounding at a .5 grey level may flip a pixel by 1
+            assert abs(got["sum"] - want["sum"]) <= 16, f"{name}: output changed (sum {got['sum']} vs {want['sum']})"
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    if "--write" in sys.argv:
+        with tempfile.TemporaryDirectory() as tmp:
+            PINNED.write_text(json.dumps({name: run_case(Path(tmp), name) for name in CASES}, indent=1) + "\n")
+        print(f"wrote {PINNED}")
