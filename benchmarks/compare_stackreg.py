@@ -1,9 +1,9 @@
 """sphero_lightning against pystackreg (TurboReg/StackReg), side by side, on stacks with exact truth.
 
-Stacks are cut from one real ISBI 2012 slice (see sphero_lightning.synthetic: detector model, noise)
+Stacks are cut from one real ISBI 2012 slice (see sphero_lightning.core.synthetic: detector model, noise)
 and registered by both tools in the same process:
 
-* ours: ``sphero_lightning.cli.main`` with ``configs/reg.yaml`` and ``--model.transformation rigid``;
+* ours: ``sphero_lightning.commands.main.main`` with ``configs/reg.yaml`` and ``--model.transformation rigid``;
 * pystackreg: ``StackReg(RIGID_BODY).register_stack(stack, reference="previous")``.
 
 Printed per case (mean over --seeds stacks): mean error of the composed transforms (px), seconds per
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/)
+from _paths import ISBI_PATH
 
-from sphero_lightning.cli import main as sphero_main
-from sphero_lightning.synthetic import ISBI_PATH, composed_error, em_like_image, load_isbi_slice, make_stack, write_zarr
-from sphero_lightning.transforms import pixel_to_normalized
+from sphero_lightning.commands.main import main as sphero_main
+from sphero_lightning.core.synthetic import composed_error, em_like_image, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.core.transforms import pixel_to_normalized
 
 CASES = {
     # name: make_stack keyword arguments (on top of 384 x 384, noise 6)
@@ -84,7 +84,7 @@ def main() -> None:
     a = ap.parse_args()
     if not ISBI_PATH.exists():
         sys.exit(f"needs {ISBI_PATH} (the ISBI 2012 volume in ../shared/data); not found")
-    base = load_isbi_slice(0)
+    base = load_isbi_slice(ISBI_PATH, 0)
     shape = tuple(a.size)
     print(f"# sphero_lightning vs pystackreg, {shape[0]}x{shape[1]}, noise 6, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from _paths import ISBI_PATH
 
-from sphero_lightning.cli import main as sphero
-from sphero_lightning.synthetic import ISBI_PATH, composed_error, em_like_image, make_stack, write_zarr
+from sphero_lightning.commands.main import main as sphero
+from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack, write_zarr
 
 
 def fit(stack: np.ndarray, work: Path, accelerator: str, block: int) -> tuple[np.ndarray, float]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,14 +20,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/)
+from _paths import ISBI_PATH
 
-from sphero_lightning.data import ZarrPairDataModule
-from sphero_lightning.fit_cli import _PLAIN_DEFAULTS, SpheroCLI
-from sphero_lightning.model import RegistrationModule
-from sphero_lightning.solvers import make_solver
-from sphero_lightning.synthetic import ISBI_PATH, em_like_image, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.core.solvers import make_solver
+from sphero_lightning.core.synthetic import em_like_image, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.training.cli import _PLAIN_DEFAULTS, SpheroCLI
+from sphero_lightning.training.data import ZarrPairDataModule
+from sphero_lightning.training.module import RegistrationModule
 
 
 class StepTimer(L.Callback):
@@ -59,7 +58,7 @@ def lightning_run(root: Path, block: int, steps: int, levels: int, logdir: Path)
 
 def plain_run(root: Path, block: int, steps: int, levels: int) -> tuple[float, int]:
     """The same fit as a hand-written PyTorch loop: no Trainer, no hooks, no callbacks."""
-    from sphero_lightning.callbacks import PyramidSchedule
+    from sphero_lightning.training.callbacks import PyramidSchedule
 
     dm = ZarrPairDataModule(str(root), "images/50-4-4", pairs_per_block=block, overwrite=True)
     module = RegistrationModule(pairs_per_block=block, init_translation="none")
@@ -97,7 +96,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, default=4)
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 8])
     a = ap.parse_args()
-    base = load_isbi_slice(0) if ISBI_PATH.exists() else em_like_image(a.size + 128)
+    base = load_isbi_slice(ISBI_PATH, 0) if ISBI_PATH.exists() else em_like_image(a.size + 128)
     s = make_stack(base, a.slices, (a.size, a.size), seed=0)
     print(f"# Lightning overhead, {a.slices - 1} pairs of {a.size}x{a.size}, {a.levels} levels x {a.steps} steps, "
           f"{torch.get_num_threads()} threads")

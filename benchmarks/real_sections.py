@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from _paths import ISBI_PATH
 
-from sphero_lightning.cli import main as sphero
-from sphero_lightning.synthetic import ISBI_PATH, composed_error, random_transforms, render, write_zarr
-from sphero_lightning.transforms import centered_to_normalized, homogeneous, pixel_to_normalized
+from sphero_lightning.commands.main import main as sphero
+from sphero_lightning.core.synthetic import composed_error, random_transforms, render, write_zarr
+from sphero_lightning.core.transforms import centered_to_normalized, homogeneous, pixel_to_normalized
 
 #: Every stopping rule 10x tighter than the defaults.
 TIGHT = ["--early_stopping.step_tol_px", "0.0003", "--early_stopping.coarse_step_tol_px", "0.005",

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/)
+from _paths import ISBI_PATH
 
-from sphero_lightning.journal import Journal
-from sphero_lightning.synthetic import ISBI_PATH, composed_error, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.core.synthetic import composed_error, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.storage.journal import Journal
 
 OUT = "images/registered/50-4-4"
 
@@ -109,7 +109,7 @@ def main() -> None:
     a = ap.parse_args()
     if not ISBI_PATH.exists():
         sys.exit(f"needs {ISBI_PATH} (the ISBI 2012 volume in ../shared/data); not found")
-    base = load_isbi_slice(0)
+    base = load_isbi_slice(ISBI_PATH, 0)
     with tempfile.TemporaryDirectory() as tmp:
         for case in a.cases:
             for seed in range(a.seeds):

@@ -22,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import numpy as np
 
-from sphero_lightning.synthetic import em_like_image, make_stack, write_zarr
+REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/)
+from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
 
 _WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
          "sys.stderr.write(r.stderr); "

@@ -1,6 +1,6 @@
 """``python -m sphero_lightning`` is the ``sphero`` command."""
 
-from .cli import main
+from .commands.main import main
 
 if __name__ == "__main__":
     main()

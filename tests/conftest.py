@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from sphero_lightning.cli import main
-from sphero_lightning.synthetic import ISBI_PATH, em_like_image, load_isbi_slice, make_stack, pixel_error_of_output, write_zarr
+from sphero_lightning.commands.main import main
+from sphero_lightning.core.synthetic import em_like_image, load_isbi_slice, make_stack, pixel_error_of_output, write_zarr
 
 REPO = Path(__file__).resolve().parents[1]
+#: The real data CI has beside the checkout (tests that need it skip, with this path, where it is absent).
+SHARED_DATA = Path(os.environ.get("SPHERO_SHARED_DATA", REPO.parent / "shared" / "data"))
+ISBI_PATH = SHARED_DATA / "isbi2012" / "train-volume.tif"
 CONFIG = str(REPO / "configs" / "reg.yaml")
 
 
@@ -27,7 +31,7 @@ def base_image() -> np.ndarray:
 def isbi_base() -> np.ndarray:
     if not ISBI_PATH.exists():
         pytest.skip(f"real data not available: {ISBI_PATH} is absent (CI has ../shared/data)")
-    return load_isbi_slice(0)
+    return load_isbi_slice(ISBI_PATH, 0)
 
 
 def fit(root: Path, *extra: str, array: str = "images/50-4-4", logs: Path | None = None) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from sphero_lightning.synthetic import make_stack, pixel_error_of_output, write_zarr
+from sphero_lightning.core.synthetic import make_stack, pixel_error_of_output, write_zarr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path, base_image):
         a = [e[key] for e in sorted(one.attrs["registration_log"], key=lambda e: e["pair_index"])]
         b = [e[key] for e in sorted(ddp.attrs["registration_log"], key=lambda e: e["pair_index"])]
         assert np.allclose(a, b, atol=1e-4), (key, a, b)
-    from sphero_lightning.synthetic import composed_error
+    from sphero_lightning.core.synthetic import composed_error
 
     diff = composed_error(np.asarray(ddp.attrs["composed_transforms"]), np.asarray(one.attrs["composed_transforms"]), (96, 96))
     assert diff.max() < 0.01, diff

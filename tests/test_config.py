@@ -5,9 +5,9 @@ from pathlib import Path
 
 import yaml
 
-from sphero_lightning.callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
-from sphero_lightning.data import ZarrPairDataModule
-from sphero_lightning.model import RegistrationModule
+from sphero_lightning.training.callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
+from sphero_lightning.training.data import ZarrPairDataModule
+from sphero_lightning.training.module import RegistrationModule
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reg.yaml"
 

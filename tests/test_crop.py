@@ -3,8 +3,8 @@ import itertools
 import numpy as np
 import torch
 
-from sphero_lightning.crop import crop_box, largest_box, valid_row_intervals
-from sphero_lightning.transforms import normalized_to_pixel, params_to_normalized
+from sphero_lightning.core.crop import crop_box, largest_box, valid_row_intervals
+from sphero_lightning.core.transforms import normalized_to_pixel, params_to_normalized
 
 
 def _valid_mask(mats, shape):

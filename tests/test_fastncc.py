@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sphero_lightning.fastncc import ncc_and_gradient, sample_with_gradient
-from sphero_lightning.interpolation import bspline_prefilter, bspline_sample, gaussian_blur
-from sphero_lightning.model import RegistrationModule
+from sphero_lightning.core.fastncc import ncc_and_gradient, sample_with_gradient
+from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample, gaussian_blur
+from sphero_lightning.training.module import RegistrationModule
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_the_inside_weights_ramp_counts_in_the_gradient(images):
 
 def test_chunked_evaluation_equals_one_pass(images, monkeypatch):
     """The evaluation runs over chunks of rows (bounded temporaries); any chunk size gives the same numbers."""
-    from sphero_lightning import fastncc
+    from sphero_lightning.core import fastncc
 
     fixed, coeffs = images
     theta = torch.tensor([[[0.999, 0.02, 0.0317], [-0.02, 0.999, -0.0121]]] * 2)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import zarr
 
-from sphero_lightning.cli import main
-from sphero_lightning.output import flag_outliers
-from sphero_lightning.synthetic import composed_error, make_stack, pixel_error_of_output, write_zarr
+from sphero_lightning.commands.main import main
+from sphero_lightning.core.synthetic import composed_error, make_stack, pixel_error_of_output, write_zarr
+from sphero_lightning.training.output import flag_outliers
 
 OUT = "images/registered/50-4-4"
 
@@ -222,7 +222,7 @@ def test_fit_needs_no_config_file_and_runs_from_any_directory(tmp_path, base_ima
 
 # ---------------------------------------------------------------------------- 4. the command line
 def test_top_level_help_lists_our_commands_without_importing_torch():
-    code = ("import sys; from sphero_lightning.cli import main; main(['--help']); "
+    code = ("import sys; from sphero_lightning.commands.main import main; main(['--help']); "
             "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'heavy import'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
@@ -398,7 +398,7 @@ def test_blocks_of_large_slices_hold_at_most_block_pixels(tmp_path):
     """pairs_per_block is an upper bound: a block of large slices holds at most data.BLOCK_PIXELS pixels."""
     import zarr
 
-    from sphero_lightning.data import BLOCK_PIXELS, ZarrPairDataModule
+    from sphero_lightning.training.data import BLOCK_PIXELS, ZarrPairDataModule
 
     root = tmp_path / "big.zarr"
     g = zarr.open_group(str(root), mode="w")

@@ -8,8 +8,8 @@ import torch
 import zarr
 from conftest import fit, register_synthetic
 
-from sphero_lightning.synthetic import make_stack, write_zarr
-from sphero_lightning.transforms import normalized_to_pixel
+from sphero_lightning.core.synthetic import make_stack, write_zarr
+from sphero_lightning.core.transforms import normalized_to_pixel
 
 SPEC_ATTRS = {"spacing", "inputs", "processing", "pairwise_transforms", "composed_transforms", "registration_log", "crop_box"}
 
@@ -65,7 +65,7 @@ def test_similarity_fits_isotropic_scale(tmp_path, base_image):
     s = make_stack(base_image, 4, (192, 192), max_shift=4, max_rot_deg=1, noise=2, seed=5)
     root = tmp_path / "s.zarr"
     # Scale every slice about its centre: slice k is 1 + 0.01 k larger.
-    from sphero_lightning.synthetic import render
+    from sphero_lightning.core.synthetic import render
 
     tf = s.slice_transforms.copy()
     for k in range(len(tf)):
@@ -74,7 +74,7 @@ def test_similarity_fits_isotropic_scale(tmp_path, base_image):
     write_zarr(stack, root)
     fit(root, "--model.transformation", "similarity")
     out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
-    from sphero_lightning.transforms import describe
+    from sphero_lightning.core.transforms import describe
 
     d = describe(torch.tensor(out.attrs["pairwise_transforms"], dtype=torch.float64), (192, 192))
     for k, row in enumerate(d):
@@ -126,7 +126,7 @@ def test_poorly_matching_slices_still_reach_the_optimum(tmp_path, base_image):
     small fraction of each slice's own) start every level from the Gauss-Newton model and stop on the looser
     Newton step rule: the default run still ends where a run with BFGS's own model converged far more tightly
     ends."""
-    from sphero_lightning.synthetic import composed_error
+    from sphero_lightning.core.synthetic import composed_error
 
     s = make_stack(base_image, 5, (128, 128), noise=70.0, seed=3)
     out = []

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from sphero_lightning.interpolation import bspline_prefilter, bspline_sample, downscale, inside_weight, warp
+from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample, downscale, inside_weight, warp
 
 
 def _smooth(h=40, w=50, dtype=torch.float64):
@@ -61,7 +61,7 @@ def test_downscale_keeps_the_extent():
 
 
 def test_upsample2_is_the_bspline_interpolant_on_a_twice_finer_grid():
-    from sphero_lightning.interpolation import upsample2
+    from sphero_lightning.core.interpolation import upsample2
 
     img = torch.rand(2, 1, 20, 30, dtype=torch.float64)
     up = upsample2(img)
@@ -77,7 +77,7 @@ def _reference_prefilter(img: torch.Tensor) -> torch.Tensor:
     """The textbook form: truncated symmetric FIR inverse of [1 4 1] / 6 with reflect padding, by convolution."""
     import torch.nn.functional as F
 
-    from sphero_lightning.interpolation import PAD, _prefilter_kernel
+    from sphero_lightning.core.interpolation import PAD, _prefilter_kernel
 
     b, c, h, w = img.shape
     x = img.reshape(b * c, 1, h, w)
@@ -94,7 +94,7 @@ def _reference_prefilter(img: torch.Tensor) -> torch.Tensor:
 def test_dense_and_banded_filters_agree_with_direct_convolution(monkeypatch):
     import torch.nn.functional as F
 
-    import sphero_lightning.interpolation as interp
+    import sphero_lightning.core.interpolation as interp
 
     img = torch.rand(2, 1, 70, 150, dtype=torch.float64)
     ref = _reference_prefilter(img)

@@ -12,10 +12,10 @@ import yaml
 import zarr
 from conftest import CONFIG, fit
 
-from sphero_lightning.cli import main
-from sphero_lightning.model import RegistrationModule
-from sphero_lightning.output import flag_outliers
-from sphero_lightning.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.commands.main import main
+from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.training.module import RegistrationModule
+from sphero_lightning.training.output import flag_outliers
 
 
 def _fit_with_progress_bar(root, logs, *extra: str) -> str:
@@ -40,7 +40,7 @@ def test_tensorboard_loss_levels_ncc_panels_hparams_and_progress(tmp_path, base_
     """One small run (5 misaligned pairs in 3 blocks, 3 pyramid levels): what TensorBoard, the log and the bar show."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sphero_lightning.callbacks import PairProgressBar
+    from sphero_lightning.training.callbacks import PairProgressBar
 
     monkeypatch.setattr(PairProgressBar, "mininterval", 0.0)  # the run is faster than tqdm's default redraw interval
 

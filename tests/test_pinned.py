@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import fit
 
-from sphero_lightning.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
 
 PINNED = Path(__file__).resolve().parent / "data" / "pinned.json"
 #: name: (make_stack arguments, extra sphero fit arguments)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from sphero_lightning.synthetic import make_stack
+from sphero_lightning.core.synthetic import make_stack
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sphero_lightning.solvers import BatchAdam, BatchBFGS
+from sphero_lightning.core.solvers import BatchAdam, BatchBFGS
 
 
 def _quadratic(x, centers, scales):
@@ -59,8 +59,8 @@ def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc(fine):
     slices that match (``fine=0``) and for slices that share only their coarse structure, each with its own fine
     texture (``fine=3``: like consecutive real sections, NCC ~0.3, where the Hessian is a small fraction of
     either slice's own gradient product)."""
-    from sphero_lightning.interpolation import bspline_prefilter, gaussian_blur, inside_weight, sample_positions
-    from sphero_lightning.model import RegistrationModule
+    from sphero_lightning.core.interpolation import bspline_prefilter, gaussian_blur, inside_weight, sample_positions
+    from sphero_lightning.training.module import RegistrationModule
 
     torch.manual_seed(0)
     h = w = 96
@@ -90,7 +90,7 @@ def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc(fine):
                             / (2 * eps) for k in range(n)])
         hess = 0.5 * (hess + hess.T)
         px, py = sample_positions(m.matrices(p0), (h, w), (h, w))
-        from sphero_lightning.interpolation import bspline_sample
+        from sphero_lightning.core.interpolation import bspline_sample
 
         warped = bspline_sample(coeffs, px, py)
         weight = inside_weight(px, py, (h, w)).unsqueeze(1)

@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from sphero_lightning import threads
-from sphero_lightning.synthetic import write_zarr
+from sphero_lightning.core.synthetic import write_zarr
 
 
 def test_processes_share_the_cores(tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ def test_commands_that_do_not_fit_import_neither_torch_nor_lightning(tmp_path):
 
     tifffile.imwrite(tmp_path / "s.tif", np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8),
                      photometric="minisblack")
-    mods = _modules_after("from sphero_lightning.cli import main\n"
+    mods = _modules_after("from sphero_lightning.commands.main import main\n"
                           f"main(['ingest', {str(tmp_path / 's.tif')!r}, '--root', {str(tmp_path / 's.zarr')!r}, "
                           "'--spacing', '50', '4', '4', '--no-progress'])")
     assert "torch" not in mods and "lightning" not in mods
@@ -68,10 +68,10 @@ def test_commands_that_do_not_fit_import_neither_torch_nor_lightning(tmp_path):
     write_zarr(np.zeros((3, 30, 30), np.uint8), root, array="images/registered/50-4-4")
     out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r+")
     out.attrs.update({"composed_transforms": [[[1, 0, 0.1], [0, 1, 0]]] * 2, "crop_box": [1, 31, 1, 31], "inputs": ["images/50-4-4"]})
-    mods = _modules_after("from sphero_lightning.cli import main\n"
+    mods = _modules_after("from sphero_lightning.commands.main import main\n"
                           f"main(['export', '--root', {str(root)!r}, '--transforms', 'images/registered/50-4-4', "
                           f"'--tmats', {str(tmp_path / 't.npy')!r}])")
     assert "torch" not in mods and "lightning" not in mods
     assert np.allclose(np.load(tmp_path / "t.npy")[1], [[1, 0, 0.1 * 16], [0, 1, 0], [0, 0, 1]])
     # apply warps with torch, but needs no Lightning
-    assert "lightning" not in _modules_after("import sphero_lightning.apply")
+    assert "lightning" not in _modules_after("import sphero_lightning.commands.apply")

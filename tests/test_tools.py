@@ -8,8 +8,8 @@ import tifffile
 import zarr
 from conftest import fit
 
-from sphero_lightning.cli import main
-from sphero_lightning.synthetic import make_stack, pixel_error_of_output
+from sphero_lightning.commands.main import main
+from sphero_lightning.core.synthetic import make_stack, pixel_error_of_output
 
 
 @pytest.fixture()
@@ -60,7 +60,7 @@ def test_ingest_fit_apply_labels(tmp_path, stack, capsys):
 
 
 def test_apply_to_the_registrations_own_source_reproduces_it(tmp_path, stack, capsys):
-    from sphero_lightning.synthetic import write_zarr
+    from sphero_lightning.core.synthetic import write_zarr
 
     root = tmp_path / "s.zarr"
     write_zarr(stack.stack, root)
@@ -111,7 +111,7 @@ def test_ingest_user_errors(tmp_path, stack, capsys, case, message):
 
 
 def test_apply_refuses_an_array_of_another_shape(tmp_path, stack, capsys):
-    from sphero_lightning.synthetic import write_zarr
+    from sphero_lightning.core.synthetic import write_zarr
 
     root = tmp_path / "s.zarr"
     write_zarr(stack.stack, root)
@@ -126,7 +126,7 @@ def test_exported_tmats_reproduce_the_output_with_pystackreg(tmp_path, isbi_base
     """pystackreg's transform_stack with our pixel matrices gives our registered output (inside the crop)."""
     from pystackreg import StackReg
 
-    from sphero_lightning.synthetic import write_zarr
+    from sphero_lightning.core.synthetic import write_zarr
 
     s = make_stack(isbi_base, 8, (192, 192), seed=3)
     root = tmp_path / "s.zarr"
@@ -146,7 +146,7 @@ def test_exported_tmats_reproduce_the_output_with_pystackreg(tmp_path, isbi_base
     assert rows[0].split(",") == ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "shear", "status"]
     assert len(rows) == 9 and rows[1].endswith("reference")
     # the CSV's rotation is the truth's within a hundredth of a degree
-    from sphero_lightning.export import decompose, pixel_matrices
+    from sphero_lightning.commands.export import decompose, pixel_matrices
 
     truth = pixel_matrices(s.composed, (192, 192))
     rot = [float(r.split(",")[3]) for r in rows[1:]]

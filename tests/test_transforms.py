@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sphero_lightning.transforms import (
+from sphero_lightning.core.transforms import (
     centered_to_normalized,
     compose,
     corner_displacement,

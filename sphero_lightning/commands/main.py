@@ -15,8 +15,8 @@ import os
 import sys
 from typing import Any
 
-from . import __version__
-from .errors import SpheroError
+from .. import __version__
+from ..errors import SpheroError
 
 #: The commands, with one line each for ``sphero --help``.
 COMMANDS = {
@@ -71,7 +71,7 @@ def _run_tool(name: str, argv: list[str]) -> None:
     from importlib import import_module
 
     try:
-        import_module(f"sphero_lightning.{name}").main(argv)
+        import_module(f"sphero_lightning.commands.{name}").main(argv)
     except SpheroError as exc:
         report(f"sphero {name}", str(exc), exc)
     except OSError as exc:
@@ -83,7 +83,7 @@ def _run_tool(name: str, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> Any:
     """Run ``sphero`` with ``argv`` (default ``sys.argv[1:]``); usable in-process.
 
-    Returns the :class:`~sphero_lightning.fit_cli.SpheroCLI` of a ``fit`` run (``None`` for the other commands).
+    Returns the :class:`~sphero_lightning.training.cli.SpheroCLI` of a ``fit`` run (``None`` for the other commands).
     User errors print one line to stderr and exit with status 2; nothing is written.
     """
     from_command_line = argv is None
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> Any:
         error = SpheroError(f"unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)} "
                                       "(see: sphero --help)")
         report("sphero", str(error), error)
-    from .fit_cli import run_fit
+    from ..training.cli import run_fit
 
     return run_fit(argv, from_command_line)
 

@@ -5,7 +5,7 @@ Autograd through the B-spline sampling recorded ~250 elementwise operations per 
 replayed them backwards; here the value and both spatial derivatives of the interpolant come from one
 ``grid_sample`` of 12 bilinear taps (each cubic weight pair merged into one bilinear tap, as for the value: the
 derivative weights of a pair share their sign too), and the gradient is a weighted moment sum. Same loss as
-:func:`~sphero_lightning.losses.ncc_loss` over the weight of :func:`~sphero_lightning.interpolation.inside_weight`
+:func:`~sphero_lightning.core.losses.ncc_loss` over the weight of :func:`~sphero_lightning.core.interpolation.inside_weight`
 (the weight's own derivative on its one-pixel ramp included), to float rounding.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interpolation import PAD, axis_taps
+from ..core.interpolation import PAD, axis_taps
 
 _EPS = 1e-8
 
@@ -30,7 +30,7 @@ def sample_with_gradient(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tenso
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cubic B-spline value and its x and y derivatives at pixel positions (no autograd).
 
-    ``coeffs``: ``(B, 1, H + 2 PAD, W + 2 PAD)`` from :func:`~sphero_lightning.interpolation.bspline_prefilter`;
+    ``coeffs``: ``(B, 1, H + 2 PAD, W + 2 PAD)`` from :func:`~sphero_lightning.core.interpolation.bspline_prefilter`;
     ``px, py``: ``(B, h, w)`` in pixel-index units. Returns three ``(B, h, w)`` tensors. Works in chunks of rows of
     at most :data:`CHUNK_PIXELS` pixels (one row at least).
     """

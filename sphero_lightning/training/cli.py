@@ -17,17 +17,17 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from .callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
-from .cli import COMMANDS, interrupted, os_error_message, report
-from .data import ZarrPairDataModule
-from .errors import SpheroError
-from .model import RegistrationModule
-from .store import release_all
-from .threads import share_cores
+from ..commands.main import COMMANDS, interrupted, os_error_message, report
+from ..errors import SpheroError
+from ..storage.store import release_all
+from ..threads import share_cores
+from ..training.callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
+from ..training.data import ZarrPairDataModule
+from ..training.module import RegistrationModule
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "sphero"}},
-    "callbacks": [{"class_path": "sphero_lightning.callbacks.PairProgressBar"}],
+    "callbacks": [{"class_path": "sphero_lightning.training.callbacks.PairProgressBar"}],
 }
 _PLAIN_DEFAULTS = {
     "enable_checkpointing": False,

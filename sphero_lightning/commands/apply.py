@@ -18,10 +18,9 @@ import numpy as np
 import torch
 import zarr
 
-from . import __version__
-from .errors import SpheroError
-from .output import warp_slices
-from .store import (
+from .. import __version__
+from ..errors import SpheroError
+from ..storage.store import (
     check_writable,
     create_array,
     move_into_place,
@@ -33,6 +32,7 @@ from .store import (
     write_ome,
     zarr_format,
 )
+from ..training.output import warp_slices
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import __version__
-from .errors import SpheroError
-from .store import (
+from .. import __version__
+from ..errors import SpheroError
+from ..storage.store import (
     check_writable,
     create_array,
     move_into_place,

@@ -18,10 +18,8 @@ import torch.nn.functional as F
 import zarr
 from zarr.codecs import ZstdCodec
 
-from .interpolation import bspline_prefilter, bspline_sample
-from .transforms import centered_to_normalized, homogeneous, mean_displacement
-
-ISBI_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012" / "train-volume.tif"
+from ..core.interpolation import bspline_prefilter, bspline_sample
+from ..core.transforms import centered_to_normalized, homogeneous, mean_displacement
 
 
 @dataclass
@@ -66,11 +64,11 @@ def em_like_image(size: int = 512, seed: int = 0) -> np.ndarray:
     return np.clip(out * 220 + 20, 0, 255).astype(np.uint8)
 
 
-def load_isbi_slice(index: int = 0, path: Path | str | None = None) -> np.ndarray:
-    """One slice of the ISBI 2012 training volume (needs ``tifffile`` and the data)."""
+def load_isbi_slice(path: Path | str, index: int = 0) -> np.ndarray:
+    """One slice of a TIFF stack, e.g. the ISBI 2012 training volume the tests and benchmarks cut stacks from."""
     import tifffile
 
-    return np.asarray(tifffile.imread(str(path or ISBI_PATH), key=index))
+    return np.asarray(tifffile.imread(str(path), key=index))
 
 
 def random_transforms(n: int, rng: np.random.Generator, max_shift: float, max_rot_deg: float,

@@ -17,8 +17,8 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset
 
-from .errors import SpheroError
-from .store import (
+from ..errors import SpheroError
+from ..storage.store import (
     acquire_lock,
     check_writable,
     node_exists,

@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .errors import SpheroError
-from .fastncc import ncc_and_gradient
-from .initialization import phase_correlation
-from .interpolation import (
+from ..core.fastncc import ncc_and_gradient
+from ..core.initialization import phase_correlation
+from ..core.interpolation import (
     PAD,
     bspline_prefilter,
     bspline_sample,
@@ -39,11 +38,12 @@ from .interpolation import (
     sample_positions,
     upsample2,
 )
-from .journal import Journal
-from .losses import get_loss, ncc_loss
-from .solvers import make_solver
-from .threads import share_cores
-from .transforms import FAMILIES, corner_displacement, family_basis, params_to_normalized
+from ..core.losses import get_loss, ncc_loss
+from ..core.solvers import make_solver
+from ..core.transforms import FAMILIES, corner_displacement, family_basis, params_to_normalized
+from ..errors import SpheroError
+from ..storage.journal import Journal
+from ..threads import share_cores
 
 #: Interpolation of the moving slice inside the loss (see RegistrationModule).
 INTERPOLATIONS = ("bspline", "bspline2x", "bicubic")
@@ -521,7 +521,7 @@ class RegistrationModule(L.LightningModule):
 
     def _log_level_end(self) -> None:
         """TensorBoard ``loss/level_<k>``: mean loss of the block's pairs at the end of level k (x = block)."""
-        from .output import tensorboard_writer
+        from ..training.output import tensorboard_writer
 
         tb = tensorboard_writer(self._trainer) if self._trainer is not None and self.trainer.is_global_zero else None
         if tb is None:
@@ -608,7 +608,7 @@ class RegistrationModule(L.LightningModule):
         # show only the model's settings; the loggers then save hparams.yaml with these.
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from .output import HPARAM_METRICS
+        from ..training.output import HPARAM_METRICS
 
         if self.trainer.is_global_zero and getattr(self.trainer, "enable_autolog_hparams", True):
             hp = self.run_hparams()

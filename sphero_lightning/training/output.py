@@ -19,19 +19,19 @@ import torch
 import torch.distributed as dist
 import zarr
 
-from . import __version__
-from .crop import crop_box
-from .errors import SpheroError
-from .export import pixel_matrices
-from .interpolation import bspline_prefilter, nearest_index, warp, warp_coefficients
-from .store import create_array, is_url, move_into_place, open_group, utc_now, write_ome
-from .transforms import homogeneous, normalized_to_pixel
+from .. import __version__
+from ..commands.export import pixel_matrices
+from ..core.crop import crop_box
+from ..core.interpolation import bspline_prefilter, nearest_index, warp, warp_coefficients
+from ..core.transforms import homogeneous, normalized_to_pixel
+from ..errors import SpheroError
+from ..storage.store import create_array, is_url, move_into_place, open_group, utc_now, write_ome
 
 if TYPE_CHECKING:
     import lightning as L
 
-    from .callbacks import RegistrationWriter
-    from .model import RegistrationModule
+    from ..training.callbacks import RegistrationWriter
+    from ..training.module import RegistrationModule
 
 
 #: Run results shown next to the hyperparameters in TensorBoard's HPARAMS tab (set by :func:`log_panels`).
@@ -303,7 +303,7 @@ def warp_slices(src: zarr.Array, out: zarr.Array, composed: torch.Tensor, box: l
     """Warp every slice of ``src`` once into the cropped ``out``, in parallel; returns timings (s).
 
     ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped).
-    ``mode`` is a :func:`~sphero_lightning.interpolation.warp` mode; ``nearest`` keeps integer values exact
+    ``mode`` is a :func:`~sphero_lightning.core.interpolation.warp` mode; ``nearest`` keeps integer values exact
     (labels), the others round and clip to ``src``'s dtype.
 
     The unit of work is one z-range of ``out``'s shards (or chunks, unsharded) across the whole slice, so no
@@ -375,7 +375,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
 
     ``fitted`` are the registered pairs in order, consecutive slices except across damaged ones; each
     ``matrix`` maps slice ``slice_indices[0]``'s frame to positions in slice ``slice_indices[1]``
-    (the convention of :func:`~sphero_lightning.transforms.compose`). A damaged slice gets the
+    (the convention of :func:`~sphero_lightning.core.transforms.compose`). A damaged slice gets the
     transform interpolated (per matrix entry, by slice position) between its nearest registered
     neighbours, or the nearest one's at either end of the stack. The pairwise transform of a pair
     next to a damaged slice follows from the composed ones, so the chain stays consistent.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .synthetic import composed_error, em_like_image, make_stack, write_zarr
+from ..core.synthetic import composed_error, em_like_image, make_stack, write_zarr
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("fit_args", nargs="*", help="extra 'sphero fit' arguments, after --")
     a = ap.parse_args(argv)
-    from .cli import main as cli_main
+    from ..commands.main import main as cli_main
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar
 
-from .errors import SpheroError
-from .model import Level, RegistrationModule
+from ..errors import SpheroError
+from ..training.module import Level, RegistrationModule
 
 
 def _per_level(value: float | list[float], levels: int, name: str) -> list[float]:
@@ -257,7 +257,7 @@ class RegistrationWriter(L.Callback):
             raise SpheroError(f"crop_safety_margin must be >= 0, got {crop_safety_margin}")
         if num_workers < 1:
             raise SpheroError(f"output num_workers must be >= 1, got {num_workers}")
-        from .output import output_layout
+        from ..training.output import output_layout
 
         probe = (1 << 20,) * 3
         output_layout((1, 1, 1), probe, chunks, shards)  # the shapes' own validity now; with the source's chunks at setup
@@ -278,7 +278,7 @@ class RegistrationWriter(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         # before any fitting: what the output store cannot hold
-        from .output import output_layout
+        from ..training.output import output_layout
 
         dm = trainer.datamodule
         if self.shards is not None and dm.output_format == 2:
@@ -287,6 +287,6 @@ class RegistrationWriter(L.Callback):
         output_layout(dm.source.chunks, (dm.n_slices, *dm.slice_shape), self.chunks, self.shards)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
-        from .output import write_registration
+        from ..training.output import write_registration
 
         self.output_path = write_registration(trainer, pl_module, self)

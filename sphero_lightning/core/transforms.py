@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .errors import SpheroError
+from ..errors import SpheroError
 
 #: Names of the six full parameters, in order.
 PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SpheroError
-from .store import open_registration
+from ..errors import SpheroError
+from ..storage.store import open_registration
 
 CSV_FIELDS = ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "shear", "status"]
 

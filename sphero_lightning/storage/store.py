@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import SpheroError
+from ..errors import SpheroError
 
 #: Axis names of every array we write (OME-NGFF 0.5 requires them as the arrays' ``dimension_names``).
 AXES = ("z", "y", "x")

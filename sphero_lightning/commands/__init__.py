@@ -1,0 +1,1 @@
+"""The `sphero` commands: the dispatcher and ingest, apply, export, demo."""

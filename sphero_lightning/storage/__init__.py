@@ -1,0 +1,1 @@
+"""Zarr stores, OME-NGFF metadata, the progress journal (no torch, no Lightning)."""
