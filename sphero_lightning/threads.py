@@ -9,6 +9,7 @@ cores slowed each 4x here). Set ``SPHERO_NUM_THREADS`` (or ``OMP_NUM_THREADS``) 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 from pathlib import Path
@@ -102,3 +103,12 @@ def share_cores() -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): keeps the resident size flat over thousands of blocks
+    instead of creeping up with allocator fragmentation. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -37,8 +37,9 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("extra,message", [
     (["--data.root", "/nonexistent/x.zarr"], "does not exist"),
     (["--data.array", "images/nope"], "arrays there: images/50-4-4"),
-    (["--model.transformation", "elastic"], "unknown transformation"),
-    (["--model.loss", "l7"], "unknown loss"),
+    (["--model.transformation", "elastic"],
+     "invalid value 'elastic' for model.transformation (choose one of: translation, rigid, similarity, affine)"),
+    (["--model.loss", "l7"], "invalid value 'l7' for model.loss (choose one of: ncc, mse, mae, ssim)"),
     (["--pyramid.levels", "0"], "levels must be >= 1"),
     (["--pyramid.factors", "64"], "fewer than 8 pixels"),
     (["--model.nonsense", "1"], "unrecognized arguments: --model.nonsense"),

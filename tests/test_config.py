@@ -5,9 +5,10 @@ from pathlib import Path
 
 import yaml
 
-from sphero_lightning.training.callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
+from sphero_lightning.training.callbacks import PairEarlyStopping, PyramidSchedule
 from sphero_lightning.training.data import ZarrPairDataModule
 from sphero_lightning.training.module import RegistrationModule
+from sphero_lightning.training.writer import RegistrationWriter
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reg.yaml"
 
@@ -33,3 +34,23 @@ def test_config_values_equal_constructor_defaults():
             assert value == expect, f"{key}.{name}: config {value!r} != default {expect!r}"
         missing = set(defaults) - set(cfg[key]) - {"pairs_per_block"} if key == "model" else set(defaults) - set(cfg[key])
         assert not missing, f"{key}: options not documented in configs/reg.yaml: {sorted(missing)}"
+
+
+def test_help_lists_the_choices_of_every_enumerated_option():
+    """Enumerated options are Literal types: jsonargparse validates them and ``sphero fit --help`` lists the choices."""
+    import subprocess
+    import sys
+    import typing
+
+    groups = {"model": RegistrationModule, "data": ZarrPairDataModule, "pyramid": PyramidSchedule,
+              "early_stopping": PairEarlyStopping, "output": RegistrationWriter}
+    out = subprocess.run([sys.executable, "-m", "sphero_lightning", "fit", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    enumerated = 0
+    for key, cls in groups.items():
+        for name, hint in typing.get_type_hints(cls.__init__).items():
+            if typing.get_origin(hint) is typing.Literal:
+                enumerated += 1
+                choices = "{" + ",".join(typing.get_args(hint)) + "}"
+                assert f"--{key}.{name} {choices}" in out, f"--{key}.{name}: choices {choices} not in sphero fit --help"
+    assert enumerated >= 7  # transformation, loss, optimizer, init_translation, interpolation, curvature, output's

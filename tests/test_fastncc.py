@@ -7,7 +7,7 @@ import torch
 
 from sphero_lightning.core.fastncc import ncc_and_gradient, sample_with_gradient
 from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample, gaussian_blur
-from sphero_lightning.training.module import RegistrationModule
+from sphero_lightning.core.objective import PairObjective
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,8 @@ def test_value_and_derivatives_of_the_interpolant(images):
 @pytest.mark.parametrize("family", ["rigid", "affine"])
 def test_loss_and_gradient_equal_autograd(images, family):
     fixed, coeffs = images
-    m = RegistrationModule(transformation=family, regularization=0.3)
-    m.shape = tuple(fixed.shape[-2:])
-    n = m.basis.shape[0]
+    m = PairObjective(transformation=family, regularization=0.3, shape=tuple(fixed.shape[-2:]))
+    n = m.n_params
     # off the identity, and far enough out that the border ramp of the inside weight is crossed
     p = torch.tensor([[0.013, -0.021, 0.004, 0.01, -0.02, 0.015][:n], [0.031, 0.017, -0.006, 0.0, 0.01, -0.01][:n]],
                      dtype=torch.float64)

@@ -18,7 +18,7 @@ import zarr
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import composed_error, make_stack, pixel_error_of_output, write_zarr
-from sphero_lightning.training.output import flag_outliers
+from sphero_lightning.training.report import flag_outliers
 
 OUT = "images/registered/50-4-4"
 
@@ -346,7 +346,8 @@ def test_the_trainer_settings_used_are_recorded(tmp_path, base_image):
     t = reg["parameters"]["trainer"]
     assert t["accelerator"] == "cpu" and t["world_size"] == 1 and t["precision"] == "32-true"
     # the loss's and the output's interpolation under distinct names
-    assert reg["parameters"]["interpolation"] == "bspline" and reg["parameters"]["output_interpolation"] == "bspline"
+    assert reg["parameters"]["loss_interpolation"] == "bspline" and reg["parameters"]["output_interpolation"] == "bspline"
+    assert "interpolation" not in reg["parameters"]  # one name per setting
 
 
 # ---------------------------------------------------------------------------- 7. tracebacks left

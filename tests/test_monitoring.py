@@ -13,9 +13,9 @@ import zarr
 from conftest import CONFIG, fit
 
 from sphero_lightning.commands.main import main
+from sphero_lightning.core.objective import PairObjective
 from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
-from sphero_lightning.training.module import RegistrationModule
-from sphero_lightning.training.output import flag_outliers
+from sphero_lightning.training.report import flag_outliers
 
 
 def _fit_with_progress_bar(root, logs, *extra: str) -> str:
@@ -101,12 +101,10 @@ def test_ncc_at_the_identity_needs_no_resampling(base_image):
     """``pair_ncc_identity`` (used for ``ncc_before``) equals ``pair_ncc`` at parameters 0."""
     img = torch.from_numpy(base_image[:192, :64].reshape(3, 64, 64).copy()).float() / 255
     for mode, tol in (("bspline", 1e-5), ("bicubic", 1e-5), ("bspline2x", 5e-3)):
-        m = RegistrationModule(interpolation=mode)
-        m.shape = (64, 64)
-        m.block_slices = img.unsqueeze(1)
-        imgs = m._level_stack(1.0)
-        p = torch.zeros(2, m.basis.shape[0], dtype=torch.float64)
-        resampled = m.pair_ncc(p, imgs[:-1], m._moving_coeffs(imgs))
+        m = PairObjective(interpolation=mode, shape=(64, 64))
+        imgs = m.level_stack(img.unsqueeze(1), 1.0)
+        p = torch.zeros(2, m.n_params, dtype=torch.float64)
+        resampled = m.pair_ncc(p, imgs[:-1], m.moving_coeffs(imgs))
         direct = m.pair_ncc_identity(p, imgs[:-1], imgs[1:])
         assert torch.allclose(resampled, direct, atol=tol), (mode, resampled, direct)
         assert direct.abs().max() < 0.9  # different slices: far from a perfect match

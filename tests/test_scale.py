@@ -13,8 +13,8 @@ from conftest import CONFIG
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import make_stack, write_zarr
 from sphero_lightning.errors import SpheroError
-from sphero_lightning.training.callbacks import RegistrationWriter
-from sphero_lightning.training.output import output_layout
+from sphero_lightning.storage.writing import output_layout
+from sphero_lightning.training.writer import RegistrationWriter
 
 
 def _fit(root, *extra) -> str:
@@ -64,9 +64,9 @@ def test_writer_strips_and_threads_do_not_change_the_output(tmp_path, monkeypatc
     """Warping a slice in strips of rows, by several threads, gives exactly the whole-slice result."""
     import torch
 
-    from sphero_lightning.training import output
     from sphero_lightning.core.interpolation import warp
     from sphero_lightning.core.synthetic import em_like_image
+    from sphero_lightning.storage import writing as output
 
     rng = np.random.default_rng(0)
     stack = np.stack([em_like_image(96, seed=k)[:80, :90] for k in range(4)]).astype(np.uint16) * 200

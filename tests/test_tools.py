@@ -146,7 +146,7 @@ def test_exported_tmats_reproduce_the_output_with_pystackreg(tmp_path, isbi_base
     assert rows[0].split(",") == ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "shear", "status"]
     assert len(rows) == 9 and rows[1].endswith("reference")
     # the CSV's rotation is the truth's within a hundredth of a degree
-    from sphero_lightning.commands.export import decompose, pixel_matrices
+    from sphero_lightning.core.frames import decompose, pixel_matrices
 
     truth = pixel_matrices(s.composed, (192, 192))
     rot = [float(r.split(",")[3]) for r in rows[1:]]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from .. import __version__
+from .._version import __version__
 from ..errors import SpheroError
 from ..storage.store import (
     check_writable,
@@ -32,7 +32,7 @@ from ..storage.store import (
     write_ome,
     zarr_format,
 )
-from ..training.output import warp_slices
+from ..storage.writing import warp_slices
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 

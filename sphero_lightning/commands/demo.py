@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("fit_args", nargs="*", help="extra 'sphero fit' arguments, after --")
     a = ap.parse_args(argv)
-    from ..commands.main import main as cli_main
+    from .main import main as cli_main
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

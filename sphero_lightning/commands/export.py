@@ -14,46 +14,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from ..core.frames import decompose, pixel_matrices
 from ..errors import SpheroError
 from ..storage.store import open_registration
 
 CSV_FIELDS = ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "shear", "status"]
 
 
-def pixel_matrices(composed: np.ndarray | list, shape: tuple[int, int]) -> np.ndarray:
-    """``(Z - 1, 2, 3)`` normalized composed transforms (slices 1..) to ``(Z, 3, 3)`` pixel tmats (slice 0 = I).
-
-    torch's normalized coordinates (``align_corners=False``) map to pixel indices by ``x = (W x_n + W - 1) / 2``,
-    so each matrix is conjugated by that scaling (numpy only: ``sphero export`` needs no torch).
-    """
-    comp = np.asarray(composed, dtype=np.float64).reshape(-1, 2, 3)
-    h, w = shape
-    to_px = np.array([[w / 2, 0, (w - 1) / 2], [0, h / 2, (h - 1) / 2], [0, 0, 1.0]])
-    hom = np.concatenate([comp, np.tile(np.array([[[0, 0, 1.0]]]), (len(comp), 1, 1))], 1)
-    px = to_px @ hom @ np.linalg.inv(to_px)
-    return np.concatenate([np.eye(3)[None], px])
-
-
-def decompose(m: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
-    """Centre displacement, rotation, scale and shear of one ``(3, 3)`` pixel matrix.
-
-    ``A = R(rotation) @ [[scale_x, shear * scale_y], [0, scale_y]]``; the displacement is where the slice
-    centre is sampled minus the centre.
-    """
-    c = np.array([(shape[1] - 1) / 2, (shape[0] - 1) / 2, 1.0])
-    d = m @ c - c
-    a = m[:2, :2]
-    rot = math.atan2(a[1, 0], a[0, 0])
-    r = np.array([[math.cos(rot), math.sin(rot)], [-math.sin(rot), math.cos(rot)]])  # R^T
-    u = r @ a
-    return {"dx_px": float(d[0]), "dy_px": float(d[1]), "rotation_deg": math.degrees(rot),
-            "scale_x": float(u[0, 0]), "scale_y": float(u[1, 1]), "shear": float(u[0, 1] / u[1, 1])}
 
 
 def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: list[dict]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .. import __version__
+from .._version import __version__
 from ..errors import SpheroError
 from ..storage.store import (
     check_writable,

@@ -11,12 +11,11 @@ Every user error is one line on stderr naming the problem and the fix, exit stat
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
-from .. import __version__
-from ..errors import SpheroError
+from .._version import __version__
+from ..errors import SpheroError, interrupted, os_error_message, report
 
 #: The commands, with one line each for ``sphero --help``.
 COMMANDS = {
@@ -42,28 +41,6 @@ See 'sphero COMMAND --help'. Quick start:
   sphero demo
   sphero fit --data.root stack.zarr --data.array images/50-4-4
 """
-
-
-def report(prefix: str, message: str, exc: BaseException) -> None:
-    """Print a user error as one line and exit with status 2 (``exc`` re-raised with its traceback only with
-    SPHERO_DEBUG)."""
-    print(f"{prefix}: error: {message}", file=sys.stderr)
-    if os.environ.get("SPHERO_DEBUG"):
-        raise exc
-    raise SystemExit(2) from None
-
-
-def interrupted(prefix: str, what: str) -> None:
-    """Ctrl-C: one line saying what was (not) written, exit status 130."""
-    print(f"{prefix}: interrupted; {what}", file=sys.stderr)
-    raise SystemExit(130) from None
-
-
-def os_error_message(exc: OSError) -> str:
-    """An ``OSError`` (missing folder, permissions, full disk) as one line naming the path."""
-    what = exc.strerror or type(exc).__name__
-    where = exc.filename if exc.filename is not None else ""
-    return f"cannot access {str(where)!r}: {what}" if where else f"{what}: {exc}"
 
 
 def _run_tool(name: str, argv: list[str]) -> None:

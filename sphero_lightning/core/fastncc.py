@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.interpolation import PAD, axis_taps
+from .interpolation import PAD, axis_taps
 
 _EPS = 1e-8
 

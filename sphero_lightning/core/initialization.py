@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.interpolation import downscale
+from .interpolation import downscale
 
 
 def _hann(h: int, w: int, like: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.interpolation import gaussian_blur
 from ..errors import SpheroError
+from .interpolation import gaussian_blur
 
 _EPS = 1e-8
 

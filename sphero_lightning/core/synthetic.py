@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import zarr
 from zarr.codecs import ZstdCodec
 
-from ..core.interpolation import bspline_prefilter, bspline_sample
-from ..core.transforms import centered_to_normalized, homogeneous, mean_displacement
+from .interpolation import bspline_prefilter, bspline_sample
+from .transforms import centered_to_normalized, homogeneous, mean_displacement
 
 
 @dataclass

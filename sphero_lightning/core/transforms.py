@@ -18,11 +18,12 @@ independent of the pyramid level.
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 
 from ..errors import SpheroError
+from .frames import decompose
 
 #: Names of the six full parameters, in order.
 PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")
@@ -210,21 +211,70 @@ def rotation_degrees(theta: torch.Tensor, shape: tuple[int, int]) -> torch.Tenso
 
 
 def describe(theta: torch.Tensor, shape: tuple[int, int]) -> list[dict[str, float]]:
-    """Translation (pixels), rotation (degrees), scales and shear of normalized matrices, for humans.
+    """Centre displacement (pixels), rotation (degrees), scales and shear of normalized matrices, for humans
+    (:func:`~sphero_lightning.core.frames.decompose` of each one's pixel matrix)."""
+    return [decompose(m, shape) for m in normalized_to_pixel(theta.double(), shape).numpy()]
 
-    Decomposes the centered-pixel matrix as ``Rotate @ Shear @ Scale`` (a QR decomposition).
+
+def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str]
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """Transforms to slice 0 of every slice, pairwise transforms of consecutive slices, the log.
+
+    ``fitted`` are the registered pairs in order, consecutive slices except across damaged ones; each
+    ``matrix`` maps slice ``slice_indices[0]``'s frame to positions in slice ``slice_indices[1]``
+    (the convention of :func:`~sphero_lightning.core.transforms.compose`). A damaged slice gets the
+    transform interpolated (per matrix entry, by slice position) between its nearest registered
+    neighbours, or the nearest one's at either end of the stack. The pairwise transform of a pair
+    next to a damaged slice follows from the composed ones, so the chain stays consistent.
+
+    Returns
+    -------
+    composed : ``(n_slices, 2, 3)`` float64, entry 0 the identity (or what slice 0 inherits).
+    pairwise : ``(n_slices - 1, 2, 3)``; entry ``i`` is the transform of pair ``(i, i + 1)``.
+    log : one entry per consecutive pair ``(i, i + 1)``, with ``status``.
     """
-    a = normalized_to_centered(theta.double(), shape)
-    rows = []
-    for m in a:
-        lin = m[:, :2]
-        ang = math.atan2(float(lin[1, 0]), float(lin[0, 0]))
-        c, s = math.cos(ang), math.sin(ang)
-        r_inv = torch.tensor([[c, s], [-s, c]], dtype=lin.dtype)
-        upper = r_inv @ lin  # [[sx, k*sy], [0, sy]]
-        sx, sy = float(upper[0, 0]), float(upper[1, 1])
-        rows.append({
-            "tx_px": float(m[0, 2]), "ty_px": float(m[1, 2]), "rotation_deg": math.degrees(ang),
-            "scale_x": sx, "scale_y": sy, "shear": float(upper[0, 1]) / sy if sy else float("nan"),
-        })
-    return rows
+    eye = torch.eye(3, dtype=torch.float64)[:2]
+    known: dict[int, torch.Tensor] = {}
+    good = [r["slice_indices"][0] for r in fitted] + ([fitted[-1]["slice_indices"][1]] if fitted else [])
+    if not good:
+        good = [min(set(range(n_slices)) - set(damaged))]
+    known[good[0]] = eye
+    acc = torch.eye(3, dtype=torch.float64)
+    for r in fitted:
+        a = homogeneous(torch.tensor(r["matrix"], dtype=torch.float64)[None])[0]
+        acc = a @ acc
+        known[r["slice_indices"][1]] = acc[:2].clone()
+    composed = torch.zeros(n_slices, 2, 3, dtype=torch.float64)
+    for z in range(n_slices):
+        if z in known:
+            composed[z] = known[z]
+            continue
+        before = [g for g in good if g < z]
+        after = [g for g in good if g > z]
+        if before and after:
+            lo, hi = before[-1], after[0]
+            t = (z - lo) / (hi - lo)
+            composed[z] = (1 - t) * known[lo] + t * known[hi]
+        else:
+            composed[z] = known[before[-1] if before else after[0]]
+    by_pair = {tuple(r["slice_indices"]): r for r in fitted}
+    hom = homogeneous(composed)
+    pairwise = torch.zeros(max(0, n_slices - 1), 2, 3, dtype=torch.float64)
+    log: list[dict[str, Any]] = []
+    for i in range(n_slices - 1):
+        r = by_pair.get((i, i + 1))
+        if r is not None:
+            pairwise[i] = torch.tensor(r["matrix"], dtype=torch.float64)
+            log.append({k: v for k, v in r.items() if k != "matrix"} | {"pair_index": i})
+            continue
+        # C_(i+1) = A_i @ C_i  ->  A_i = C_(i+1) @ C_i^-1
+        pairwise[i] = (hom[i + 1] @ torch.linalg.inv(hom[i]))[:2]
+        bad = [z for z in (i, i + 1) if z in damaged]
+        bridge = next((r for r in fitted if r["slice_indices"][0] <= i and r["slice_indices"][1] >= i + 1), None)
+        entry: dict[str, Any] = {"pair_index": i, "slice_indices": [i, i + 1], "status": "damaged_slice",
+                                 "damaged_slices": {str(z): damaged[z] for z in bad}, "final_loss": None,
+                                 "num_steps_taken": 0, "steps_per_level": [], "ncc_before": None, "ncc_after": None}
+        if bridge is not None:
+            entry["bridged_by"] = {k: v for k, v in bridge.items() if k not in ("matrix", "pair_index")}
+        log.append(entry)
+    return composed, pairwise, log

@@ -1,4 +1,4 @@
-"""Callbacks: the pyramid curriculum, per-pair early stopping, the progress bar, the output writer."""
+"""Callbacks: the pyramid curriculum, per-pair early stopping, the progress bar (the writer: ``writer.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 
 from ..errors import SpheroError
-from ..training.module import Level, RegistrationModule
+from .module import RegistrationModule
+from .state import Level
 
 
 def _per_level(value: float | list[float], levels: int, name: str) -> list[float]:
@@ -151,7 +152,7 @@ class PairEarlyStopping(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         blk, solver = pl_module.block, pl_module.solver
-        if not self.enabled or blk is None or blk.done or "accepted" not in blk.extra:
+        if not self.enabled or blk is None or blk.done or blk.accepted is None:
             return
         key = (blk.index, blk.level, id(solver))
         if key != self._key:
@@ -159,7 +160,7 @@ class PairEarlyStopping(L.Callback):
             rows = solver.x.shape[0]
             self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=solver.x.device)
             self.count = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
-        acc = blk.extra["accepted"]
+        acc = blk.accepted
         a = acc.unsqueeze(-1)
         self.losses = torch.where(a, torch.cat([self.losses[:, 1:], solver.f.unsqueeze(-1)], 1), self.losses)
         self.count += acc.long()
@@ -221,72 +222,3 @@ class PairProgressBar(ProgressBar):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-class RegistrationWriter(L.Callback):
-    """After fitting: compose the transforms, crop to the largest box valid in every slice, write.
-
-    Parameters
-    ----------
-    crop_borders : bool
-        Crop to the largest axis-aligned box whose every pixel lies inside every warped slice.
-        Computed exactly from the transforms (not guessed from intensities).
-    crop_safety_margin : int
-        Pixels removed on each side of that box (0 keeps the exact largest box).
-    interpolation : {"bspline", "bicubic", "bilinear"}
-        How slices are resampled for the output. ``bspline`` (prefiltered cubic B-spline) is the most
-        faithful; ``bicubic`` is torch's Keys kernel (the reference pipeline's choice).
-    compression_level : int
-        zstd level of the output chunks.
-    chunks : list of int, optional
-        Output chunk shape ``[z, y, x]``; default one slice deep with the source's y/x chunking (a slice reads
-        fast in a viewer, a z-column needs one chunk per slice). ``[64, 256, 256]`` suits 3D viewers.
-    shards : list of int, optional
-        zarr v3 sharding: shard shape ``[z, y, x]``, whole multiples of ``chunks``; many chunks go to one file
-        (fewer files on big stacks). Default: no sharding.
-    num_workers : int
-        Threads that read, warp, compress and write the output in parallel (one z-range of shards or chunks each).
-    """
-
-    def __init__(self, crop_borders: bool = True, crop_safety_margin: int = 0, interpolation: str = "bspline",
-                 compression_level: int = 3, chunks: list[int] | None = None, shards: list[int] | None = None,
-                 num_workers: int = 4) -> None:
-        if interpolation not in ("bspline", "bicubic", "bilinear"):
-            raise SpheroError(f"unknown interpolation {interpolation!r}; choose bspline, bicubic or bilinear")
-        if crop_safety_margin < 0:
-            raise SpheroError(f"crop_safety_margin must be >= 0, got {crop_safety_margin}")
-        if num_workers < 1:
-            raise SpheroError(f"output num_workers must be >= 1, got {num_workers}")
-        from ..training.output import output_layout
-
-        probe = (1 << 20,) * 3
-        output_layout((1, 1, 1), probe, chunks, shards)  # the shapes' own validity now; with the source's chunks at setup
-        self.crop_borders, self.crop_safety_margin = crop_borders, crop_safety_margin
-        self.interpolation, self.compression_level = interpolation, compression_level
-        self.chunks = None if chunks is None else [int(c) for c in chunks]
-        self.shards = None if shards is None else [int(v) for v in shards]
-        self.num_workers = int(num_workers)
-        self.output_path: str | None = None
-
-    #: Config group of these settings (``--output.*``), for the logged hyperparameters.
-    config_group = "output"
-
-    def settings(self) -> dict[str, Any]:
-        return {"crop_borders": self.crop_borders, "crop_safety_margin": self.crop_safety_margin,
-                "interpolation": self.interpolation, "compression_level": self.compression_level,
-                "chunks": self.chunks, "shards": self.shards, "num_workers": self.num_workers}
-
-    def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
-        # before any fitting: what the output store cannot hold
-        from ..training.output import output_layout
-
-        dm = trainer.datamodule
-        if self.shards is not None and dm.output_format == 2:
-            raise SpheroError("--output.shards needs a Zarr v3 output store, and this one is Zarr v2: drop --output.shards, "
-                              "or write into a new store with --data.output_root OUT.zarr (pass a v3 store)")
-        output_layout(dm.source.chunks, (dm.n_slices, *dm.slice_shape), self.chunks, self.shards)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
-        from ..training.output import write_registration
-
-        self.output_path = write_registration(trainer, pl_module, self)

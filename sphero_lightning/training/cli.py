@@ -17,14 +17,16 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from ..commands.main import COMMANDS, interrupted, os_error_message, report
-from ..errors import SpheroError
+from ..errors import SpheroError, interrupted, os_error_message, report
 from ..storage.store import release_all
 from ..threads import share_cores
-from ..training.callbacks import PairEarlyStopping, PyramidSchedule, RegistrationWriter
-from ..training.data import ZarrPairDataModule
-from ..training.module import RegistrationModule
+from .callbacks import PairEarlyStopping, PyramidSchedule
+from .data import ZarrPairDataModule
+from .module import RegistrationModule
+from .writer import RegistrationWriter
 
+#: ``sphero fit --help``'s description (``sphero --help`` lists the same in lower case).
+FIT_DESCRIPTION = "Register a Zarr stack: fit the pairwise transforms, compose, crop, write the aligned stack"
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "sphero"}},
     "callbacks": [{"class_path": "sphero_lightning.training.callbacks.PairProgressBar"}],
@@ -157,7 +159,7 @@ def _run_cli(argv: list[str] | None) -> SpheroCLI:
         auto_configure_optimizers=False,  # the solvers are per pair (solvers.py): no --optimizer/--lr_scheduler
         # Parse errors raise (one line from main) instead of printing the whole usage.
         parser_kwargs={"exit_on_error": False, "fit": {"default_env": False, "exit_on_error": False,
-                                                       "description": "Register a Zarr stack: " + COMMANDS["fit"].split(": ", 1)[1]}},
+                                                       "description": FIT_DESCRIPTION}},
     )
 
 
@@ -170,12 +172,37 @@ def _one_line(message: str) -> str:
     if first.startswith("Parser key") and first.endswith(":"):
         key = first[len("Parser key"):].strip(' :"')
         clean = [re.sub(r"<class '([\w.]+)'>", r"\1", ln) for ln in lines[1:]]
+        literal = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", clean[0]) if clean else None
+        if literal:  # an enumerated option: name the choices
+            choices = ", ".join(c.strip().strip("'\"") for c in literal.group(1).split(","))
+            return f"invalid value {literal.group(2)!r} for {key} (choose one of: {choices})"
         given = next((ln.split(":", 1)[1].strip() for ln in clean if ln.startswith("Given value:")), None)
         if given is None:
             return f"invalid value for {key}: {clean[0] if clean else 'not accepted'}"
         expected = [ln[len("- Expected a"):].strip() for ln in clean if ln.startswith("- Expected a")]
         return f"invalid value {given!r} for {key}" + (f" (expected {' or '.join(expected)})" if expected else "")
     return first
+
+
+def _message(exc: BaseException) -> str:
+    """The one-line message of a user error from LightningCLI, jsonargparse or the file system."""
+    if isinstance(exc, ArgumentError):
+        return _one_line(str(exc).strip()) + " (see: sphero fit --help)"
+    if isinstance(exc, OSError):
+        return os_error_message(exc)
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def fit_in_process(argv: list[str]) -> SpheroCLI:
+    """``sphero fit ARGS`` in this process (``argv`` starts with ``fit``), for the Python API: a user error raises
+    :class:`SpheroError` with the one line ``sphero fit`` would print (no exit)."""
+    quiet_lightning()
+    try:
+        return _run_cli(argv)
+    except (ArgumentError, MisconfigurationException, OSError) as exc:
+        raise SpheroError(_message(exc)) from exc
+    finally:
+        release_all()  # the output's lock, however the run ended
 
 
 def run_fit(argv: list[str], from_command_line: bool = False) -> SpheroCLI:
@@ -185,13 +212,7 @@ def run_fit(argv: list[str], from_command_line: bool = False) -> SpheroCLI:
     try:
         return _run_cli(None if from_command_line else argv)
     except (SpheroError, ArgumentError, MisconfigurationException, OSError) as exc:
-        if isinstance(exc, ArgumentError):
-            msg = _one_line(str(exc).strip()) + " (see: sphero fit --help)"
-        elif isinstance(exc, OSError):
-            msg = os_error_message(exc)
-        else:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        report("sphero fit", msg, exc)
+        report("sphero fit", _message(exc), exc)
     except KeyboardInterrupt:
         interrupted("sphero fit", "no output was written at the final path (run the same command again to resume)")
     finally:

@@ -1,0 +1,44 @@
+"""Coordinate frames with numpy only (``sphero export`` imports no torch): normalized matrices to pixel ``tmats``
+(pystackreg's convention) and their decomposition into displacement, rotation, scale and shear.
+
+Frames: *normalized* coordinates are torch's ``affine_grid`` convention (``align_corners=False``): x and y run over
+``[-1, 1]`` across the slice, pixel centres at ``(2 i + 1) / n - 1``; *pixel* coordinates are pixel indices,
+``x = (W x_n + W - 1) / 2``. The torch versions for batches (``normalized_to_pixel`` and friends) are in
+:mod:`~sphero_lightning.core.transforms`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def pixel_matrices(composed: np.ndarray | list, shape: tuple[int, int]) -> np.ndarray:
+    """``(Z - 1, 2, 3)`` normalized composed transforms (slices 1..) to ``(Z, 3, 3)`` pixel tmats (slice 0 = I).
+
+    torch's normalized coordinates (``align_corners=False``) map to pixel indices by ``x = (W x_n + W - 1) / 2``,
+    so each matrix is conjugated by that scaling (numpy only: ``sphero export`` needs no torch).
+    """
+    comp = np.asarray(composed, dtype=np.float64).reshape(-1, 2, 3)
+    h, w = shape
+    to_px = np.array([[w / 2, 0, (w - 1) / 2], [0, h / 2, (h - 1) / 2], [0, 0, 1.0]])
+    hom = np.concatenate([comp, np.tile(np.array([[[0, 0, 1.0]]]), (len(comp), 1, 1))], 1)
+    px = to_px @ hom @ np.linalg.inv(to_px)
+    return np.concatenate([np.eye(3)[None], px])
+
+
+def decompose(m: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
+    """Centre displacement, rotation, scale and shear of one ``(3, 3)`` pixel matrix.
+
+    ``A = R(rotation) @ [[scale_x, shear * scale_y], [0, scale_y]]``; the displacement is where the slice
+    centre is sampled minus the centre.
+    """
+    c = np.array([(shape[1] - 1) / 2, (shape[0] - 1) / 2, 1.0])
+    d = m @ c - c
+    a = m[:2, :2]
+    rot = math.atan2(a[1, 0], a[0, 0])
+    r = np.array([[math.cos(rot), math.sin(rot)], [-math.sin(rot), math.cos(rot)]])  # R^T
+    u = r @ a
+    return {"dx_px": float(d[0]), "dy_px": float(d[1]), "rotation_deg": math.degrees(rot),
+            "scale_x": float(u[0, 0]), "scale_y": float(u[1, 1]), "shear": float(u[0, 1] / u[1, 1])}

@@ -1,0 +1,172 @@
+"""What a run reports besides its output: the timing line, quality control along the stack, TensorBoard panels."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import zarr
+
+from ..core.interpolation import warp
+
+#: Run results shown next to the hyperparameters in TensorBoard's HPARAMS tab (set by :func:`log_panels`).
+HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
+
+
+def timing_line(t: dict[str, float], workers: int) -> str:
+    """One line: where the run's time went (this rank's view)."""
+    fit, wait = t.get("fit_s", 0.0), t.get("wait_s", 0.0)
+    return (f"time: checking slices {t.get('scan_s', 0.0):.2f} s, fitting {fit:.2f} s (computing {fit - wait:.2f} s, "
+            f"waiting for data {wait:.2f} s; reading took {t.get('read_s', 0.0):.2f} s in the background), "
+            f"writing {t.get('write_s', 0.0):.2f} s ({workers} threads)")
+
+
+#: A pair whose NCC after fitting is below this is marked ``low_correlation``, never ``ok``: its slices share too
+#: little structure for the transform to mean anything (consecutive real ssTEM sections: 0.2-0.4; FIB-SEM: ~0.9).
+MIN_TRUSTED_NCC = 0.1
+
+
+def mark_untrusted(log: list[dict[str, Any]]) -> None:
+    """Set ``status: low_correlation`` on fitted pairs whose NCC after fitting is below :data:`MIN_TRUSTED_NCC`
+    (or not finite): a result that cannot be trusted is never marked ``ok``."""
+    for e in log:
+        if e.get("status") != "ok":
+            continue
+        ncc = e.get("ncc_after")
+        if ncc is not None and not (math.isfinite(ncc) and ncc >= MIN_TRUSTED_NCC):
+            e["status"] = "low_correlation"
+
+
+def trainer_record(trainer: L.Trainer) -> dict[str, Any]:
+    """What the run ran on, for the provenance record."""
+    return {"accelerator": trainer.strategy.root_device.type, "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes, "strategy": type(trainer.strategy).__name__,
+            "precision": str(trainer.precision)}
+
+
+#: Fewest pairs for the along-the-stack QC: a median and MAD of fewer say nothing about outliers.
+QC_MIN_PAIRS = 5
+
+
+#: The spread below which differences in final loss are not outliers: this fraction of the median loss.
+QC_MIN_SPREAD = 0.05
+
+
+def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dict[str, Any]]:
+    """Mark pairs whose final loss is an outlier along the stack (robust z-score above ``threshold``).
+
+    ``z = 0.6745 (loss - median) / max(MAD, QC_MIN_SPREAD * median)`` over the registered pairs; only high
+    losses (poor matches) count. The floor keeps near-identical pairs (all losses within a few percent, as on
+    a short or very regular stack) from being flagged for differences that mean nothing. Sets ``qc`` (``"ok"``,
+    ``"outlier"``, or ``"not_assessed"`` with fewer than :data:`QC_MIN_PAIRS` pairs) and ``qc_z`` on every
+    registered entry; returns the outliers.
+    """
+    entries = [e for e in log if e.get("final_loss") is not None and math.isfinite(e["final_loss"])]
+    if len(entries) < QC_MIN_PAIRS:
+        for e in entries:
+            e["qc"], e["qc_z"] = "not_assessed", None
+        return []
+    losses = np.array([e["final_loss"] for e in entries])
+    med = float(np.median(losses))
+    mad = float(np.median(np.abs(losses - med)))
+    scale = max(mad, QC_MIN_SPREAD * abs(med), 1e-12)
+    out = []
+    for e, x in zip(entries, losses):
+        z = 0.6745 * (x - med) / scale
+        e["qc_z"] = round(float(z), 3)
+        e["qc"] = "outlier" if z > threshold else "ok"
+        if z > threshold:
+            out.append(e)
+    return out
+
+
+def tensorboard_writer(trainer: L.Trainer) -> Any:
+    """The run's TensorBoard ``SummaryWriter``, or None without a TensorBoard logger (call on rank 0 only)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    return None if logger is None else logger.experiment
+
+
+def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]], log: list[dict[str, Any]], n_panels: int = 3) -> None:
+    """TensorBoard: per pair (x = pair index) the final loss, QC score and NCC before/after; overlays of a few
+    pairs; the run's summary values of the HPARAMS tab (:data:`HPARAM_METRICS`)."""
+    tb = tensorboard_writer(trainer)
+    if tb is None:
+        return
+    for e in log:
+        if e.get("final_loss") is not None:
+            tb.add_scalar("pair/final_loss", e["final_loss"], global_step=e["pair_index"])
+            if e.get("qc_z") is not None:
+                tb.add_scalar("pair/qc_z", e["qc_z"], global_step=e["pair_index"])
+        for key in ("ncc_before", "ncc_after"):
+            if e.get(key) is not None:  # absent for pairs next to a damaged slice (and from journals of older versions)
+                tb.add_scalar(f"pair/{key}", e[key], global_step=e["pair_index"])
+    summary = {}
+    for key in ("ncc_before", "ncc_after"):
+        values = [e[key] for e in log if e.get(key) is not None]
+        summary[f"hp/mean_{key}"] = float(np.mean(values)) if values else float("nan")
+    summary["hp/qc_outliers"] = float(sum(e.get("qc") == "outlier" for e in log))
+    for tag in HPARAM_METRICS:
+        tb.add_scalar(tag, summary[tag], global_step=1)
+    picks = sorted({0, len(fitted) // 2, len(fitted) - 1}) if fitted else []
+    shape = tuple(src.shape[1:])
+    for i in picks[:n_panels]:
+        r = fitted[i]
+        a, b = r["slice_indices"]
+        fixed = np.asarray(src[a]).astype(np.float32)
+        moving = np.asarray(src[b]).astype(np.float32)
+        theta = torch.tensor([r["matrix"]], dtype=torch.float32)
+        registered = warp(torch.from_numpy(moving)[None, None], theta, mode="bilinear", full_shape=shape)[0, 0].numpy()
+        step = max(1, max(shape) // 512)  # panels of at most ~512 px
+        for tag, mov in (("before", moving), ("after", registered)):
+            tb.add_image(f"pairs/{a}-{b}_{tag}", _overlay(fixed[::step, ::step], mov[::step, ::step]), dataformats="HWC")
+
+
+def _overlay(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """Fixed in magenta, moving in green: aligned structures turn grey, misaligned ones coloured."""
+    def norm(x: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(x, [1, 99])
+        return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+
+    f, m = norm(fixed), norm(moving)
+    return np.stack([f, m, f], -1)
+
+
+def run_settings(trainer: L.Trainer, module: Any) -> dict[str, Any]:
+    """The settings of this run, by config group, for TensorBoard's HPARAMS tab and ``hparams.yaml``."""
+    dm = trainer.datamodule
+    src = dm.source
+    groups: dict[str, Any] = {
+        "model": {k: v for k, v in module.hparams.items() if k != "pairs_per_block" and not k.startswith("_")},
+        "pyramid": {"levels": len(module.levels), "factors": [lv.factor for lv in module.levels],
+                    "steps": [lv.steps for lv in module.levels], "learning_rate": [lv.lr for lv in module.levels]},
+        "data": {"root": str(dm.root), "array": dm.array, "output": dm.output_path, "shape": list(src.shape),
+                 "dtype": str(src.dtype), "spacing": dm.spacing, "n_slices": dm.n_slices, "n_pairs": dm.n_pairs,
+                 "max_pairs": dm.max_pairs, "pairs_per_block": dm.pairs_per_block, "check_slices": dm.check_slices,
+                 "min_contrast": dm.min_contrast, "resume": dm.resume,
+                 "damaged_slices": ", ".join(map(str, sorted(dm.damaged))) or "none"},
+        "trainer": {"accelerator": module.device.type, "world_size": module.world},
+    }
+    for cb in trainer.callbacks:
+        group = getattr(cb, "config_group", None)
+        if group and hasattr(cb, "settings"):
+            groups[group] = cb.settings()
+    return groups
+
+
+def log_run_settings(trainer: L.Trainer, module: Any) -> None:
+    """Log :func:`run_settings` to every logger (TensorBoard's HPARAMS tab gets the run's result metrics, filled in
+    by :func:`log_panels` at the end)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if trainer.is_global_zero and getattr(trainer, "enable_autolog_hparams", True):
+        hp = run_settings(trainer, module)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(hp, metrics={k: float("nan") for k in HPARAM_METRICS})
+            else:
+                logger.log_hyperparams(hp)

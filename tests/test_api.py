@@ -1,0 +1,57 @@
+"""The Python API: the README's example runs, and register_stack gives sphero fit's transforms."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import fit
+
+from sphero_lightning import Registration, register_stack, warp_stack
+from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.errors import SpheroError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_runs(capsys):
+    section = README.read_text().split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md (Python API)", "exec"), scope)  # noqa: S102 - the README example is the test
+    reg, aligned, stack = scope["reg"], scope["aligned"], scope["stack"]
+    assert isinstance(reg, Registration) and reg.tmats.shape == (8, 3, 3)
+    y0, y1, x0, x1 = reg.crop_box
+    assert aligned.shape == (8, y1 - y0, x1 - x0) and aligned.dtype == stack.dtype
+    assert all(e["status"] == "ok" for e in reg.log)
+    assert "sphero: wrote" not in capsys.readouterr().err  # the temporary store is not reported
+
+
+def test_api_equals_sphero_fit(tmp_path):
+    s = make_stack(em_like_image(256, seed=5), 6, (160, 144), seed=8)
+    reg = register_stack(s.stack, transformation="rigid", options={"pyramid.levels": 3})
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root)
+    fit(root, "--model.transformation", "rigid", "--pyramid.levels", "3")
+    out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
+    for ours, theirs in ((reg.pairwise, out.attrs["pairwise_transforms"]), (reg.composed, out.attrs["composed_transforms"])):
+        d = np.abs(np.asarray(ours) - np.asarray(theirs)).max() * 160 / 2  # normalized -> pixels
+        assert d < 1e-6, d
+    assert reg.crop_box == list(out.attrs["crop_box"])
+    aligned = warp_stack(s.stack, reg)
+    assert np.array_equal(aligned, np.asarray(out[:]))  # the same writer: the same bytes
+    assert reg.settings["transformation"] == "rigid" and reg.settings["loss_interpolation"] == "bspline"
+
+
+def test_api_errors_are_spheroerrors_not_exits():
+    stack = np.zeros((1, 64, 64), np.uint8)
+    with pytest.raises(SpheroError, match="at least 2"):
+        register_stack(stack)
+    good = make_stack(em_like_image(192, seed=1), 3, (64, 64), seed=1).stack
+    with pytest.raises(SpheroError, match="model.loss"):
+        register_stack(good, options={"model.loss": "nope"})
+    with pytest.raises(SpheroError, match="2D|3D"):
+        register_stack(good[0])

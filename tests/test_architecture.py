@@ -1,0 +1,110 @@
+"""The package's layers: imports go one way and never in a circle, and the README's module map matches the folders."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "sphero_lightning"
+README = Path(__file__).resolve().parents[1] / "README.md"
+#: What each layer may import from the package (besides itself): commands and api on top, core at the bottom
+#: (``_version``: the version string).
+ALLOWED = {
+    "core": {"errors"},
+    "storage": {"errors", "core", "_version"},
+    "training": {"errors", "threads", "core", "storage", "_version"},
+    "commands": {"errors", "threads", "core", "storage", "training", "_version"},
+    "api": {"errors", "threads", "core", "storage", "training", "_version"},
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "_version":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every import of a package module by a package module, wherever it is (top level, in functions, under
+    TYPE_CHECKING): module -> imported modules."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        is_pkg = path.name == "__init__.py"
+        base = name.split(".") if is_pkg else name.split(".")[:-1]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    target = base[: len(base) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+                else:
+                    target = (node.module or "").split(".")
+                if target[0] != "sphero_lightning":
+                    continue
+                mod = ".".join(target)
+                for alias in node.names:  # "from . import x" may name a submodule
+                    sub = f"{mod}.{alias.name}"
+                    deps.add(sub if sub in modules else mod)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("sphero_lightning")}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "_version"
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d):] + [d]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_layers_import_one_way():
+    bad = []
+    for m, deps in import_graph().items():
+        layer = _layer(m)
+        if layer not in ALLOWED:
+            continue
+        for d in deps:
+            dl = _layer(d)
+            if dl != layer and dl not in ALLOWED[layer]:
+                bad.append(f"{m} imports {d}")
+    assert not bad, bad
+
+
+def test_no_module_much_over_400_lines():
+    long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
+
+
+def test_readme_module_map_matches_the_folders():
+    text = README.read_text()
+    named = set(re.findall(r"`sphero_lightning/([a-z_]+)/`", text))
+    folders = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert named == folders, (named, folders)
+    for folder in folders:  # every module of a folder is named in the map
+        for p in (PKG / folder).glob("*.py"):
+            if p.name != "__init__.py":
+                assert f"`{p.name}`" in text, f"README module map misses {folder}/{p.name}"
