@@ -408,5 +408,9 @@ def test_blocks_of_large_slices_hold_at_most_block_pixels(tmp_path):
         a.attrs["spacing"] = [50, 4, 4]
     got = {name: ZarrPairDataModule(str(root), name, dst_group=f"out_{name}").pairs_per_block
            for name in ("small", "mid", "large")}
-    assert got == {"small": 32, "mid": BLOCK_PIXELS // 2048**2, "large": 1}, got
+    # the finest level of a 4096 px slice is 2048 x 2048 (pyramid.finest_max_pixels): the same block as 2048 px
+    assert got == {"small": 32, "mid": BLOCK_PIXELS // 2048**2, "large": BLOCK_PIXELS // 2048**2}, got
     assert ZarrPairDataModule(str(root), "small", dst_group="o", pairs_per_block=5).pairs_per_block == 5
+    # a small memory budget: one pair per block, one writer thread
+    tight = ZarrPairDataModule(str(root), "mid", dst_group="t", memory_budget_gb=0.1)
+    assert tight.pairs_per_block == 1 and tight.writer_threads(2048 * 2048, 4) == 1

@@ -144,11 +144,15 @@ def make_stack(base: np.ndarray, n_slices: int = 16, shape: tuple[int, int] = (3
         info = np.iinfo(np.dtype(dtype))
         img = np.clip(np.rint(img), info.min, info.max)
     stack = img.astype(dtype)
-    # Truth: output (slice 0) centered -> slice k centered = T_k^-1 T_0.
+    return SyntheticStack(stack=stack, composed=truth_composed(tf, shape), slice_transforms=tf)
+
+
+def truth_composed(tf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The composed transforms a registration should find for slices cut with ``tf`` (centered pixels, slice ->
+    base): output (slice 0) centered -> slice k centered = ``T_k^-1 T_0``, normalized, ``(n - 1, 2, 3)``."""
     hom = homogeneous(torch.from_numpy(tf))
     comp = torch.linalg.inv(hom[1:]) @ hom[0]
-    composed = centered_to_normalized(comp[:, :2], shape).numpy()
-    return SyntheticStack(stack=stack, composed=composed, slice_transforms=tf)
+    return centered_to_normalized(comp[:, :2], shape).numpy()
 
 
 def write_zarr(stack: np.ndarray, root: str | Path, array: str = "images/50-4-4", spacing: tuple[float, float, float] = (50, 4, 4),

@@ -46,10 +46,15 @@ class PyramidSchedule(L.Callback):
         Per level. For ``adam`` the step size (default the reference's ``[1e-3, 1e-3, 5e-4, 1e-4]``);
         for ``bfgs`` the length of the first step (default 0.01, about 2 px on a 384 px slice).
         Parameter units: see ``transforms.py`` (translation in half slice widths, angles in radians).
+    finest_max_pixels : int
+        The finest level holds at most this many pixels: larger slices (block-face, 8k-16k px) are fitted with
+        every factor multiplied by the power of 2 that brings them under it (8192 x 8192 with the default 4 Mpx:
+        factors [32, 16, 8, 4], the finest level 2048 x 2048), so the cost of a pair stops growing with the slice
+        area; reading and writing stay full resolution. The run says what it chose.
     """
 
     def __init__(self, levels: int = 4, factors: float | list[float] = 2.0, steps: int | list[int] = 100,
-                 learning_rate: float | list[float] | None = None) -> None:
+                 learning_rate: float | list[float] | None = None, finest_max_pixels: int = 1 << 22) -> None:
         if levels < 1:
             raise SpheroError(f"pyramid levels must be >= 1, got {levels}")
         if isinstance(factors, (list, tuple)):
@@ -63,21 +68,37 @@ class PyramidSchedule(L.Callback):
         st = [int(s) for s in _per_level(steps, levels, "pyramid steps")]
         if any(s < 1 for s in st):
             raise SpheroError(f"pyramid steps must be >= 1, got {st}")
+        if finest_max_pixels < 64:
+            raise SpheroError(f"pyramid finest_max_pixels must be >= 64, got {finest_max_pixels}")
         self.factors, self.steps, self.learning_rate = fac, st, learning_rate
-        self.n_levels = levels
+        self.n_levels, self.finest_max_pixels = levels, int(finest_max_pixels)
+        self.base = 1.0  # the power of 2 every factor is multiplied by for large slices (set at setup)
 
     def levels_for(self, optimizer: str) -> list[Level]:
         lr = self.learning_rate
         if lr is None:
             lr = ADAM_LR[-self.n_levels:] if optimizer == "adam" and self.n_levels <= 4 else (1e-3 if optimizer == "adam" else 1e-2)
         lrs = _per_level(lr, self.n_levels, "learning_rate")
-        return [Level(f, s, r) for f, s, r in zip(self.factors, self.steps, lrs)]
+        return [Level(f * self.base, s, r) for f, s, r in zip(self.factors, self.steps, lrs)]
+
+    def base_factor(self, shape: tuple[int, int]) -> float:
+        """The smallest power of 2 that brings the finest level of ``shape`` slices under ``finest_max_pixels``."""
+        base, (h, w) = 1.0, shape
+        while (h / (base * min(self.factors))) * (w / (base * min(self.factors))) > self.finest_max_pixels:
+            base *= 2
+        return base
 
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         dm = trainer.datamodule
         smallest = min(dm.slice_shape)
-        if max(self.factors) * 8 > smallest:
-            raise SpheroError(f"the coarsest pyramid level (downscale factor {max(self.factors):g}) leaves fewer than 8 pixels of a {smallest} px slice; "
+        self.base = self.base_factor(dm.slice_shape)
+        if self.base > 1 and trainer.is_global_zero:
+            h, w = dm.slice_shape
+            f = min(self.factors) * self.base
+            print(f"sphero: slices of {h} x {w} px: the finest pyramid level is at 1/{f:g} resolution "
+                  f"({round(h / f)} x {round(w / f)} px; --pyramid.finest_max_pixels {self.finest_max_pixels})", file=sys.stderr)
+        if max(self.factors) * self.base * 8 > smallest:
+            raise SpheroError(f"the coarsest pyramid level (downscale factor {max(self.factors) * self.base:g}) leaves fewer than 8 pixels of a {smallest} px slice; "
                              f"use fewer levels (--pyramid.levels) or smaller factors (--pyramid.factors)")
         pl_module.configure_pyramid(self.levels_for(pl_module.hparams.optimizer))
 

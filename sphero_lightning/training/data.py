@@ -113,8 +113,31 @@ def _launch_rank() -> int:
     return 0
 
 
-#: Most pixels of moving slices in one block (per device): caps ``pairs_per_block`` for large slices.
+#: Most pixels of moving slices (at the finest level, <= 4 Mpx each) in one block per device: caps
+#: ``pairs_per_block`` for large slices, where a bigger block gains nothing on a CPU.
 BLOCK_PIXELS = 1 << 23
+#: The default memory budget: a quarter of the available memory, at most this.
+DEFAULT_BUDGET = 4 << 30
+#: Bytes a block holds per pair: its raw slice twice (this block and the next, read ahead) plus this many bytes per
+#: pixel of the finest level (level images, coefficients, evaluation buffers); see :meth:`ZarrPairDataModule.plan`.
+FIT_BYTES_PER_PX = 40
+#: Bytes the writer holds per pixel of a slice in flight (raw, float copy, B-spline coefficients, filter temporaries).
+WRITE_BYTES_PER_PX = 20
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; elsewhere physical memory / 2)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_BUDGET
 
 
 class BlockStream(IterableDataset):
@@ -193,17 +216,25 @@ class ZarrPairDataModule(L.LightningDataModule):
     output_root : str, optional
         The store the output (and the progress journal) goes into; default: the source's store. Use it when the
         source is read-only or on slow shared storage. A new store takes the source's Zarr format.
+    memory_budget_gb : float, optional
+        Memory the run may use for slices, per process (GB); default a quarter of the available memory, at most 4 GB.
+        The block size and the writer's threads follow from it (the run prints what it chose for large slices).
     """
 
     def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
                  pairs_per_block: int = 32, spacing: list[float] | None = None, overwrite: bool = False,
                  check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True,
-                 output_root: str | None = None) -> None:
+                 output_root: str | None = None, memory_budget_gb: float | None = None) -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
         self.overwrite, self.check_slices, self.min_contrast, self.resume = overwrite, check_slices, min_contrast, resume
         self.output_root = str(output_root) if output_root is not None else None
+        if memory_budget_gb is not None and memory_budget_gb <= 0:
+            raise SpheroError(f"--data.memory_budget_gb must be > 0, got {memory_budget_gb}")
+        self.memory_budget_gb = memory_budget_gb
+        self.memory_budget = int(memory_budget_gb * 2**30) if memory_budget_gb is not None else \
+            min(DEFAULT_BUDGET, available_memory() // 4)
         if not 0 <= min_contrast < 1:
             raise SpheroError(f"--data.min_contrast must be in [0, 1), got {min_contrast}")
         if pairs_per_block < 1:
@@ -235,8 +266,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         if self.spacing_override is None and "spacing" not in arr.attrs:
             raise SpheroError(f"array {self.array!r} has no 'spacing' attribute; give it as --data.spacing [z,y,x] (nm)")
         self._arr = arr
-        # the block actually used: at most BLOCK_PIXELS pixels of moving slices
-        self.pairs_per_block = min(self.pairs_per_block, max(1, BLOCK_PIXELS // (arr.shape[1] * arr.shape[2])))
+        self.pairs_per_block = self.plan(arr.shape[1] * arr.shape[2], np.dtype(arr.dtype).itemsize)
         self._spacing = parse_spacing(self.spacing_override, "--data.spacing") if self.spacing_override is not None \
             else parse_spacing(arr.attrs["spacing"], f"the 'spacing' attribute of {self.array!r}")
         same_store = self.output_root is None or os.path.realpath(self.output_root) == os.path.realpath(self.root)
@@ -251,6 +281,24 @@ class ZarrPairDataModule(L.LightningDataModule):
             self.release()
             raise SpheroError(f"output {self.output_path!r} already exists in {self.out_root!r}; "
                               "pass --data.overwrite true to replace it, or choose another --data.dst_group")
+
+    def plan(self, pixels: int, itemsize: int) -> int:
+        """The block size for slices of ``pixels`` pixels: at most ``pairs_per_block``, at most :data:`BLOCK_PIXELS`
+        of finest-level pixels, and within the memory budget (one pair at least); said on stderr when the slices
+        are large enough for it to matter."""
+        finest = min(pixels, 1 << 22)
+        per_pair = 2 * pixels * itemsize + FIT_BYTES_PER_PX * finest
+        fixed = pixels * 4  # one slice as floats while it is downscaled
+        by_budget = max(1, (self.memory_budget - fixed) // per_pair)
+        block = int(min(self.pairs_per_block, max(1, BLOCK_PIXELS // finest), by_budget))
+        if pixels > 1 << 22 and _launch_rank() == 0:
+            print(f"sphero: memory budget {self.memory_budget / 2**30:.1f} GB (--data.memory_budget_gb): {block} pair(s) "
+                  f"per block, ~{(fixed + block * per_pair) / 2**30:.1f} GB for fitting", file=sys.stderr)
+        return block
+
+    def writer_threads(self, pixels: int, wanted: int) -> int:
+        """Writer threads (slices in flight) that fit the memory budget: at most ``wanted``, one at least."""
+        return int(max(1, min(wanted, self.memory_budget // (WRITE_BYTES_PER_PX * pixels))))
 
     @property
     def out_root(self) -> str:

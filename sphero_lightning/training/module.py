@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.initialization import phase_correlation
+from ..core.interpolation import downscale
 from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation
 from ..core.solvers import make_solver
 from ..errors import SpheroError
@@ -189,7 +190,11 @@ class RegistrationModule(L.LightningModule):
         """Receive this rank's slices of the current block and set up the block's state."""
         slices = batch["slices"]
         # grey values to about [0, 1] by the stack's own range (data.to_tensor); (B + 1, 1, H, W)
-        self.block_slices = ((slices.float() - batch["offset"].float()) / batch["scale"].float()).unsqueeze(1)
+        # at the finest level's resolution, one slice at a time: a large slice never exists in full as floats twice
+        base = self.levels[-1].factor
+        self.block_slices = torch.cat([downscale(((s[None, None].float() - batch["offset"].float()) / batch["scale"].float()), base)
+                                       for s in slices])
+        self.block_base = base
         pairs = self.block_pairs(self.current_epoch)
         valid = torch.tensor([p >= 0 for p in pairs], device=self.device)
         self.block = BlockState(index=self.current_epoch, pairs=pairs, valid=valid,
@@ -203,7 +208,7 @@ class RegistrationModule(L.LightningModule):
 
     def _level_images(self, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed slices and moving coefficients at one level (as :meth:`pair_losses` takes them)."""
-        imgs = self.objective.level_stack(self.block_slices, factor)
+        imgs = self.objective.level_stack(self.block_slices, factor / self.block_base)
         return imgs[:-1], self.objective.moving_coeffs(imgs)
 
     def _initial_params(self) -> torch.Tensor:
@@ -219,13 +224,13 @@ class RegistrationModule(L.LightningModule):
             if n_local:
                 shift = phase_correlation(self.block_slices[:-1], self.block_slices[1:]).double()
                 local = torch.zeros(self.hparams.pairs_per_block, 2, dtype=torch.float64, device=self.device)
-                local[:n_local] = shift / (max(self.shape) / 2.0)
+                local[:n_local] = shift / (max(self.block_slices.shape[-2:]) / 2.0)
                 est[self.rows] = local
             est = self._all_reduce(est)
             cand = x.clone()
             cand[:, :2] = est
             # Keep the estimate only where it beats the starting point at the coarsest level.
-            imgs = self.objective.level_stack(self.block_slices, self.levels[0].factor)
+            imgs = self.objective.level_stack(self.block_slices, self.levels[0].factor / self.block_base)
             self._level0 = imgs, self.objective.moving_coeffs(imgs)
             fixed, coeffs = imgs[:-1], self._level0[1]
             with torch.no_grad():
@@ -252,7 +257,7 @@ class RegistrationModule(L.LightningModule):
         if level == 0 and cached:
             imgs, coeffs = cached
         else:
-            imgs = self.objective.level_stack(self.block_slices, lv.factor)
+            imgs = self.objective.level_stack(self.block_slices, lv.factor / self.block_base)
             coeffs = self.objective.moving_coeffs(imgs)
         self.level_fixed, self.level_moving, self.level_coeffs = imgs[:-1], imgs[1:], coeffs
         self.level_shape = tuple(self.level_fixed.shape[-2:])

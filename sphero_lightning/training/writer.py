@@ -68,8 +68,12 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     out = zarr.open_array(str(out_root), path=f"{group_path}/{tmp_name}", mode="r+", zarr_format=fmt)
 
     show = rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
+    workers = dm.writer_threads(shape[0] * shape[1], writer.num_workers)
+    if workers < writer.num_workers and rank == 0:
+        print(f"sphero: writing with {workers} thread(s) of --output.num_workers {writer.num_workers}: the memory budget "
+              f"({dm.memory_budget / 2**30:.1f} GB) holds {workers} slice(s) of {shape[0]} x {shape[1]} in flight", file=sys.stderr)
     module.timings.update(warp_slices(src, out, composed, box, writer.interpolation, module.device, rank, world,
-                                      progress=show, n_slices=n + 1, num_workers=writer.num_workers))
+                                      progress=show, n_slices=n + 1, num_workers=workers))
     _barrier()
 
     final = f"{group_path}/{name}"
@@ -118,7 +122,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         write_ome(out_root, group_path)
         print(f"sphero: wrote {out_root}/{final} shape {out_shape} {np.dtype(src.dtype)} crop_box {box} (Zarr v{fmt})",
               file=sys.stderr)
-        print(f"sphero: {timing_line(module.timings, writer.num_workers)}", file=sys.stderr)
+        print(f"sphero: {timing_line(module.timings, workers)}", file=sys.stderr)
     _barrier()
     return final
 
