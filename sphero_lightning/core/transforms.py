@@ -192,16 +192,20 @@ def corner_displacement(theta_a: torch.Tensor, theta_b: torch.Tensor, shape: tup
 def mean_displacement(theta_a: torch.Tensor, theta_b: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Mean distance in pixels over every pixel centre of the slice between two transforms.
 
-    ``(B, 2, 3)`` normalized inputs, ``(B,)`` output. Evaluated on the full pixel grid (float64).
+    ``(B, 2, 3)`` normalized inputs, ``(B,)`` output. Evaluated on the full pixel grid (float64), in bands of rows
+    (memory bounded whatever the slice size).
     """
     h, w = shape
     diff = normalized_to_centered((theta_a - theta_b).double(), shape)
-    ys = torch.arange(h, dtype=torch.float64, device=diff.device) - (h - 1) / 2
     xs = torch.arange(w, dtype=torch.float64, device=diff.device) - (w - 1) / 2
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    pts = torch.stack([gx.flatten(), gy.flatten(), torch.ones(h * w, dtype=torch.float64, device=diff.device)], -1)
-    moved = torch.einsum("bij,nj->bni", diff, pts)
-    return moved.norm(dim=-1).mean(-1)
+    total = torch.zeros(diff.shape[0], dtype=torch.float64, device=diff.device)
+    rows = max(1, (1 << 20) // w)
+    for r0 in range(0, h, rows):
+        ys = torch.arange(r0, min(r0 + rows, h), dtype=torch.float64, device=diff.device) - (h - 1) / 2
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        pts = torch.stack([gx.flatten(), gy.flatten(), torch.ones(gx.numel(), dtype=torch.float64, device=diff.device)], -1)
+        total += torch.einsum("bij,nj->bni", diff, pts).norm(dim=-1).sum(-1)
+    return total / (h * w)
 
 
 def rotation_degrees(theta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -291,9 +291,9 @@ class ZarrPairDataModule(L.LightningDataModule):
         fixed = pixels * 4  # one slice as floats while it is downscaled
         by_budget = max(1, (self.memory_budget - fixed) // per_pair)
         block = int(min(self.pairs_per_block, max(1, BLOCK_PIXELS // finest), by_budget))
-        if pixels > 1 << 22 and _launch_rank() == 0:
-            print(f"sphero: memory budget {self.memory_budget / 2**30:.1f} GB (--data.memory_budget_gb): {block} pair(s) "
-                  f"per block, ~{(fixed + block * per_pair) / 2**30:.1f} GB for fitting", file=sys.stderr)
+        if (pixels > 1 << 22 or by_budget < self.pairs_per_block) and _launch_rank() == 0:
+            print(f"sphero: memory budget {self.memory_budget / 2**30:.2f} GB (--data.memory_budget_gb): {block} pair(s) "
+                  f"per block, ~{(fixed + block * per_pair) / 2**30:.2f} GB for fitting", file=sys.stderr)
         return block
 
     def writer_threads(self, pixels: int, wanted: int) -> int:

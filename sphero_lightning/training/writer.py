@@ -71,7 +71,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     workers = dm.writer_threads(shape[0] * shape[1], writer.num_workers)
     if workers < writer.num_workers and rank == 0:
         print(f"sphero: writing with {workers} thread(s) of --output.num_workers {writer.num_workers}: the memory budget "
-              f"({dm.memory_budget / 2**30:.1f} GB) holds {workers} slice(s) of {shape[0]} x {shape[1]} in flight", file=sys.stderr)
+              f"({dm.memory_budget / 2**30:.2f} GB) holds {workers} slice(s) of {shape[0]} x {shape[1]} in flight", file=sys.stderr)
     module.timings.update(warp_slices(src, out, composed, box, writer.interpolation, module.device, rank, world,
                                       progress=show, n_slices=n + 1, num_workers=workers))
     _barrier()
