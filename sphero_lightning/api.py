@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpheroError
+from .storage.store import check_stack
 
 #: Where register_stack puts the copy of the stack inside its temporary store.
 _ARRAY = "stack"
@@ -68,13 +69,7 @@ class Registration:
 def _check_stack(stack: Any) -> Any:
     if not hasattr(stack, "shape") or not hasattr(stack, "dtype"):
         stack = np.asarray(stack)
-    if len(stack.shape) != 3:
-        raise SpheroError(f"stack has shape {tuple(stack.shape)}; expected 3D (Z, Y, X): one slice per z")
-    if stack.shape[0] < 2:
-        raise SpheroError(f"stack has {stack.shape[0]} slice(s); registration needs at least 2")
-    dt = np.dtype(stack.dtype)
-    if not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
-        raise SpheroError(f"stack has dtype {dt}; expected an integer or float type")
+    check_stack(tuple(stack.shape), stack.dtype, "stack")
     return stack
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..errors import SpheroError
 from ..storage.store import (
     acquire_lock,
+    check_stack,
     check_writable,
     node_exists,
     open_source,
@@ -254,15 +255,7 @@ class ZarrPairDataModule(L.LightningDataModule):
     def validate(self) -> None:
         """Check the input before any work; raise :class:`SpheroError` with the fix."""
         arr = open_source(self.root, self.array)
-        if arr.ndim != 3:
-            raise SpheroError(f"array {self.array!r} has shape {arr.shape}; expected 3D (Z, Y, X)")
-        if arr.shape[0] < 2:
-            raise SpheroError(f"array {self.array!r} has {arr.shape[0]} slice(s); registration needs at least 2")
-        if min(arr.shape[1:]) < 16:
-            raise SpheroError(f"slices of {self.array!r} are {arr.shape[1]} x {arr.shape[2]} px; need at least 16 x 16")
-        dt = np.dtype(arr.dtype)
-        if not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
-            raise SpheroError(f"array {self.array!r} has dtype {dt}; expected an integer or float type")
+        check_stack(arr.shape, arr.dtype, f"array {self.array!r}")
         if self.spacing_override is None and "spacing" not in arr.attrs:
             raise SpheroError(f"array {self.array!r} has no 'spacing' attribute; give it as --data.spacing [z,y,x] (nm)")
         self._arr = arr
