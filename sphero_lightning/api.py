@@ -153,14 +153,14 @@ def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = N
             argv += [f"--{key.lstrip('-')}", _option(value)]
         if progress:
             cli = fit_in_process(argv)
-        else:  # sphero fit's lines, less the two about the temporary store (the QC warnings stay)
+        else:  # sphero fit's lines, less the three about the temporary store (the QC warnings stay)
             buf = io.StringIO()
             try:
                 with contextlib.redirect_stderr(buf):
                     cli = fit_in_process(argv)
             finally:
                 for line in buf.getvalue().splitlines():
-                    if not line.startswith(("sphero: wrote ", "sphero: time: ")):
+                    if not line.startswith(("sphero: wrote ", "sphero: time: ", "sphero: report ")):
                         print(line, file=sys.stderr)
         out = zarr.open_array(str(root), path=cli.datamodule.output_path, mode="r")
         attrs = dict(out.attrs)

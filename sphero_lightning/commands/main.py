@@ -3,7 +3,7 @@
 This module only dispatches: it imports neither torch nor Lightning, so ``sphero --help`` and
 ``sphero --version`` answer at once. ``sphero fit`` is a LightningCLI (:mod:`.fit_cli`); ``sphero ingest``
 (TIFF to Zarr), ``sphero apply`` (a registration onto another array), ``sphero export`` (pixel-unit matrices
-and CSV) and ``sphero demo`` (a self-check) are plain commands.
+and CSV), ``sphero report`` (the alignment page) and ``sphero demo`` (a self-check) are plain commands.
 
 Every user error is one line on stderr naming the problem and the fix, exit status 2, no traceback
 (``SPHERO_DEBUG=1`` shows the traceback).
@@ -23,6 +23,7 @@ COMMANDS = {
     "ingest": "TIFF stack or folder of TIFF slices -> Zarr array (with OME-NGFF metadata)",
     "apply": "put a finished registration onto another array of the stack (labels, another channel)",
     "export": "a registration's transforms as pystackreg/TurboReg matrices (.npy) and a CSV",
+    "report": "a registration as one HTML page: reslices before/after, drift and NCC curves, flagged pairs",
     "demo": "cut a stack with known misalignment, register it, print the error (no data needed)",
 }
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> Any:
         print(f"sphero {__version__}")
         return None
     command = argv[0]
-    if command in ("ingest", "apply", "export", "demo"):
+    if command in ("ingest", "apply", "export", "report", "demo"):
         _run_tool(command, argv[1:])
         return None
     if command != "fit":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,6 +12,7 @@ import torch
 import zarr
 
 from ..core.interpolation import warp
+from .reslice import overlay
 
 #: Run results shown next to the hyperparameters in TensorBoard's HPARAMS tab (set by :func:`log_panels`).
 HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
@@ -123,17 +125,30 @@ def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]]
         registered = warp(torch.from_numpy(moving)[None, None], theta, mode="bilinear", full_shape=shape)[0, 0].numpy()
         step = max(1, max(shape) // 512)  # panels of at most ~512 px
         for tag, mov in (("before", moving), ("after", registered)):
-            tb.add_image(f"pairs/{a}-{b}_{tag}", _overlay(fixed[::step, ::step], mov[::step, ::step]), dataformats="HWC")
+            tb.add_image(f"pairs/{a}-{b}_{tag}", overlay(fixed[::step, ::step], mov[::step, ::step]), dataformats="HWC")
 
 
-def _overlay(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
-    """Fixed in magenta, moving in green: aligned structures turn grey, misaligned ones coloured."""
-    def norm(x: np.ndarray) -> np.ndarray:
-        lo, hi = np.percentile(x, [1, 99])
-        return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+def report_page(trainer: L.Trainer, out_root: str | Path, output_path: str, src: zarr.Array, timing: str) -> Path:
+    """The run's alignment page (:func:`~sphero_lightning.training.visual.build_report`) beside its logs: the
+    logger's ``log_dir`` (TensorBoard: ``logs/sphero/version_N``), else ``logs/`` beside the output store. Its middle
+    reslices also go to TensorBoard (``reslices/xz_before`` ...). Call on rank 0 once the output is in place.
+    Returns the page's path."""
+    from .visual import build_report
 
-    f, m = norm(fixed), norm(moving)
-    return np.stack([f, m, f], -1)
+    out = zarr.open_array(str(out_root), path=output_path, mode="r")
+    attrs = out.attrs
+    source = f"{attrs.get('source_root', out_root)}/{attrs.get('inputs', ['?'])[0]}"
+    page = build_report(out, src, output_name=f"{out_root}/{output_path}", source_name=source, timing=timing)
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    folder = Path(log_dir) if log_dir else Path(out_root).resolve().parent / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"alignment-{output_path.strip('/').replace('/', '-')}.html"
+    path.write_text(page.html, encoding="utf-8")
+    tb = tensorboard_writer(trainer)
+    if tb is not None:
+        for tag, picture in page.pictures.items():
+            tb.add_image(f"reslices/{tag}", picture, dataformats="HW")
+    return path
 
 
 def run_settings(trainer: L.Trainer, module: Any) -> dict[str, Any]:

@@ -123,6 +123,13 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         print(f"sphero: wrote {out_root}/{final} shape {out_shape} {np.dtype(src.dtype)} crop_box {box} (Zarr v{fmt})",
               file=sys.stderr)
         print(f"sphero: {timing_line(module.timings, workers)}", file=sys.stderr)
+        try:  # the alignment page beside the logs; the output is in place whatever happens here
+            from .report import report_page
+
+            page = report_page(trainer, out_root, final, src, timing_line(module.timings, workers))
+            print(f"sphero: report {page}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - a failed report must not fail a finished run
+            print(f"sphero: warning: no alignment report ({type(exc).__name__}: {exc})", file=sys.stderr)
     _barrier()
     return final
 

@@ -1,0 +1,358 @@
+"""The alignment report: one self-contained HTML page that shows a registration across the slices.
+
+What a microscopist looks at to judge an alignment, from a finished output array and its source:
+
+* XZ and YZ reslices through the middle of the stack (and any chosen rows/columns), before and after, with the
+  spacing's aspect ratio (:mod:`.reslice`);
+* how straight they are: the mean absolute difference between neighbouring rows, before and after;
+* curves along the stack: NCC before and after per pair, the composed translation, rotation, scale and shear per
+  slice, with QC outliers, barely correlated pairs and damaged slices marked;
+* before/after overlays of the flagged pairs (or of a few representative ones where none is flagged);
+* the run's settings and timing.
+
+Every picture is embedded as a PNG ``data:`` URI: the page needs no network, no server and no script. It reads
+only what the pictures need (one row or column band per slice for a reslice, four slices per overlay). Plots are
+drawn with matplotlib's Agg canvas (imported on first use; no pyplot, so no global backend is touched).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..core.frames import decompose, pixel_matrices
+from ..errors import SpheroError
+from .reslice import Reslice, intensity_window, pair_overlays, png_uri, read_reslice, reslice_picture, row_steps, straightness
+
+#: Narrow reslice pictures are shown enlarged by the whole factor that brings them nearest this width (the PNG keeps
+#: its size).
+MIN_SHOWN = 480
+
+#: At most this many flagged pairs get overlays (the rest are listed).
+MAX_PAIRS_SHOWN = 8
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
+td.num { text-align: right; font-family: monospace; }
+.row { display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; }
+figure { margin: 0.4em 0; } figcaption { font-size: 0.85em; color: #555; max-width: 640px; }
+img { max-width: 100%; height: auto; } img.px { image-rendering: pixelated; }
+.flag { color: #b00; } .note { color: #555; font-size: 0.9em; }
+"""
+
+
+@dataclass
+class AlignmentReport:
+    """A built page and what it measured.
+
+    ``straightness`` maps ``"xz"``/``"yz"`` to ``(before, after)`` at the middle of the stack; ``pictures`` holds
+    the middle reslices (``"xz_before"`` ...) as uint8 ``(H, W)`` pictures, for TensorBoard.
+    """
+
+    html: str
+    straightness: dict[str, tuple[float, float]]
+    pictures: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _png(fig: Any) -> str:
+    """A matplotlib figure as a PNG data URI."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw: Any) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(width, height), dpi=90, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, **kw)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # x is a slice index on every plot
+    return fig, axes
+
+
+def damaged_slices(log: list[dict[str, Any]]) -> dict[int, str]:
+    """The slices left out as damaged, with the reason, from a ``registration_log``."""
+    out: dict[int, str] = {}
+    for e in log:
+        out.update({int(z): str(why) for z, why in (e.get("damaged_slices") or {}).items()})
+    return out
+
+
+def flagged_pairs(log: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """The pairs to look at first, with why: QC outliers, barely correlated pairs (``low_correlation``), failed
+    pairs. Damaged slices are shown in the curves, not here."""
+    out = []
+    for e in log:
+        why = [w for w, hit in (("QC outlier", e.get("qc") == "outlier"),
+                                ("low correlation", e.get("status") == "low_correlation"),
+                                ("failed", e.get("status") == "failed")) if hit]
+        if why:
+            out.append((e, ", ".join(why)))
+    return out
+
+
+def _mark(axes: Any, damaged: dict[int, str]) -> None:
+    """Damaged slices as grey bands on every panel."""
+    for ax in axes:
+        for z in damaged:
+            ax.axvspan(z - 0.5, z + 0.5, color="0.8", zorder=0)
+
+
+#: The smallest y range of the drift panels (translation px, rotation deg, scale, shear): a rigid run's scale of
+#: 1 +- 1e-7 shows as flat, not as rounding noise blown up to the panel's height.
+MIN_SPANS = (2.0, 0.2, 2e-3, 2e-3)
+
+
+def _min_span(ax: Any, span: float) -> None:
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        ax.set_ylim(mid - span / 2, mid + span / 2)
+
+
+def curves_figure(log: list[dict[str, Any]], tmats: np.ndarray, shape: tuple[int, int]) -> str:
+    """NCC per pair and the composed drift per slice along the stack, with the flagged pairs and damaged slices
+    marked (PNG data URI)."""
+    fig, axes = _figure(9.5, 9.0, 5, 1, sharex=True)
+    axes = axes[:, 0]
+    damaged = damaged_slices(log)
+    _mark(axes, damaged)
+    z_pair = np.array([e["slice_indices"][1] for e in log], dtype=float)
+    for key, style, label in (("ncc_before", "o-", "before"), ("ncc_after", "s-", "after")):
+        values = np.array([np.nan if e.get(key) is None else e[key] for e in log], dtype=float)
+        axes[0].plot(z_pair, values, style, ms=3, lw=1, label=f"NCC {label}")
+    for e in (e for e in log if e.get("qc") == "outlier"):
+        axes[0].plot([e["slice_indices"][1]], [e.get("ncc_after") or 0.0], "x", color="red", ms=9, mew=2, label="QC outlier")
+    for e in (e for e in log if e.get("status") in ("low_correlation", "failed")):
+        axes[0].plot([e["slice_indices"][1]], [e.get("ncc_after") or 0.0], "^", color="darkorange", ms=9, label=e["status"])
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=8, loc="lower left")
+    axes[0].set_ylabel("NCC of pair\n(z-1, z)")
+    parts = [decompose(m, shape) for m in tmats]
+    z = np.arange(len(tmats))
+    axes[1].plot(z, [p["dx_px"] for p in parts], lw=1, label="x")
+    axes[1].plot(z, [p["dy_px"] for p in parts], lw=1, label="y")
+    axes[1].set_ylabel("translation (px)")
+    axes[2].plot(z, [p["rotation_deg"] for p in parts], lw=1, color="C2")
+    axes[2].set_ylabel("rotation (deg)")
+    axes[3].plot(z, [p["scale_x"] for p in parts], lw=1, label="x")
+    axes[3].plot(z, [p["scale_y"] for p in parts], lw=1, label="y")
+    axes[3].set_ylabel("scale")
+    axes[4].plot(z, [p["shear"] for p in parts], lw=1, color="C3")
+    axes[4].set_ylabel("shear")
+    for ax in (axes[1], axes[3]):
+        ax.legend(fontsize=8, loc="upper left")
+    for ax, span in zip(axes[1:], MIN_SPANS):
+        _min_span(ax, span)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)
+    axes[-1].set_xlabel("slice (z)")
+    axes[0].set_title("Along the stack: pairs (top) and each slice's composed transform to slice 0 (drift)", fontsize=10)
+    return _png(fig)
+
+
+def straightness_figure(steps: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """Per step z -> z+1 of the middle reslices, the mean absolute row difference before and after (PNG URI)."""
+    fig, axes = _figure(9.5, 3.0, 1, len(steps), sharey=True)
+    for ax, (axis, (before, after)) in zip(axes[0], steps.items()):
+        z = np.arange(1, len(before) + 1)
+        ax.plot(z, before, "o-", ms=2, lw=1, color="C1", label=f"before (mean {straightness(before):.4f})")
+        ax.plot(z, after, "s-", ms=2, lw=1, color="C0", label=f"after (mean {straightness(after):.4f})")
+        ax.set_title(f"{axis.upper()} reslice: |row z - row z-1|", fontsize=10)
+        ax.set_xlabel("slice (z)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("mean abs. difference\n(fraction of intensity range)")
+    return _png(fig)
+
+
+def _table(rows: list[tuple[str, Any]], ids: dict[str, str] | None = None) -> str:
+    ids = ids or {}
+    cells = []
+    for key, value in rows:
+        ident = f' id="{ids[key]}"' if key in ids else ""
+        cells.append(f"<tr><th>{_esc(key)}</th><td{ident}>{_esc(value)}</td></tr>")
+    return "<table>" + "".join(cells) + "</table>"
+
+
+def _settings(attrs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The registration's settings (its ``processing`` entry), nested groups flattened to ``group.key``."""
+    record = next((p for p in reversed(attrs.get("processing", [])) if p.get("step_name") == "registration"), {})
+    rows: list[tuple[str, Any]] = [("version", record.get("version", "?")), ("timestamp", record.get("timestamp", "?"))]
+    for key, value in record.get("parameters", {}).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            rows += [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            rows.append((key, json.dumps(value) if isinstance(value, (list, tuple)) else value))
+    return rows
+
+
+def _reslice_block(r: Reslice, spacing: list[float], window: tuple[float, float]) -> tuple[str, dict[str, np.ndarray]]:
+    across = spacing[2] if r.axis == "xz" else spacing[1]
+    pictures, figures = {}, []
+    where = (f"output row y = {r.position} (source row {r.source_position})" if r.axis == "xz"
+             else f"output column x = {r.position} (source column {r.source_position})")
+    for tag, image in (("before", r.before), ("after", r.after)):
+        pic, aspect = reslice_picture(image, window, spacing[0] / across)
+        pictures[f"{r.axis}_{tag}"] = pic
+        shown = "true aspect" if abs(aspect - 1) < 0.02 else f"z shown at {aspect:.2f} of its true extent"
+        zoom = max(1, round(MIN_SHOWN / pic.shape[1]))  # a narrow picture is shown enlarged, pixels kept sharp
+        figures.append(
+            f'<figure><img class="px" src="{png_uri(pic)}" width="{zoom * pic.shape[1]}" height="{zoom * pic.shape[0]}" '
+            f'alt="{r.axis} reslice {tag}"><figcaption>{r.axis.upper()} {tag} ({"source" if tag == "before" else "registered"}),'
+            f" {where}: {image.shape[1]} px x {image.shape[0]} slices; {shown} (z {spacing[0]:g}, in-plane {across:g});"
+            " z runs down</figcaption></figure>")
+    return '<div class="row">' + "".join(figures) + "</div>", pictures
+
+
+_HEADER = ('<p class="note">source {source}; output {nz} x {ny} x {nx} (z, y, x), source slices {h} x {w}, spacing '
+           "{spacing} (z, y, x), crop box {box} ([up, down, left, right] of the source slice)</p>")
+_STRAIGHTNESS = ('<p class="note">Mean absolute difference between neighbouring rows (consecutive slices) of the middle '
+                 "reslices, as a fraction of the stack's intensity range (0.5th to 99.5th percentile of the source "
+                 "reslices, {lo:g} to {hi:g}); steps next to a damaged slice left out. Smaller is straighter: aligned "
+                 "structure runs on from slice to slice.</p>")
+_CURVES = ("<figcaption>Red crosses: QC outliers (final loss far above the stack's); orange triangles: low correlation "
+           "or failed; grey bands: damaged slices (left out, bridged over). Drift: where each slice's centre is sampled "
+           "relative to slice 0, and its rotation, scale and shear.</figcaption>")
+_NO_TIMING = ('<p class="note">timing: not recorded in the output (sphero fit prints it, and shows it in the page it '
+              "writes at the end of the run)</p>")
+_OVERLAYS = ('<p class="note">Overlays: fixed slice magenta, moving slice green; aligned structure turns grey. Before: the '
+             "source inside the crop box; after: the registered output.</p>")
+
+
+def _summary(log: list[dict[str, Any]], damaged: dict[int, str]) -> list[tuple[str, Any]]:
+    ncc = {k: [e[k] for e in log if e.get(k) is not None] for k in ("ncc_before", "ncc_after")}
+    return [("pairs", len(log)),
+            ("mean NCC before", f"{np.mean(ncc['ncc_before']):.4f}" if ncc["ncc_before"] else "n/a"),
+            ("mean NCC after", f"{np.mean(ncc['ncc_after']):.4f}" if ncc["ncc_after"] else "n/a"),
+            ("QC outliers", sum(e.get("qc") == "outlier" for e in log)),
+            ("low correlation / failed", sum(e.get("status") in ("low_correlation", "failed") for e in log)),
+            ("damaged slices", ", ".join(f"{z} ({why})" for z, why in sorted(damaged.items())) or "none")]
+
+
+def _straightness_table(measured: dict[str, tuple[float, float]]) -> str:
+    """Before, after and their ratio per reslice; the cells carry ids (``straightness-xz-before`` ...)."""
+    rows, ids = [], {}
+    for axis, (before, after) in measured.items():
+        for tag, value in (("before", before), ("after", after)):
+            key = f"{axis.upper()} {tag}"
+            rows.append((key, f"{value:.5f}"))
+            ids[key] = f"straightness-{axis}-{tag}"
+        rows.append((f"{axis.upper()} after / before", f"{after / before:.3f}" if before > 0 else "n/a"))
+    return _table(rows, ids)
+
+
+def _check_position(name: str, value: int, size: int) -> None:
+    if not 0 <= value < size:
+        raise SpheroError(f"{name} {value} is outside the registered output (0 to {size - 1}); give a position inside it")
+
+
+def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", source_name: str = "",
+                 position_y: int | None = None, position_x: int | None = None, timing: str | None = None) -> AlignmentReport:
+    """The alignment page of a finished registration.
+
+    Parameters
+    ----------
+    out : zarr.Array
+        The registered output (``sphero fit``'s array with its ``crop_box``, ``registration_log``, ... attributes).
+    src : zarr.Array
+        The array it was registered from.
+    output_name, source_name : str
+        How the page names them.
+    position_y, position_x : int, optional
+        An output row (XZ) and column (YZ) to reslice besides the middle ones.
+    timing : str, optional
+        The run's timing line.
+
+    Returns
+    -------
+    AlignmentReport
+    """
+    attrs = dict(out.attrs)
+    box = [int(v) for v in attrs["crop_box"]]
+    log = list(attrs.get("registration_log", []))
+    spacing = [float(s) for s in attrs.get("spacing", [1.0, 1.0, 1.0])]
+    shape = (int(src.shape[1]), int(src.shape[2]))
+    nz, ny, nx = (int(s) for s in out.shape)
+    for name, value, size in (("--position-y", position_y, ny), ("--position-x", position_x, nx)):
+        if value is not None:
+            _check_position(name, value, size)
+    tmats = np.asarray(attrs["composed_transforms_pixel"]) if "composed_transforms_pixel" in attrs \
+        else pixel_matrices(attrs["composed_transforms"], shape)
+    damaged = damaged_slices(log)
+
+    middle = {"xz": read_reslice(out, src, box, "xz", ny // 2), "yz": read_reslice(out, src, box, "yz", nx // 2)}
+    window = intensity_window(np.concatenate([middle["xz"].before.ravel(), middle["yz"].before.ravel()]))
+    steps = {axis: (row_steps(r.before, window, damaged), row_steps(r.after, window, damaged)) for axis, r in middle.items()}
+    measured = {axis: (straightness(b), straightness(a)) for axis, (b, a) in steps.items()}
+
+    source = source_name or attrs.get("inputs", ["?"])[0]
+    parts = [f"<h1>Alignment report: {_esc(output_name or out.path)}</h1>",
+             _HEADER.format(source=_esc(source), nz=nz, ny=ny, nx=nx, h=shape[0], w=shape[1], spacing=_esc(spacing), box=_esc(box)),
+             "<h2>Summary</h2>", _table(_summary(log, damaged)),
+             "<h2>Straightness</h2>", _STRAIGHTNESS.format(lo=window[0], hi=window[1]), _straightness_table(measured),
+             f'<figure><img src="{straightness_figure(steps)}" alt="straightness along the stack"></figure>',
+             "<h2>Reslices</h2>"]
+    pictures: dict[str, np.ndarray] = {}
+    chosen = [read_reslice(out, src, box, axis, p) for axis, p in (("xz", position_y), ("yz", position_x)) if p is not None]
+    for r in [middle["xz"], middle["yz"], *chosen]:
+        block, pics = _reslice_block(r, spacing, window)
+        if r is middle[r.axis]:
+            pictures.update(pics)
+        parts.append(block)
+    parts += ["<h2>Along the stack</h2>",
+              f'<figure><img src="{curves_figure(log, tmats, shape)}" alt="curves along the stack">{_CURVES}</figure>',
+              _pairs_section(out, src, box, log, flagged_pairs(log)),
+              "<h2>Run</h2>", f"<p>timing: {_esc(timing.removeprefix('time: '))}</p>" if timing else _NO_TIMING,
+              _table(_settings(attrs))]
+    page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>sphero alignment report</title>'
+            f"<style>{_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+    return AlignmentReport(html=page, straightness=measured, pictures=pictures)
+
+
+def _pairs_section(out: zarr.Array, src: zarr.Array, box: list[int], log: list[dict[str, Any]],
+                   flagged: list[tuple[dict[str, Any], str]]) -> str:
+    """Before/after overlays of the flagged pairs, or of the first, middle and last pair where none is flagged."""
+    if flagged:
+        head = f"<h2>Flagged pairs ({len(flagged)})</h2>"
+        shown = flagged[:MAX_PAIRS_SHOWN]
+    else:
+        head = '<h2>Pairs</h2><p class="note">No pair is flagged; the first, middle and last pairs:</p>'
+        picks = sorted({0, len(log) // 2, len(log) - 1}) if log else []
+        shown = [(log[i], "representative") for i in picks]
+    rows = [head, _OVERLAYS]
+    for e, why in shown:
+        a, b = (int(v) for v in e["slice_indices"])
+        before, after = pair_overlays(out, src, box, a, b)
+        numbers = ", ".join(f"{k} {e[k]:.3f}" for k in ("ncc_before", "ncc_after", "qc_z") if e.get(k) is not None)
+        css = "" if why == "representative" else ' class="flag"'
+        rows.append(f"<h3{css}>slices {a} -&gt; {b}: {_esc(why)} (status {_esc(e.get('status'))}; {_esc(numbers)})</h3>"
+                    f'<div class="row"><figure><img src="{png_uri(before)}" alt="pair {a}-{b} before"><figcaption>before'
+                    f'</figcaption></figure><figure><img src="{png_uri(after)}" alt="pair {a}-{b} after"><figcaption>after'
+                    "</figcaption></figure></div>")
+    if len(flagged) > MAX_PAIRS_SHOWN:
+        rest = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]}" for e, _ in flagged[MAX_PAIRS_SHOWN:])
+        rows.append(f'<p class="note">also flagged: {_esc(rest)}</p>')
+    return "\n".join(rows)
