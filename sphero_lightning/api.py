@@ -198,7 +198,7 @@ def warp_stack(stack: Any, registration: Registration, *, crop: bool = True, int
     import torch
     import zarr
 
-    from .storage.writing import warp_slices
+    from .storage.writing import warp_stack as warp_all
 
     stack = _check_stack(stack)
     if tuple(stack.shape[1:]) != tuple(registration.shape) or stack.shape[0] != len(registration.composed) + 1:
@@ -214,5 +214,5 @@ def warp_stack(stack: Any, registration: Registration, *, crop: bool = True, int
     out_shape = (stack.shape[0], box[1] - box[0], box[3] - box[2])
     out = zarr.create_array(store={}, shape=out_shape, dtype=np.dtype(stack.dtype), chunks=(1, *out_shape[1:]))
     composed = torch.from_numpy(np.asarray(registration.composed, dtype=np.float64))
-    warp_slices(src, out, composed, box, interpolation, device=torch.device(device or "cpu"))
+    warp_all(src, out, composed, box, interpolation, device=torch.device(device or "cpu"))
     return np.asarray(out[:])

@@ -60,14 +60,16 @@ def test_output_layout_checks_shapes():
         RegistrationWriter(num_workers=0)
 
 
-def test_writer_strips_and_threads_do_not_change_the_output(tmp_path, monkeypatch):
-    """Warping a slice in strips of rows, by several threads, gives exactly the whole-slice result."""
+def test_writer_strips_chunks_and_threads_do_not_change_the_output(tmp_path, monkeypatch):
+    """Warping in strips of rows, in chunks of the output, by several threads, gives exactly the whole-slice result."""
     import torch
 
+    from sphero_lightning.core import windows
     from sphero_lightning.core.interpolation import warp
     from sphero_lightning.core.synthetic import em_like_image
     from sphero_lightning.storage import writing as output
 
+    monkeypatch.setattr(windows, "CANVAS_FILL", float("nan"))  # a read outside a task's region would show
     rng = np.random.default_rng(0)
     stack = np.stack([em_like_image(96, seed=k)[:80, :90] for k in range(4)]).astype(np.uint16) * 200
     src = zarr.create_array(str(tmp_path / "src.zarr"), shape=stack.shape, chunks=(1, 80, 90), dtype=stack.dtype)
@@ -79,12 +81,14 @@ def test_writer_strips_and_threads_do_not_change_the_output(tmp_path, monkeypatc
                                  offset=(3, 4), full_shape=(80, 90))[:, 0].numpy(), stack.dtype)
     for mode in ("bspline", "bicubic"):
         outs = []
-        for strip, workers in ((1 << 18, 1), (7 * 80, 3)):  # whole slices; strips of 7 rows in 3 threads
+        for strip, workers, chunks in ((1 << 18, 1, (1, 72, 80)), (7 * 80, 3, (1, 72, 80)), (1 << 18, 2, (3, 40, 50))):
             monkeypatch.setattr(output, "_STRIP_PIXELS", strip)
-            out = zarr.create_array(str(tmp_path / f"o{mode}{strip}.zarr"), shape=(4, 72, 80), chunks=(1, 72, 80), dtype=stack.dtype)
-            output.warp_slices(src, out, theta, box, mode, num_workers=workers)
+            out = zarr.create_array(str(tmp_path / f"o{mode}{strip}{chunks[0]}.zarr"), shape=(4, 72, 80), chunks=chunks,
+                                    dtype=stack.dtype)
+            output.warp_stack(src, out, theta, box, mode, num_workers=workers)
             outs.append(out[:])
         np.testing.assert_array_equal(outs[0], outs[1])
+        np.testing.assert_array_equal(outs[0], outs[2])
         np.testing.assert_array_equal(outs[0][0], stack[0, 3:75, 4:84])
         if mode == "bspline":
             np.testing.assert_array_equal(outs[0][1:], whole)

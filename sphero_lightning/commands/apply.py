@@ -22,17 +22,18 @@ from .._version import __version__
 from ..errors import SpheroError
 from ..storage.store import (
     check_writable,
-    create_array,
     move_into_place,
     node_exists,
     open_group,
     open_registration,
     open_source,
+    remove_node,
     utc_now,
     write_ome,
     zarr_format,
 )
-from ..storage.writing import warp_slices
+from ..storage.tasks import check_scheduler, is_distributed
+from ..storage.writing import ArrayRef, fingerprint, open_partial, output_units, warp_stack
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 
@@ -42,8 +43,13 @@ def _is_labels(path: str, arr: zarr.Array) -> bool:
 
 
 def apply_registration(root: str, array: str, transforms: str, dst: str | None = None, interpolation: str = "auto",
-                       overwrite: bool = False, progress: bool = True) -> str:
-    """Warp and crop ``array`` with the registration at ``transforms``; returns the output path."""
+                       overwrite: bool = False, progress: bool = True, num_workers: int = 4, scheduler: str = "threads") -> str:
+    """Warp and crop ``array`` with the registration at ``transforms``; returns the output path. ``scheduler`` and
+    ``num_workers``: as ``--output.scheduler`` / ``--output.num_workers`` of ``sphero fit``. An interrupted run of the
+    same command resumes, writing only the chunks not yet written."""
+    check_scheduler(scheduler, "--scheduler")
+    if num_workers < 1:
+        raise SpheroError(f"--num-workers must be >= 1, got {num_workers}")
     if interpolation not in MODES:
         raise SpheroError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(MODES)}")
     reg, ref = open_registration(root, transforms)
@@ -73,8 +79,23 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
     out_shape = (n, down - up, right - left)
     tmp = f"tmp-{out_name}-partial"
     chunks = (1, *(min(c, s) for c, s in zip(src.chunks[1:], out_shape[1:])))
-    out = create_array(group, tmp, shape=out_shape, chunks=chunks, dtype=src.dtype)
-    warp_slices(src, out, composed, box, mode, "cuda" if torch.cuda.is_available() else "cpu", progress=progress, n_slices=n)
+    units = output_units(out_shape, chunks, tuple(src.shape[1:]))
+    key = fingerprint(source=[str(root), array], composed=composed.tolist(), box=box, mode=mode, shape=out_shape,
+                      chunks=chunks, dtype=str(np.dtype(src.dtype)), zarr_format=zarr_format(src))
+    _, _, resumed = open_partial(group, tmp, shape=out_shape, chunks=chunks, shards=None, dtype=src.dtype, compression_level=3,
+                                 key=key, n_units=len(units))
+    if resumed:
+        print(f"sphero: resuming an interrupted apply: {resumed} of {len(units)} output chunks are already written",
+              file=sys.stderr)
+    prefix = f"{group_path}/" if group_path else ""
+    out_ref, written = ArrayRef(str(root), prefix + tmp), ArrayRef(str(root), prefix + f"{tmp}-written")
+    if is_distributed(scheduler):
+        warp_stack(ArrayRef(str(root), array), out_ref, composed, box, mode, written=written, progress=progress,
+                   num_workers=num_workers, scheduler=scheduler)
+    else:
+        warp_stack(src, out_ref.open("r+"), composed, box, mode, written=written.open("r+"),
+                   device="cuda" if torch.cuda.is_available() else "cpu", progress=progress, num_workers=num_workers)
+    out = out_ref.open("r+")
     spacing = list(src.attrs.get("spacing", reg.attrs.get("spacing", [])))
     processing = list(src.attrs.get("processing", []))
     processing.append({"step_name": "apply_registration", "version": __version__,
@@ -86,6 +107,7 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
         if key in src.attrs:
             out.attrs[key] = src.attrs[key]
     move_into_place(root, group_path, tmp, out_name)
+    remove_node(root, prefix + f"{tmp}-written")
     if group_path:
         write_ome(root, group_path)
     return dst
@@ -100,9 +122,13 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--interpolation", default="auto", choices=MODES,
                     help="auto: nearest for integer labels, else the registration's own (default)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument("--num-workers", type=int, default=4, help="threads warping and writing on this machine (default 4)")
+    ap.add_argument("--scheduler", default="threads",
+                    help="threads (default), synchronous, or a dask scheduler's address (tcp://host:8786) to warp on a cluster")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    dst = apply_registration(a.root, a.array, a.transforms, a.dst, a.interpolation, a.overwrite, not a.no_progress)
+    dst = apply_registration(a.root, a.array, a.transforms, a.dst, a.interpolation, a.overwrite, not a.no_progress,
+                             a.num_workers, a.scheduler)
     arr = zarr.open_array(a.root, path=dst, mode="r")
     print(f"sphero: wrote {a.root}/{dst} shape {arr.shape} {arr.dtype}", file=sys.stderr)
     return dst

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from ..storage.store import (
     utc_now,
     write_ome,
 )
+from ..storage.tasks import run_tasks
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
@@ -160,32 +161,15 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
     tmp = f"tmp-{name}-partial"
     cy, cx = chunks or (min(shape[0], 4096), min(shape[1], 4096))
     arr = create_array(parent, tmp, shape=(n, *shape), dtype=dtype, chunks=(1, cy, cx))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    lock = threading.Lock()
 
-        bar = tqdm(total=n, desc="ingesting", unit="slice", dynamic_ncols=True, file=sys.stderr)
+    def copy(i: int) -> None:
+        with lock:  # reads in order, one at a time (one TIFF file handle is not safe to share between threads)
+            image = read(i)
+        arr[i] = image  # compressing and writing run in parallel
 
-    def write(i: int, image: np.ndarray) -> None:
-        arr[i] = image
-
-    # Reads are serial (one TIFF file handle is not safe to share between threads); compressing and writing
-    # run in a few threads, with a bounded number of slices in flight so memory stays a few slices.
-    depth = 2 * max(1, workers)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sphero-ingest") as pool:
-        pending: list = []
-        for i in range(n):
-            pending.append(pool.submit(write, i, read(i)))
-            if len(pending) >= depth:
-                pending.pop(0).result()
-                if bar is not None:
-                    bar.update(1)
-        for f in pending:
-            f.result()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    # dask's threaded scheduler runs the tasks in order, ``workers`` at a time: memory stays a few slices
+    run_tasks(copy, [(i,) for i in range(n)], num_workers=max(1, workers), progress=progress, desc="ingesting", unit="slice")
     arr.attrs.update({"spacing": [float(s) for s in spacing], "processing": [{
         "step_name": "ingest", "version": __version__,
         "timestamp": utc_now(),

@@ -100,15 +100,23 @@ def _fir_last(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     xp = F.pad(x.reshape(-1, 1, n), (r, r), mode=mode)
     if chunks * s > n:
         xp = F.pad(xp, (0, chunks * s - n))
-    key = ("band", len(kernel), float(kernel.sum()), float(kernel[0]), x.dtype, str(x.device))
-    band = _MATRICES.get(key)
-    if band is None:
-        band = torch.zeros(s + 2 * r, s, dtype=torch.float64)
-        for j in range(s):
-            band[j:j + 2 * r + 1, j] = kernel.double().cpu()
-        band = _MATRICES[key] = band.to(dtype=x.dtype, device=x.device)
+    band = band_matrix(kernel, x.dtype, x.device)
     win = xp.reshape(xp.shape[0], -1).unfold(-1, s + 2 * r, s)
     return (win @ band).reshape(xp.shape[0], chunks * s)[:, :n].reshape(x.shape)
+
+
+def band_matrix(kernel: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``(_BAND + 2 r, _BAND)``: one window of ``_BAND + 2 r`` padded samples to ``_BAND`` filtered ones (cached).
+    :func:`_fir_last` filters an axis as windows starting at every multiple of ``_BAND``."""
+    r = (len(kernel) - 1) // 2
+    key = ("band", len(kernel), float(kernel.sum()), float(kernel[0]), dtype, str(device))
+    band = _MATRICES.get(key)
+    if band is None:
+        band = torch.zeros(_BAND + 2 * r, _BAND, dtype=torch.float64)
+        for j in range(_BAND):
+            band[j:j + 2 * r + 1, j] = kernel.double().cpu()
+        band = _MATRICES[key] = band.to(dtype=dtype, device=device)
+    return band
 
 
 def _separable(x: torch.Tensor, kind: str, sigma: float = 0.0) -> torch.Tensor:
@@ -323,7 +331,7 @@ def downscale(images: torch.Tensor, factor: float) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
-def _window_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None,
+def window_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None,
                       offset: tuple[int, int], full_shape: tuple[int, int] | None) -> torch.Tensor:
     """Normalized source positions ``(B, h, w, 2)`` sampled by each pixel of an output window."""
     full = full_shape or src_shape
@@ -343,7 +351,7 @@ def nearest_index(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tu
     Nearest-neighbour resampling as an index lookup keeps any value exactly (label ids of any integer type).
     """
     hh, ww = src_shape
-    src = _window_positions(theta.double(), src_shape, out_shape, offset, full_shape)
+    src = window_positions(theta.double(), src_shape, out_shape, offset, full_shape)
     ix = torch.round(((src[..., 0] + 1) * ww - 1) / 2).long().clamp(0, ww - 1)
     iy = torch.round(((src[..., 1] + 1) * hh - 1) / 2).long().clamp(0, hh - 1)
     return iy, ix
@@ -354,11 +362,17 @@ def warp_coefficients(coeffs: torch.Tensor, theta: torch.Tensor, src_shape: tupl
                       full_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """:func:`warp` in ``bspline`` mode from precomputed :func:`bspline_prefilter` coefficients of ``src_shape``
     images (prefilter once, then sample any number of windows)."""
-    hh, ww = src_shape
-    src = _window_positions(theta, (hh, ww), out_shape, offset, full_shape)
-    px = ((src[..., 0] + 1) * ww - 1) / 2
-    py = ((src[..., 1] + 1) * hh - 1) / 2
+    px, py = window_pixel_positions(theta, src_shape, out_shape, offset, full_shape)
     return bspline_sample(coeffs, px, py)
+
+
+def window_pixel_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None = None,
+                           offset: tuple[int, int] = (0, 0), full_shape: tuple[int, int] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source positions ``(px, py)``, each ``(B, h, w)`` in pixel-index units, sampled by an output window."""
+    hh, ww = src_shape
+    src = window_positions(theta, (hh, ww), out_shape, offset, full_shape)
+    return ((src[..., 0] + 1) * ww - 1) / 2, ((src[..., 1] + 1) * hh - 1) / 2
 
 
 def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | None = None, mode: str = "bspline",
@@ -393,5 +407,5 @@ def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | 
         return flat.gather(2, idx).reshape(*image.shape[:2], *iy.shape[-2:])
     if mode == "bspline":
         return warp_coefficients(bspline_prefilter(image), theta, (hh, ww), out_shape, offset, full_shape)
-    src = _window_positions(theta, (hh, ww), out_shape, offset, full_shape)
+    src = window_positions(theta, (hh, ww), out_shape, offset, full_shape)
     return F.grid_sample(image, src.to(image.dtype), mode=mode, padding_mode="border", align_corners=False)

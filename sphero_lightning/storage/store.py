@@ -207,6 +207,13 @@ def move_into_place(root: str | Path, group_path: str, tmp_name: str, name: str)
     os.replace(src, dst)
 
 
+def remove_node(root: str | Path, path: str) -> None:
+    """Delete the array or group at ``path`` in the local store ``root``, if there is one."""
+    d = Path(root) / path.strip("/")
+    if node_exists(root, path):
+        shutil.rmtree(d)
+
+
 def check_writable(root: str | Path, fix: str) -> None:
     """Fail now, not after the work, where the store ``root`` cannot be written (read-only store or file system,
     a remote URL): tries to create and remove a file there. ``fix`` ends the message (what to do instead)."""

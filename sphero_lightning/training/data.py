@@ -30,6 +30,7 @@ from ..storage.store import (
     store_format,
     zarr_format,
 )
+from ..storage.tasks import run_tasks
 
 
 def read_block(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
@@ -384,18 +385,11 @@ class ZarrPairDataModule(L.LightningDataModule):
         n = self.n_slices
         stats = torch.zeros(n, 4, dtype=torch.float64)
         mine = list(range(rank, n, world))
-        bar = None
-        if progress and rank == 0 and n >= 64:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc="checking slices", unit="slice", dynamic_ncols=True, file=sys.stderr)
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="sphero-scan") as pool:
-            for z, st in zip(mine, pool.map(lambda z: slice_stats(np.asarray(self.source[z])), mine)):
-                stats[z] = torch.tensor(st, dtype=torch.float64)
-                if bar is not None:
-                    bar.update(world)
-        if bar is not None:
-            bar.close()
+        found = run_tasks(lambda z: slice_stats(np.asarray(self.source[z])), [(z,) for z in mine], num_workers=4,
+                          progress=progress and rank == 0 and n >= 64, desc="checking slices", unit="slice",
+                          weights=[world] * len(mine))
+        for z, st in zip(mine, found):
+            stats[z] = torch.tensor(st, dtype=torch.float64)
         if reduce is not None:
             stats = reduce(stats)
         st = stats.cpu().numpy()

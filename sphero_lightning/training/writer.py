@@ -15,15 +15,15 @@ from typing import Any, Literal, get_args
 import lightning as L
 import numpy as np
 import torch.distributed as dist
-import zarr
 
 from .._version import __version__
 from ..core.crop import crop_box
 from ..core.frames import pixel_matrices
 from ..core.transforms import chain_with_gaps, normalized_to_pixel
 from ..errors import SpheroError
-from ..storage.store import create_array, is_url, move_into_place, open_group, utc_now, write_ome
-from ..storage.writing import output_layout, warp_slices
+from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
+from ..storage.tasks import check_scheduler, is_distributed
+from ..storage.writing import ArrayRef, fingerprint, open_partial, output_layout, output_units, warp_stack
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
 
@@ -59,22 +59,35 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     tmp_name = f"tmp-{name}-partial"
     rank, world = trainer.global_rank, trainer.world_size
     out_root, fmt = dm.out_root, dm.output_format
+    chunks, shards = output_layout(src.chunks, out_shape, writer.chunks, writer.shards)
+    units = output_units(out_shape, shards or chunks, shape)
+    key = fingerprint(source=[str(dm.root), dm.array], composed=composed.tolist(), box=box, mode=writer.interpolation,
+                      shape=out_shape, chunks=chunks, shards=shards, dtype=str(np.dtype(src.dtype)),
+                      compression_level=writer.compression_level, zarr_format=fmt)
     if rank == 0:
         group = open_group(out_root, group_path, fmt)
-        chunks, shards = output_layout(src.chunks, out_shape, writer.chunks, writer.shards)
-        create_array(group, tmp_name, shape=out_shape, chunks=chunks, shards=shards, dtype=src.dtype,
-                     compression_level=writer.compression_level)
+        _, _, resumed = open_partial(group, tmp_name, shape=out_shape, chunks=chunks, shards=shards, dtype=src.dtype,
+                                     compression_level=writer.compression_level, key=key, n_units=len(units))
+        if resumed:
+            print(f"sphero: resuming an interrupted write: {resumed} of {len(units)} output chunks are already written "
+                  f"in {out_root}/{group_path}/{tmp_name}", file=sys.stderr)
     _barrier()
-    out = zarr.open_array(str(out_root), path=f"{group_path}/{tmp_name}", mode="r+", zarr_format=fmt)
+    out_ref = ArrayRef(str(out_root), f"{group_path}/{tmp_name}")
+    written = ArrayRef(str(out_root), f"{group_path}/{tmp_name}-written")
+    distributed = is_distributed(writer.scheduler)
+    src_ref: Any = ArrayRef(str(dm.root), dm.array) if distributed else src
 
     show = rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
-    workers = dm.writer_threads(shape[0] * shape[1], writer.num_workers)
+    workers = writer.num_workers if distributed else dm.writer_threads(shape[0] * shape[1], writer.num_workers)
     if workers < writer.num_workers and rank == 0:
         print(f"sphero: writing with {workers} thread(s) of --output.num_workers {writer.num_workers}: the memory budget "
               f"({dm.memory_budget / 2**30:.2f} GB) holds {workers} slice(s) of {shape[0]} x {shape[1]} in flight", file=sys.stderr)
-    module.timings.update(warp_slices(src, out, composed, box, writer.interpolation, module.device, rank, world,
-                                      progress=show, n_slices=n + 1, num_workers=workers))
+    module.timings.update(warp_stack(src_ref, out_ref if distributed else out_ref.open("r+"), composed, box,
+                                     writer.interpolation, written=written if distributed else written.open("r+"),
+                                     device=module.device, rank=rank, world=world, progress=show, num_workers=workers,
+                                     scheduler=writer.scheduler))
     _barrier()
+    out = out_ref.open("r+")
 
     final = f"{group_path}/{name}"
     if rank == 0:
@@ -116,6 +129,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "crop_box": box,
         })
         move_into_place(out_root, group_path, tmp_name, name)
+        remove_node(out_root, f"{group_path}/{tmp_name}-written")
         journal = getattr(module, "journal", None)
         if journal is not None:
             journal.remove()  # the result is in place: nothing to resume any more
@@ -156,18 +170,25 @@ class RegistrationWriter(L.Callback):
         zarr v3 sharding: shard shape ``[z, y, x]``, whole multiples of ``chunks``; many chunks go to one file
         (fewer files on big stacks). Default: no sharding.
     num_workers : int
-        Threads that read, warp, compress and write the output in parallel (one z-range of shards or chunks each).
+        Threads that read, warp, compress and write the output in parallel (one shard or chunk each), on this
+        machine; with a ``scheduler`` address, the cluster's workers decide.
+    scheduler : str
+        Where the output is warped and written: ``threads`` (this machine, ``num_workers`` threads), ``synchronous``
+        (one task at a time, for debugging), or a dask distributed scheduler's address (``tcp://host:8786``, e.g.
+        a dask-jobqueue cluster's), whose workers open the source and output by path: both must be on storage
+        they can reach. Each task writes one shard (or chunk); a write that was interrupted resumes where it stopped.
     """
 
     def __init__(self, crop_borders: bool = True, crop_safety_margin: int = 0, interpolation: OutputInterpolation = "bspline",
                  compression_level: int = 3, chunks: list[int] | None = None, shards: list[int] | None = None,
-                 num_workers: int = 4) -> None:
+                 num_workers: int = 4, scheduler: str = "threads") -> None:
         if interpolation not in get_args(OutputInterpolation):
             raise SpheroError(f"unknown output interpolation {interpolation!r}; choose one of {', '.join(get_args(OutputInterpolation))}")
         if crop_safety_margin < 0:
             raise SpheroError(f"crop_safety_margin must be >= 0, got {crop_safety_margin}")
         if num_workers < 1:
             raise SpheroError(f"output num_workers must be >= 1, got {num_workers}")
+        check_scheduler(scheduler, "--output.scheduler")
         probe = (1 << 20,) * 3
         output_layout((1, 1, 1), probe, chunks, shards)  # the shapes' own validity now; with the source's chunks at setup
         self.crop_borders, self.crop_safety_margin = crop_borders, crop_safety_margin
@@ -175,6 +196,7 @@ class RegistrationWriter(L.Callback):
         self.chunks = None if chunks is None else [int(c) for c in chunks]
         self.shards = None if shards is None else [int(v) for v in shards]
         self.num_workers = int(num_workers)
+        self.scheduler = str(scheduler)
         self.output_path: str | None = None
 
     #: Config group of these settings (``--output.*``), for the logged hyperparameters.
@@ -183,7 +205,8 @@ class RegistrationWriter(L.Callback):
     def settings(self) -> dict[str, Any]:
         return {"crop_borders": self.crop_borders, "crop_safety_margin": self.crop_safety_margin,
                 "interpolation": self.interpolation, "compression_level": self.compression_level,
-                "chunks": self.chunks, "shards": self.shards, "num_workers": self.num_workers}
+                "chunks": self.chunks, "shards": self.shards, "num_workers": self.num_workers,
+                "scheduler": self.scheduler}
 
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         # before any fitting: what the output store cannot hold

@@ -1,0 +1,105 @@
+"""Running many independent tasks through dask: threads on this machine, or a dask cluster by address.
+
+Every bulk loop over slices or chunks (writing the registered stack, ``sphero apply``, ``sphero ingest``, the
+damaged-slice scan) runs here, with one progress display. Tasks are small functions of small arguments (array
+paths, a few matrices); their results are small too, so memory holds only the tasks in flight.
+
+``scheduler``: ``"threads"`` (dask's threaded scheduler with ``num_workers`` threads), ``"synchronous"`` (one
+after the other, in this thread: for debugging), or the address of a dask distributed scheduler
+(``tcp://host:8786``; e.g. a dask-jobqueue cluster's ``cluster.scheduler_address``), whose workers run the tasks.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import SpheroError
+
+#: Schedulers on this machine; anything else must be a distributed scheduler's address.
+LOCAL = ("threads", "synchronous")
+
+
+def is_distributed(scheduler: str) -> bool:
+    return scheduler not in LOCAL
+
+
+def check_scheduler(scheduler: str, option: str) -> None:
+    """A one-line error now for a scheduler that is neither local nor an address."""
+    if scheduler in LOCAL or "://" in scheduler:
+        return
+    raise SpheroError(f"{option} {scheduler!r} is not a scheduler: give threads, synchronous, or a dask scheduler's "
+                      "address such as tcp://10.0.0.5:8786")
+
+
+def _bar(progress: bool, desc: str, total: float, unit: str) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], *, scheduler: str = "threads", num_workers: int = 4,
+              progress: bool = False, desc: str = "", unit: str = "task", weights: Sequence[float] | None = None) -> list:
+    """``[fn(*a) for a in args]``, in parallel; results in order. The progress bar advances by ``weights``
+    (default 1 per task). The first task that fails stops the run and its exception is raised here."""
+    weights = list(weights) if weights is not None else [1] * len(args)
+    bar = _bar(progress, desc, sum(weights), unit)
+    try:
+        if not args:
+            return []
+        if is_distributed(scheduler):
+            return _run_distributed(fn, args, scheduler, bar, weights)
+        return _run_local(fn, args, scheduler, num_workers, bar, weights)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _run_local(fn: Callable[..., Any], args: Sequence[tuple], scheduler: str, num_workers: int, bar: Any,
+               weights: list[float]) -> list:
+    import dask
+    from dask.callbacks import Callback
+
+    def call(i: int) -> Any:  # arguments stay out of the graph: dask would read tuples and lists in it as tasks
+        return fn(*args[i])
+
+    names = [f"sphero-task-{i}" for i in range(len(args))]
+    graph = {name: (call, i) for i, name in enumerate(names)}
+    weight = dict(zip(names, weights))
+
+    class Progress(Callback):
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if bar is not None and key in weight:
+                bar.update(weight[key])
+
+    from dask.threaded import get as threaded_get
+
+    with Progress():
+        if scheduler == "synchronous":
+            return list(dask.get(graph, names))
+        return list(threaded_get(graph, names, num_workers=max(1, int(num_workers))))
+
+
+def _run_distributed(fn: Callable[..., Any], args: Sequence[tuple], address: str, bar: Any, weights: list[float]) -> list:
+    try:
+        from distributed import Client, as_completed
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        raise SpheroError("a dask scheduler address needs the 'distributed' package: pip install distributed") from None
+    try:
+        client = Client(address, timeout=30)
+    except OSError as exc:
+        raise SpheroError(f"cannot reach the dask scheduler at {address!r} ({exc}); start it (dask scheduler, or a "
+                          "dask-jobqueue cluster) or use --output.scheduler threads") from None
+    try:
+        futures = [client.submit(fn, *a, pure=False, key=f"sphero-{i}-{id(args)}") for i, a in enumerate(args)]
+        index = {f.key: i for i, f in enumerate(futures)}
+        for f in as_completed(futures):
+            f.result()  # raises the task's exception here
+            if bar is not None:
+                bar.update(weights[index[f.key]])
+        return client.gather(futures)
+    finally:
+        client.close()
