@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .interpolation import (
     _BAND,
@@ -32,7 +33,6 @@ from .interpolation import (
     _axis_matrix,
     _prefilter_kernel,
     band_matrix,
-    window_pixel_positions,
 )
 
 #: Extra samples kept on each side of what the interpolation kernel reads (floating-point slack in positions).
@@ -70,43 +70,67 @@ def _banded_last(x: torch.Tensor, n: int, start: int, lo: int, hi: int) -> torch
     ``n > DENSE_MAX``), as ``interpolation._fir_last`` followed by the mirrored ``PAD`` computes them."""
     kernel = _prefilter_kernel(_RADIUS, torch.float64, "cpu")
     jlo, jhi = _band_windows(lo, hi, n)
-    g = torch.arange(jlo * _BAND, jhi * _BAND + 2 * _RADIUS, device=x.device)  # positions in the padded axis
-    i = g - _RADIUS
-    zero = i >= n + _RADIUS  # the zeros that fill the last window
-    i = torch.where(zero, start, _mirror_index(i, n)) - start
-    rows = x.reshape(-1, x.shape[-1])
-    xp = rows[:, i]
-    if bool(zero.any()):
-        xp[:, zero] = 0
+    g0, g1 = jlo * _BAND - _RADIUS, jhi * _BAND + _RADIUS  # the samples the windows cover (beyond 0..n-1: mirrored, zeros)
+    rows = x.flatten(0, -2)  # a view where it can be (the second pass's transposed input is read in place)
+    xp = rows[:, max(g0, 0) - start:min(g1, n) - start]
+    mirrored = (max(0, -g0), max(0, min(g1, n + _RADIUS) - n))
+    if any(mirrored):  # only a window at either end of the axis: mirror as F.pad does on the whole axis
+        xp = F.pad(xp[:, None], mirrored, mode="reflect")[:, 0]
+    if g1 > n + _RADIUS:  # and the zeros that fill the axis's last window
+        xp = F.pad(xp, (0, g1 - n - _RADIUS))
     band = band_matrix(kernel, x.dtype, x.device)
     # one contiguous (windows, samples) matrix, as matmul folds the whole axis's windows: a single window as a
     # (rows, 1, samples) view would take a batched path whose sums differ in the last bit
     win = xp.unfold(-1, _BAND + 2 * _RADIUS, _BAND).reshape(-1, _BAND + 2 * _RADIUS).contiguous()
+    del xp
     y = torch.mm(win, band).reshape(rows.shape[0], (jhi - jlo) * _BAND)
-    p = torch.arange(lo, hi, device=x.device)
-    return y[:, _mirror_index(p - PAD, n) - jlo * _BAND].reshape(*x.shape[:-1], hi - lo)
+    del win
+    if lo >= PAD and hi <= n + PAD:  # no mirrored coefficients: a plain slice
+        y = y[:, lo - PAD - jlo * _BAND:hi - PAD - jlo * _BAND]
+    else:
+        y = y[:, _mirror_index(torch.arange(lo, hi, device=x.device) - PAD, n) - jlo * _BAND]
+    return y.reshape(*x.shape[:-1], hi - lo)
 
 
 def prefilter_window(x: torch.Tensor, full_shape: tuple[int, int], start: tuple[int, int],
-                     rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+                     rows: tuple[int, int], cols: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
     """Cubic B-spline coefficients ``rows x cols`` (padded indices, as in ``bspline_prefilter``'s output) of a
     slice of ``full_shape``, from the source samples ``x`` (``(h, w)``, top-left at ``start``), which must cover
-    :func:`source_span` of both ranges. Equal to ``bspline_prefilter(whole slice)[rows, cols]`` bit for bit."""
+    :func:`source_span` of both ranges. Equal to ``bspline_prefilter(whole slice)[rows, cols]`` bit for bit.
+    With ``out`` (a ``rows x cols`` tensor or view), written there and returned."""
     (hh, ww), (y0, x0) = full_shape, start
     h, w = x.shape
     if source_span(*rows, hh)[0] < y0 or source_span(*rows, hh)[1] > y0 + h \
             or source_span(*cols, ww)[0] < x0 or source_span(*cols, ww)[1] > x0 + w:
         raise ValueError(f"samples at {start} of size {(h, w)} do not cover coefficients {rows} x {cols} of {full_shape}")
-    # along x first, then y: the order bspline_prefilter uses
+    return _along_y(_along_x(x, ww, x0, cols), hh, y0, rows, out)
+
+
+#: Rows (first pass) or columns (second pass) filtered at once on a long axis: bounds the temporaries of a window
+#: (the windows matrix is 1.5x its input) without changing a bit (each output sample's sum is the same).
+_LINES = 256
+
+
+def _along_x(x: torch.Tensor, ww: int, x0: int, cols: tuple[int, int]) -> torch.Tensor:
+    """The first pass (along x, as ``bspline_prefilter``): ``(1, h, cols)``."""
     if ww <= DENSE_MAX:
-        out = (x[None] @ _axis_matrix("prefilter", ww, 0.0, x.dtype, x.device).T)[..., cols[0]:cols[1]]
-    else:
-        out = _banded_last(x[None], ww, x0, *cols)
+        return (x[None] @ _axis_matrix("prefilter", ww, 0.0, x.dtype, x.device).T)[..., cols[0]:cols[1]]
+    out = torch.empty((1, x.shape[0], cols[1] - cols[0]), dtype=x.dtype, device=x.device)
+    for r in range(0, x.shape[0], _LINES):
+        out[0, r:r + _LINES] = _banded_last(x[r:r + _LINES], ww, x0, *cols)
+    return out
+
+
+def _along_y(along_x: torch.Tensor, hh: int, y0: int, rows: tuple[int, int], out: torch.Tensor | None) -> torch.Tensor:
+    """The second pass (along y) of :func:`_along_x`'s result, into ``out`` if given."""
     if hh <= DENSE_MAX:
-        out = (_axis_matrix("prefilter", hh, 0.0, x.dtype, x.device) @ out)[:, rows[0]:rows[1]]
-    else:
-        out = _banded_last(out.transpose(-1, -2), hh, y0, *rows).transpose(-1, -2)
-    return out[0].contiguous()
+        result = (_axis_matrix("prefilter", hh, 0.0, along_x.dtype, along_x.device) @ along_x)[0, rows[0]:rows[1]]
+        return result.contiguous() if out is None else out.copy_(result)
+    if out is None:
+        out = torch.empty((rows[1] - rows[0], along_x.shape[-1]), dtype=along_x.dtype, device=along_x.device)
+    for c in range(0, along_x.shape[-1], _LINES):
+        out[:, c:c + _LINES] = _banded_last(along_x[0, :, c:c + _LINES].T, hh, y0, *rows).T
+    return out
 
 
 def coefficient_bounds(p: torch.Tensor, n: int) -> tuple[int, int]:
@@ -122,22 +146,33 @@ def sample_bounds(p: torch.Tensor, n: int) -> tuple[int, int]:
             min(n, max(1, math.floor(float(p.max())) + 3 + SLACK)))
 
 
-def window_canvas(block: torch.Tensor, size: tuple[int, int], at: tuple[int, int]) -> torch.Tensor:
-    """``(1, 1, *size)`` tensor holding ``block`` at ``at``; the rest uninitialised (never read, never resident)."""
-    canvas = torch.empty((1, 1, *size), dtype=block.dtype, device=block.device)
+def window_canvas(block: torch.Tensor | None, size: tuple[int, int], at: tuple[int, int], dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(1, 1, *size)`` tensor holding ``block`` at ``at`` (with ``None``, of ``dtype`` on ``device``, to be filled by
+    the caller); the rest uninitialised (never read, never resident)."""
+    if block is not None:
+        dtype, device = block.dtype, block.device
+    canvas = torch.empty((1, 1, *size), dtype=dtype, device=device)
     if CANVAS_FILL is not None:
         canvas.fill_(CANVAS_FILL)
-    canvas[0, 0, at[0]:at[0] + block.shape[0], at[1]:at[1] + block.shape[1]] = block
+    if block is not None:
+        canvas[0, 0, at[0]:at[0] + block.shape[0], at[1]:at[1] + block.shape[1]] = block
     return canvas
 
 
 def corner_positions(theta: torch.Tensor, full_shape: tuple[int, int], out_shape: tuple[int, int],
                      offset: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Source positions (pixel units) of an output window's four corner pixels: an affine map takes its extremes
-    there, so they bound what the window samples without computing every position."""
-    pts = [window_pixel_positions(theta, full_shape, (1, 1), (offset[0] + dy, offset[1] + dx), full_shape)
-           for dy in (0, out_shape[0] - 1) for dx in (0, out_shape[1] - 1)]
-    return torch.cat([p[0].flatten() for p in pts]), torch.cat([p[1].flatten() for p in pts])
+    there, so they bound what the window samples without computing every position. In float64 (the exact
+    positions differ from these by rounding only; callers keep :data:`SLACK` samples more)."""
+    (hh, ww), t = full_shape, theta[0].double().cpu().tolist()
+    xs, ys = [], []
+    for dy in (0, out_shape[0] - 1):
+        for dx in (0, out_shape[1] - 1):
+            gx, gy = (2 * (offset[1] + dx) + 1) / ww - 1, (2 * (offset[0] + dy) + 1) / hh - 1
+            xs.append(((t[0][0] * gx + t[0][1] * gy + t[0][2] + 1) * ww - 1) / 2)
+            ys.append(((t[1][0] * gx + t[1][1] * gy + t[1][2] + 1) * hh - 1) / 2)
+    return torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
 
 
 def bspline_window(read: Callable[[int, int, int, int], torch.Tensor], theta: torch.Tensor, full_shape: tuple[int, int],
@@ -151,5 +186,10 @@ def bspline_window(read: Callable[[int, int, int, int], torch.Tensor], theta: to
     px, py = corner_positions(theta, full_shape, out_shape, offset)
     rows, cols = coefficient_bounds(py, hh), coefficient_bounds(px, ww)
     (a, b), (c, d) = source_span(*rows, hh), source_span(*cols, ww)
-    coeffs = prefilter_window(read(a, b, c, d), full_shape, (a, c), rows, cols)
-    return window_canvas(coeffs, (hh + 2 * PAD, ww + 2 * PAD), (rows[0], cols[0]))
+    x = read(a, b, c, d)
+    along_x = _along_x(x, ww, c, cols)
+    dtype, device = x.dtype, x.device
+    del x  # the samples are not needed for the second pass: one slice less in memory per task
+    canvas = window_canvas(None, (hh + 2 * PAD, ww + 2 * PAD), (rows[0], cols[0]), dtype, device)
+    _along_y(along_x, hh, a, rows, canvas[0, 0, rows[0]:rows[1], cols[0]:cols[1]])
+    return canvas
