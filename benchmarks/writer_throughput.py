@@ -60,6 +60,19 @@ def one(which: str, src_root: str, out_root: str) -> None:
         exec(compile(code, "old_writing.py", "exec"), namespace)  # noqa: S102 - our own code from git history
         t0 = time.perf_counter()
         namespace["warp_slices"](src, out, composed, box, "bspline", num_workers=4)
+    elif which == "cluster":  # a LocalCluster of 2 worker processes (2 threads each), by address; started before timing
+        from distributed import LocalCluster
+
+        from sphero_lightning.storage.writing import ArrayRef, warp_stack
+
+        cluster = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None)
+        with cluster.get_client() as client:  # the workers import torch and the package before timing, as a warm cluster has
+            client.run(__import__, "sphero_lightning.storage.writing")
+        t0 = time.perf_counter()
+        warp_stack(ArrayRef(src_root, ""), ArrayRef(out_root, ""), composed, box, "bspline", scheduler=cluster.scheduler_address)
+        closing = time.perf_counter()
+        cluster.close()
+        t0 += time.perf_counter() - closing  # closing the cluster is not writing
     else:
         from sphero_lightning.storage.writing import warp_stack
 
@@ -74,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["128x512", "16x2048"], help="NxSIZE stacks")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cluster", action="store_true", help="also the dask writer on a LocalCluster (2 processes x 2 threads)")
     ap.add_argument("--one", nargs=3, metavar=("WHICH", "SRC", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -88,18 +102,26 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / "src.zarr"
             make_stack(src, n, size)
-            runs: dict[str, list[dict]] = {"old": [], "dask": []}
+            kinds = ("old", "dask", "cluster") if a.cluster else ("old", "dask")
+            runs: dict[str, list[dict]] = {k: [] for k in kinds}
             for r in range(a.repeats):
-                for which in ("old", "dask"):
+                for which in kinds:
                     out = Path(tmp) / f"{which}{r}.zarr"
                     res = subprocess.run([sys.executable, __file__, "--one", which, str(src), str(out)],
                                          capture_output=True, text=True, check=True)
                     runs[which].append(json.loads(res.stdout.strip().splitlines()[-1]))
             same = np.array_equal(zarr.open_array(str(Path(tmp) / "old0.zarr"))[:], zarr.open_array(str(Path(tmp) / "dask0.zarr"))[:])
-            for which, label in (("old", f"threads ({OLD_COMMIT})"), ("dask", "dask threads")):
+            labels = {"old": f"threads ({OLD_COMMIT})", "dask": "dask threads", "cluster": "dask LocalCluster*"}
+            for which, label in labels.items():
+                if which not in runs:
+                    continue
                 s = statistics.median(x["seconds"] for x in runs[which])
                 rss = statistics.median(x["rss_mb"] for x in runs[which])
                 print(f"{n} x {size}^2{'':<6} {label:<22} {s:7.2f} {runs[which][0]['out_mb'] / s:7.1f} {rss:12.0f}")
+            if a.cluster:
+                same = same and np.array_equal(zarr.open_array(str(Path(tmp) / "old0.zarr"))[:],
+                                               zarr.open_array(str(Path(tmp) / "cluster0.zarr"))[:])
+                print(f"{'':<16} * peak RSS of the client process only (the workers are processes of their own)")
             print(f"{'':<16} outputs voxel-identical: {same}")
 
 
