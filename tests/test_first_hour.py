@@ -237,7 +237,7 @@ def test_version_and_removed_subcommands(capsys):
 
     assert capsys.readouterr().out.strip() == f"sphero {__version__}"
     for cmd in ("validate", "test", "predict", "nonsense"):
-        _assert_one_line_error(*_run([cmd]), "commands: fit, ingest, apply, export, demo")
+        _assert_one_line_error(*_run([cmd]), "commands: fit, ingest, apply, export, report, demo")
 
 
 def test_fit_help_shows_the_project_options_first(capsys):
