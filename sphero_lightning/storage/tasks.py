@@ -46,6 +46,8 @@ def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], *, scheduler: str =
     """``[fn(*a) for a in args]``, in parallel; results in order. The progress bar advances by ``weights``
     (default 1 per task). The first task that fails stops the run and its exception is raised here."""
     weights = list(weights) if weights is not None else [1] * len(args)
+    if all(float(w).is_integer() for w in weights):  # whole slices: the bar counts 16/16, not 16.0/16.0
+        weights = [int(w) for w in weights]
     bar = _bar(progress, desc, sum(weights), unit)
     try:
         if not args:
