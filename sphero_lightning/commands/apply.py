@@ -33,7 +33,7 @@ from ..storage.store import (
     zarr_format,
 )
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import ArrayRef, fingerprint, open_partial, output_units, warp_stack
+from ..storage.writing import ArrayRef, prepare_output, warp_stack
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 
@@ -79,22 +79,17 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
     out_shape = (n, down - up, right - left)
     tmp = f"tmp-{out_name}-partial"
     chunks = (1, *(min(c, s) for c, s in zip(src.chunks[1:], out_shape[1:])))
-    units = output_units(out_shape, chunks, tuple(src.shape[1:]))
-    key = fingerprint(source=[str(root), array], composed=composed.tolist(), box=box, mode=mode, shape=out_shape,
-                      chunks=chunks, dtype=str(np.dtype(src.dtype)), zarr_format=zarr_format(src))
-    _, _, resumed = open_partial(group, tmp, shape=out_shape, chunks=chunks, shards=None, dtype=src.dtype, compression_level=3,
-                                 key=key, n_units=len(units))
+    units, resumed = prepare_output(group, tmp, shape=out_shape, chunks=chunks, shards=None, dtype=src.dtype, compression_level=3,
+                                    full_shape=tuple(src.shape[1:]), source=[str(root), array], composed=composed.tolist(),
+                                    box=box, mode=mode, zarr_format=zarr_format(src))
     if resumed:
-        print(f"sphero: resuming an interrupted apply: {resumed} of {len(units)} output chunks are already written",
+        print(f"sphero: resuming an interrupted apply: {resumed} of {units} output chunks are already written",
               file=sys.stderr)
     prefix = f"{group_path}/" if group_path else ""
     out_ref, written = ArrayRef(str(root), prefix + tmp), ArrayRef(str(root), prefix + f"{tmp}-written")
-    if is_distributed(scheduler):
-        warp_stack(ArrayRef(str(root), array), out_ref, composed, box, mode, written=written, progress=progress,
-                   num_workers=num_workers, scheduler=scheduler)
-    else:
-        warp_stack(src, out_ref.open("r+"), composed, box, mode, written=written.open("r+"),
-                   device="cuda" if torch.cuda.is_available() else "cpu", progress=progress, num_workers=num_workers)
+    warp_stack(ArrayRef(str(root), array) if is_distributed(scheduler) else src, out_ref, composed, box, mode, written=written,
+               device="cuda" if torch.cuda.is_available() else "cpu", progress=progress, num_workers=num_workers,
+               scheduler=scheduler)
     out = out_ref.open("r+")
     spacing = list(src.attrs.get("spacing", reg.attrs.get("spacing", [])))
     processing = list(src.attrs.get("processing", []))

@@ -208,6 +208,20 @@ def open_partial(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int
     return out, written, 0
 
 
+def prepare_output(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int], chunks: tuple[int, int, int],
+                   shards: tuple[int, int, int] | None, dtype: Any, compression_level: int, full_shape: tuple[int, int],
+                   **settings: Any) -> tuple[int, int]:
+    """The temporary output of a write and its flags (:func:`open_partial`), keyed by the layout and ``settings``
+    (source, transforms, crop, interpolation: everything else that determines the bytes). Returns ``(tasks, tasks
+    already written)``: the second is non-zero where an interrupted write of the same output is resumed."""
+    n_units = len(output_units(shape, shards or chunks, full_shape))
+    key = fingerprint(shape=shape, chunks=chunks, shards=shards, dtype=str(np.dtype(dtype)),
+                      compression_level=compression_level, **settings)
+    _, _, resumed = open_partial(group, tmp_name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                                 compression_level=compression_level, key=key, n_units=n_units)
+    return n_units, resumed
+
+
 def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed: torch.Tensor, box: list[int], mode: str, *,
                written: zarr.Array | ArrayRef | None = None, device: torch.device | str = "cpu", rank: int = 0,
                world: int = 1, progress: bool = False, num_workers: int = 4, scheduler: str = "threads") -> dict[str, float]:
@@ -220,8 +234,12 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     ``scheduler``: see :mod:`~sphero_lightning.storage.tasks` (with an address, ``src``, ``out`` and ``written``
     must be :class:`ArrayRef` s: only references and matrices travel to the workers). Returns timings (s) and counts.
     """
-    if is_distributed(scheduler) and not all(isinstance(a, ArrayRef) for a in (src, out) + ((written,) if written is not None else ())):
-        raise SpheroError("writing on a dask cluster needs arrays in a store the workers can open, not in memory")
+    if is_distributed(scheduler):
+        if not all(isinstance(a, ArrayRef) for a in (src, out) + ((written,) if written is not None else ())):
+            raise SpheroError("writing on a dask cluster needs arrays in a store the workers can open, not in memory")
+    else:  # on this machine: open each array once, not once per task
+        src, out = _array(src), _array(out, "r+")
+        written = None if written is None else _array(written, "r+")
     s, o = _array(src), _array(out)
     up, down, left, right = box
     units = output_units(tuple(o.shape), tuple(int(v) for v in (getattr(o, "shards", None) or o.chunks)), tuple(s.shape[1:]))

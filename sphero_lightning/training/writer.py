@@ -23,7 +23,7 @@ from ..core.transforms import chain_with_gaps, normalized_to_pixel
 from ..errors import SpheroError
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import ArrayRef, fingerprint, open_partial, output_layout, output_units, warp_stack
+from ..storage.writing import ArrayRef, output_layout, prepare_output, warp_stack
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
 
@@ -60,32 +60,28 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     rank, world = trainer.global_rank, trainer.world_size
     out_root, fmt = dm.out_root, dm.output_format
     chunks, shards = output_layout(src.chunks, out_shape, writer.chunks, writer.shards)
-    units = output_units(out_shape, shards or chunks, shape)
-    key = fingerprint(source=[str(dm.root), dm.array], composed=composed.tolist(), box=box, mode=writer.interpolation,
-                      shape=out_shape, chunks=chunks, shards=shards, dtype=str(np.dtype(src.dtype)),
-                      compression_level=writer.compression_level, zarr_format=fmt)
     if rank == 0:
         group = open_group(out_root, group_path, fmt)
-        _, _, resumed = open_partial(group, tmp_name, shape=out_shape, chunks=chunks, shards=shards, dtype=src.dtype,
-                                     compression_level=writer.compression_level, key=key, n_units=len(units))
+        units, resumed = prepare_output(group, tmp_name, shape=out_shape, chunks=chunks, shards=shards, dtype=src.dtype,
+                                        compression_level=writer.compression_level, full_shape=shape,
+                                        source=[str(dm.root), dm.array], composed=composed.tolist(), box=box,
+                                        mode=writer.interpolation, zarr_format=fmt)
         if resumed:
-            print(f"sphero: resuming an interrupted write: {resumed} of {len(units)} output chunks are already written "
+            print(f"sphero: resuming an interrupted write: {resumed} of {units} output chunks are already written "
                   f"in {out_root}/{group_path}/{tmp_name}", file=sys.stderr)
     _barrier()
     out_ref = ArrayRef(str(out_root), f"{group_path}/{tmp_name}")
     written = ArrayRef(str(out_root), f"{group_path}/{tmp_name}-written")
     distributed = is_distributed(writer.scheduler)
-    src_ref: Any = ArrayRef(str(dm.root), dm.array) if distributed else src
 
     show = rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
     workers = writer.num_workers if distributed else dm.writer_threads(shape[0] * shape[1], writer.num_workers)
     if workers < writer.num_workers and rank == 0:
         print(f"sphero: writing with {workers} thread(s) of --output.num_workers {writer.num_workers}: the memory budget "
               f"({dm.memory_budget / 2**30:.2f} GB) holds {workers} slice(s) of {shape[0]} x {shape[1]} in flight", file=sys.stderr)
-    module.timings.update(warp_stack(src_ref, out_ref if distributed else out_ref.open("r+"), composed, box,
-                                     writer.interpolation, written=written if distributed else written.open("r+"),
-                                     device=module.device, rank=rank, world=world, progress=show, num_workers=workers,
-                                     scheduler=writer.scheduler))
+    module.timings.update(warp_stack(ArrayRef(str(dm.root), dm.array) if distributed else src, out_ref, composed, box,
+                                     writer.interpolation, written=written, device=module.device, rank=rank, world=world,
+                                     progress=show, num_workers=workers, scheduler=writer.scheduler))
     _barrier()
     out = out_ref.open("r+")
 
