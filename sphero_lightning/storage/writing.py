@@ -188,9 +188,9 @@ def fingerprint(**settings: Any) -> str:
 
 def open_partial(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int], chunks: tuple[int, int, int],
                  shards: tuple[int, int, int] | None, dtype: Any, compression_level: int, key: str,
-                 n_units: int) -> tuple[zarr.Array, zarr.Array, int]:
+                 n_units: int) -> int:
     """The temporary output and its ``written`` flags: those of an interrupted run with the same fingerprint ``key``
-    (resumed), else new ones. Returns ``(out, written, units already written)``."""
+    (resumed), else new ones. Returns how many units are already written."""
     flags = f"{tmp_name}-written"
     try:
         out, written = group[tmp_name], group[flags]
@@ -200,12 +200,12 @@ def open_partial(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int
     except KeyError:
         same = False
     if same:
-        return out, written, int(np.count_nonzero(written[:]))
-    out = create_array(group, tmp_name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+        return int(np.count_nonzero(written[:]))
+    create_array(group, tmp_name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
                        compression_level=compression_level)
     written = group.create_array(flags, shape=(n_units,), chunks=(1,), dtype="uint8", fill_value=0, overwrite=True)
     written.attrs["fingerprint"] = key
-    return out, written, 0
+    return 0
 
 
 def prepare_output(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int], chunks: tuple[int, int, int],
@@ -217,9 +217,8 @@ def prepare_output(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, i
     n_units = len(output_units(shape, shards or chunks, full_shape))
     key = fingerprint(shape=shape, chunks=chunks, shards=shards, dtype=str(np.dtype(dtype)),
                       compression_level=compression_level, **settings)
-    _, _, resumed = open_partial(group, tmp_name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+    return n_units, open_partial(group, tmp_name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
                                  compression_level=compression_level, key=key, n_units=n_units)
-    return n_units, resumed
 
 
 def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed: torch.Tensor, box: list[int], mode: str, *,
