@@ -326,7 +326,10 @@ def test_two_runs_on_one_output_do_not_race(tmp_path, base_image):
 
 # ---------------------------------------------------------------------------- 6. trainer options that change the result
 @pytest.mark.parametrize("option,value", [("fast_dev_run", "true"), ("precision", "16-mixed"), ("max_steps", "5"),
-                                          ("max_epochs", "1"), ("limit_train_batches", "0.5"), ("gradient_clip_val", "1.0")])
+                                          ("max_epochs", "1"), ("min_epochs", "2"), ("min_steps", "3"),
+                                          ("max_time", "00:00:01:00"), ("limit_train_batches", "0.5"),
+                                          ("overfit_batches", "1"), ("accumulate_grad_batches", "2"),
+                                          ("gradient_clip_val", "1.0")])
 def test_trainer_options_that_change_the_result_are_refused(tmp_path, base_image, option, value):
     s = make_stack(base_image, 3, (64, 64), seed=1)
     root = tmp_path / "s.zarr"
@@ -334,6 +337,23 @@ def test_trainer_options_that_change_the_result_are_refused(tmp_path, base_image
     before = _snapshot(root)
     _assert_one_line_error(*_run(_fit_args(root, f"--trainer.{option}", value)), f"--trainer.{option}",
                            "would change the registration")
+    assert _snapshot(root) == before
+
+
+def test_every_refused_trainer_option_is_tested():
+    from sphero_lightning.training.cli import RESULT_CHANGING
+
+    marks = test_trainer_options_that_change_the_result_are_refused.pytestmark
+    tested = {opt for m in marks if m.name == "parametrize" for opt, _ in m.args[1]}
+    assert tested == set(RESULT_CHANGING), set(RESULT_CHANGING) ^ tested
+
+
+def test_ckpt_path_is_refused_pointing_at_the_journal(tmp_path, base_image):
+    s = make_stack(base_image, 3, (64, 64), seed=1)
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root)
+    before = _snapshot(root)
+    _assert_one_line_error(*_run(_fit_args(root, "--ckpt_path", str(tmp_path / "last.ckpt"))), "--ckpt_path", "journal")
     assert _snapshot(root) == before
 
 

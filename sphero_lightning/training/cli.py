@@ -45,7 +45,7 @@ _PLAIN_DEFAULTS = {
 #: or lowers the arithmetic's precision, degrades the transforms silently, so these are refused.
 RESULT_CHANGING: dict[str, tuple[tuple[Any, ...], str]] = {
     "fast_dev_run": ((False, 0, None), "fits one step of one block only"),
-    "precision": ((None, "32-true", "32", 32), "the loss and its derivatives need float32 images (16-mixed: 0.27 px off)"),
+    "precision": ((None, "32-true", "32", 32), "the fit is built and validated for float32 images and float64 parameters"),
     "max_epochs": ((None, -1), "the number of epochs is the number of blocks; use --data.max_pairs to fit fewer pairs"),
     "min_epochs": ((None,), "the number of epochs is the number of blocks"),
     "max_steps": ((None, -1), "stops pairs before they converge; use --pyramid.steps for the budget per level"),
@@ -141,6 +141,9 @@ class SpheroCLI(LightningCLI):
             value = trainer.get(key)
             if value not in allowed:
                 raise SpheroError(f"--trainer.{key} {value} would change the registration ({why}); remove it")
+        if cfg.get("ckpt_path") is not None:
+            raise SpheroError("--ckpt_path: sphero fit keeps no Lightning checkpoints; an interrupted run resumes from its "
+                              "journal when the same command runs again (README: Interrupted runs); remove --ckpt_path")
         missing = _accelerator_missing(trainer.get("accelerator", "auto"))
         if missing:
             raise SpheroError(missing)
