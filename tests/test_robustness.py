@@ -160,8 +160,11 @@ def test_journal_with_other_settings_is_not_reused(tmp_path, capsys):
     assert list(Journal(tmp_path / "j", {"model": {"loss": "ncc"}, "shape": [4, 8, 8]}).load()) == [0]
     # a valid zarr group, so zarr tools listing the store do not trip over it
     assert "sphero_journal" in zarr.open_group(str(tmp_path / "j"), mode="r").attrs
-    assert Journal(tmp_path / "j", {"model": {"loss": "mse"}, "shape": [4, 8, 8]}).load() == {}
-    assert "other settings" in capsys.readouterr().err
+    other = Journal(tmp_path / "j", {"model": {"loss": "mse"}, "shape": [4, 8, 8]})
+    assert other.load() == {}
+    other.save({1: {"matrix": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], "final_loss": 0.5}})  # a run starting over
+    assert capsys.readouterr().err.count("other settings") == 1  # said once, not again by the first save
+    assert list(Journal(tmp_path / "j", {"model": {"loss": "mse"}, "shape": [4, 8, 8]}).load()) == [1]
     (tmp_path / "j" / "zarr.json").write_text("{ torn")
     assert Journal(tmp_path / "j", {}).load() == {}
 

@@ -54,18 +54,21 @@ class Journal:
     def _attributes(self, doc: dict[str, Any]) -> dict[str, Any]:
         return doc["attributes"] if self.zarr_format == 3 else doc
 
-    def _matches(self) -> bool | None:
-        """Whether the journal on disk was made with this fingerprint (None: there is none)."""
+    def _matches(self, say: bool = True) -> bool | None:
+        """Whether the journal on disk was made with this fingerprint (None: there is none); ``say``: tell the user
+        when one is there but cannot be used."""
         if not self.file.exists():
             return None
         try:
             doc = self._attributes(json.loads(self.file.read_text()))["sphero_journal"]
         except (OSError, ValueError, KeyError, TypeError):
-            print(f"sphero: the progress journal {self.path} is unreadable; starting over", file=sys.stderr)
+            if say:
+                print(f"sphero: the progress journal {self.path} is unreadable; starting over", file=sys.stderr)
             return False
         if doc.get("version") != VERSION or doc.get("fingerprint") != self.fingerprint:
-            print(f"sphero: the progress journal {self.path} was made with other settings or data; starting over",
-                  file=sys.stderr)
+            if say:
+                print(f"sphero: the progress journal {self.path} was made with other settings or data; starting over",
+                      file=sys.stderr)
             return False
         return True
 
@@ -94,7 +97,7 @@ class Journal:
     def save(self, results: dict[int, dict[str, Any]]) -> None:
         """Add the pairs of ``results`` not saved yet (one new file); start a fresh journal the first time."""
         if not getattr(self, "_started", False):
-            if self.path.exists() and not self._matches():
+            if self.path.exists() and not self._matches(say=False):  # load() said so already
                 self._clear()
             self.path.mkdir(parents=True, exist_ok=True)
             attrs = {"sphero_journal": {"version": VERSION, "fingerprint": self.fingerprint}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from typing import Any
@@ -65,6 +66,9 @@ class PyramidSchedule(L.Callback):
             fac = [float(factors) ** (levels - 1 - i) for i in range(levels)]
         if any(f < 1 for f in fac):
             raise SpheroError(f"pyramid factors must be >= 1, got {fac}")
+        if any(fine > coarse for coarse, fine in itertools.pairwise(fac)):
+            raise SpheroError(f"pyramid factors go from coarse to fine, each at most the one before (e.g. [4, 2, 1]); "
+                              f"got {[float(f) for f in fac]}")
         st = [int(s) for s in _per_level(steps, levels, "pyramid steps")]
         if any(s < 1 for s in st):
             raise SpheroError(f"pyramid steps must be >= 1, got {st}")

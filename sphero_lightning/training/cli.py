@@ -8,8 +8,11 @@ refused before any work, with one line saying why (:data:`RESULT_CHANGING`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
+import threading
 import warnings
 from typing import Any
 
@@ -208,15 +211,44 @@ def fit_in_process(argv: list[str]) -> SpheroCLI:
         release_all()  # the output's lock, however the run ended
 
 
+@contextlib.contextmanager
+def _noting_ctrl_c():
+    """Note whether Ctrl-C (SIGINT) arrived: Lightning's trainer catches the KeyboardInterrupt itself and leaves by
+    ``sys.exit(1)``, silently, so only this note tells that exit from a failure. Main thread only (signal handlers
+    can be set nowhere else); the previous handler is restored afterwards."""
+    seen = {"sigint": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen["sigint"] = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_RESUME_HINT = "no output was written at the final path (run the same command again to resume)"
+
+
 def run_fit(argv: list[str], from_command_line: bool = False) -> SpheroCLI:
     """``sphero fit ARGS`` (``argv`` starts with ``fit``). From the command line LightningCLI reads ``sys.argv``
     itself (DDP's launcher starts the other ranks with the same ``sys.argv``)."""
     quiet_lightning()
-    try:
-        return _run_cli(None if from_command_line else argv)
-    except (SpheroError, ArgumentError, MisconfigurationException, OSError) as exc:
-        report("sphero fit", _message(exc), exc)
-    except KeyboardInterrupt:
-        interrupted("sphero fit", "no output was written at the final path (run the same command again to resume)")
-    finally:
-        release_all()  # the output's lock, however the run ended
+    with _noting_ctrl_c() as ctrl_c:
+        try:
+            return _run_cli(None if from_command_line else argv)
+        except (SpheroError, ArgumentError, MisconfigurationException, OSError) as exc:
+            report("sphero fit", _message(exc), exc)
+        except KeyboardInterrupt:
+            interrupted("sphero fit", _RESUME_HINT)
+        except SystemExit as exc:
+            if ctrl_c["sigint"] and exc.code == 1:  # Lightning's own exit after catching Ctrl-C
+                interrupted("sphero fit", _RESUME_HINT)
+            raise
+        finally:
+            release_all()  # the output's lock, however the run ended
