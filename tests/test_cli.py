@@ -53,6 +53,10 @@ def test_user_errors_are_one_line_without_traceback(small_store, tmp_path, extra
     assert "Traceback" not in r.stderr and "usage:" not in r.stderr
     err_lines = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
     assert any(message in ln for ln in err_lines), r.stderr[-2000:]
+    # one line: the error, and nothing else on stderr (no log lines, warnings or help text around it)
+    assert len(err_lines) == 1 and err_lines[0].startswith("sphero fit: error: "), r.stderr[-2000:]
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == err_lines, r.stderr[-2000:]
+    assert len(r.stderr) < 400, r.stderr[-2000:]
     assert np.array_equal(zarr.open_array(str(root), path="images/50-4-4", mode="r")[:], s.stack)
     assert "registered" not in zarr.open_group(str(root), mode="r")["images"]
 
@@ -123,6 +127,11 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path, base_image):
         assert r.returncode == 0, r.stderr[-3000:]
         roots.append(root)
     one, ddp = (zarr.open_array(str(r), path="images/registered/50-4-4", mode="r") for r in roots)
+    # the trainer really ran two processes (a quiet fallback to one process would pass every check below)
+    for arr, world in ((one, 1), (ddp, 2)):
+        step = next(p for p in arr.attrs["processing"] if p["step_name"] == "registration")
+        trainer = step["parameters"]["trainer"]
+        assert trainer["world_size"] == world, trainer
     assert sorted(r["pair_index"] for r in ddp.attrs["registration_log"]) == list(range(15))
     # NCC before/after, all-reduced across the ranks: every pair's values, as in one process
     for key in ("ncc_before", "ncc_after"):

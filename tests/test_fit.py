@@ -85,7 +85,7 @@ def test_similarity_fits_isotropic_scale(tmp_path, base_image):
 def test_adam_and_other_losses_run(tmp_path, base_image):
     err, out = register_synthetic(tmp_path, base_image, "--model.optimizer", "adam", "--model.loss", "mse",
                                   "--pyramid.steps", "150", n=3, shape=(128, 128))
-    assert err < 0.5, f"adam/mse error {err:.3f} px"
+    assert err < 0.05, f"adam/mse error {err:.4f} px"  # measured 0.0224 px
     assert out.attrs["processing"][0]["parameters"]["optimizer"] == "adam"
 
 

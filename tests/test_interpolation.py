@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample, downscale, inside_weight, warp
@@ -58,6 +59,56 @@ def test_downscale_keeps_the_extent():
     img = torch.rand(1, 1, 100, 60)
     assert downscale(img, 4).shape[-2:] == (25, 15)
     assert downscale(img, 1) is img
+
+
+def _tent_matrix(n_in: int, n_out: int):
+    """Anti-aliased linear resampling as a matrix, from its definition (numpy, float64): output sample ``i`` sits at
+    ``(i + 0.5) s - 0.5`` in input pixel indices (``s = n_in / n_out``: the same extent edge to edge) and averages the
+    input with a tent ``max(0, 1 - |d| / s)`` stretched by the factor, its weights renormalized to sum to 1 (the
+    tent's part outside the slice is dropped)."""
+    import numpy as np
+
+    s = n_in / n_out
+    centre = (np.arange(n_out) + 0.5) * s - 0.5
+    w = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in)[None, :] - centre[:, None]) / s)
+    return w / w.sum(1, keepdims=True), centre
+
+
+@pytest.mark.parametrize("shape,factor,out", [((100, 60), 4, (25, 15)), ((90, 75), 3, (30, 25)),
+                                              ((101, 67), 2.5, (40, 27)), ((40, 30), 8, (8, 8))])
+def test_downscale_values_are_the_stretched_tent_filter(shape, factor, out):
+    """downscale's values against the filter written out directly (any factor, the 8 px floor included)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(2, 1, *shape, generator=g, dtype=torch.float64)
+    got = downscale(img, factor)
+    assert got.shape[-2:] == out
+    my, _ = _tent_matrix(shape[0], out[0])
+    mx, _ = _tent_matrix(shape[1], out[1])
+    ref = np.einsum("ih,bhw,jw->bij", my, img[:, 0].numpy(), mx)
+    assert np.allclose(got[:, 0].numpy(), ref, rtol=1e-10, atol=1e-12), np.abs(got[:, 0].numpy() - ref).max()
+    got32 = downscale(img.float(), factor)[:, 0].double().numpy()
+    assert np.allclose(got32, ref, rtol=1e-5, atol=1e-6), np.abs(got32 - ref).max()
+
+
+def test_downscale_keeps_constants_and_linear_ramps_at_the_new_sample_positions():
+    """A constant stays that constant everywhere; a ramp (integer factor, away from the borders where the tent is cut)
+    becomes the ramp sampled at the new pixel centres ``(i + 0.5) factor - 0.5``: nothing shifts between levels."""
+    import numpy as np
+
+    const = torch.full((1, 1, 97, 64), 0.37, dtype=torch.float64)
+    for factor in (2, 3, 4, 2.5):
+        assert torch.allclose(downscale(const, factor), torch.full_like(downscale(const, factor), 0.37), rtol=0, atol=1e-12)
+    h, w = 96, 120
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    ramp = (0.5 + 0.013 * x - 0.007 * y)[None, None]
+    for factor in (2, 3, 4):
+        got = downscale(ramp, factor)[0, 0].numpy()
+        cy = (np.arange(h // factor) + 0.5) * factor - 0.5
+        cx = (np.arange(w // factor) + 0.5) * factor - 0.5
+        expect = 0.5 + 0.013 * cx[None, :] - 0.007 * cy[:, None]
+        assert np.allclose(got[1:-1, 1:-1], expect[1:-1, 1:-1], rtol=0, atol=1e-12), factor
 
 
 def test_upsample2_is_the_bspline_interpolant_on_a_twice_finer_grid():

@@ -47,10 +47,25 @@ def test_bfgs_rejects_non_finite_trials():
     assert s.x.item() == 0 and s.trial().item() < x.item()  # step shortened, iterate kept
 
 
+def _steps_to(solver, centers, scales, tol, max_steps):
+    """Steps until every component of the iterate is within ``tol`` of the minimum (None: not within max_steps)."""
+    for k in range(1, max_steps + 1):
+        _run(solver, centers, scales, 1)
+        if (solver.x - centers).abs().max() < tol:
+            return k
+    return None
+
+
 def test_adam_converges_slower_but_converges():
     centers = torch.tensor([[0.02, -0.01]], dtype=torch.float64)
-    x = _run(BatchAdam(torch.zeros(1, 2), lr=1e-3), centers, torch.ones(1, 2, dtype=torch.float64), 400)
+    scales = torch.ones(1, 2, dtype=torch.float64)
+    x = _run(BatchAdam(torch.zeros(1, 2), lr=1e-3), centers, scales, 400)
     assert torch.allclose(x, centers, atol=2e-3)
+    # slower: from the same start, with the same first step length, to the same tolerance (measured: 80 against 3)
+    adam = _steps_to(BatchAdam(torch.zeros(1, 2), lr=1e-3), centers, scales, 1e-4, 400)
+    bfgs = _steps_to(BatchBFGS(torch.zeros(1, 2), lr=1e-3), centers, scales, 1e-4, 400)
+    assert adam is not None and bfgs is not None, (adam, bfgs)
+    assert bfgs <= 5 and adam >= 10 * bfgs, (adam, bfgs)
 
 
 @pytest.mark.parametrize("fine", [0.0, 3.0])
@@ -109,3 +124,39 @@ def test_gauss_newton_curvature_matches_the_true_hessian_of_ncc(fine):
             rel_own = float(torch.linalg.matrix_norm(own - hess) / torch.linalg.matrix_norm(hess))
             assert rel < 0.45 and rel_own > 3, (transformation, rel, rel_own)
             assert step_err < 0.6, (transformation, step_err)
+
+
+@pytest.mark.parametrize("loss", ["ncc", "mse"])
+def test_evaluation_in_passes_equals_one_pass(loss, monkeypatch):
+    """A block over ``max_pixels_per_pass`` (1 Mpx) is evaluated in equal passes of pairs (here 5 pairs of 2 a pass:
+    2 + 2 + 1), on the analytic NCC path and the autograd one: the same losses, gradients and Gauss-Newton
+    Hessians (of the rows that ask for one) as one pass."""
+    from sphero_lightning.core import objective
+    from sphero_lightning.core.interpolation import bspline_prefilter, gaussian_blur
+    from sphero_lightning.core.objective import PairObjective
+
+    torch.manual_seed(1)
+    h, w = 64, 80
+    imgs = gaussian_blur(torch.rand(6, 1, h, w), 1.5)
+    fixed, coeffs = imgs[:5], bspline_prefilter(imgs[1:])
+    m = PairObjective(transformation="affine", loss=loss, shape=(h, w))
+    assert m.uses_fast_ncc == (loss == "ncc")
+    p = 0.01 * torch.randn(5, m.n_params, dtype=torch.float64)
+    want = torch.tensor([True, False, True, True, False])
+    sizes: list[int] = []
+    if m.uses_fast_ncc:
+        inner = objective.ncc_and_gradient
+        monkeypatch.setattr(objective, "ncc_and_gradient", lambda theta, *a, **k: sizes.append(len(theta)) or inner(theta, *a, **k))
+    else:
+        inner = m.pair_losses
+        monkeypatch.setattr(m, "pair_losses", lambda pc, *a, **k: sizes.append(len(pc)) or inner(pc, *a, **k))
+    one = m.evaluate(p, fixed, coeffs, curvature=want)
+    assert sizes == [5]
+    sizes.clear()
+    m.max_pixels_per_pass = 2 * h * w
+    passes = m.evaluate(p, fixed, coeffs, curvature=want)
+    assert sizes == [2, 2, 1]
+    assert torch.allclose(passes[0], one[0], rtol=1e-6, atol=1e-9), (passes[0], one[0])
+    assert torch.allclose(passes[1], one[1], rtol=1e-5, atol=1e-9), (passes[1], one[1])
+    assert torch.allclose(passes[2], one[2], rtol=1e-5, atol=1e-9)
+    assert (one[2][~want] == 0).all() and (one[2][want].diagonal(dim1=-2, dim2=-1) > 0).all()
