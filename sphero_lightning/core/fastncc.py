@@ -91,7 +91,8 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
     fixed, coeffs : torch.Tensor
         ``(B, 1, h, w)`` fixed slices and ``(B, 1, h + 2 PAD, w + 2 PAD)`` B-spline coefficients of the moving ones.
     images : dict, optional
-        Receives ``warped`` and ``weight`` (``(B, 1, h, w)``), as :meth:`RegistrationModule.pair_losses` gives them.
+        Receives ``warped`` and ``weight`` (``(B, 1, h, w)``), as :meth:`RegistrationModule.pair_losses` gives them,
+        and ``moving_dx``, ``moving_dy``: the interpolant's derivatives at the sample positions (per moving pixel).
 
     Returns
     -------
@@ -179,5 +180,7 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
         for k, (dw, half) in enumerate(((wx, w / 2), (wy, h / 2))):
             grad[:, k].index_add_(0, pb, half * (dl_dw * dw.double()).unsqueeze(1) * basis)
     if images is not None:
-        images.update(warped=(mc_all + cmean).unsqueeze(1), weight=wt_all.unsqueeze(1))
+        # and the interpolant's exact derivatives at the sample positions (per pixel of the moving slice)
+        images.update(warped=(mc_all + cmean).unsqueeze(1), weight=wt_all.unsqueeze(1), moving_dx=mx_all.unsqueeze(1),
+                      moving_dy=my_all.unsqueeze(1))
     return loss.detach(), grad
