@@ -17,7 +17,11 @@ Sections:
 * ``ddp``: wall time of ``sphero fit`` on a 16-slice stack in one process and as 2 CPU DDP processes, and the
   distance between their transforms (timings: run on a quiet machine);
 * ``blocks``: fitting time (the run's own timing line) of the 30 real ISBI sections at ``--data.pairs_per_block``
-  8 and 32, medians of --repeats alternating runs (timings: run on a quiet machine).
+  8 and 32, medians of --repeats alternating runs (timings: run on a quiet machine);
+* ``startup``: wall time of ``sphero --help``, of ``python -c "import lightning.pytorch"`` and of ``sphero fit`` on a
+  4-slice 128 x 128 stack, medians of 5 alternating runs (issue 12: fit <= the import + 1.5 s, help <= 1.5 s);
+* ``concurrent``: two ``sphero fit`` runs of the 30 ISBI sections one after the other, then both started at once
+  (issue 12: at once within 1.2x).
 """
 
 from __future__ import annotations
@@ -140,7 +144,53 @@ def blocks(base: np.ndarray, work: Path, a: argparse.Namespace) -> None:
         flush=True)
 
 
-SECTIONS = {"smoothing": smoothing, "stop-tol": stop_tol, "roundtrip": roundtrip, "ddp": ddp, "blocks": blocks}
+def startup(base: np.ndarray, work: Path, a: argparse.Namespace) -> None:
+    root = work / "small.zarr"
+    write_zarr(make_stack(base, 4, (128, 128), seed=0).stack, root)
+    exe = Path(sys.executable).with_name("sphero")
+    cmds = {"sphero --help": [str(exe), "--help"],
+            "import lightning.pytorch": [sys.executable, "-c", "import lightning.pytorch"],
+            "sphero fit (4 x 128 x 128)": [str(exe), "fit", "--data.root", str(root), "--data.array", "images/50-4-4",
+                                           "--data.overwrite", "true", "--trainer.enable_progress_bar", "false",
+                                           "--trainer.logger", "false"]}
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    for _ in range(5):
+        for name, cmd in cmds.items():
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, cwd=work)
+            times[name].append(time.perf_counter() - t0)
+    print("startup: " + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in times.items()) + " (medians of 5)",
+          flush=True)
+
+
+def concurrent(base: np.ndarray, work: Path, a: argparse.Namespace) -> None:
+    import tifffile
+
+    vol = np.asarray(tifffile.imread(str(ISBI_PATH)))
+    roots = [work / f"c{k}.zarr" for k in range(2)]
+    for r in roots:
+        write_zarr(vol, r)
+    exe = str(Path(sys.executable).with_name("sphero"))
+
+    def cmd(r: Path) -> list[str]:
+        return [exe, "fit", "--data.root", str(r), "--data.array", "images/50-4-4", "--data.overwrite", "true",
+                "--data.resume", "false", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+
+    t0 = time.perf_counter()
+    for r in roots:
+        subprocess.run(cmd(r), check=True, capture_output=True)
+    one_by_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd(r), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for r in roots]
+    if any(p.wait() for p in procs):
+        raise SystemExit("a concurrent run failed")
+    at_once = time.perf_counter() - t0
+    print(f"concurrent: two sphero fit runs of the 30 ISBI sections one after the other {one_by_one:.1f} s, started at "
+          f"once {at_once:.1f} s ({at_once / one_by_one:.2f}x)", flush=True)
+
+
+SECTIONS = {"smoothing": smoothing, "stop-tol": stop_tol, "roundtrip": roundtrip, "ddp": ddp, "blocks": blocks, "startup": startup,
+            "concurrent": concurrent}
 
 
 def main() -> None:

@@ -77,11 +77,17 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw: Any) -> tuple[Any, Any]:
+def _figure(width: float, height: float, rows: int = 1, cols: int = 1, margins: dict[str, float] | None = None,
+            **kw: Any) -> tuple[Any, Any]:
+    """A figure with fixed margins (inches from the edges): matplotlib's constrained layout drew every figure twice
+    and cost ~0.3 s of a run's start-up."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(width, height), dpi=90, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=90)
+    m = {"left": 1.0, "right": 0.15, "top": 0.35, "bottom": 0.5, "hspace": 0.15, "wspace": 0.05, **(margins or {})}
+    fig.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width, top=1 - m["top"] / height,
+                        bottom=m["bottom"] / height, hspace=m["hspace"], wspace=m["wspace"])
     axes = fig.subplots(rows, cols, squeeze=False, **kw)
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # x is a slice index on every plot
