@@ -22,7 +22,7 @@ import zarr
 from conftest import CONFIG
 
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import composed_error, make_stack, truth_composed, write_zarr
+from sphero_lightning.core.synthetic import composed_error, make_stack, render, truth_composed, write_zarr
 from sphero_lightning.core.transforms import describe, homogeneous
 from sphero_lightning.errors import SpheroError
 from sphero_lightning.storage.journal import Journal
@@ -148,6 +148,28 @@ def test_pyramid_learning_rate_sets_adams_step(tmp_path, base_image):
     assert still < 1e-5, still
     assert errs["1e-7"].min() > 1.0, errs
     assert errs["0.01"].max() < 0.05, errs
+
+
+def test_init_translation_phase_sets_the_start_and_none_does_not(tmp_path, base_image):
+    """Catches ``init_translation`` being ignored either way. With a frozen solver (adam at a learning rate of 1e-7)
+    every pair ends where it started: ``phase`` starts from the phase-correlation shift (about the true 12 px),
+    ``none`` from the identity. (Converged, both recover such shifts: tests/test_options.py.)"""
+    shape = (96, 96)
+    tf = np.zeros((2, 2, 3))
+    tf[:, :, :2] = np.eye(2)
+    tf[1, :, 2] = [12.0, -7.0]
+    rng = np.random.default_rng(1)
+    stack = np.clip(np.rint(render(base_image, tf, shape) + rng.normal(0, 4, (2, *shape))), 0, 255).astype(np.uint8)
+    frozen = ("--model.optimizer", "adam", "--pyramid.learning_rate", "1e-7", "--pyramid.levels", "2")
+    shifts = {}
+    for mode in ("phase", "none"):
+        root = tmp_path / f"{mode}.zarr"
+        write_zarr(stack, root)
+        _fit(root, *frozen, "--model.init_translation", mode)
+        shifts[mode] = np.asarray(_attrs(root)["composed_transforms_pixel"])[1][:2, 2]
+    print(f"start kept by a frozen solver: {shifts}")
+    assert np.abs(shifts["none"]).max() < 1e-3, shifts
+    assert np.abs(np.abs(shifts["phase"]) - [12.0, 7.0]).max() < 1.0, shifts
 
 
 # --- 3. early_stopping.newton_step_tol_px ---------------------------------------------------------------------------
