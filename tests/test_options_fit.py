@@ -352,6 +352,39 @@ def test_resume_with_another_block_size_reuses_finished_pairs(tmp_path, base_ima
     assert not journal.exists()
 
 
+def test_resume_on_two_ddp_processes_after_one(tmp_path, base_image, monkeypatch):
+    """The fingerprint leaves out the number of devices too (README): a one-process run stopped after 2 blocks of 2
+    pairs and continued as 2 CPU DDP processes reuses the 4 finished pairs and equals the uninterrupted run."""
+    shape = (96, 96)
+    s = make_stack(base_image, 8, shape, seed=46)
+    root = _stack(tmp_path, s)
+    journal = root / "images" / "registered" / "tmp-50-4-4-journal"
+    with monkeypatch.context() as m:
+        m.setattr(Journal, "remove", lambda self: None)
+        _fit(root, *LEVELS3, "--data.pairs_per_block", "2")
+    clean = _attrs(root)
+    parts = sorted(p.name for p in journal.glob("pairs-*.json"))
+    for name in parts[2:]:
+        (journal / name).unlink()
+    for name in parts[:2]:
+        doc = json.loads((journal / name).read_text())
+        (journal / name).write_text(json.dumps({k: {**v, "final_loss": 12345.0} for k, v in doc.items()}))
+    shutil.rmtree(root / OUT)
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "sphero_lightning", *_args(root, *LEVELS3, "--data.pairs_per_block", "2",
+                        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming: 4 of 7 pairs finished earlier" in r.stderr, r.stderr[-3000:]
+    attrs = _attrs(root)
+    assert _params(attrs)["trainer"]["world_size"] == 2
+    log = sorted(attrs["registration_log"], key=lambda e: e["pair_index"])
+    assert [e["final_loss"] == 12345.0 for e in log] == [True] * 4 + [False] * 3, [e["final_loss"] for e in log]
+    diff = composed_error(np.asarray(attrs["composed_transforms"]), np.asarray(clean["composed_transforms"]), shape)
+    assert diff.max() < 1e-4, diff
+
+
 # --- 10. Ctrl-C -------------------------------------------------------------------------------------------------------
 
 def test_ctrl_c_stops_with_one_line_and_the_rerun_resumes(tmp_path, base_image):
