@@ -58,7 +58,7 @@ def open_in_browser(page_path: Path) -> dict:
             page.on("request", lambda r: requests.append(r.url))
             page.goto(url, wait_until="load")
             images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight,"
-                                   " i.src.slice(0, 22)])")
+                                   " i.src.slice(0, 26)])")
             cells = {f"{axis}-{tag}": float(page.inner_text(f"#straightness-{axis}-{tag}"))
                      for axis in ("xz", "yz") for tag in ("before", "after")}
             headings = page.evaluate("Array.from(document.querySelectorAll('h2, h3')).map(h => h.textContent)")
@@ -76,7 +76,7 @@ def _check_page(page_path: Path, min_images: int) -> dict:
     assert len(seen["images"]) >= min_images, seen["images"]
     for alt, complete, width, height, src in seen["images"]:
         assert complete and width > 0 and height > 0, (alt, complete, width, height)
-        assert src.startswith("data:image/png;base64"), (alt, src)
+        assert src.startswith(("data:image/png;base64", "data:image/svg+xml;base64")), (alt, src)
     cells = seen["cells"]
     assert cells["xz-after"] < cells["xz-before"] and cells["yz-after"] < cells["yz-before"], cells
     return seen

@@ -10,16 +10,14 @@ What a microscopist looks at to judge an alignment, from a finished output array
 * before/after overlays of the flagged pairs (or of a few representative ones where none is flagged);
 * the run's settings and timing.
 
-Every picture is embedded as a PNG ``data:`` URI: the page needs no network, no server and no script. It reads
-only what the pictures need (one row or column band per slice for a reslice, four slices per overlay). Plots are
-drawn with matplotlib's Agg canvas (imported on first use; no pyplot, so no global backend is touched).
+Every picture is embedded as a ``data:`` URI (images as PNG, the curves as SVG drawn by :mod:`.charts`): the page
+needs no network, no server and no script. It reads only what the pictures need (one row or column band per slice
+for a reslice, four slices per overlay).
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +27,7 @@ import zarr
 
 from ..core.frames import decompose, pixel_matrices
 from ..errors import SpheroError
+from .charts import COLORS, Panel, Series, panels_svg, svg_uri
 from .reslice import Reslice, intensity_window, pair_overlays, png_uri, read_reslice, reslice_picture, row_steps, straightness
 
 #: Narrow reslice pictures are shown enlarged by the whole factor that brings them nearest this width (the PNG keeps
@@ -67,33 +66,6 @@ def _esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _png(fig: Any) -> str:
-    """A matplotlib figure as a PNG data URI."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1, margins: dict[str, float] | None = None,
-            **kw: Any) -> tuple[Any, Any]:
-    """A figure with fixed margins (inches from the edges): matplotlib's constrained layout drew every figure twice
-    and cost ~0.3 s of a run's start-up."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(width, height), dpi=90)
-    m = {"left": 1.0, "right": 0.15, "top": 0.35, "bottom": 0.5, "hspace": 0.15, "wspace": 0.05, **(margins or {})}
-    fig.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width, top=1 - m["top"] / height,
-                        bottom=m["bottom"] / height, hspace=m["hspace"], wspace=m["wspace"])
-    axes = fig.subplots(rows, cols, squeeze=False, **kw)
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # x is a slice index on every plot
-    return fig, axes
-
-
 def damaged_slices(log: list[dict[str, Any]]) -> dict[int, str]:
     """The slices left out as damaged, with the reason, from a ``registration_log``."""
     out: dict[int, str] = {}
@@ -115,81 +87,56 @@ def flagged_pairs(log: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]
     return out
 
 
-def _mark(axes: Any, damaged: dict[int, str]) -> None:
-    """Damaged slices as grey bands on every panel."""
-    for ax in axes:
-        for z in damaged:
-            ax.axvspan(z - 0.5, z + 0.5, color="0.8", zorder=0)
-
-
 #: The smallest y range of the drift panels (translation px, rotation deg, scale, shear): a rigid run's scale of
 #: 1 +- 1e-7 shows as flat, not as rounding noise blown up to the panel's height.
 MIN_SPANS = (2.0, 0.2, 2e-3, 2e-3)
 
 
-def _min_span(ax: Any, span: float) -> None:
-    lo, hi = ax.get_ylim()
-    if hi - lo < span:
-        mid = (lo + hi) / 2
-        ax.set_ylim(mid - span / 2, mid + span / 2)
-
-
 def curves_figure(log: list[dict[str, Any]], tmats: np.ndarray, shape: tuple[int, int]) -> str:
     """NCC per pair and the composed drift per slice along the stack, with the flagged pairs and damaged slices
-    marked (PNG data URI)."""
-    fig, axes = _figure(9.5, 9.0, 5, 1, sharex=True)
-    axes = axes[:, 0]
-    damaged = damaged_slices(log)
-    _mark(axes, damaged)
+    marked (SVG data URI)."""
+    bands = sorted(damaged_slices(log))
     z_pair = np.array([e["slice_indices"][1] for e in log], dtype=float)
-    for key, style, label in (("ncc_before", "o-", "before"), ("ncc_after", "s-", "after")):
-        values = np.array([np.nan if e.get(key) is None else e[key] for e in log], dtype=float)
-        axes[0].plot(z_pair, values, style, ms=3, lw=1, label=f"NCC {label}")
-    for e in (e for e in log if e.get("qc") == "outlier"):
-        axes[0].plot([e["slice_indices"][1]], [e.get("ncc_after") or 0.0], "x", color="red", ms=9, mew=2, label="QC outlier")
-    for e in (e for e in log if e.get("status") in ("low_correlation", "failed")):
-        axes[0].plot([e["slice_indices"][1]], [e.get("ncc_after") or 0.0], "^", color="darkorange", ms=9, label=e["status"])
-    handles, labels = axes[0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    axes[0].legend(unique.values(), unique.keys(), fontsize=8, loc="lower left")
-    axes[0].set_ylabel("NCC of pair\n(z-1, z)")
+    ncc = [Series(z_pair, np.array([np.nan if e.get(key) is None else e[key] for e in log], dtype=float),
+                  f"NCC {label}", COLORS[k], marker) for k, (key, label, marker) in
+           enumerate((("ncc_before", "before", "o"), ("ncc_after", "after", "s")))]
+    for status, marker, color, label in (("outlier", "x", "red", "QC outlier"),
+                                         ("low_correlation", "^", "darkorange", "low_correlation"),
+                                         ("failed", "^", "darkorange", "failed")):
+        hits = [e for e in log if (e.get("qc") if status == "outlier" else e.get("status")) == status]
+        if hits:
+            ncc.append(Series(np.array([e["slice_indices"][1] for e in hits], dtype=float),
+                              np.array([e.get("ncc_after") or 0.0 for e in hits], dtype=float), label, color, marker, line=False))
     parts = [decompose(m, shape) for m in tmats]
-    z = np.arange(len(tmats))
-    axes[1].plot(z, [p["dx_px"] for p in parts], lw=1, label="x")
-    axes[1].plot(z, [p["dy_px"] for p in parts], lw=1, label="y")
-    axes[1].set_ylabel("translation (px)")
-    axes[2].plot(z, [p["rotation_deg"] for p in parts], lw=1, color="C2")
-    axes[2].set_ylabel("rotation (deg)")
-    axes[3].plot(z, [p["scale_x"] for p in parts], lw=1, label="x")
-    axes[3].plot(z, [p["scale_y"] for p in parts], lw=1, label="y")
-    axes[3].set_ylabel("scale")
-    axes[4].plot(z, [p["shear"] for p in parts], lw=1, color="C3")
-    axes[4].set_ylabel("shear")
-    for ax in (axes[1], axes[3]):
-        ax.legend(fontsize=8, loc="upper left")
-    for ax, span in zip(axes[1:], MIN_SPANS):
-        _min_span(ax, span)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.ticklabel_format(axis="y", useOffset=False)
-    axes[-1].set_xlabel("slice (z)")
-    axes[0].set_title("Along the stack: pairs (top) and each slice's composed transform to slice 0 (drift)", fontsize=10)
-    return _png(fig)
+    z = np.arange(len(tmats), dtype=float)
+
+    def col(key: str) -> np.ndarray:
+        return np.array([p[key] for p in parts], dtype=float)
+
+    panels = [Panel(ncc, "NCC of pair\n(z-1, z)", bands=bands, legend=True),
+              Panel([Series(z, col("dx_px"), "x", COLORS[0]), Series(z, col("dy_px"), "y", COLORS[1])],
+                    "translation (px)", MIN_SPANS[0], bands, legend=True),
+              Panel([Series(z, col("rotation_deg"), color=COLORS[2])], "rotation (deg)", MIN_SPANS[1], bands),
+              Panel([Series(z, col("scale_x"), "x", COLORS[0]), Series(z, col("scale_y"), "y", COLORS[1])], "scale",
+                    MIN_SPANS[2], bands, legend=True),
+              Panel([Series(z, col("shear"), color=COLORS[3])], "shear", MIN_SPANS[3], bands)]
+    return svg_uri(panels_svg(panels, width=860, panel_height=135, xlabel="slice (z)", x_range=(-0.5, len(tmats) - 0.5),
+                              title="Along the stack: pairs (top) and each slice's composed transform to slice 0 (drift)"))
 
 
 def straightness_figure(steps: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
-    """Per step z -> z+1 of the middle reslices, the mean absolute row difference before and after (PNG URI)."""
-    fig, axes = _figure(9.5, 3.0, 1, len(steps), sharey=True)
-    for ax, (axis, (before, after)) in zip(axes[0], steps.items()):
-        z = np.arange(1, len(before) + 1)
-        ax.plot(z, before, "o-", ms=2, lw=1, color="C1", label=f"before (mean {straightness(before):.4f})")
-        ax.plot(z, after, "s-", ms=2, lw=1, color="C0", label=f"after (mean {straightness(after):.4f})")
-        ax.set_title(f"{axis.upper()} reslice: |row z - row z-1|", fontsize=10)
-        ax.set_xlabel("slice (z)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("mean abs. difference\n(fraction of intensity range)")
-    return _png(fig)
+    """Per step z -> z+1 of the middle reslices, the mean absolute row difference before and after (one SVG data URI
+    per reslice, side by side in the page)."""
+    charts = []
+    for axis, (before, after) in steps.items():
+        z = np.arange(1, len(before) + 1, dtype=float)
+        panel = Panel([Series(z, before, f"before (mean {straightness(before):.4f})", COLORS[1], "o"),
+                       Series(z, after, f"after (mean {straightness(after):.4f})", COLORS[0], "s")],
+                      "mean abs. difference\n(fraction of range)", legend=True)
+        svg = panels_svg([panel], width=430, panel_height=170, xlabel="slice (z)",
+                         title=f"{axis.upper()} reslice: |row z - row z-1|")
+        charts.append(f'<img src="{svg_uri(svg)}" alt="straightness along the stack ({axis})">')
+    return "".join(charts)
 
 
 def _table(rows: list[tuple[str, Any]], ids: dict[str, str] | None = None) -> str:
@@ -319,7 +266,7 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
              _HEADER.format(source=_esc(source), nz=nz, ny=ny, nx=nx, h=shape[0], w=shape[1], spacing=_esc(spacing), box=_esc(box)),
              "<h2>Summary</h2>", _table(_summary(log, damaged)),
              "<h2>Straightness</h2>", _STRAIGHTNESS.format(lo=window[0], hi=window[1]), _straightness_table(measured),
-             f'<figure><img src="{straightness_figure(steps)}" alt="straightness along the stack"></figure>',
+             f'<figure>{straightness_figure(steps)}</figure>',
              "<h2>Reslices</h2>"]
     pictures: dict[str, np.ndarray] = {}
     chosen = [read_reslice(out, src, box, axis, p) for axis, p in (("xz", position_y), ("yz", position_x)) if p is not None]
