@@ -41,6 +41,7 @@ class Panel:
     min_span: float = 0.0
     bands: list[float] = field(default_factory=list)
     legend: bool = False
+    legend_below: bool = False  # the legend in the lower left corner (where the data leave room) instead of the upper
 
 
 def nice_step(span: float, count: int) -> float:
@@ -158,11 +159,13 @@ def panels_svg(panels: list[Panel], *, width: int = 860, panel_height: int = 150
         if panel.legend:
             labelled = list({s.label: s for s in panel.series if s.label}.values())
             box_w = 16 + 7 * max((len(s.label) for s in labelled), default=0)
+            box_h = 8 + 15 * len(labelled)
+            by = py0 + panel_height - 6 - box_h if panel.legend_below else py0 + 6
             if labelled:
-                out.append(f'<rect x="{left + 6}" y="{py0 + 6}" width="{box_w + 22}" height="{8 + 15 * len(labelled)}" '
+                out.append(f'<rect x="{left + 6}" y="{by}" width="{box_w + 22}" height="{box_h}" '
                            'fill="white" fill-opacity="0.85" stroke="#ccc"/>')
             for j, s in enumerate(labelled):
-                ly = py0 + 18 + 15 * j
+                ly = by + 12 + 15 * j
                 if s.line:
                     out.append(f'<line x1="{left + 12}" x2="{left + 30}" y1="{ly - 4}" y2="{ly - 4}" stroke="{s.color}" '
                                'stroke-width="1.3"/>')

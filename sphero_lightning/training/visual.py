@@ -113,7 +113,7 @@ def curves_figure(log: list[dict[str, Any]], tmats: np.ndarray, shape: tuple[int
     def col(key: str) -> np.ndarray:
         return np.array([p[key] for p in parts], dtype=float)
 
-    panels = [Panel(ncc, "NCC of pair\n(z-1, z)", bands=bands, legend=True),
+    panels = [Panel(ncc, "NCC of pair\n(z-1, z)", bands=bands, legend=True, legend_below=True),
               Panel([Series(z, col("dx_px"), "x", COLORS[0]), Series(z, col("dy_px"), "y", COLORS[1])],
                     "translation (px)", MIN_SPANS[0], bands, legend=True),
               Panel([Series(z, col("rotation_deg"), color=COLORS[2])], "rotation (deg)", MIN_SPANS[1], bands),
