@@ -419,3 +419,25 @@ def test_ctrl_c_stops_with_one_line_and_the_rerun_resumes(tmp_path, base_image):
     assert p.returncode == 130, (p.returncode, stderr)
     assert len(lines) == 1 and lines[0].startswith("sphero fit: interrupted;"), stderr
 
+
+
+def test_ctrl_c_after_the_output_is_written_says_so(tmp_path, base_image, monkeypatch):
+    """Ctrl-C while the alignment page is built (the output already in place): exit 130 and one line that names the
+    written output, not "no output was written"."""
+    from sphero_lightning.training import report
+
+    def interrupted_page(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; sphero's handler turns it into KeyboardInterrupt
+        time.sleep(1)
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(report, "report_page", interrupted_page)
+    s = make_stack(base_image, 3, (64, 64), seed=47)
+    root = _stack(tmp_path, s)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main(_args(root, *LEVELS3))
+    assert exc.value.code == 130, err.getvalue()[-2000:]
+    lines = [ln for ln in err.getvalue().splitlines() if "interrupted" in ln]
+    assert len(lines) == 1 and f"the output {root}/{OUT} was written before" in lines[0], err.getvalue()[-2000:]
+    assert (root / OUT).exists()

@@ -26,7 +26,7 @@ from ..threads import share_cores
 from .callbacks import PairEarlyStopping, PyramidSchedule
 from .data import ZarrPairDataModule
 from .module import RegistrationModule
-from .writer import RegistrationWriter
+from .writer import WRITTEN, RegistrationWriter
 
 #: ``sphero fit --help``'s description (``sphero --help`` lists the same in lower case).
 FIT_DESCRIPTION = "Register a Zarr stack: fit the pairwise transforms, compose, crop, write the aligned stack"
@@ -88,7 +88,9 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (r".*configure_optimizers.* returned `None`", r".*treespec, LeafSpec", r".*LightningCLI's args parameter",
-                    r".*does not have many workers", r".*litlogger", r".*`isinstance\(treespec"):
+                    r".*does not have many workers", r".*litlogger", r".*`isinstance\(treespec",
+                    # loss/block_final is the same on every rank (the pairs' losses are all-reduced): no sync needed
+                    r".*when logging on epoch level in distributed setting"):
         warnings.filterwarnings("ignore", message=pattern)
     # deprecations inside the libraries (Lightning's use of jsonargparse, torch's pytree): nothing a user can act on
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(lightning|jsonargparse|torch)(\.|$)")
@@ -232,23 +234,29 @@ def _noting_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-_RESUME_HINT = "no output was written at the final path (run the same command again to resume)"
+def _interrupted_fit() -> None:
+    """Ctrl-C's one line: what is (not) in place, and what to do."""
+    if WRITTEN:
+        interrupted("sphero fit", f"the output {WRITTEN[-1]} was written before; only the alignment page may be missing "
+                                  "(sphero report builds it)")
+    interrupted("sphero fit", "no output was written at the final path (run the same command again to resume)")
 
 
 def run_fit(argv: list[str], from_command_line: bool = False) -> SpheroCLI:
     """``sphero fit ARGS`` (``argv`` starts with ``fit``). From the command line LightningCLI reads ``sys.argv``
     itself (DDP's launcher starts the other ranks with the same ``sys.argv``)."""
     quiet_lightning()
+    WRITTEN.clear()
     with _noting_ctrl_c() as ctrl_c:
         try:
             return _run_cli(None if from_command_line else argv)
         except (SpheroError, ArgumentError, MisconfigurationException, OSError) as exc:
             report("sphero fit", _message(exc), exc)
         except KeyboardInterrupt:
-            interrupted("sphero fit", _RESUME_HINT)
+            _interrupted_fit()
         except SystemExit as exc:
             if ctrl_c["sigint"] and exc.code == 1:  # Lightning's own exit after catching Ctrl-C
-                interrupted("sphero fit", _RESUME_HINT)
+                _interrupted_fit()
             raise
         finally:
             release_all()  # the output's lock, however the run ended

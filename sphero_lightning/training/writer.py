@@ -27,6 +27,9 @@ from ..storage.writing import ArrayRef, output_layout, prepare_output, warp_stac
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
 
+#: Outputs this process has moved into place (``store/path``): what an interruption after that point has not lost.
+WRITTEN: list[str] = []
+
 #: How the writer resamples slices for the output (``--output.interpolation``).
 OutputInterpolation = Literal["bspline", "bicubic", "bilinear"]
 
@@ -125,6 +128,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "crop_box": box,
         })
         move_into_place(out_root, group_path, tmp_name, name)
+        WRITTEN.append(f"{out_root}/{final}")
         remove_node(out_root, f"{group_path}/{tmp_name}-written")
         journal = getattr(module, "journal", None)
         if journal is not None:
