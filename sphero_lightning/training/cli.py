@@ -24,7 +24,7 @@ from ..errors import SpheroError, interrupted, os_error_message, report
 from ..storage.store import release_all
 from ..threads import share_cores
 from .callbacks import PairEarlyStopping, PyramidSchedule
-from .data import ZarrPairDataModule, _launch_rank
+from .data import ZarrPairDataModule, launch_rank
 from .module import RegistrationModule
 from .writer import WRITTEN, RegistrationWriter
 
@@ -236,7 +236,7 @@ def _noting_ctrl_c():
 
 def _interrupted_fit() -> None:
     """Ctrl-C's one line (from rank 0 only: every DDP rank gets the signal): what is (not) in place, and what to do."""
-    if _launch_rank() != 0:
+    if launch_rank() != 0:
         raise SystemExit(130)
     if WRITTEN:
         interrupted("sphero fit", f"the output {WRITTEN[-1]} was written before; only the alignment page may be missing "

@@ -107,7 +107,7 @@ def to_tensor(block: np.ndarray, low: float, high: float) -> tuple[torch.Tensor,
     return torch.from_numpy(out), 0.0, 1.0
 
 
-def _launch_rank() -> int:
+def launch_rank() -> int:
     """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's DDP launcher); 0 alone."""
     for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
         if os.environ.get(key, "").isdigit():
@@ -269,7 +269,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         check_writable(self.out_root, "the source can stay read-only: write the output into another (local) store "
                                       "with --data.output_root OTHER.zarr")
         # One run per output at a time (rank 0 of a run holds it; other ranks of the same run do not ask).
-        if _launch_rank() == 0:
+        if launch_rank() == 0:
             acquire_lock(self.lock_path, f"output {self.output_path!r} in {self.out_root!r}", self.out_root)
         if not self.overwrite and node_exists(self.out_root, self.output_path):
             self.release()
@@ -285,7 +285,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         fixed = pixels * 4  # one slice as floats while it is downscaled
         by_budget = max(1, (self.memory_budget - fixed) // per_pair)
         block = int(min(self.pairs_per_block, max(1, BLOCK_PIXELS // finest), by_budget))
-        if (pixels > 1 << 22 or by_budget < self.pairs_per_block) and _launch_rank() == 0:
+        if (pixels > 1 << 22 or by_budget < self.pairs_per_block) and launch_rank() == 0:
             print(f"sphero: memory budget {self.memory_budget / 2**30:.2f} GB (--data.memory_budget_gb): {block} pair(s) "
                   f"per block, ~{(fixed + block * per_pair) / 2**30:.2f} GB for fitting", file=sys.stderr)
         return block
