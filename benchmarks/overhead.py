@@ -64,7 +64,8 @@ def plain_run(root: Path, block: int, steps: int, levels: int) -> tuple[float, i
     module = RegistrationModule(pairs_per_block=block, init_translation="none")
     module.shape, module.n_pairs = dm.slice_shape, dm.n_pairs
     module.levels = PyramidSchedule(levels=levels, steps=steps).levels_for("bfgs")
-    n_free = module.basis.shape[0]
+    n_free = module.objective.n_params
+    module.objective.shape = dm.slice_shape
     t0 = time.perf_counter()
     count = 0
     for b in range(dm.n_blocks(1)):
@@ -74,12 +75,15 @@ def plain_run(root: Path, block: int, steps: int, levels: int) -> tuple[float, i
         x = torch.zeros(imgs.shape[0] - 1, n_free, dtype=torch.float64)
         previous = None
         for i, lv in enumerate(module.levels):
-            fixed, moving = module._level_images(lv.factor)
+            obj = module.objective
+            lvl = obj.level_stack(imgs, lv.factor)
+            fixed_coeffs, moving = obj.level_coeffs(lvl)
             scale = (lv.factor / module.levels[i - 1].factor) ** 2 if i else 1.0
             solver = make_solver("bfgs", x, lv.lr, previous=previous, curvature_scale=scale)
             for step in range(lv.steps):
                 # the module's evaluation (same passes, same Gauss-Newton curvature at a level's first step)
-                losses, g, hess = module.evaluate(solver.trial(), fixed, moving, step == 0 and module.uses_gauss_newton)
+                losses, g, hess = obj.evaluate(solver.trial(), lvl[:-1], moving, step == 0 and module.uses_gauss_newton,
+                                               fixed_coeffs=fixed_coeffs)
                 if hess is not None:
                     solver.set_curvature(torch.ones(len(x), dtype=torch.bool), torch.linalg.inv(hess))
                 solver.update(losses, g)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sphero_lightning.core.fastncc import ncc_and_gradient, sample_with_gradient
-from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample, gaussian_blur
+from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample, gaussian_blur, inside_weight, sample_positions
 from sphero_lightning.core.objective import PairObjective
 
 
@@ -91,3 +91,38 @@ def test_sampling_without_autograd_equals_the_differentiable_path(images):
     full = bspline_sample(coeffs, px.clone().requires_grad_(True), py)
     assert full.requires_grad and not lean.requires_grad
     assert torch.allclose(lean, full.detach(), atol=2e-6)
+
+
+def test_value_without_autograd_equals_the_autograd_path(images):
+    """The no-grad sampler (four taps read from position planes) equals the differentiable one, multi-channel too."""
+    _, coeffs = images
+    g = torch.Generator().manual_seed(3)
+    px = torch.rand(2, 25, 33, generator=g) * 250 - 5  # some outside the slice: the border is extended alike
+    py = torch.rand(2, 25, 33, generator=g) * 210 - 5
+    two = torch.cat([coeffs, coeffs.flip(-1)], 1)  # (2, 2, H, W): both channels at the same positions
+    with torch.no_grad():
+        fast = bspline_sample(two, px, py)
+    slow = bspline_sample(two, px.requires_grad_(True), py)
+    assert fast.shape == slow.shape == (2, 2, 25, 33)
+    assert torch.allclose(fast, slow.detach(), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["rigid", "affine"])
+def test_curvature_summed_in_the_pass_equals_the_one_from_images(images, family):
+    """The Gauss-Newton Hessian the analytic pass sums on the fly equals the one made from the warped images
+    (gauss_newton_hessian, with the interpolant's derivatives), and the fixed slices' coefficients are optional."""
+    fixed, coeffs = images
+    h, w = fixed.shape[-2:]
+    m = PairObjective(transformation=family, regularization=0.2, shape=(h, w))
+    p = torch.zeros(2, m.n_params, dtype=torch.float64)
+    p[:, 0], p[:, 1], p[:, 2] = torch.tensor([0.011, -0.019]), torch.tensor([0.02, -0.013]), 0.004
+    fixed_coeffs = bspline_prefilter(fixed)
+    _, _, hess = m.evaluate(p, fixed, coeffs, curvature=True, fixed_coeffs=fixed_coeffs)
+    px, py = sample_positions(m.matrices(p).float(), (h, w), (h, w))
+    value, dx, dy = sample_with_gradient(coeffs, px, py)
+    ref = m.gauss_newton_hessian(p, fixed, value.unsqueeze(1), inside_weight(px, py, (h, w)).unsqueeze(1),
+                                 (dx.unsqueeze(1), dy.unsqueeze(1)))
+    assert (hess[0].diagonal() > 0).all()
+    assert torch.allclose(hess, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max())), (hess, ref)
+    _, _, again = m.evaluate(p, fixed, coeffs, curvature=True)  # coefficients made inside
+    assert torch.equal(again, hess)

@@ -175,45 +175,59 @@ def _taps(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     return h0, h1, g0, g1
 
 
-def axis_taps(x: torch.Tensor, size: int, derivative: bool = True) -> tuple[torch.Tensor, ...]:
+def axis_taps(x: torch.Tensor, size: int, planes: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Normalized positions and weights of the merged bilinear taps along one axis, at padded-pixel positions
-    ``x`` (``size`` = padded length): value taps (q0, q1) with weights (g0, 1 - g0) and, with ``derivative``,
-    derivative taps (r0, r1) with weights (e0, -e0). Returns ``(q0, q1, g0)`` or ``(q0, q1, r0, r1, g0, e0)``.
-    No autograd (see :func:`_taps` for that)."""
+    ``x`` (``size`` = padded length; ``x`` is overwritten). The positions go into ``planes``: value taps
+    (q0, q1) with weights (g0, 1 - g0) and, where ``planes`` has four entries, derivative taps (r0, r1) with
+    weights (e0, -e0). Returns ``(g0,)`` or ``(g0, e0)``. No autograd (see :func:`_taps` for that).
+
+    Written into planes, not returned, so that :func:`sample_taps` can read each tap's (x, y) pair straight from
+    two planes: no interleaved grid is built (building it cost as much as the sampling).
+    """
     i = torch.floor(x)
-    f = x - i
+    f = x.sub_(i)
     f2 = f * f
+    scale, shift = 2.0 / size, 1.0 / size - 1.0  # pixel index -> normalized (align_corners=False)
+    base = i.mul_(scale).add_(shift)  # normalized position of pixel i
     # cubic B-spline weights w0..w3 and their derivatives d0..d3 (Horner forms):
     # w1 = 2/3 - f^2 + f^3/2, g0 = w0 + w1 = 5/6 - f/2 - f^2/2 + f^3/3, w3 = f^3/6;
     # d1 = (3 f^2 - 4 f)/2, e0 = d0 + d1 = f^2 - f - 1/2, d3 = f^2/2, d2 + d3 = -e0
-    w1 = torch.addcmul(torch.full_like(f, 2 / 3), f2, f * 0.5 - 1)
     g0 = ((f * (1 / 3) - 0.5) * f - 0.5).mul_(f).add_(5 / 6)
-    scale, shift = 2.0 / size, 1.0 / size - 1.0  # pixel index -> normalized (align_corners=False)
-    base = i.mul_(scale).add_(shift)  # normalized position of pixel i
-    q0 = (w1 / g0 - 1).mul_(scale).add_(base)
-    q1 = ((f2 * f) / (6 * (1 - g0)) + 1).mul_(scale).add_(base)
-    if not derivative:
-        return q0, q1, g0
+    w1 = torch.addcmul(torch.full_like(f, 2 / 3), f2, f * 0.5 - 1)
+    torch.div(w1, g0, out=planes[0]).sub_(1).mul_(scale).add_(base)  # q0 = i - 1 + w1 / g0
+    torch.div(f2 * f, (1 - g0).mul_(6), out=planes[1]).add_(1).mul_(scale).add_(base)  # q1 = i + 1 + w3 / (1 - g0)
+    if len(planes) < 4:
+        return (g0,)
     e0 = (f - 1).mul_(f).sub_(0.5)
-    r0 = (((1.5 * f - 2) * f) / e0 - 1).mul_(scale).add_(base)
-    r1 = (1 - f2 / (2 * e0)).mul_(scale).add_(base)
-    return q0, q1, r0, r1, g0, e0
+    torch.div((1.5 * f - 2).mul_(f), e0, out=planes[2]).sub_(1).mul_(scale).add_(base)  # r0 = i - 1 + d1 / e0
+    torch.div(f2, e0 * 2, out=planes[3]).neg_().add_(1).mul_(scale).add_(base)  # r1 = i + 1 - d3 / e0
+    return g0, e0
+
+
+def sample_taps(coeffs: torch.Tensor, planes: torch.Tensor, pairs: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
+    """Bilinear samples of ``coeffs`` (``(B, C, H, W)``) at the positions (x from ``planes[i]``, y from
+    ``planes[j]``) of each ``(i, j)`` in ``pairs``; ``planes``: ``(P, B, h, w)`` normalized positions, contiguous.
+    Each grid is a strided view of two planes (grid_sample reads a grid whose x values are contiguous along a
+    row as fast as an interleaved one). Returns one ``(B, C, h, w)`` tensor per pair."""
+    _, b, oh, ow = planes.shape
+    n, off = b * oh * ow, planes.storage_offset()
+    out = []
+    for i, j in pairs:
+        grid = planes.as_strided((b, oh, ow, 2), (oh * ow, ow, 1, (j - i) * n), off + i * n)
+        out.append(F.grid_sample(coeffs, grid, mode="bilinear", padding_mode="border", align_corners=False))
+    return out
 
 
 def _bspline_value(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     """:func:`bspline_sample` without autograd: four merged bilinear taps and three lerps."""
-    b, c, hh, ww = coeffs.shape
-    qx0, qx1, gx0 = axis_taps(px + PAD, ww, derivative=False)
-    qy0, qy1, gy0 = axis_taps(py + PAD, hh, derivative=False)
+    b, _, hh, ww = coeffs.shape
     oh, ow = px.shape[-2:]
-    grid = torch.empty(b, 4, oh, ow, 2, dtype=px.dtype, device=px.device)
-    for k, (tx, ty) in enumerate(((qx0, qy0), (qx1, qy0), (qx0, qy1), (qx1, qy1))):
-        grid[:, k, :, :, 0] = tx
-        grid[:, k, :, :, 1] = ty
-    taps = F.grid_sample(coeffs, grid.view(b, 4 * oh, ow, 2), mode="bilinear", padding_mode="border",
-                         align_corners=False).view(b, c, 4, oh, ow).unbind(2)
-    gx, gy = gx0.unsqueeze(1), gy0.unsqueeze(1)
-    return torch.lerp(torch.lerp(taps[3], taps[2], gx), torch.lerp(taps[1], taps[0], gx), gy)
+    planes = torch.empty(4, b, oh, ow, dtype=px.dtype, device=px.device)  # qx0, qx1, qy0, qy1
+    (gx,) = axis_taps(px + PAD, ww, planes[:2])
+    (gy,) = axis_taps(py + PAD, hh, planes[2:])
+    t = sample_taps(coeffs, planes, ((0, 2), (1, 2), (0, 3), (1, 3)))
+    gx, gy = gx.unsqueeze(1), gy.unsqueeze(1)
+    return torch.lerp(torch.lerp(t[3], t[2], gx), torch.lerp(t[1], t[0], gx), gy)
 
 
 def bspline_sample(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:

@@ -202,33 +202,19 @@ class PairObjective:
         fixed slice's own (short steps, safe). Costs a fraction of an evaluation (no sampling).
 
         ``moving_grad``: the moving slice's interpolant derivatives at the sample positions (``(b, 1, h, w)`` each,
-        per moving pixel; the analytic evaluation gives them): the warped slice's gradient is then those by the
-        chain rule, exact and without prefiltering the warped slice again.
+        per moving pixel): the warped slice's gradient is then those by the chain rule, exact and without
+        prefiltering the warped slice again. The default evaluation (:mod:`.fastncc`) sums the same moments in
+        its own pass over the pixels and calls :meth:`gauss_newton_from_moments` directly.
         """
-        b, n = p.shape
         f, m, wt = fixed[:, 0].float(), warped[:, 0].float(), weight[:, 0].float()
         h, w = f.shape[-2:]
-        eye = torch.eye(n, dtype=torch.float64, device=p.device)
-        eps = 1e-6  # d theta / d p by central differences (theta is smooth and cheap; float64)
-        cols = []
-        for k in range(n):
-            e = torch.zeros_like(p)
-            e[:, k] = eps
-            cols.append((self.matrices(p + e) - self.matrices(p - e)).reshape(b, 6) / (2 * eps))
-        dtheta = torch.stack(cols, -1)  # (b, 6, n)
-        # J_theta = (gx * c, gy * c) * (w/2, h/2) with c = (x, y, 1) in normalized coordinates, so every
-        # sum over pixels of a product of two J entries is a moment sum P x^i y^j with i + j <= 2.
         xs = (2 * torch.arange(w, dtype=f.dtype, device=f.device) + 1) / w - 1
         ys = (2 * torch.arange(h, dtype=f.dtype, device=f.device) + 1) / h - 1
-        xp = torch.stack([torch.ones_like(xs), xs, xs * xs], 1)  # (w, 3)
-        yp = torch.stack([torch.ones_like(ys), ys, ys * ys], 1)  # (h, 3)
-        ci = torch.tensor([1, 0, 0], device=f.device)  # power of x in c_k
-        cj = torch.tensor([0, 1, 0], device=f.device)  # power of y in c_k
-        ii, jj = ci.view(3, 1) + ci.view(1, 3), cj.view(3, 1) + cj.view(1, 3)
-        scale = torch.tensor([w / 2, h / 2], dtype=torch.float64, device=f.device)
+        xq = torch.stack([torch.ones_like(xs), xs, xs * xs], 1)  # (w, 3)
+        yq = torch.stack([torch.ones_like(ys), ys, ys * ys], 1)  # (h, 3)
 
         def moments(img: torch.Tensor) -> torch.Tensor:  # (b, 3, 3): [j, i] = sum img y^j x^i
-            return (yp.T @ (img @ xp)).double()
+            return (yq.T @ (img @ xq)).double()
 
         def gradients(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # exact derivative of the cubic B-spline interpolant at the pixel centres: central
@@ -238,62 +224,90 @@ class PairObjective:
             gy = (c[:, PAD + 1:PAD + h + 1, PAD:PAD + w] - c[:, PAD - 1:PAD + h - 1, PAD:PAD + w]) / 2
             return gx, gy
 
-        def second(wga: tuple[torch.Tensor, torch.Tensor], gb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            """(rows, 6, 6): sum w J_a J_b^T, from ``wga`` = w times a's gradient."""
-            out = torch.empty(wga[0].shape[0], 6, 6, dtype=torch.float64, device=f.device)
-            for a in range(2):
-                for c in range(2):
-                    r = moments(wga[a] * gb[c])
-                    out[:, 3 * a:3 * a + 3, 3 * c:3 * c + 3] = r[:, jj, ii] * (scale[a] * scale[c])
-            return out
+        gf = gradients(f)
+        md = gradients(m) if moving_grad is None else (moving_grad[0][:, 0].float(), moving_grad[1][:, 0].float())
+        wgf = (wt * gf[0], wt * gf[1])
+        def wsum_of(img: torch.Tensor) -> torch.Tensor:
+            return (wt * img).sum((1, 2)).double()
 
-        def first(wg: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            """(b, 6): sum w J, from ``wg`` = w times the gradient."""
-            return torch.cat([moments(wg[a])[:, cj, ci] * scale[a] for a in range(2)], 1)
+        def pairs(a: tuple[torch.Tensor, ...], c: tuple[torch.Tensor, ...]) -> torch.Tensor:  # (b, 2, 2, 3, 3)
+            return torch.stack([torch.stack([moments(u * v) for v in c], 1) for u in a], 1)
 
-        def warped_gradient() -> tuple[torch.Tensor, torch.Tensor]:
-            if moving_grad is None:
-                return gradients(m)
-            # d/dX m(px, py) = m_x dpx/dX + m_y dpy/dX (pixel units: px = theta00 X + theta01 (w/h) Y + ...)
-            th = self.matrices(p).to(f.dtype)
-            mx, my = moving_grad[0][:, 0].float(), moving_grad[1][:, 0].float()
-            a00, a01 = th[:, 0, 0].view(b, 1, 1), (th[:, 0, 1] * (w / h)).view(b, 1, 1)
-            a10, a11 = (th[:, 1, 0] * (h / w)).view(b, 1, 1), th[:, 1, 1].view(b, 1, 1)
-            return mx * a00 + my * a10, mx * a01 + my * a11
+        # S1, Sf, Sm, Sff, Smm (Sfm is not used)
+        sums = torch.stack([wt.sum((1, 2)).double(), wsum_of(f), wsum_of(m), wsum_of(f * f), wsum_of(m * m),
+                            torch.zeros(len(p), dtype=torch.float64, device=p.device)], 1)
+        return self.gauss_newton_from_moments(
+            p, sums, fixed_first=torch.stack([moments(g) for g in wgf], 1),
+            moving_first=torch.stack([moments(wt * g) for g in md], 1), cross=pairs(wgf, md), own=pairs(wgf, gf),
+            size=(h, w), chain=moving_grad is not None)
 
-        wsum = wt.sum((1, 2)).double().clamp_min(1e-8)
-        gf, gm = gradients(f), warped_gradient()
-        wgf, wgm = (wt * gf[0], wt * gf[1]), (wt * gm[0], wt * gm[1])
-        ff, fm = first(wgf), first(wgm)
-        cross = second(wgf, gm) - ff.unsqueeze(2) * fm.unsqueeze(1) / wsum.view(b, 1, 1)
+    def gauss_newton_from_moments(self, p: torch.Tensor, sums: torch.Tensor, fixed_first: torch.Tensor,
+                                  moving_first: torch.Tensor, cross: torch.Tensor, own: torch.Tensor,
+                                  size: tuple[int, int], chain: bool = True) -> torch.Tensor:
+        """:meth:`gauss_newton_hessian` from moment sums over the pixels (see
+        :func:`~.fastncc.ncc_and_gradient`'s ``curvature`` for their layout). ``chain``: the moving derivatives
+        are the interpolant's at the sample positions (per moving pixel), turned into the warped slice's by the
+        chain rule here; otherwise they are the warped slice's own."""
+        b, n = p.shape
+        h, w = size
+        dev = p.device
+        eye = torch.eye(n, dtype=torch.float64, device=dev)
+        eps = 1e-6  # d theta / d p by central differences (theta is smooth and cheap; float64)
+        cols = []
+        for k in range(n):
+            e = torch.zeros_like(p)
+            e[:, k] = eps
+            cols.append((self.matrices(p + e) - self.matrices(p - e)).reshape(b, 6) / (2 * eps))
+        dtheta = torch.stack(cols, -1)  # (b, 6, n)
+        if chain:
+            # d/dX m(px, py) = m_x dpx/dX + m_y dpy/dX (pixel units: px = theta00 X + theta01 (w/h) Y + ...):
+            # the warped slice's derivative c = sum_d m_d A[d, c]
+            th = self.matrices(p)
+            a = torch.stack([torch.stack([th[:, 0, 0], th[:, 0, 1] * (w / h)], 1),
+                             torch.stack([th[:, 1, 0] * (h / w), th[:, 1, 1]], 1)], 1)  # (b, d, c)
+            cross = torch.einsum("badji,bdc->bacji", cross, a)
+            moving_first = torch.einsum("bdji,bdc->bcji", moving_first, a)
+        # J_theta = (gx * c, gy * c) * (w/2, h/2) with c = (x, y, 1) in normalized coordinates, so every
+        # sum over pixels of a product of two J entries is a moment sum P x^i y^j with i + j <= 2.
+        ci = torch.tensor([1, 0, 0], device=dev)  # power of x in c_k
+        cj = torch.tensor([0, 1, 0], device=dev)  # power of y in c_k
+        ii, jj = ci.view(3, 1) + ci.view(1, 3), cj.view(3, 1) + cj.view(1, 3)
+        scale = torch.tensor([w / 2, h / 2], dtype=torch.float64, device=dev)
+        sc2 = (scale.view(2, 1) * scale.view(1, 2)).view(1, 2, 1, 2, 1)
 
-        def variance(img: torch.Tensor) -> torch.Tensor:
-            s1 = (wt * img).sum((1, 2)).double()
-            s2 = (wt * img * img).sum((1, 2)).double()
-            return (s2 - s1 * s1 / wsum).clamp_min(1e-12)
+        def second(blocks: torch.Tensor) -> torch.Tensor:  # (r, 2, 2, 3, 3) moments -> (r, 6, 6) sum w J_a J_c^T
+            return (blocks[..., jj, ii].permute(0, 1, 3, 2, 4) * sc2).reshape(-1, 6, 6)
 
-        vf, vm = variance(f), variance(m)
-        cross = cross / torch.sqrt(vf * vm).view(b, 1, 1)
-        cross = 0.5 * (cross + cross.transpose(1, 2))
-        hp = dtheta.transpose(1, 2) @ cross @ dtheta
+        def first(m1: torch.Tensor) -> torch.Tensor:  # (r, 2, 3, 3) -> (r, 6) sum w J
+            return (m1[..., cj, ci] * scale.view(1, 2, 1)).reshape(-1, 6)
+
+        wsum = sums[:, 0].clamp_min(1e-8)
+        vf = (sums[:, 3] - sums[:, 1] ** 2 / wsum).clamp_min(1e-12)
+        vm = (sums[:, 4] - sums[:, 2] ** 2 / wsum).clamp_min(1e-12)
+        ff, fm = first(fixed_first), first(moving_first)
+        hc = second(cross) - ff.unsqueeze(2) * fm.unsqueeze(1) / wsum.view(b, 1, 1)
+        hc = hc / torch.sqrt(vf * vm).view(b, 1, 1)
+        hc = 0.5 * (hc + hc.transpose(1, 2))
+        hp = dtheta.transpose(1, 2) @ hc @ dtheta
         # the cross product where it is positive definite (relative to its own size); elsewhere the fixed slice's own
         ev = torch.linalg.eigvalsh(hp)
         bad = ~(ev[:, 0] > 1e-7 * hp.diagonal(dim1=-2, dim2=-1).sum(-1))
         if bool(bad.any()):
-            gfb = (gf[0][bad], gf[1][bad])
-            own = second((wgf[0][bad], wgf[1][bad]), gfb) - (ff[bad].unsqueeze(2) * ff[bad].unsqueeze(1)) / wsum[bad].view(-1, 1, 1)
-            hp[bad] = dtheta[bad].transpose(1, 2) @ (own / vf[bad].view(-1, 1, 1)) @ dtheta[bad]
+            ho = second(own[bad]) - (ff[bad].unsqueeze(2) * ff[bad].unsqueeze(1)) / wsum[bad].view(-1, 1, 1)
+            hp[bad] = dtheta[bad].transpose(1, 2) @ (ho / vf[bad].view(-1, 1, 1)) @ dtheta[bad]
         if self.regularization:  # the Hessian of penalty()
             b3 = self.basis[:, 3:].to(hp)
             hp = hp + 2 * self.regularization * (b3 @ b3.T)
         # keep it positive definite (a flat slice has no gradient)
         return hp + 1e-9 * hp.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12).view(b, 1, 1) * eye
 
-    def evaluate(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, curvature: bool | torch.Tensor = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def evaluate(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, curvature: bool | torch.Tensor = False,
+                 fixed_coeffs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Losses ``(b,)``, their gradients ``(b, n)`` and (optionally) Gauss-Newton Hessians ``(b, n, n)`` at ``p``.
 
         ``curvature``: True for every row's Hessian, or a ``(b,)`` mask of the rows that need one (the others get 0).
+        ``fixed_coeffs``: the fixed slices' B-spline coefficients (:meth:`level_coeffs`), which the default
+        objective's curvature is made from (computed here when not given).
 
         Pairs go in equal passes of at most ``max_pixels_per_pass`` pixels, each pass's autograd graph freed
         before the next: the memory of a step stays bounded whatever the block and slice size (same math as one
@@ -309,34 +323,49 @@ class PairObjective:
             want = torch.full((len(p),), bool(curvature), dtype=torch.bool, device=p.device)
         for c0 in range(0, len(p), per):
             pc = p[c0:c0 + per].detach().clone().requires_grad_(True)
-            images: dict[str, torch.Tensor] | None = {} if curvature else None
+            rows = want[c0:c0 + per]
+            curv = bool(rows.any())
+            n = pc.shape[1]
+            hc = torch.zeros(len(pc), n, n, dtype=torch.float64, device=pc.device) if curvature else None
             if self.uses_fast_ncc:
-                # the default objective: value and exact gradient without autograd through the images (fastncc.py);
-                # autograd only through the small matrices(p) and the penalty
+                # the default objective: value, exact gradient and the curvature's moment sums in one pass over the
+                # pixels, without autograd through the images (fastncc.py); autograd only through matrices(p)
                 theta = self.matrices(pc)
+                fc = None
+                if curv:
+                    fc = fixed_coeffs[c0:c0 + per] if fixed_coeffs is not None else bspline_prefilter(fixed[c0:c0 + per])
+                mom: dict[str, torch.Tensor] | None = {} if curv else None
                 lc, g_theta = ncc_and_gradient(theta.detach().to(fixed.dtype), fixed[c0:c0 + per], coeffs[c0:c0 + per],
-                                               images=images)
+                                               fixed_coeffs=fc, curvature=mom)
                 total = (theta * g_theta).sum()
                 if self.regularization:
                     pen = self.penalty(pc)
                     total, lc = total + pen.sum(), lc + pen.detach()
                 (gc,) = torch.autograd.grad(total, pc)
+                if mom:
+                    hc[rows] = self.gauss_newton_from_moments(pc.detach()[rows], *(mom[k][rows] for k in (
+                        "sums", "fixed_first", "moving_first", "cross", "own")), size=(h, w))
             else:
+                images: dict[str, torch.Tensor] | None = {} if curv else None
                 lc = self.pair_losses(pc, fixed[c0:c0 + per], coeffs[c0:c0 + per], images)
                 (gc,) = torch.autograd.grad(lc.sum(), pc)
+                if images:
+                    hc[rows] = self.gauss_newton_hessian(pc.detach()[rows], fixed[c0:c0 + per][rows], images["warped"][rows],
+                                                          images["weight"][rows])
             losses.append(lc.detach())
             grads.append(gc)
-            if images is not None:
-                n = pc.shape[1]
-                hc = torch.zeros(len(pc), n, n, dtype=torch.float64, device=pc.device)
-                rows = want[c0:c0 + per]
-                if rows.any():
-                    grad = (images["moving_dx"][rows], images["moving_dy"][rows]) if "moving_dx" in images else None
-                    hc[rows] = self.gauss_newton_hessian(pc.detach()[rows], fixed[c0:c0 + per][rows],
-                                                          images["warped"][rows], images["weight"][rows], grad)
+            if hc is not None:
                 hess.append(hc)
-            del images, lc
         return torch.cat(losses), torch.cat(grads), (torch.cat(hess) if curvature else None)
+
+    def level_coeffs(self, imgs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """What one level's evaluations sample from, for slices ``imgs`` (``(N + 1, 1, h, w)``): the fixed slices'
+        B-spline coefficients (what the default objective's curvature is made of; None for the others, which do
+        not use them) and :meth:`moving_coeffs`. One prefilter of all N + 1 slices gives both."""
+        if self.uses_fast_ncc:
+            c = bspline_prefilter(imgs)
+            return c[:-1], c[1:]
+        return None, self.moving_coeffs(imgs)
 
     @property
     def uses_fast_ncc(self) -> bool:

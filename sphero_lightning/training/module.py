@@ -206,11 +206,6 @@ class RegistrationModule(L.LightningModule):
         self._level0 = None  # level-0 images, kept when the initialisation computes them
         self.x = self._initial_params()
 
-    def _level_images(self, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed slices and moving coefficients at one level (as :meth:`pair_losses` takes them)."""
-        imgs = self.objective.level_stack(self.block_slices, factor / self.block_base)
-        return imgs[:-1], self.objective.moving_coeffs(imgs)
-
     def _initial_params(self) -> torch.Tensor:
         """Identity (plus ``init_std`` noise), then the phase-correlation translation where it helps."""
         rows, n = self.delta.shape
@@ -231,8 +226,8 @@ class RegistrationModule(L.LightningModule):
             cand[:, :2] = est
             # Keep the estimate only where it beats the starting point at the coarsest level.
             imgs = self.objective.level_stack(self.block_slices, self.levels[0].factor / self.block_base)
-            self._level0 = imgs, self.objective.moving_coeffs(imgs)
-            fixed, coeffs = imgs[:-1], self._level0[1]
+            self._level0 = imgs, *self.objective.level_coeffs(imgs)
+            fixed, coeffs = imgs[:-1], self._level0[2]
             with torch.no_grad():
                 keep = self._evaluate_rows(cand, fixed, coeffs) < self._evaluate_rows(x, fixed, coeffs)
             x = torch.where(keep.unsqueeze(-1), cand, x)
@@ -255,11 +250,12 @@ class RegistrationModule(L.LightningModule):
         blk.level, blk.level_steps = level, 0
         cached, self._level0 = self._level0, None
         if level == 0 and cached:
-            imgs, coeffs = cached
+            imgs, fixed_coeffs, coeffs = cached
         else:
             imgs = self.objective.level_stack(self.block_slices, lv.factor / self.block_base)
-            coeffs = self.objective.moving_coeffs(imgs)
+            fixed_coeffs, coeffs = self.objective.level_coeffs(imgs)
         self.level_fixed, self.level_moving, self.level_coeffs = imgs[:-1], imgs[1:], coeffs
+        self.level_fixed_coeffs = fixed_coeffs
         self.level_shape = tuple(self.level_fixed.shape[-2:])
         previous = self.solver if level > 0 else None
         # Pairs that may start this level from the Gauss-Newton model: all at the first level; later only those that
@@ -394,8 +390,10 @@ class RegistrationModule(L.LightningModule):
         n = self.objective.basis.shape[0]
         curv = torch.zeros(self.delta.shape[0], n, n, dtype=torch.float64, device=self.device) if need_curv else None
         if len(idx):
+            fc = self.level_fixed_coeffs[idx] if self.level_fixed_coeffs is not None else None
             losses, grads, hess = self.objective.evaluate(self.delta.detach()[self.rows][idx], self.level_fixed[idx],
-                                                self.level_coeffs[idx], fresh[self.rows][idx] if need_curv else False)
+                                                          self.level_coeffs[idx], fresh[self.rows][idx] if need_curv else False,
+                                                          fixed_coeffs=fc)
             if hess is not None:
                 curv[self.rows.start + idx] = hess
             # a linear surrogate with exactly these gradients: DDP all-reduces them into every row of delta
