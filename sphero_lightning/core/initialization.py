@@ -37,14 +37,33 @@ def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, max_size: int =
         translation of the transform mapping the fixed frame into the moving slice.
     """
     h, w = fixed.shape[-2:]
+    sf, small = _spectra(fixed, max_size)
+    sm, _ = _spectra(moving, max_size)
+    return _peak(sm, sf, (h, w), small)
+
+
+def consecutive_phase_correlation(slices: torch.Tensor, max_size: int = 256) -> torch.Tensor:
+    """:func:`phase_correlation` of every consecutive pair of ``slices`` (``(N + 1, 1, H, W)``; fixed ``k``,
+    moving ``k + 1``): ``(N, 2)``. Each slice is downscaled and transformed once, not once per pair it is in."""
+    spec, small = _spectra(slices, max_size)
+    return _peak(spec[1:], spec[:-1], tuple(slices.shape[-2:]), small)
+
+
+def _spectra(images: torch.Tensor, max_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Spectra of the mean-free, Hann-windowed images downscaled to at most ``max_size`` a side, and that size."""
+    h, w = images.shape[-2:]
     factor = max(1.0, max(h, w) / max_size)
-    f = downscale(fixed.float(), factor)[:, 0]
-    m = downscale(moving.float(), factor)[:, 0]
+    f = downscale(images.float(), factor)[:, 0]
     hh, ww = f.shape[-2:]
-    win = _hann(hh, ww, f)
-    f = (f - f.mean((-2, -1), keepdim=True)) * win
-    m = (m - m.mean((-2, -1), keepdim=True)) * win
-    cross = torch.fft.rfft2(m) * torch.conj(torch.fft.rfft2(f))
+    f = (f - f.mean((-2, -1), keepdim=True)) * _hann(hh, ww, f)
+    return torch.fft.rfft2(f), (hh, ww)
+
+
+def _peak(moving: torch.Tensor, fixed: torch.Tensor, size: tuple[int, int], small: tuple[int, int]) -> torch.Tensor:
+    """The translation (pixels of ``size``) from the spectra of moving and fixed images (``small`` pixels)."""
+    h, w = size
+    hh, ww = small
+    cross = moving * torch.conj(fixed)
     cross = cross / cross.abs().clamp_min(1e-12)
     corr = torch.fft.irfft2(cross, s=(hh, ww))
     # A light blur makes the peak robust to noise and to the small rotations that smear it.

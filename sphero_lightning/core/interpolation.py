@@ -184,23 +184,25 @@ def axis_taps(x: torch.Tensor, size: int, planes: torch.Tensor) -> tuple[torch.T
     Written into planes, not returned, so that :func:`sample_taps` can read each tap's (x, y) pair straight from
     two planes: no interleaved grid is built (building it cost as much as the sampling).
     """
+    scale = 2.0 / size  # pixel index -> normalized (align_corners=False): (2 p + 1) / size - 1
     i = torch.floor(x)
     f = x.sub_(i)
     f2 = f * f
-    scale, shift = 2.0 / size, 1.0 / size - 1.0  # pixel index -> normalized (align_corners=False)
-    base = i.mul_(scale).add_(shift)  # normalized position of pixel i
+    below = i.mul_(scale).add_(scale * 0.5 - 1 - scale)  # normalized position of pixel i - 1
     # cubic B-spline weights w0..w3 and their derivatives d0..d3 (Horner forms):
     # w1 = 2/3 - f^2 + f^3/2, g0 = w0 + w1 = 5/6 - f/2 - f^2/2 + f^3/3, w3 = f^3/6;
     # d1 = (3 f^2 - 4 f)/2, e0 = d0 + d1 = f^2 - f - 1/2, d3 = f^2/2, d2 + d3 = -e0
-    g0 = ((f * (1 / 3) - 0.5) * f - 0.5).mul_(f).add_(5 / 6)
-    w1 = torch.addcmul(torch.full_like(f, 2 / 3), f2, f * 0.5 - 1)
-    torch.div(w1, g0, out=planes[0]).sub_(1).mul_(scale).add_(base)  # q0 = i - 1 + w1 / g0
-    torch.div(f2 * f, (1 - g0).mul_(6), out=planes[1]).add_(1).mul_(scale).add_(base)  # q1 = i + 1 + w3 / (1 - g0)
+    g0 = (f * (1 / 3) - 0.5).mul_(f).sub_(0.5).mul_(f).add_(5 / 6)
+    w1 = (f * 0.5 - 1).mul_(f2).add_(2 / 3)
+    torch.add(below, w1.div_(g0), alpha=scale, out=planes[0])  # q0 = i - 1 + w1 / g0
+    w3 = (f2 * f).div_(g0.neg().add_(1).mul_(6))  # w3 / (1 - g0)
+    above = below.add_(2 * scale)  # pixel i + 1
+    torch.add(above, w3, alpha=scale, out=planes[1])  # q1 = i + 1 + w3 / (1 - g0)
     if len(planes) < 4:
         return (g0,)
     e0 = (f - 1).mul_(f).sub_(0.5)
-    torch.div((1.5 * f - 2).mul_(f), e0, out=planes[2]).sub_(1).mul_(scale).add_(base)  # r0 = i - 1 + d1 / e0
-    torch.div(f2, e0 * 2, out=planes[3]).neg_().add_(1).mul_(scale).add_(base)  # r1 = i + 1 - d3 / e0
+    torch.add(above, (f * 1.5 - 2).mul_(f).div_(e0), alpha=scale, out=planes[2]).sub_(2 * scale)  # r0 = i - 1 + d1 / e0
+    torch.add(above, f2.div_(e0), alpha=-0.5 * scale, out=planes[3])  # r1 = i + 1 - d3 / e0
     return g0, e0
 
 

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from ..core.initialization import phase_correlation
+from ..core.initialization import consecutive_phase_correlation
 from ..core.interpolation import downscale
 from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation
 from ..core.solvers import make_solver
@@ -217,7 +217,7 @@ class RegistrationModule(L.LightningModule):
             n_local = int(self.local_valid.sum())
             est = torch.zeros(rows, 2, dtype=torch.float64, device=self.device)
             if n_local:
-                shift = phase_correlation(self.block_slices[:-1], self.block_slices[1:]).double()
+                shift = consecutive_phase_correlation(self.block_slices).double()
                 local = torch.zeros(self.hparams.pairs_per_block, 2, dtype=torch.float64, device=self.device)
                 local[:n_local] = shift / (max(self.block_slices.shape[-2:]) / 2.0)
                 est[self.rows] = local
