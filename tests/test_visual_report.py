@@ -17,7 +17,7 @@ from conftest import ISBI_PATH
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import make_stack, random_transforms, render, write_zarr
-from sphero_lightning.training.reslice import intensity_window, read_reslice, row_steps, straightness
+from sphero_lightning.training.reslice import intensity_window, read_reslice, read_reslices, row_steps, straightness
 from sphero_lightning.training.visual import build_report
 
 OUT = "images/registered/50-4-4"
@@ -103,6 +103,13 @@ def test_fit_writes_a_page_that_opens_and_shows_a_straighter_stack(tmp_path, bas
     up, _, left, right = out.attrs["crop_box"]
     r = read_reslice(out, src, out.attrs["crop_box"], "xz", 7)
     assert np.array_equal(r.before, src[:, 7 + up, left:right].astype(np.float32)) and np.array_equal(r.after, out[:, 7, :])
+    # all bands of one pass over each array (blocks of 3 slices here) equal the band-by-band reads
+    wanted = [("xz", 7), ("yz", 11), ("xz", 0)]
+    one_pass = read_reslices(out, src, out.attrs["crop_box"], wanted, block_bytes=3 * int(np.prod(src.shape[1:])))
+    for got, (axis, p) in zip(one_pass, wanted, strict=True):
+        ref = read_reslice(out, src, out.attrs["crop_box"], axis, p)
+        assert (got.axis, got.position, got.source_position) == (ref.axis, ref.position, ref.source_position)
+        assert np.array_equal(got.before, ref.before) and np.array_equal(got.after, ref.after)
     steps = row_steps(r.before, intensity_window(r.before), skip=[5])
     assert np.isnan(steps[4]) and np.isnan(steps[5]) and np.isfinite(straightness(steps))
 

@@ -67,7 +67,10 @@ def _peak(moving: torch.Tensor, fixed: torch.Tensor, size: tuple[int, int], smal
     cross = cross / cross.abs().clamp_min(1e-12)
     corr = torch.fft.irfft2(cross, s=(hh, ww))
     # A light blur makes the peak robust to noise and to the small rotations that smear it.
-    corr = F.avg_pool2d(F.pad(corr.unsqueeze(1), (1, 1, 1, 1), mode="circular"), 3, stride=1)[:, 0]
+    # (a 3 x 3 mean, as sums of shifted views: avg_pool2d's one-channel path took 27 ms for 32 pairs of 256 x 256)
+    p = F.pad(corr.unsqueeze(1), (1, 1, 1, 1), mode="circular")[:, 0]
+    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
+    corr = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]) / 9
     b = corr.shape[0]
     flat = corr.reshape(b, -1).argmax(-1)
     py, px = flat // ww, flat % ww

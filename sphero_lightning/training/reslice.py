@@ -65,6 +65,36 @@ def read_reslice(out: zarr.Array, src: zarr.Array, crop_box: list[int], axis: st
                    np.asarray(after, dtype=np.float32))
 
 
+def read_reslices(out: zarr.Array, src: zarr.Array, crop_box: list[int], wanted: list[tuple[str, int]],
+                  block_bytes: int = 64 << 20) -> list[Reslice]:
+    """:func:`read_reslice` of every ``(axis, position)`` in ``wanted``. Where both arrays store whole slices in one
+    chunk, each array is read once, in blocks of slices of at most ``block_bytes``, and every band is cut from those
+    (each band read apart decompressed every slice once per band); otherwise band by band."""
+    whole = all(tuple(a.chunks[1:]) == tuple(a.shape[1:]) for a in (out, src))
+    if not whole or not wanted:
+        return [read_reslice(out, src, crop_box, axis, p) for axis, p in wanted]
+    up, down, left, right = (int(v) for v in crop_box)
+    nz = int(out.shape[0])
+    before = {k: [] for k in range(len(wanted))}
+    after = {k: [] for k in range(len(wanted))}
+    step = max(1, block_bytes // max(1, int(np.prod(src.shape[1:])) * src.dtype.itemsize))
+    for z0 in range(0, nz, step):
+        z1 = min(nz, z0 + step)
+        s_blk, o_blk = np.asarray(src[z0:z1]), np.asarray(out[z0:z1])
+        for k, (axis, p) in enumerate(wanted):
+            if axis == "xz":
+                before[k].append(s_blk[:, p + up, left:right])
+                after[k].append(o_blk[:, p, :])
+            elif axis == "yz":
+                before[k].append(s_blk[:, up:down, p + left])
+                after[k].append(o_blk[:, :, p])
+            else:
+                raise ValueError(f"axis must be 'xz' or 'yz', got {axis!r}")
+    return [Reslice(axis, int(p), int(p + (up if axis == "xz" else left)),
+                    np.concatenate(before[k]).astype(np.float32), np.concatenate(after[k]).astype(np.float32))
+            for k, (axis, p) in enumerate(wanted)]
+
+
 def intensity_window(image: np.ndarray) -> tuple[float, float]:
     """The 0.5th and 99.5th percentile of the finite values (a range of at least 1e-6)."""
     finite = image[np.isfinite(image)]

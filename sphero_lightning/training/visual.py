@@ -28,7 +28,7 @@ import zarr
 from ..core.frames import decompose, pixel_matrices
 from ..errors import SpheroError
 from .charts import COLORS, Panel, Series, panels_svg, svg_uri
-from .reslice import Reslice, intensity_window, pair_overlays, png_uri, read_reslice, reslice_picture, row_steps, straightness
+from .reslice import Reslice, intensity_window, pair_overlays, png_uri, read_reslices, reslice_picture, row_steps, straightness
 
 #: Narrow reslice pictures are shown enlarged by the whole factor that brings them nearest this width (the PNG keeps
 #: its size).
@@ -256,7 +256,9 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
         else pixel_matrices(attrs["composed_transforms"], shape)
     damaged = damaged_slices(log)
 
-    middle = {"xz": read_reslice(out, src, box, "xz", ny // 2), "yz": read_reslice(out, src, box, "yz", nx // 2)}
+    chosen_at = [(axis, p) for axis, p in (("xz", position_y), ("yz", position_x)) if p is not None]
+    read = read_reslices(out, src, box, [("xz", ny // 2), ("yz", nx // 2), *chosen_at])  # each array read once
+    middle, chosen = {"xz": read[0], "yz": read[1]}, read[2:]
     window = intensity_window(np.concatenate([middle["xz"].before.ravel(), middle["yz"].before.ravel()]))
     steps = {axis: (row_steps(r.before, window, damaged), row_steps(r.after, window, damaged)) for axis, r in middle.items()}
     measured = {axis: (straightness(b), straightness(a)) for axis, (b, a) in steps.items()}
@@ -269,7 +271,6 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
              f'<figure>{straightness_figure(steps)}</figure>',
              "<h2>Reslices</h2>"]
     pictures: dict[str, np.ndarray] = {}
-    chosen = [read_reslice(out, src, box, axis, p) for axis, p in (("xz", position_y), ("yz", position_x)) if p is not None]
     for r in [middle["xz"], middle["yz"], *chosen]:
         block, pics = _reslice_block(r, spacing, window)
         if r is middle[r.axis]:
