@@ -385,10 +385,22 @@ def warp_coefficients(coeffs: torch.Tensor, theta: torch.Tensor, src_shape: tupl
 def window_pixel_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None = None,
                            offset: tuple[int, int] = (0, 0), full_shape: tuple[int, int] | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source positions ``(px, py)``, each ``(B, h, w)`` in pixel-index units, sampled by an output window."""
+    """Source positions ``(px, py)``, each ``(B, h, w)`` in pixel-index units (``theta``'s dtype), sampled by an
+    output window. Each is a per-column plus a per-row term, summed in float64 and rounded once (as
+    :func:`window_positions`, without its ``(B, h, w, 2)`` grid)."""
     hh, ww = src_shape
-    src = window_positions(theta, (hh, ww), out_shape, offset, full_shape)
-    return ((src[..., 0] + 1) * ww - 1) / 2, ((src[..., 1] + 1) * hh - 1) / 2
+    full = full_shape or src_shape
+    oh, ow = out_shape or full
+    th = theta.to(torch.float64)
+    ys = (2 * (torch.arange(oh, dtype=torch.float64, device=theta.device) + offset[0]) + 1) / full[0] - 1
+    xs = (2 * (torch.arange(ow, dtype=torch.float64, device=theta.device) + offset[1]) + 1) / full[1] - 1
+    out = []
+    for row, size in ((th[:, 0], ww), (th[:, 1], hh)):
+        # pixel = (size / 2) (a xs + b ys + c + 1) - 1/2
+        col = (size / 2) * row[:, 0, None] * xs  # (B, w)
+        per_row = (size / 2) * (row[:, 1, None] * ys + row[:, 2, None] + 1) - 0.5  # (B, h)
+        out.append((per_row[:, :, None] + col[:, None, :]).to(theta.dtype))
+    return out[0], out[1]
 
 
 def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | None = None, mode: str = "bspline",
