@@ -75,3 +75,29 @@ def test_commands_that_do_not_fit_import_neither_torch_nor_lightning(tmp_path):
     assert np.allclose(np.load(tmp_path / "t.npy")[1], [[1, 0, 0.1 * 16], [0, 1, 0], [0, 0, 1]])
     # apply warps with torch, but needs no Lightning
     assert "lightning" not in _modules_after("import sphero_lightning.commands.apply")
+
+
+def test_the_log_folder_check_imports_no_object_storage_library(monkeypatch):
+    """Lightning's check whether the TensorBoard folder is on Azure/GCS/S3 imported s3fs (0.5 s of start-up where it
+    is installed); ours answers from the modules already imported, and still recognises their file systems."""
+    import types
+
+    from fsspec.implementations.local import LocalFileSystem
+    from lightning.fabric.utilities import cloud_io
+
+    from sphero_lightning.training.cli import skip_object_storage_imports
+
+    monkeypatch.setattr(cloud_io, "_is_object_storage", cloud_io._is_object_storage)  # restored after the test
+    skip_object_storage_imports()
+
+    def no_probe(name: str) -> bool:
+        raise AssertionError(f"probed {name} by importing it")
+
+    monkeypatch.setattr(cloud_io, "module_available", no_probe)
+    monkeypatch.delitem(sys.modules, "s3fs", raising=False)
+    assert cloud_io._is_object_storage(LocalFileSystem()) is False
+    fake = types.ModuleType("s3fs")
+    fake.S3FileSystem = type("S3FileSystem", (LocalFileSystem,), {})
+    monkeypatch.setitem(sys.modules, "s3fs", fake)
+    assert cloud_io._is_object_storage(fake.S3FileSystem()) is True
+    assert cloud_io._is_object_storage(LocalFileSystem()) is False

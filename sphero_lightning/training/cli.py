@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import signal
+import sys
 import threading
 import warnings
 from typing import Any
@@ -95,6 +96,28 @@ def quiet_lightning() -> None:
     # deprecations inside the libraries (Lightning's use of jsonargparse, torch's pytree): nothing a user can act on
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(lightning|jsonargparse|torch)(\.|$)")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|jsonargparse)(\.|$)")
+
+
+def skip_object_storage_imports() -> None:
+    """Lightning asks, for the TensorBoard log folder, whether the file system is Azure, GCS or S3 storage by
+    importing ``adlfs``, ``gcsfs`` and ``s3fs`` where they are installed: 0.5 s of start-up for ``s3fs`` alone here
+    (any environment that reads Zarr from S3 has it). A file system can only be one of their classes if its module
+    is already imported, so the same question is answered from ``sys.modules``, importing nothing."""
+    try:
+        from lightning.fabric.utilities import cloud_io
+    except ImportError:  # pragma: no cover - another Lightning layout: keep its own check
+        return
+    if not hasattr(cloud_io, "_is_object_storage"):  # pragma: no cover
+        return
+
+    def is_object_storage(fs: Any) -> bool:
+        for module, name in (("adlfs", "AzureBlobFileSystem"), ("gcsfs", "GCSFileSystem"), ("s3fs", "S3FileSystem")):
+            cls = getattr(sys.modules.get(module), name, None)
+            if cls is not None and isinstance(fs, cls):
+                return True
+        return False
+
+    cloud_io._is_object_storage = is_object_storage
 
 
 class SaveConfigWithLogs(SaveConfigCallback):
@@ -205,6 +228,7 @@ def fit_in_process(argv: list[str]) -> SpheroCLI:
     """``sphero fit ARGS`` in this process (``argv`` starts with ``fit``), for the Python API: a user error raises
     :class:`SpheroError` with the one line ``sphero fit`` would print (no exit)."""
     quiet_lightning()
+    skip_object_storage_imports()
     try:
         return _run_cli(argv)
     except (ArgumentError, MisconfigurationException, OSError) as exc:
@@ -248,6 +272,7 @@ def run_fit(argv: list[str], from_command_line: bool = False) -> SpheroCLI:
     """``sphero fit ARGS`` (``argv`` starts with ``fit``). From the command line LightningCLI reads ``sys.argv``
     itself (DDP's launcher starts the other ranks with the same ``sys.argv``)."""
     quiet_lightning()
+    skip_object_storage_imports()
     WRITTEN.clear()
     with _noting_ctrl_c() as ctrl_c:
         try:
