@@ -390,7 +390,7 @@ class RegistrationModule(L.LightningModule):
         n = self.objective.basis.shape[0]
         curv = torch.zeros(self.delta.shape[0], n, n, dtype=torch.float64, device=self.device) if need_curv else None
         if len(idx):
-            fc = self.level_fixed_coeffs[idx] if self.level_fixed_coeffs is not None else None
+            fc = self.level_fixed_coeffs[idx] if need_curv and self.level_fixed_coeffs is not None else None
             losses, grads, hess = self.objective.evaluate(self.delta.detach()[self.rows][idx], self.level_fixed[idx],
                                                           self.level_coeffs[idx], fresh[self.rows][idx] if need_curv else False,
                                                           fixed_coeffs=fc)
