@@ -160,3 +160,63 @@ def test_evaluation_in_passes_equals_one_pass(loss, monkeypatch):
     assert torch.allclose(passes[1], one[1], rtol=1e-5, atol=1e-9), (passes[1], one[1])
     assert torch.allclose(passes[2], one[2], rtol=1e-5, atol=1e-9)
     assert (one[2][~want] == 0).all() and (one[2][want].diagonal(dim1=-2, dim2=-1) > 0).all()
+
+
+# --- the model a short step comes from: confirmed or not (issue 24) -------------------------------------------------
+
+def _step_once(solver, centers, scales):
+    """One evaluation at the solver's trial point; returns the length of the step it proposes next."""
+    _run(solver, centers, scales, 1)
+    return (solver.trial() - solver.x).abs().max().item()
+
+
+def test_a_model_that_overestimates_the_curvature_is_not_confirmed():
+    """A start model 50x too curved (as the Gauss-Newton model of weakly matching sections is) proposes a step 50x
+    too short. It is not confirmed by the step it takes (the slope barely falls), and the next step is longer; a
+    trusted model is confirmed before any step, and a right model by its first step."""
+    centers = torch.tensor([[0.05, -0.03]], dtype=torch.float64)
+    scales = torch.tensor([[1.0, 4.0]], dtype=torch.float64)
+    hessian = torch.diag(2 * scales[0]).unsqueeze(0)
+    for factor, confirmed in ((50.0, False), (1.0, True)):
+        s = BatchBFGS(torch.zeros(1, 2), lr=0.01)
+        s.set_curvature(torch.tensor([True]), torch.linalg.inv(factor * hessian))
+        assert not bool(s.confirmed[0])  # not trusted: unconfirmed until a step says otherwise
+        first = _step_once(s, centers, scales)  # the first evaluation: the model's step, not yet taken
+        assert first == pytest.approx(0.05 / factor, rel=1e-6)
+        second = _step_once(s, centers, scales)  # that step taken and evaluated
+        assert bool(s.confirmed[0]) is confirmed
+        if not confirmed:
+            assert second > 5 * first  # BFGS learnt the curvature along the step
+    t = BatchBFGS(torch.zeros(1, 2), lr=0.01)
+    t.set_curvature(torch.tensor([True]), torch.linalg.inv(hessian), trusted=torch.tensor([True]))
+    assert bool(t.confirmed[0]) and bool(t.trusted[0])
+
+
+def test_no_positive_curvature_along_a_step_lengthens_the_next():
+    """On a slope with no curvature (a flat or concave stretch of a weakly matching pair's loss) BFGS cannot update its
+    model; the step then grows by EXPAND each time instead of crawling at its first length."""
+    from sphero_lightning.core.solvers import EXPAND
+
+    s = BatchBFGS(torch.zeros(1, 2), lr=1e-3)
+    g = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    lengths = []
+    for _ in range(4):
+        x = s.trial()
+        s.update((x * g).sum(-1), g.clone())  # f = g . x: the same gradient everywhere
+        lengths.append((s.trial() - s.x).abs().max().item())
+    assert lengths[1] == pytest.approx(EXPAND * lengths[0]) and lengths[2] == pytest.approx(EXPAND * lengths[1])
+    assert not bool(s.confirmed[0])  # the slope never fell: never confirmed
+
+
+def test_step_length_caps_every_step():
+    """``step_length`` / ``max_length`` (the module's trust radius in pixels of the level) bound every trial step."""
+    centers = torch.tensor([[0.5, -0.3]], dtype=torch.float64)
+    scales = torch.ones(1, 2, dtype=torch.float64)
+
+    def length(x, y):  # "pixels": 100 per parameter unit, largest component
+        return 100 * (y - x).abs().amax(-1)
+
+    s = BatchBFGS(torch.zeros(1, 2), lr=0.1, step_length=length, max_length=1.0)
+    for _ in range(30):
+        _run(s, centers, scales, 1)
+        assert length(s.x, s.trial()).item() <= 1.0 + 1e-9

@@ -18,6 +18,8 @@ is its current iterate and it never changes again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import SpheroError
@@ -34,6 +36,10 @@ class BatchSolver:
         self.active = torch.ones(r, dtype=torch.bool, device=self.x.device) if active is None else active.clone()
         self.evaluated = torch.zeros(r, dtype=torch.bool, device=self.x.device)
         self.newton = torch.zeros_like(self.evaluated)  # rows started from a Newton (Gauss-Newton) model (BFGS)
+        self.trusted = torch.zeros_like(self.evaluated)  # ... from one the caller trusted (set_curvature)
+        # rows whose curvature model has been checked against the loss (BFGS: see BatchBFGS); Adam has no model, so
+        # its rows end a level only after several short steps in a row (callbacks.PairEarlyStopping)
+        self.confirmed = torch.zeros_like(self.evaluated)
 
     def freeze(self, mask: torch.Tensor) -> None:
         """Stop the rows in ``mask`` (``(R,)`` bool) for good."""
@@ -90,6 +96,12 @@ class BatchAdam(BatchSolver):
         return act.clone()
 
 
+#: A BFGS row's curvature model is confirmed by an accepted step along which the slope fell by at least this fraction.
+CONFIRM_SLOPE = 0.5
+#: Factor a BFGS row's inverse-Hessian grows by after a full step along which the loss showed no positive curvature.
+EXPAND = 4.0
+
+
 class BatchBFGS(BatchSolver):
     """BFGS with a backtracking (Armijo) line search, per row.
 
@@ -98,14 +110,25 @@ class BatchBFGS(BatchSolver):
     and takes a full quasi-Newton step next; a row whose trial point fails shortens its step by
     quadratic interpolation. ``lr`` is the length of the very first step (largest component,
     parameter units); later steps are scaled by the curvature the row has seen. ``max_step`` caps
-    any step, which keeps a bad curvature estimate from throwing a pair out of the image.
+    any step, which keeps a bad curvature estimate from throwing a pair out of the image;
+    ``step_length(x, x + d)`` (``(R,)``, e.g. pixels) with ``max_length`` caps it in other units (a trust radius).
+
+    ``confirmed`` tells whether a row's curvature model has been checked against the loss: after an
+    accepted step, whether the slope along it fell by at least :data:`CONFIRM_SLOPE` of itself (else the
+    model overestimates the curvature, and the short step it proposes next says nothing about how far the
+    optimum is); before any step, rows started from a model the caller trusts (:meth:`set_curvature`).
+    A stopping rule that trusts a short proposed step only where it is confirmed cannot stop a row far
+    from its optimum because its model was too curved.
     """
 
     def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None,
-                 c1: float = 1e-4, max_step: float = 0.1, hinv: torch.Tensor | None = None) -> None:
+                 c1: float = 1e-4, max_step: float = 0.1, hinv: torch.Tensor | None = None,
+                 step_length: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 max_length: float = float("inf")) -> None:
         super().__init__(x0, lr, active)
         r, n = self.x.shape
         self.c1, self.max_step = c1, max_step
+        self.step_length, self.max_length = step_length, max_length
         self.g = torch.zeros_like(self.x)
         self.d = torch.zeros_like(self.x)
         self.alpha = torch.ones_like(self.f)
@@ -125,9 +148,13 @@ class BatchBFGS(BatchSolver):
         self.rescale = self.warm.clone()
         self.tau = torch.ones_like(self.f)  # the factor that rescaling found (1 where none happened)
 
-    def set_curvature(self, rows: torch.Tensor, hinv: torch.Tensor) -> None:
-        """Start ``rows`` (not yet evaluated) from the inverse-Hessian ``hinv`` (``(R, n, n)``)."""
+    def set_curvature(self, rows: torch.Tensor, hinv: torch.Tensor, trusted: torch.Tensor | None = None) -> None:
+        """Start ``rows`` (not yet evaluated) from the inverse-Hessian ``hinv`` (``(R, n, n)``); ``trusted`` rows'
+        model counts as confirmed before any step is taken."""
         rows = rows & ~self.evaluated
+        if trusted is not None:
+            self.trusted |= rows & trusted
+            self.confirmed |= rows & trusted
         self.hinv = torch.where(rows.view(-1, 1, 1), hinv.double(), self.hinv)
         self.updated |= rows
         self.warm |= rows
@@ -146,6 +173,9 @@ class BatchBFGS(BatchSolver):
         # Cap the step length (largest component) at max_step.
         big = d.abs().amax(-1, keepdim=True)
         d = torch.where(big > self.max_step, d * (self.max_step / big.clamp_min(1e-30)), d)
+        if self.step_length is not None:
+            length = self.step_length(self.x, self.x + d).unsqueeze(-1)
+            d = torch.where(length > self.max_length, d * (self.max_length / length.clamp_min(1e-30)), d)
         self.d = torch.where(rows.unsqueeze(-1), d, self.d)
         self.alpha = torch.where(rows, torch.ones_like(self.alpha), self.alpha)
 
@@ -209,6 +239,15 @@ class BatchBFGS(BatchSolver):
             v = self.eye - rho * s.unsqueeze(-1) * y.unsqueeze(-2)
             hnew = v @ hinv @ v.transpose(-1, -2) + rho * s.unsqueeze(-1) * s.unsqueeze(-2)
             self.hinv = torch.where(good.view(-1, 1, 1), hnew, self.hinv)
+            # The model is confirmed where the slope along the step fell by at least CONFIRM_SLOPE of itself (the
+            # curvature along the step overestimated at most 1 / (1 - CONFIRM_SLOPE) times); a step that ends where the
+            # loss still falls as steeply says the model's curvature is far too high, and its next step too short.
+            slope_old, slope_new = (self.g * s).sum(-1), (grad * s).sum(-1)
+            self.confirmed = torch.where(accept, slope_new >= (1 - CONFIRM_SLOPE) * slope_old, self.confirmed)
+            # No positive curvature along a full step (a concave or flat stretch): BFGS cannot update; lengthen the
+            # model's steps instead of crawling at the length it had
+            flat = accept & ~good & (self.alpha >= 1)
+            self.hinv = torch.where(flat.view(-1, 1, 1), EXPAND * self.hinv, self.hinv)
             self.updated |= good
             self.x = torch.where(accept.unsqueeze(-1), trial, self.x)
             self.f = torch.where(accept, loss, self.f)
@@ -240,7 +279,7 @@ SOLVERS = {"bfgs": BatchBFGS, "adam": BatchAdam}
 
 
 def make_solver(name: str, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None,
-                previous: BatchSolver | None = None, curvature_scale: float = 1.0) -> BatchSolver:
+                previous: BatchSolver | None = None, curvature_scale: float = 1.0, **kwargs) -> BatchSolver:
     """A batched solver by name (``bfgs`` or ``adam``).
 
     ``previous``: the solver of the previous pyramid level; BFGS starts from its inverse-Hessian times
@@ -253,5 +292,5 @@ def make_solver(name: str, x0: torch.Tensor, lr: float, active: torch.Tensor | N
     if cls is BatchBFGS and isinstance(previous, BatchBFGS):
         # the rescaling the previous level needed is the best guess for this one's (real sections: the curvature
         # grows less than the resolution squared, by a factor that is similar from level to level)
-        return cls(x0, lr, active, hinv=previous.hinv * curvature_scale * previous.tau.view(-1, 1, 1))
-    return cls(x0, lr, active)
+        return cls(x0, lr, active, hinv=previous.hinv * curvature_scale * previous.tau.view(-1, 1, 1), **kwargs)
+    return cls(x0, lr, active, **kwargs) if cls is BatchBFGS else cls(x0, lr, active)

@@ -116,6 +116,10 @@ class PyramidSchedule(L.Callback):
             pl_module.finish_block()
 
 
+#: Consecutive evaluations with a proposed step below the tolerance after which a level ends even unconfirmed.
+SMALL_RUN = 3
+
+
 class PairEarlyStopping(L.Callback):
     """Per-pair early stopping: a converged pair stops moving; the others go on.
 
@@ -124,22 +128,27 @@ class PairEarlyStopping(L.Callback):
     ``stop_tol``), or when the step it is about to take moves every pixel by less than
     ``step_tol_px`` at the finest level (pixels of the level) and ``coarse_step_tol_px`` at the coarser
     ones (or ``step_tol_px`` as a list: one value per level, coarse to fine); a BFGS pair then takes that
-    last small step unevaluated (accurate to second order near the optimum). Coarser levels only have to
-    bring a pair into the finest level's reach: on consecutive real sections the optimum moves by tenths
-    of a pixel from one level to the next, so converging them to a thousandth of a pixel was wasted work
-    (README, "Speed on real sections"). The step rule is what stops a quasi-Newton fit promptly: near the
-    optimum its loss changes fall below float32 resolution while its steps shrink quadratically, and a line search
-    that can no longer improve shrinks its step to nothing. A pair whose level started from the
-    Gauss-Newton model (``model.curvature``: every pair with NCC >= 0.1) takes Newton steps whose error
-    is a fraction of their length, so for it ``newton_step_tol_px`` (default 0.02 px) applies: one
-    evaluation per level on well-matching slices, ~4 at the finest level of consecutive real sections, at
-    no measurable cost in accuracy (README, "Measured", "Speed on real sections"). Everything else (the
-    ``carried`` model, adam) keeps ``step_tol_px`` (default 0.003 px: within the float32 resolution of the
-    loss on real sections, 10x tighter moved them 0.003 px on average).
+    last small step unevaluated (accurate to second order near the optimum). The step rule is what stops a
+    quasi-Newton fit promptly: near the optimum its loss changes fall below float32 resolution while its steps
+    shrink quadratically, and a line search that can no longer improve shrinks its step to nothing.
+
+    A short proposed step is only as good as the curvature model that proposed it: a model that overestimates
+    the curvature proposes short steps far from the optimum (the Gauss-Newton model does, 50x, on ssTEM sections
+    100 nm apart, NCC 0.1-0.2; a level then ended after one evaluation, up to 9 px short of its optimum, and the
+    finer levels stayed in the wrong basin). So a short step ends a level only where the solver has confirmed its
+    model (``BatchBFGS.confirmed``: the slope along the last accepted step fell by at least half), or after
+    :data:`SMALL_RUN` short proposals in a row (the loss's noise floor, where no step confirms anything; adam,
+    which has no model, always stops so). A pair whose level started from a Gauss-Newton model the solver trusts
+    (slices matching at NCC >= 0.8 at the level's first evaluation, where the model is the Hessian to within ~20 %)
+    is confirmed from the start and takes Newton steps whose error is a fraction of their length, so for it
+    ``newton_step_tol_px`` (default 0.02 px) applies: one evaluation per level on well-matching slices. The coarse
+    levels stop at ``coarse_step_tol_px`` (0.01 px of the level): on weakly matching pairs the finer level's loss
+    has several basins, and where a coarser level stops decides which one the pair ends in (measured on 348 real
+    pairs: ``benchmarks/convergence.py``, README "Convergence on real pairs").
     """
 
     def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7,
-                 step_tol_px: float | list[float] = 0.003, coarse_step_tol_px: float = 0.05,
+                 step_tol_px: float | list[float] = 0.003, coarse_step_tol_px: float = 0.01,
                  newton_step_tol_px: float = 0.02) -> None:
         if window < 1:
             raise SpheroError(f"early stopping window must be >= 1, got {window}")
@@ -185,6 +194,7 @@ class PairEarlyStopping(L.Callback):
             rows = solver.x.shape[0]
             self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=solver.x.device)
             self.count = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
+            self.small_run = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
         acc = blk.accepted
         a = acc.unsqueeze(-1)
         self.losses = torch.where(a, torch.cat([self.losses[:, 1:], solver.f.unsqueeze(-1)], 1), self.losses)
@@ -192,9 +202,13 @@ class PairEarlyStopping(L.Callback):
         flat = (self.count >= self.window) & ((self.losses.amax(1) - self.losses.amin(1)) < self.tol)
         step = pl_module.step_displacement_px(solver.x, solver.x + solver.pending_step())
         tol = self._tols[blk.level]
-        # pairs whose level started from a validated Newton model: a looser step rule
-        tol = torch.where(solver.newton, max(tol, self.newton_step_tol_px), tol)
-        still = solver.evaluated & (step < tol)
+        # rows whose level started from a trusted Newton model: a looser step rule
+        tol = torch.where(solver.trusted, max(tol, self.newton_step_tol_px), tol)
+        small = solver.evaluated & (step < tol)
+        self.small_run = torch.where(small, self.small_run + 1, torch.zeros_like(self.small_run))
+        # a short proposed step ends the level only where the model that proposed it is confirmed (or the steps have
+        # stayed short for SMALL_RUN evaluations: the noise floor of the loss, where no step confirms anything)
+        still = small & (solver.confirmed | (self.small_run >= SMALL_RUN))
         solver.freeze(solver.active & flat)
         solver.finish(solver.active & still)
 

@@ -31,7 +31,7 @@ from ..errors import SpheroError
 from ..storage.journal import Journal
 from ..threads import release_memory, share_cores
 from .report import log_run_settings
-from .state import NEWTON_MIN_NCC, BlockState, Curvature, InitTranslation, Level, Optimizer
+from .state import MAX_STEP_PX, NEWTON_MIN_NCC, NEWTON_TRUST_NCC, BlockState, Curvature, InitTranslation, Level, Optimizer
 
 
 class RegistrationModule(L.LightningModule):
@@ -268,8 +268,11 @@ class RegistrationModule(L.LightningModule):
             self.newton_rows = torch.isfinite(ncc_prev) & (ncc_prev >= NEWTON_MIN_NCC)
         scale = (lv.factor / self.levels[level - 1].factor) ** 2 if level > 0 else 1.0
         blk.level_counts.append(torch.zeros_like(blk.steps))
+        # below the coarsest level, steps of at most MAX_STEP_PX pixels of the level: the coarser level left the pair
+        # about that close, and a longer step on a weakly matching pair can land in another basin of the finer loss
+        trust = {"step_length": self.step_displacement_px, "max_length": MAX_STEP_PX} if level > 0 else {}
         self.solver = make_solver(self.hparams.optimizer, self.x, lv.lr, active=blk.valid.clone(),
-                                  previous=previous, curvature_scale=scale)
+                                  previous=previous, curvature_scale=scale, **trust)
 
     @property
     def uses_gauss_newton(self) -> bool:
@@ -415,7 +418,9 @@ class RegistrationModule(L.LightningModule):
             ncc = 1 - (full - self.objective.penalty(self.delta.detach()))
             ok = fresh & (curv.diagonal(dim1=-2, dim2=-1).sum(-1) > 0) & (ncc >= NEWTON_MIN_NCC)
             eye = torch.eye(n, dtype=curv.dtype, device=curv.device)
-            solver.set_curvature(ok, torch.linalg.inv(torch.where(ok.view(-1, 1, 1), curv, eye)))
+            # where the slices match well the model is the loss's Hessian to within ~20 %: its first step may be trusted
+            solver.set_curvature(ok, torch.linalg.inv(torch.where(ok.view(-1, 1, 1), curv, eye)),
+                                 trusted=ncc >= NEWTON_TRUST_NCC)
         was_active = solver.active.clone()
         accepted = solver.update(full, grad)
         blk.accepted = accepted
