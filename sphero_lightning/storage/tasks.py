@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import SpheroError
@@ -82,7 +83,11 @@ def _run_local(fn: Callable[..., Any], args: Sequence[tuple], scheduler: str, nu
     with Progress():
         if scheduler == "synchronous":
             return list(dask.get(graph, names))
-        return list(threaded_get(graph, names, num_workers=max(1, int(num_workers))))
+        # our own pool, shut down when done (dask would keep its threads for the life of the process): a thread that
+        # ran torch keeps an OpenMP thread team, and once a process holds more such threads than it has cores, GNU
+        # OpenMP stops spinning between parallel regions; every later fit in the process ran 2.5x slower
+        with ThreadPoolExecutor(max(1, int(num_workers)), thread_name_prefix="sphero-write") as pool:
+            return list(threaded_get(graph, names, pool=pool))
 
 
 def _run_distributed(fn: Callable[..., Any], args: Sequence[tuple], address: str, bar: Any, weights: list[float]) -> list:

@@ -183,6 +183,12 @@ class BlockStream(IterableDataset):
             token += 1
             yield token
 
+    def close(self) -> None:
+        """Stop the reader thread (a block still being read ahead is dropped): nothing of the run stays behind in the
+        process (a notebook that fits again and again would otherwise keep one idle thread per run)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
 
 class ZarrPairDataModule(L.LightningDataModule):
     """Consecutive slice pairs of a Zarr array, in blocks.
@@ -244,6 +250,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         if max_pairs is not None and max_pairs < 1:
             raise SpheroError(f"--data.max_pairs must be >= 1 (or null for all pairs), got {max_pairs}")
         self._arr: zarr.Array | None = None
+        self._stream: BlockStream | None = None  # this run's reader (closed at teardown)
         self.damaged: dict[int, str] = {}  # slice -> why it was left out (set by scan())
         self.good: list[int] = []  # slices that are registered, in order
         self.skip_blocks: set[int] = set()  # blocks finished by an earlier run (set by the module on resume)
@@ -313,6 +320,9 @@ class ZarrPairDataModule(L.LightningDataModule):
         release_lock(self.lock_path)
 
     def teardown(self, stage: str) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         self.release()
 
     @property
@@ -430,4 +440,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         trainer.fit_loop.max_epochs = self.n_blocks(trainer.world_size)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(BlockStream(self, self.trainer), batch_size=None, num_workers=0)
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = BlockStream(self, self.trainer)
+        return DataLoader(self._stream, batch_size=None, num_workers=0)
