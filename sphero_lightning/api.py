@@ -55,6 +55,12 @@ class Registration:
         Slice shape (Y, X).
     settings : dict
         Every setting of the fit, as ``sphero fit`` records them (the output's ``processing`` record).
+    first : np.ndarray
+        ``(2, 3)`` slice 0's normalized transform: the identity, unless the output takes another slice's frame
+        (``options={"solve.reference": k}``).
+    solve : dict or None
+        The robust solve's record (``sphero fit``'s ``volume_solve``: weights, residuals, unregistered slices,
+        overruled pairs), or None for the plain chain.
     """
 
     pairwise: np.ndarray
@@ -64,6 +70,8 @@ class Registration:
     log: list[dict[str, Any]]
     shape: tuple[int, int]
     settings: dict[str, Any] = field(default_factory=dict)
+    first: np.ndarray = field(default_factory=lambda: np.eye(3)[:2].copy())
+    solve: dict[str, Any] | None = None
 
 
 def _check_stack(stack: Any) -> Any:
@@ -140,7 +148,7 @@ def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = N
     """
     import zarr
 
-    from .core.frames import pixel_matrices
+    from .core.frames import FIRST_KEY, composed_of_all
     from .training.cli import fit_in_process
 
     stack = _check_stack(stack)
@@ -164,12 +172,13 @@ def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = N
                         print(line, file=sys.stderr)
         out = zarr.open_array(str(root), path=cli.datamodule.output_path, mode="r")
         attrs = dict(out.attrs)
-    composed = np.asarray(attrs["composed_transforms"], dtype=np.float64)
+    every = composed_of_all(attrs)
     shape = (int(stack.shape[1]), int(stack.shape[2]))
     record = next((p for p in attrs.get("processing", []) if p.get("step_name") == "registration"), {})
-    return Registration(pairwise=np.asarray(attrs["pairwise_transforms"], dtype=np.float64), composed=composed,
-                        tmats=pixel_matrices(composed, shape), crop_box=list(attrs["crop_box"]),
-                        log=list(attrs["registration_log"]), shape=shape, settings=dict(record.get("parameters", {})))
+    return Registration(pairwise=np.asarray(attrs["pairwise_transforms"], dtype=np.float64), composed=every[1:],
+                        tmats=np.asarray(attrs["composed_transforms_pixel"], dtype=np.float64), crop_box=list(attrs["crop_box"]),
+                        log=list(attrs["registration_log"]), shape=shape, settings=dict(record.get("parameters", {})),
+                        first=every[0] if FIRST_KEY in attrs else np.eye(3)[:2].copy(), solve=attrs.get("volume_solve"))
 
 
 def warp_stack(stack: Any, registration: Registration, *, crop: bool = True, interpolation: str = "bspline",
@@ -213,6 +222,7 @@ def warp_stack(stack: Any, registration: Registration, *, crop: bool = True, int
         src[z] = np.asarray(stack[z])
     out_shape = (stack.shape[0], box[1] - box[0], box[3] - box[2])
     out = zarr.create_array(store={}, shape=out_shape, dtype=np.dtype(stack.dtype), chunks=(1, *out_shape[1:]))
-    composed = torch.from_numpy(np.asarray(registration.composed, dtype=np.float64))
-    warp_all(src, out, composed, box, interpolation, device=torch.device(device or "cpu"))
+    every = np.concatenate([np.asarray(registration.first, dtype=np.float64).reshape(1, 2, 3),
+                            np.asarray(registration.composed, dtype=np.float64)])
+    warp_all(src, out, torch.from_numpy(every), box, interpolation, device=torch.device(device or "cpu"))
     return np.asarray(out[:])

@@ -49,7 +49,8 @@ def test_tensorboard_loss_levels_ncc_panels_hparams_and_progress(tmp_path, base_
     write_zarr(s.stack, root)
     logs = tmp_path / "logs"
     err = _fit_with_progress_bar(root, logs, "--trainer.log_every_n_steps", "3", "--pyramid.levels", "3",
-                                 "--pyramid.steps", "[100,100,50]", "--data.pairs_per_block", "2")
+                                 "--pyramid.steps", "[100,100,50]", "--data.pairs_per_block", "2",
+                                 "--solve.neighbours", "1")  # the plain chain: 5 pairs, 3 blocks
     events = list(logs.rglob("events.out.tfevents.*"))
     assert len(events) == 1, events
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
@@ -86,7 +87,7 @@ def test_tensorboard_loss_levels_ncc_panels_hparams_and_progress(tmp_path, base_
     assert hp["pyramid/levels"] == 3 and hp["pyramid/steps"] == "[100, 100, 50]" and hp["pyramid/factors"] == "[4.0, 2.0, 1.0]"
     assert hp["early_stopping/window"] == 15 and hp["early_stopping/tol"] == 1e-7
     assert hp["data/array"] == "images/50-4-4" and hp["data/n_pairs"] == 5 and hp["data/pairs_per_block"] == 2
-    assert hp["output/interpolation"] == "bspline"
+    assert hp["output/interpolation"] == "bspline" and hp["solve/neighbours"] == 1
     saved = yaml.safe_load((events[0].parent / "hparams.yaml").read_text())
     assert saved["pyramid"]["steps"] == [100, 100, 50] and saved["early_stopping"]["step_tol_px"] == 0.003
     assert saved["early_stopping"]["newton_step_tol_px"] == 0.02
@@ -104,7 +105,7 @@ def test_ncc_at_the_identity_needs_no_resampling(base_image):
         m = PairObjective(interpolation=mode, shape=(64, 64))
         imgs = m.level_stack(img.unsqueeze(1), 1.0)
         p = torch.zeros(2, m.n_params, dtype=torch.float64)
-        resampled = m.pair_ncc(p, imgs[:-1], m.moving_coeffs(imgs))
+        resampled = m.pair_ncc(p, imgs[:-1], m.moving_coeffs(imgs[1:]))
         direct = m.pair_ncc_identity(p, imgs[:-1], imgs[1:])
         assert torch.allclose(resampled, direct, atol=tol), (mode, resampled, direct)
         assert direct.abs().max() < 0.9  # different slices: far from a perfect match

@@ -20,6 +20,8 @@ from sphero_lightning.storage.journal import Journal
 
 OUT = "images/registered/50-4-4"
 FAST = ("--pyramid.levels", "3")
+#: The plain chain (one neighbour): where a test counts pairs as slices - 1
+CHAIN = ("--solve.neighbours", "1")
 
 
 def _out(root) -> zarr.Array:
@@ -171,7 +173,7 @@ def test_resume_false_ignores_a_matching_journal(tmp_path, base_image, monkeypat
     journal = root / "images" / "registered" / "tmp-50-4-4-journal"
     with monkeypatch.context() as m:  # an interrupted run: its journal stays behind
         m.setattr(Journal, "remove", lambda self: None)
-        fit(root, *FAST)
+        fit(root, *FAST, *CHAIN)
     assert Journal.count_saved(journal) == 3
     # Mark the journal's pairs, so that a pair taken from it is recognisable in the output.
     for part in journal.glob("pairs-*.json"):
@@ -181,7 +183,7 @@ def test_resume_false_ignores_a_matching_journal(tmp_path, base_image, monkeypat
     shutil.copytree(journal, backup)
 
     shutil.rmtree(root / OUT)
-    err = _fit_stderr(root, "--data.resume", "false", *FAST)
+    err = _fit_stderr(root, "--data.resume", "false", *FAST, *CHAIN)
     assert "resuming" not in err, err
     log = _out(root).attrs["registration_log"]
     assert all(e["final_loss"] != 12345.0 and e["num_steps_taken"] > 0 for e in log), log
@@ -190,7 +192,7 @@ def test_resume_false_ignores_a_matching_journal(tmp_path, base_image, monkeypat
     shutil.rmtree(root / OUT)
     shutil.rmtree(journal, ignore_errors=True)
     shutil.copytree(backup, journal)
-    err = _fit_stderr(root, *FAST)
+    err = _fit_stderr(root, *FAST, *CHAIN)
     assert "resuming: 3 of 3 pairs" in err, err
     assert all(e["final_loss"] == 12345.0 for e in _out(root).attrs["registration_log"])
 

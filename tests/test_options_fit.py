@@ -30,6 +30,8 @@ from sphero_lightning.training.callbacks import PyramidSchedule
 
 OUT = "images/registered/50-4-4"
 LEVELS3 = ("--pyramid.levels", "3")
+#: The plain chain (one neighbour): tests of the journal's bookkeeping count its pairs (slices - 1)
+CHAIN = ("--solve.neighbours", "1")
 
 
 def _stack(tmp_path, s, name="s.zarr", stack=None):
@@ -329,7 +331,7 @@ def test_resume_with_another_block_size_reuses_finished_pairs(tmp_path, base_ima
     journal = root / "images" / "registered" / "tmp-50-4-4-journal"
     with monkeypatch.context() as m:  # the journal stays behind, as after an interruption
         m.setattr(Journal, "remove", lambda self: None)
-        _fit(root, *LEVELS3, "--data.pairs_per_block", "2")
+        _fit(root, *LEVELS3, *CHAIN, "--data.pairs_per_block", "2")
     clean = _attrs(root)
     parts = sorted(p.name for p in journal.glob("pairs-*.json"))
     assert parts == [f"pairs-{a:08d}-{b:08d}.json" for a, b in ((0, 1), (2, 3), (4, 5), (6, 6))], parts
@@ -340,7 +342,7 @@ def test_resume_with_another_block_size_reuses_finished_pairs(tmp_path, base_ima
         (journal / name).write_text(json.dumps({k: {**v, "final_loss": 12345.0} for k, v in doc.items()}))
     shutil.rmtree(root / OUT)
 
-    err = _fit(root, *LEVELS3, "--data.pairs_per_block", "4")
+    err = _fit(root, *LEVELS3, *CHAIN, "--data.pairs_per_block", "4")
     assert "resuming: 4 of 7 pairs finished earlier" in err and "1 of 2 blocks of 4 skipped" in err, err
     attrs = _attrs(root)
     log = attrs["registration_log"]
@@ -361,7 +363,7 @@ def test_resume_on_two_ddp_processes_after_one(tmp_path, base_image, monkeypatch
     journal = root / "images" / "registered" / "tmp-50-4-4-journal"
     with monkeypatch.context() as m:
         m.setattr(Journal, "remove", lambda self: None)
-        _fit(root, *LEVELS3, "--data.pairs_per_block", "2")
+        _fit(root, *LEVELS3, *CHAIN, "--data.pairs_per_block", "2")
     clean = _attrs(root)
     parts = sorted(p.name for p in journal.glob("pairs-*.json"))
     for name in parts[2:]:
@@ -372,7 +374,7 @@ def test_resume_on_two_ddp_processes_after_one(tmp_path, base_image, monkeypatch
     shutil.rmtree(root / OUT)
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "sphero_lightning", *_args(root, *LEVELS3, "--data.pairs_per_block", "2",
+    r = subprocess.run([sys.executable, "-m", "sphero_lightning", *_args(root, *LEVELS3, *CHAIN, "--data.pairs_per_block", "2",
                         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")],
                        capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -393,7 +395,7 @@ def test_ctrl_c_stops_with_one_line_and_the_rerun_resumes(tmp_path, base_image):
     shape = (96, 96)
     s = make_stack(base_image, 9, shape, seed=45)
     root = _stack(tmp_path, s)
-    extra = ("--data.pairs_per_block", "1", *LEVELS3)  # 8 blocks: time to interrupt in the middle
+    extra = ("--data.pairs_per_block", "1", *LEVELS3, *CHAIN)  # 8 blocks: time to interrupt in the middle
     journal = root / "images" / "registered" / "tmp-50-4-4-journal"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     p = subprocess.Popen([sys.executable, "-m", "sphero_lightning", *_args(root, *extra)], stdout=subprocess.DEVNULL,

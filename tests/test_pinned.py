@@ -28,9 +28,12 @@ from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zar
 PINNED = Path(__file__).resolve().parent / "data" / "pinned.json"
 #: name: (make_stack arguments, extra sphero fit arguments)
 CASES = {
-    "rigid_128": ({"n_slices": 6, "shape": (128, 128), "seed": 3}, ["--model.transformation", "rigid"]),
+    # the plain chain (one neighbour): pinned before the solve existed, unchanged by it
+    "rigid_128": ({"n_slices": 6, "shape": (128, 128), "seed": 3}, ["--model.transformation", "rigid", "--solve.neighbours", "1"]),
     "affine_160": ({"n_slices": 5, "shape": (160, 144), "seed": 5, "max_scale": 0.02, "max_shear": 0.01},
-                   ["--model.transformation", "affine", "--pyramid.levels", "3"]),
+                   ["--model.transformation", "affine", "--pyramid.levels", "3", "--solve.neighbours", "1"]),
+    # the default: two neighbours and the robust solve (pinned when it was added, 2026-12-03)
+    "rigid_128_solve": ({"n_slices": 6, "shape": (128, 128), "seed": 3}, ["--model.transformation", "rigid"]),
 }
 
 
@@ -68,7 +71,9 @@ def test_pinned_results(tmp_path):
 if __name__ == "__main__":
     import tempfile
 
-    if "--write" in sys.argv:
+    if "--write" in sys.argv:  # every case; --add: only the cases not pinned yet
+        old = json.loads(PINNED.read_text()) if "--add" in sys.argv and PINNED.exists() else {}
         with tempfile.TemporaryDirectory() as tmp:
-            PINNED.write_text(json.dumps({name: run_case(Path(tmp), name) for name in CASES}, indent=1) + "\n")
+            new = {name: old.get(name) or run_case(Path(tmp), name) for name in CASES}
+        PINNED.write_text(json.dumps(new, indent=1) + "\n")
         print(f"wrote {PINNED}")

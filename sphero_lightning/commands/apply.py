@@ -19,6 +19,7 @@ import torch
 import zarr
 
 from .._version import __version__
+from ..core.frames import composed_of_all
 from ..errors import SpheroError
 from ..storage.store import (
     check_writable,
@@ -54,9 +55,9 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
         raise SpheroError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(MODES)}")
     reg, ref = open_registration(root, transforms)
     src = open_source(root, array)
-    composed = torch.tensor(reg.attrs["composed_transforms"], dtype=torch.float64)
+    composed = torch.tensor(composed_of_all(reg.attrs), dtype=torch.float64)  # every slice's, slice 0's first
     box = [int(v) for v in reg.attrs["crop_box"]]
-    n = len(composed) + 1
+    n = len(composed)
     if src.ndim != 3 or tuple(src.shape) != tuple(ref.shape):
         raise SpheroError(f"{array!r} has shape {tuple(src.shape)} but the registration was made on {reg.attrs['inputs'][0]!r} "
                           f"of shape {tuple(ref.shape)}; apply it only to arrays of the same stack and size")

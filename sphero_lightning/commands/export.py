@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.frames import decompose, pixel_matrices
+from ..core.frames import composed_of_all, decompose, pixel_matrices
 from ..errors import SpheroError
 from ..storage.store import open_registration
 
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
                               "or give a path in an existing folder")
     reg, src = open_registration(a.root, a.transforms)
     shape = tuple(int(s) for s in src.shape[1:])
-    tmats = pixel_matrices(reg.attrs["composed_transforms"], shape)
+    every = composed_of_all(reg.attrs)
+    tmats = pixel_matrices(every[1:], shape, every[0])
     if a.tmats:
         np.save(a.tmats, tmats)
         print(f"sphero: wrote {a.tmats} ({len(tmats)} x 3 x 3, pystackreg tmats)", file=sys.stderr)

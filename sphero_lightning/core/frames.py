@@ -10,12 +10,25 @@ Frames: *normalized* coordinates are torch's ``affine_grid`` convention (``align
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
+#: Where a registration whose output takes another slice's frame (``--solve.reference``) keeps slice 0's transform.
+FIRST_KEY = "composed_transform_slice0"
 
-def pixel_matrices(composed: np.ndarray | list, shape: tuple[int, int]) -> np.ndarray:
-    """``(Z - 1, 2, 3)`` normalized composed transforms (slices 1..) to ``(Z, 3, 3)`` pixel tmats (slice 0 = I).
+
+def composed_of_all(attrs: Any) -> np.ndarray:
+    """``(Z, 2, 3)`` normalized transforms of every slice of a registration's output attributes: slice 0's (the
+    identity, unless the output takes another slice's frame) and ``composed_transforms`` (slices 1..)."""
+    rest = np.asarray(attrs["composed_transforms"], dtype=np.float64).reshape(-1, 2, 3)
+    first = np.asarray(attrs.get(FIRST_KEY, np.eye(3)[:2]), dtype=np.float64).reshape(1, 2, 3)
+    return np.concatenate([first, rest])
+
+
+def pixel_matrices(composed: np.ndarray | list, shape: tuple[int, int], first: np.ndarray | None = None) -> np.ndarray:
+    """``(Z - 1, 2, 3)`` normalized composed transforms (slices 1..) to ``(Z, 3, 3)`` pixel tmats (slice 0 = I, or
+    ``first``: slice 0's normalized transform where the output takes another slice's frame).
 
     torch's normalized coordinates (``align_corners=False``) map to pixel indices by ``x = (W x_n + W - 1) / 2``,
     so each matrix is conjugated by that scaling (numpy only: ``sphero export`` needs no torch).
@@ -23,9 +36,13 @@ def pixel_matrices(composed: np.ndarray | list, shape: tuple[int, int]) -> np.nd
     comp = np.asarray(composed, dtype=np.float64).reshape(-1, 2, 3)
     h, w = shape
     to_px = np.array([[w / 2, 0, (w - 1) / 2], [0, h / 2, (h - 1) / 2], [0, 0, 1.0]])
+    if first is not None and np.array_equal(np.asarray(first, dtype=np.float64).reshape(2, 3), np.eye(3)[:2]):
+        first = None  # the output's own frame: slice 0 exactly the identity, as always
+    if first is not None:
+        comp = np.concatenate([np.asarray(first, dtype=np.float64).reshape(1, 2, 3), comp])
     hom = np.concatenate([comp, np.tile(np.array([[[0, 0, 1.0]]]), (len(comp), 1, 1))], 1)
     px = to_px @ hom @ np.linalg.inv(to_px)
-    return np.concatenate([np.eye(3)[None], px])
+    return px if first is not None else np.concatenate([np.eye(3)[None], px])
 
 
 def decompose(m: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
@@ -42,3 +59,23 @@ def decompose(m: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
     u = r @ a
     return {"dx_px": float(d[0]), "dy_px": float(d[1]), "rotation_deg": math.degrees(rot),
             "scale_x": float(u[0, 0]), "scale_y": float(u[1, 1]), "shear": float(u[0, 1] / u[1, 1])}
+
+
+def fill_between(known: dict[int, np.ndarray], n: int, default: np.ndarray) -> np.ndarray:
+    """``(n, ...)``: ``known[z]`` where given; elsewhere interpolated entry-wise between the nearest known slices on
+    either side (by slice position), or the nearest one's at either end (``default`` where none is known)."""
+    order = sorted(known)
+    out = np.zeros((n, *np.shape(default)))
+    for z in range(n):
+        if z in known:
+            out[z] = known[z]
+            continue
+        before = [g for g in order if g < z]
+        after = [g for g in order if g > z]
+        if before and after:
+            lo, hi = before[-1], after[0]
+            t = (z - lo) / (hi - lo)
+            out[z] = (1 - t) * known[lo] + t * known[hi]
+        else:
+            out[z] = known[before[-1]] if before else (known[after[0]] if after else default)
+    return out

@@ -42,11 +42,15 @@ def phase_correlation(fixed: torch.Tensor, moving: torch.Tensor, max_size: int =
     return _peak(sm, sf, (h, w), small)
 
 
-def consecutive_phase_correlation(slices: torch.Tensor, max_size: int = 256) -> torch.Tensor:
+def consecutive_phase_correlation(slices: torch.Tensor, max_size: int = 256, fixed: torch.Tensor | None = None,
+                                  moving: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`phase_correlation` of every consecutive pair of ``slices`` (``(N + 1, 1, H, W)``; fixed ``k``,
-    moving ``k + 1``): ``(N, 2)``. Each slice is downscaled and transformed once, not once per pair it is in."""
+    moving ``k + 1``): ``(N, 2)``; or of the pairs whose slices are at positions ``fixed`` and ``moving``. Each slice
+    is downscaled and transformed once, not once per pair it is in."""
     spec, small = _spectra(slices, max_size)
-    return _peak(spec[1:], spec[:-1], tuple(slices.shape[-2:]), small)
+    if fixed is None:
+        return _peak(spec[1:], spec[:-1], tuple(slices.shape[-2:]), small)
+    return _peak(spec[moving], spec[fixed], tuple(slices.shape[-2:]), small)
 
 
 def _spectra(images: torch.Tensor, max_size: int) -> tuple[torch.Tensor, tuple[int, int]]:

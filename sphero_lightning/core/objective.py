@@ -37,6 +37,19 @@ LossInterpolation = Literal["bspline", "bspline2x", "bicubic"]
 INTERPOLATIONS = get_args(LossInterpolation)
 
 
+def take(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rows of ``t`` at ``positions``: a view where they are a run of consecutive rows (consecutive pairs: the
+    chain costs no copy), else a copy.
+
+    >>> take(torch.arange(5), torch.tensor([1, 2, 3])), take(torch.arange(5), torch.tensor([0, 2]))
+    (tensor([1, 2, 3]), tensor([0, 2]))
+    """
+    n = len(positions)
+    if n and bool((positions[1:] - positions[:-1] == 1).all()):
+        return t[int(positions[0]): int(positions[0]) + n]
+    return t[positions]
+
+
 class PairObjective:
     """The loss of registering moving slices onto fixed ones, for batches of pairs.
 
@@ -175,14 +188,14 @@ class PairObjective:
             imgs = gaussian_blur(imgs, self.smoothing)
         return imgs
 
-    def moving_coeffs(self, imgs: torch.Tensor) -> torch.Tensor:
-        """What the loss samples the moving slices ``imgs[1:]`` from, for the configured interpolation."""
+    def moving_coeffs(self, moving: torch.Tensor) -> torch.Tensor:
+        """What the loss samples the ``moving`` slices from, for the configured interpolation."""
         mode = self.interpolation
         if mode == "bspline":
-            return bspline_prefilter(imgs[1:])
+            return bspline_prefilter(moving)
         if mode == "bspline2x":
-            return upsample2(imgs[1:])
-        return imgs[1:]
+            return upsample2(moving)
+        return moving
 
     def gauss_newton_hessian(self, p: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor,
                               moving_grad: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -358,14 +371,19 @@ class PairObjective:
                 hess.append(hc)
         return torch.cat(losses), torch.cat(grads), (torch.cat(hess) if curvature else None)
 
-    def level_coeffs(self, imgs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def level_coeffs(self, imgs: torch.Tensor, fixed: torch.Tensor | None = None, moving: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """What one level's evaluations sample from, for slices ``imgs`` (``(N + 1, 1, h, w)``): the fixed slices'
         B-spline coefficients (what the default objective's curvature is made of; None for the others, which do
-        not use them) and :meth:`moving_coeffs`. One prefilter of all N + 1 slices gives both."""
+        not use them) and :meth:`moving_coeffs`. One prefilter of all N + 1 slices gives both. Pairs are consecutive
+        slices, or those at positions ``fixed`` and ``moving`` of ``imgs`` (:func:`take`)."""
+        if fixed is None or moving is None:
+            fixed = torch.arange(len(imgs) - 1, device=imgs.device)
+            moving = fixed + 1
         if self.uses_fast_ncc:
             c = bspline_prefilter(imgs)
-            return c[:-1], c[1:]
-        return None, self.moving_coeffs(imgs)
+            return take(c, fixed), take(c, moving)
+        return None, self.moving_coeffs(take(imgs, moving))
 
     @property
     def uses_fast_ncc(self) -> bool:

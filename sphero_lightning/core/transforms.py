@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import SpheroError
-from .frames import decompose
+from .frames import decompose, fill_between
 
 #: Names of the six full parameters, in order.
 PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")
@@ -248,19 +248,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
         a = homogeneous(torch.tensor(r["matrix"], dtype=torch.float64)[None])[0]
         acc = a @ acc
         known[r["slice_indices"][1]] = acc[:2].clone()
-    composed = torch.zeros(n_slices, 2, 3, dtype=torch.float64)
-    for z in range(n_slices):
-        if z in known:
-            composed[z] = known[z]
-            continue
-        before = [g for g in good if g < z]
-        after = [g for g in good if g > z]
-        if before and after:
-            lo, hi = before[-1], after[0]
-            t = (z - lo) / (hi - lo)
-            composed[z] = (1 - t) * known[lo] + t * known[hi]
-        else:
-            composed[z] = known[before[-1] if before else after[0]]
+    composed = torch.from_numpy(fill_between({z: known[z].numpy() for z in good}, n_slices, eye.numpy()))
     by_pair = {tuple(r["slice_indices"]): r for r in fitted}
     hom = homogeneous(composed)
     pairwise = torch.zeros(max(0, n_slices - 1), 2, 3, dtype=torch.float64)

@@ -164,15 +164,18 @@ def warp_window(src: zarr.Array, z: int, theta: torch.Tensor | None, box: tuple[
     return to_dtype(res, src.dtype)
 
 
-def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, int], thetas: np.ndarray | None) -> int:
+def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, int], thetas: np.ndarray | None,
+               shift: int = 1) -> int:
     """One task: warp the output box ``unit`` (``thetas``: its slices' matrices, row ``k`` for slice ``z0 + k``,
-    slice 0 excluded), store it, flag it written. Returns the slices it held."""
+    slice 0 excluded where ``shift`` is 1: its transform is the identity), store it, flag it written. Returns the
+    slices it held."""
     z0, z1, y0, y1, x0, x1 = unit
     src, out = _array(job.src), _array(job.out, "r+")
     block = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=src.dtype)
     with torch.inference_mode():
         for z in range(z0, z1):
-            theta = None if z == 0 else torch.from_numpy(thetas[z - z0 - (1 if z0 == 0 else 0)][None])
+            row = z - z0 - (1 if z0 == 0 and shift else 0)
+            theta = None if (z == 0 and shift) else torch.from_numpy(thetas[row][None])
             block[z - z0] = warp_window(src, z, theta, job.box, (y0, y1, x0, x1), job.mode, job.device)
     out[z0:z1, y0:y1, x0:x1] = block
     if job.written is not None:
@@ -226,7 +229,8 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
                world: int = 1, progress: bool = False, num_workers: int = 4, scheduler: str = "threads") -> dict[str, float]:
     """Warp every slice of ``src`` once into the cropped ``out``: one dask task per shard (or chunk) of ``out``.
 
-    ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped).
+    ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped), or of every
+    slice ``0..n`` (the output takes another slice's frame; a slice whose transform is the identity is only cropped).
     ``mode`` is a :func:`~sphero_lightning.core.interpolation.warp` mode; ``nearest`` keeps integer values exact
     (labels), the others round and clip to ``src``'s dtype. Tasks go round-robin to the ranks; with ``written``
     (flags from :func:`open_partial`), tasks already flagged are skipped and the others flag themselves when done.
@@ -244,9 +248,12 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     units = output_units(tuple(o.shape), tuple(int(v) for v in (getattr(o, "shards", None) or o.chunks)), tuple(s.shape[1:]))
     done = np.asarray(_array(written)[:]) if written is not None else np.zeros(len(units), np.uint8)
     theta = composed.detach().cpu().numpy()
+    if len(theta) == s.shape[0]:  # every slice's: slice 0 as the others (cropped only where it is the identity)
+        theta = theta[1:] if np.array_equal(theta[0], np.eye(3)[:2]) else theta
     job = WarpJob(src, out, written, (up, down, left, right), mode, str(device) if not is_distributed(scheduler) else "cpu")
     todo = [i for i in range(rank, len(units), world) if not done[i]]
-    args = [(job, i, units[i], theta[max(0, units[i][0] - 1):units[i][1] - 1]) for i in todo]
+    shift = 0 if len(theta) == s.shape[0] else 1  # row of slice z: z - shift (legacy: no row for slice 0)
+    args = [(job, i, units[i], theta[max(0, units[i][0] - shift):units[i][1] - shift], shift) for i in todo]
     area = o.shape[1] * o.shape[2]
     weights = [(u[1] - u[0]) * (u[3] - u[2]) * (u[5] - u[4]) / area for u in (units[i] for i in todo)]
     t0 = time.perf_counter()

@@ -27,6 +27,7 @@ from ..threads import share_cores
 from .callbacks import PairEarlyStopping, PyramidSchedule
 from .data import ZarrPairDataModule, launch_rank
 from .module import RegistrationModule
+from .volume import VolumeSolve
 from .writer import WRITTEN, RegistrationWriter
 
 #: ``sphero fit --help``'s description (``sphero --help`` lists the same in lower case).
@@ -76,7 +77,7 @@ def _accelerator_missing(name: str) -> str | None:
 
 
 #: Groups shown first by ``sphero fit --help`` (the project's options), in this order; Lightning's follow.
-HELP_ORDER = ("data", "model", "pyramid", "early_stopping", "output")
+HELP_ORDER = ("data", "model", "solve", "pyramid", "early_stopping", "output")
 
 
 def quiet_lightning() -> None:
@@ -147,7 +148,9 @@ class SpheroCLI(LightningCLI):
         parser.add_lightning_class_args(PairEarlyStopping, "early_stopping")
         parser.add_lightning_class_args(PyramidSchedule, "pyramid")
         parser.add_lightning_class_args(RegistrationWriter, "output")
+        parser.add_lightning_class_args(VolumeSolve, "solve")
         parser.link_arguments("data.pairs_per_block", "model.pairs_per_block")
+        parser.link_arguments("solve.neighbours", "data.neighbours")
         # Class-path defaults go through the parser so that they are instantiated like config values.
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
         # --help: the project's options first, Lightning's Trainer after them.
@@ -155,7 +158,7 @@ class SpheroCLI(LightningCLI):
         first = [g for key in HELP_ORDER for g in groups if getattr(g, "dest", None) == key or g.title == key]
         parser._action_groups = groups[:2] + first + [g for g in groups[2:] if g not in first]
         parser.usage = ("sphero fit --data.root STORE.zarr --data.array PATH [--data.* ...] [--model.* ...] [--pyramid.* ...]\n"
-                        "                  [--early_stopping.* ...] [--output.* ...] [--trainer.* ...] [--config FILE.yaml]")
+                        "                  [--solve.* ...] [--early_stopping.* ...] [--output.* ...] [--trainer.* ...] [--config FILE.yaml]")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config)

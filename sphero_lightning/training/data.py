@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -17,7 +16,9 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..core.pairs import block_layout, blocks, pair_graph
 from ..errors import SpheroError
+from ..storage.slices import damaged_slices, intensity_range, read_slices, slice_stats
 from ..storage.store import (
     acquire_lock,
     check_stack,
@@ -31,63 +32,6 @@ from ..storage.store import (
     zarr_format,
 )
 from ..storage.tasks import run_tasks
-
-
-def read_block(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
-    """Slices ``start..stop-1`` as a numpy array (one read, zarr decodes chunks in parallel)."""
-    return np.asarray(arr[start:stop])
-
-
-def read_slices(arr: zarr.Array, indices: list[int]) -> np.ndarray:
-    """Slices at ``indices`` (one contiguous read when they are consecutive)."""
-    if indices == list(range(indices[0], indices[-1] + 1)):
-        return read_block(arr, indices[0], indices[-1] + 1)
-    return np.stack([np.asarray(arr[z]) for z in indices])
-
-
-def slice_stats(image: np.ndarray) -> tuple[float, float, float, float]:
-    """``(finite, std, min, max)`` of one slice on a 2x subsample (float64, so 64-bit integers keep their range);
-    ``finite`` is 1.0 when every value is finite (then min and max ignore the non-finite values)."""
-    finite = 1.0
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        finite = 0.0
-    sub = image[::2, ::2].astype(np.float64)
-    if finite == 0.0:
-        sub = sub[np.isfinite(sub)]
-        if sub.size == 0:
-            return 0.0, float("nan"), float("nan"), float("nan")
-    return finite, float(sub.std()), float(sub.min()), float(sub.max())
-
-
-def damaged_slices(stats: np.ndarray, min_contrast: float) -> dict[int, str]:
-    """Slices that cannot be registered, with the reason: non-finite values, constant, or blank.
-
-    ``stats`` is ``(Z, 2+)`` from :func:`slice_stats`. A slice is blank when its standard deviation is
-    below ``min_contrast`` times the median over the stack's slices.
-    """
-    finite, std = stats[:, 0] > 0.5, stats[:, 1]
-    ok = finite & np.isfinite(std)
-    median = float(np.median(std[ok])) if ok.any() else 0.0
-    out: dict[int, str] = {}
-    for z in range(len(stats)):
-        if not finite[z]:
-            out[z] = "non-finite values (NaN or inf)"
-        elif std[z] == 0:
-            out[z] = "constant"
-        elif std[z] < min_contrast * median:
-            out[z] = f"blank (standard deviation {std[z]:.3g}, stack median {median:.3g})"
-    return out
-
-
-def intensity_range(stats: np.ndarray, use: list[int]) -> tuple[float, float]:
-    """``(low, high)``: the grey-value range of the slices ``use`` (rows of :func:`slice_stats` output)."""
-    rows = stats[use] if len(use) else stats
-    lo, hi = rows[:, 2], rows[:, 3]
-    lo, hi = lo[np.isfinite(lo)], hi[np.isfinite(hi)]
-    if not len(lo) or not len(hi):
-        return 0.0, 1.0
-    return float(lo.min()), float(hi.max())
-
 
 #: Integer types whose every value float32 holds exactly (sent as they are; normalized on the device).
 _COMPACT = (np.uint8, np.int8, np.uint16, np.int16)
@@ -232,7 +176,7 @@ class ZarrPairDataModule(L.LightningDataModule):
     def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
                  pairs_per_block: int = 32, spacing: list[float] | None = None, overwrite: bool = False,
                  check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True,
-                 output_root: str | None = None, memory_budget_gb: float | None = None) -> None:
+                 output_root: str | None = None, memory_budget_gb: float | None = None, neighbours: int = 1) -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
@@ -257,7 +201,12 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.timings: dict[str, float] = {}  # where the time went (s): scan_s, read_s, wait_s (+ the module's)
         self.intensity: tuple[float, float] | None = None  # the stack's grey-value range (set at setup)
         self.validate()
+        if neighbours < 1:
+            raise SpheroError(f"--solve.neighbours must be >= 1, got {neighbours}")
+        self.neighbours = int(neighbours)
         self.good = list(range(self.n_slices))
+        self.pairs = pair_graph(self.good, self.neighbours)
+        self.segments = [0]  # the first pair of each segment of pairs (blocks do not span two)
 
     # ------------------------------------------------------------------ input
     def validate(self) -> None:
@@ -349,12 +298,13 @@ class ZarrPairDataModule(L.LightningDataModule):
 
     @property
     def n_pairs(self) -> int:
-        """Pairs that are fitted: consecutive usable slices (a damaged slice is bridged over)."""
-        return max(0, len(self.good) - 1)
+        """Pairs that are fitted: consecutive usable slices (a damaged slice is bridged over), and with
+        ``neighbours`` > 1 each usable slice to the ones before those (:func:`~..core.pairs.pair_graph`)."""
+        return len(self.pairs)
 
     def pair_slices(self, pair: int) -> tuple[int, int]:
         """``(fixed, moving)`` slice indices of fitted pair ``pair``."""
-        return self.good[pair], self.good[pair + 1]
+        return self.pairs[pair]
 
     @property
     def output_path(self) -> str:
@@ -365,22 +315,37 @@ class ZarrPairDataModule(L.LightningDataModule):
         group, name = self.output_path.rsplit("/", 1)
         return Path(self.out_root) / group / f"tmp-{name}-journal"
 
+    def add_pairs(self, pairs: list[tuple[int, int]]) -> None:
+        """Pairs to fit after the others (bridges found once those were fitted): they start a block of their own."""
+        self.segments.append(len(self.pairs))
+        self.pairs.extend(pairs)
+
     def n_blocks(self, world: int) -> int:
-        return math.ceil(self.n_pairs / (self.pairs_per_block * world))
+        return len(blocks(self.n_pairs, self.segments, self.pairs_per_block * world))
+
+    def block_range(self, block: int, world: int) -> tuple[int, int]:
+        """``(start, stop)``: the pair indices of ``block`` across all ranks."""
+        every = blocks(self.n_pairs, self.segments, self.pairs_per_block * world)
+        return every[block] if block < len(every) else (self.n_pairs, self.n_pairs)
 
     def rank_pairs(self, block: int, rank: int, world: int) -> range:
         """Indices of the pairs ``rank`` fits in ``block`` (possibly fewer than a full block)."""
-        start = (block * world + rank) * self.pairs_per_block
-        return range(min(start, self.n_pairs), min(start + self.pairs_per_block, self.n_pairs))
+        start, stop = self.block_range(block, world)
+        first = start + rank * self.pairs_per_block
+        return range(min(first, stop), min(first + self.pairs_per_block, stop))
 
     def read_rank_block(self, block: int, rank: int, world: int) -> dict[str, Any]:
         pairs = self.rank_pairs(block, rank, world)
         if len(pairs) == 0:  # uneven split: this rank idles in this block, in step with the others
             h, w = self.slice_shape
-            return {"slices": torch.zeros(1, h, w, dtype=torch.uint8), "offset": torch.tensor(0.0), "scale": torch.tensor(1.0)}
+            none = torch.zeros(0, dtype=torch.long)
+            return {"slices": torch.zeros(1, h, w, dtype=torch.uint8), "offset": torch.tensor(0.0), "scale": torch.tensor(1.0),
+                    "fixed": none, "moving": none}
         low, high = self.intensity if self.intensity is not None else self.sample_intensity()
-        data, offset, scale = to_tensor(read_slices(self.source, self.good[pairs.start: pairs.stop + 1]), low, high)
-        return {"slices": data, "offset": torch.tensor(offset), "scale": torch.tensor(scale)}
+        slices, fixed, moving = block_layout(self.pairs[pairs.start: pairs.stop])
+        data, offset, scale = to_tensor(read_slices(self.source, slices), low, high)
+        return {"slices": data, "offset": torch.tensor(offset), "scale": torch.tensor(scale),
+                "fixed": torch.tensor(fixed), "moving": torch.tensor(moving)}
 
     def sample_intensity(self, n: int = 16) -> tuple[float, float]:
         """The grey-value range from up to ``n`` evenly spread slices (when the slices are not all scanned);
@@ -410,6 +375,8 @@ class ZarrPairDataModule(L.LightningDataModule):
     def set_damaged(self, damaged: dict[int, str]) -> None:
         self.damaged = dict(sorted(damaged.items()))
         self.good = [z for z in range(self.n_slices) if z not in self.damaged]
+        self.pairs = pair_graph(self.good, self.neighbours)
+        self.segments = [0]
         if len(self.good) < 2:
             raise SpheroError(f"fewer than 2 usable slices: {len(self.damaged)} of {self.n_slices} are damaged "
                               f"(first: slice {next(iter(self.damaged))}, {next(iter(self.damaged.values()))}); "

@@ -25,12 +25,12 @@ import torch.distributed as dist
 
 from ..core.initialization import consecutive_phase_correlation
 from ..core.interpolation import downscale
-from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation
+from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation, take
 from ..core.solvers import make_solver
 from ..errors import SpheroError
 from ..storage.journal import Journal
 from ..threads import release_memory, share_cores
-from .report import log_run_settings
+from .report import log_level_end, log_run_settings
 from .state import MAX_STEP_PX, NEWTON_MIN_NCC, NEWTON_TRUST_NCC, BlockState, Curvature, InitTranslation, Level, Optimizer
 
 
@@ -148,21 +148,28 @@ class RegistrationModule(L.LightningModule):
         self.objective.shape = self.shape
         self.objective.to(self.device)
         self.hparams.pairs_per_block = dm.pairs_per_block  # the block the data module settled on (large slices: fewer)
-        self.n_pairs = dm.n_pairs
-        self.pair_slices = [dm.pair_slices(p) for p in range(self.n_pairs)]
         self.timings = dm.timings  # shared with the datamodule: scan_s, read_s, wait_s; here fit_s; writer write_s
         self.journal = Journal(dm.journal_path, self.fingerprint(), dm.output_format)
-        if dm.resume:
-            self.results.update({p: r for p, r in self.journal.load().items() if p < self.n_pairs})
+        self._journaled = self.journal.load() if dm.resume else {}
+        self.n_pairs = 0
+        self.add_pairs(dm)
         rows = self.world * self.hparams.pairs_per_block
-        dm.skip_blocks = {blk for blk in range(dm.n_blocks(self.world))
-                          if all(p < 0 or p in self.results for p in self.block_pairs(blk))}
         if self.results and self.trainer.is_global_zero:
             print(f"sphero: resuming: {len(self.results)} of {self.n_pairs} pairs finished earlier "
                   f"(journal {self.journal.path}); {len(dm.skip_blocks)} of {dm.n_blocks(self.world)} blocks "
                   f"of {rows} skipped", file=sys.stderr)
         # float64: the solver works in float64 and the trial point must be evaluated exactly.
         self.delta = torch.nn.Parameter(torch.zeros(rows, self.objective.basis.shape[0], dtype=torch.float64))
+
+    def add_pairs(self, dm: Any) -> None:
+        """Take the data module's pairs from ``n_pairs`` on (all at set-up; bridges found after the others were fitted):
+        their results from the journal where it has them for the same slices, and the blocks that need no fitting."""
+        old, self.n_pairs = self.n_pairs, dm.n_pairs
+        self.pair_slices = [dm.pair_slices(p) for p in range(self.n_pairs)]
+        self.results.update({p: r for p, r in self._journaled.items()
+                             if old <= p < self.n_pairs and tuple(r["slice_indices"]) == tuple(self.pair_slices[p])})
+        dm.skip_blocks = {blk for blk in range(dm.n_blocks(self.world))
+                          if all(p < 0 or p in self.results for p in self.block_pairs(blk))}
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the pairs' results; a journal with another fingerprint is not reused."""
@@ -181,8 +188,8 @@ class RegistrationModule(L.LightningModule):
     def block_pairs(self, block: int) -> list[int]:
         """Global pair index of every row of ``block`` (-1 for empty slots); same on every rank."""
         b, w = self.hparams.pairs_per_block, self.world
-        start = block * w * b
-        return [p if p < self.n_pairs else -1 for p in range(start, start + w * b)]
+        start, stop = self.trainer.datamodule.block_range(block, w)
+        return [p if p < stop else -1 for p in range(start, start + w * b)]
 
     # ------------------------------------------------------------------ the math
     # ------------------------------------------------------------------ block and level life cycle
@@ -201,8 +208,10 @@ class RegistrationModule(L.LightningModule):
                                 steps=torch.zeros(len(pairs), dtype=torch.long, device=self.device))
         self.local_valid = valid[self.rows]
         n_local = int(self.local_valid.sum())
-        if slices.shape[0] != n_local + 1 and n_local > 0:
-            raise RuntimeError(f"block {self.current_epoch}: got {slices.shape[0]} slices for {n_local} pairs")
+        # where each of this rank's pairs finds its fixed and moving slice among the block's slices
+        self.block_fixed, self.block_moving = batch["fixed"], batch["moving"]
+        if n_local and len(self.block_fixed) != n_local:
+            raise RuntimeError(f"block {self.current_epoch}: got {len(self.block_fixed)} pairs of slices for {n_local} pairs")
         self._level0 = None  # level-0 images, kept when the initialisation computes them
         self.x = self._initial_params()
 
@@ -217,7 +226,7 @@ class RegistrationModule(L.LightningModule):
             n_local = int(self.local_valid.sum())
             est = torch.zeros(rows, 2, dtype=torch.float64, device=self.device)
             if n_local:
-                shift = consecutive_phase_correlation(self.block_slices).double()
+                shift = consecutive_phase_correlation(self.block_slices, fixed=self.block_fixed, moving=self.block_moving).double()
                 local = torch.zeros(self.hparams.pairs_per_block, 2, dtype=torch.float64, device=self.device)
                 local[:n_local] = shift / (max(self.block_slices.shape[-2:]) / 2.0)
                 est[self.rows] = local
@@ -226,8 +235,8 @@ class RegistrationModule(L.LightningModule):
             cand[:, :2] = est
             # Keep the estimate only where it beats the starting point at the coarsest level.
             imgs = self.objective.level_stack(self.block_slices, self.levels[0].factor / self.block_base)
-            self._level0 = imgs, *self.objective.level_coeffs(imgs)
-            fixed, coeffs = imgs[:-1], self._level0[2]
+            self._level0 = imgs, *self.objective.level_coeffs(imgs, self.block_fixed, self.block_moving)
+            fixed, coeffs = take(imgs, self.block_fixed), self._level0[2]
             with torch.no_grad():
                 keep = self._evaluate_rows(cand, fixed, coeffs) < self._evaluate_rows(x, fixed, coeffs)
             x = torch.where(keep.unsqueeze(-1), cand, x)
@@ -253,8 +262,8 @@ class RegistrationModule(L.LightningModule):
             imgs, fixed_coeffs, coeffs = cached
         else:
             imgs = self.objective.level_stack(self.block_slices, lv.factor / self.block_base)
-            fixed_coeffs, coeffs = self.objective.level_coeffs(imgs)
-        self.level_fixed, self.level_moving, self.level_coeffs = imgs[:-1], imgs[1:], coeffs
+            fixed_coeffs, coeffs = self.objective.level_coeffs(imgs, self.block_fixed, self.block_moving)
+        self.level_fixed, self.level_moving, self.level_coeffs = take(imgs, self.block_fixed), take(imgs, self.block_moving), coeffs
         self.level_fixed_coeffs = fixed_coeffs
         self.level_shape = tuple(self.level_fixed.shape[-2:])
         previous = self.solver if level > 0 else None
@@ -280,21 +289,9 @@ class RegistrationModule(L.LightningModule):
 
     def next_level(self) -> None:
         """Carry the parameters over to the next, finer level."""
-        self._log_level_end()
+        log_level_end(self._trainer, self.block, self.solver.f)
         self.x = self.solver.x.clone()
         self.start_level(self.block.level + 1)
-
-    def _log_level_end(self) -> None:
-        """TensorBoard ``loss/level_<k>``: mean loss of the block's pairs at the end of level k (x = block)."""
-        from .report import tensorboard_writer
-
-        tb = tensorboard_writer(self._trainer) if self._trainer is not None and self.trainer.is_global_zero else None
-        if tb is None:
-            return
-        f = self.solver.f[self.block.valid]
-        f = f[torch.isfinite(f)]
-        if len(f):
-            tb.add_scalar(f"loss/level_{self.block.level}", float(f.mean()), global_step=self.block.index)
 
     def level_finished(self) -> bool:
         """Budget spent or every pair of the block converged (same answer on every rank)."""
@@ -304,7 +301,7 @@ class RegistrationModule(L.LightningModule):
     def finish_block(self) -> None:
         """Record every pair of the block (all ranks know all rows) and end the epoch."""
         blk = self.block
-        self._log_level_end()
+        log_level_end(self._trainer, blk, self.solver.f)
         self.x = self.solver.x.clone()
         theta = self.objective.matrices(self.x)
         lv = self.levels[-1]

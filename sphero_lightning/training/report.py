@@ -85,6 +85,17 @@ def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dic
     return out
 
 
+def log_level_end(trainer: L.Trainer | None, block: Any, losses: torch.Tensor) -> None:
+    """TensorBoard ``loss/level_<k>``: mean loss of the block's pairs at the end of level k (x = block)."""
+    tb = tensorboard_writer(trainer) if trainer is not None and trainer.is_global_zero else None
+    if tb is None:
+        return
+    f = losses[block.valid]
+    f = f[torch.isfinite(f)]
+    if len(f):
+        tb.add_scalar(f"loss/level_{block.level}", float(f.mean()), global_step=block.index)
+
+
 def tensorboard_writer(trainer: L.Trainer) -> Any:
     """The run's TensorBoard ``SummaryWriter``, or None without a TensorBoard logger (call on rank 0 only)."""
     from lightning.pytorch.loggers import TensorBoardLogger

@@ -14,18 +14,21 @@ from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from .._version import __version__
 from ..core.crop import crop_box
-from ..core.frames import pixel_matrices
-from ..core.transforms import chain_with_gaps, normalized_to_pixel
+from ..core.frames import FIRST_KEY, pixel_matrices
+from ..core.transforms import normalized_to_pixel
+from ..core.volume import compose_volume
 from ..errors import SpheroError
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
 from ..storage.writing import ArrayRef, output_layout, prepare_output, warp_stack
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
+from .volume import VolumeSolve
 
 #: Outputs this process has moved into place (``store/path``): what an interruption after that point has not lost.
 WRITTEN: list[str] = []
@@ -47,9 +50,17 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     if missing:
         raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
     fitted = [module.results[p] for p in range(dm.n_pairs)]
-    composed, pairwise_m, log = chain_with_gaps(dm.n_slices, fitted, dm.damaged)
+    volume = next((cb for cb in trainer.callbacks if isinstance(cb, VolumeSolve)), None)
+    composed, pairwise_m, log, solved = compose_volume(
+        dm.n_slices, fitted, dm.damaged, shape, neighbours=dm.neighbours,
+        reference=volume.reference if volume is not None else 0,
+        priors=volume.priors(shape) if volume is not None else None,
+        family=(module.hparams.transformation, module.hparams.scaling, module.hparams.shear))
     mark_untrusted(log)
-    composed = composed[1:]
+    first = composed[0]  # slice 0's: the identity, unless the output takes another slice's frame (--solve.reference)
+    own_frame = bool(torch.equal(first, torch.eye(3, dtype=first.dtype)[:2]))
+    composed = composed[1:] if own_frame else composed  # what is warped (every slice's where slice 0 moves too)
+    later = composed if own_frame else composed[1:]  # slices 1..n: the output's composed_transforms
     if writer.crop_borders:
         box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, writer.crop_safety_margin)
     else:
@@ -101,6 +112,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
                                           "pairs_per_block": dm.pairs_per_block,
                                           "output_interpolation": writer.interpolation,
                                           "intensity_range": list(dm.intensity) if dm.intensity else None,
+                                          "solve": volume.settings() if volume is not None else {"neighbours": dm.neighbours},
                                           "trainer": trainer_record(trainer)}})
         processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
                            "parameters": {"crop_box": box, "crop_borders": writer.crop_borders,
@@ -109,6 +121,15 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         if outliers:
             listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (z {e['qc_z']:.1f})" for e in outliers[:20])
             print(f"sphero: QC: {len(outliers)} pair(s) with an outlying final loss along the stack, check them: {listing}",
+                  file=sys.stderr)
+        if solved is not None and solved["unregistered"]:
+            print(f"sphero: warning: {len(solved['unregistered'])} slice(s) no pair agrees with were left out and placed "
+                  f"between their neighbours (status unregistered: foreign, misfiled or re-imaged?): "
+                  f"{', '.join(str(z) for z in solved['unregistered'][:20])}", file=sys.stderr)
+        if solved is not None and solved["kept_despite"]:
+            listing = ", ".join(f"{i}->{j}" for i, j in solved["kept_despite"][:20])
+            print(f"sphero: warning: the stack would fall apart without pair(s) that disagree with the others, kept: "
+                  f"{listing}; the slices after them may be misplaced (try --solve.neighbours {dm.neighbours + 1})",
                   file=sys.stderr)
         poor = [e for e in log if e.get("status") == "low_correlation"]
         if poor:
@@ -122,10 +143,12 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "source_root": str(dm.root) if is_url(dm.root) else str(Path(dm.root).resolve()),
             "processing": processing,
             "pairwise_transforms": pairwise_m.tolist(),
-            "composed_transforms": composed.tolist(),
-            "composed_transforms_pixel": pixel_matrices(composed.numpy(), shape).tolist(),
+            "composed_transforms": later.tolist(),
+            "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),
+            **({} if own_frame else {FIRST_KEY: first.tolist()}),
             "registration_log": log,
             "crop_box": box,
+            **({"volume_solve": solved} if solved is not None else {}),
         })
         move_into_place(out_root, group_path, tmp_name, name)
         WRITTEN.append(f"{out_root}/{final}")

@@ -1,0 +1,63 @@
+"""Reading slices and judging them, numpy only: which slices are damaged (NaN, constant, blank) and the stack's
+grey-value range (what the fit normalizes by)."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+
+def read_block(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """Slices ``start..stop-1`` as a numpy array (one read, zarr decodes chunks in parallel)."""
+    return np.asarray(arr[start:stop])
+
+
+def read_slices(arr: zarr.Array, indices: list[int]) -> np.ndarray:
+    """Slices at ``indices`` (one contiguous read when they are consecutive)."""
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return read_block(arr, indices[0], indices[-1] + 1)
+    return np.stack([np.asarray(arr[z]) for z in indices])
+
+
+def slice_stats(image: np.ndarray) -> tuple[float, float, float, float]:
+    """``(finite, std, min, max)`` of one slice on a 2x subsample (float64, so 64-bit integers keep their range);
+    ``finite`` is 1.0 when every value is finite (then min and max ignore the non-finite values)."""
+    finite = 1.0
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        finite = 0.0
+    sub = image[::2, ::2].astype(np.float64)
+    if finite == 0.0:
+        sub = sub[np.isfinite(sub)]
+        if sub.size == 0:
+            return 0.0, float("nan"), float("nan"), float("nan")
+    return finite, float(sub.std()), float(sub.min()), float(sub.max())
+
+
+def damaged_slices(stats: np.ndarray, min_contrast: float) -> dict[int, str]:
+    """Slices that cannot be registered, with the reason: non-finite values, constant, or blank.
+
+    ``stats`` is ``(Z, 2+)`` from :func:`slice_stats`. A slice is blank when its standard deviation is
+    below ``min_contrast`` times the median over the stack's slices.
+    """
+    finite, std = stats[:, 0] > 0.5, stats[:, 1]
+    ok = finite & np.isfinite(std)
+    median = float(np.median(std[ok])) if ok.any() else 0.0
+    out: dict[int, str] = {}
+    for z in range(len(stats)):
+        if not finite[z]:
+            out[z] = "non-finite values (NaN or inf)"
+        elif std[z] == 0:
+            out[z] = "constant"
+        elif std[z] < min_contrast * median:
+            out[z] = f"blank (standard deviation {std[z]:.3g}, stack median {median:.3g})"
+    return out
+
+
+def intensity_range(stats: np.ndarray, use: list[int]) -> tuple[float, float]:
+    """``(low, high)``: the grey-value range of the slices ``use`` (rows of :func:`slice_stats` output)."""
+    rows = stats[use] if len(use) else stats
+    lo, hi = rows[:, 2], rows[:, 3]
+    lo, hi = lo[np.isfinite(lo)], hi[np.isfinite(hi)]
+    if not len(lo) or not len(hi):
+        return 0.0, 1.0
+    return float(lo.min()), float(hi.max())

@@ -1,0 +1,131 @@
+"""The ``--solve.*`` group: redundant pairs, the robust solve of the volume, drift priors (core: :mod:`..core.volume`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+
+from ..core.volume import Priors
+from ..errors import SpheroError
+
+
+class VolumeSolve(L.Callback):
+    """The volume from its pairs: how many neighbours each slice is registered to, and how the composed transforms
+    are found from them.
+
+    Parameters
+    ----------
+    neighbours : int
+        Each slice is registered to this many usable slices before it (1: the consecutive pair only, the plain
+        chain). With 2 or more the composed transforms come from a robust least-squares solve over all pairs: a
+        foreign, misfiled or re-imaged slice, which no neighbour agrees with, loses all its pairs (listed as
+        ``unregistered``, placed between its neighbours) instead of moving every slice after it. Costs about that
+        many times the chain's fitting.
+    reference : int
+        The slice whose frame the output takes (its transform is the identity).
+    detrend : int, optional
+        Remove a polynomial trend of this degree along z from the composed transforms (1: a linear drift of
+        translation, rotation, scale and shear). Assumes the sample itself neither drifts nor tilts along z: a real
+        slow change goes with the artefact. Off by default.
+    highpass : float, optional
+        Keep only what changes faster than this many slices (the composed transforms less their Gaussian smoothing
+        along z with this sigma). Assumes every slow change is an artefact. Off by default.
+    anchors : str, optional
+        A JSON file ``{"<slice>": 3 x 3 pixel matrix, ...}`` of transforms known for some slices (pystackreg's
+        ``tmats`` convention, to the reference slice's frame; e.g. from landmarks): hard constraints, everything else
+        bends to meet them. Assumes they are right.
+    """
+
+    def __init__(self, neighbours: int = 2, reference: int = 0, detrend: int | None = None,
+                 highpass: float | None = None, anchors: str | None = None) -> None:
+        if neighbours < 1:
+            raise SpheroError(f"--solve.neighbours must be >= 1, got {neighbours}")
+        if reference < 0:
+            raise SpheroError(f"--solve.reference must be a slice index >= 0, got {reference}")
+        if detrend is not None and detrend < 0:
+            raise SpheroError(f"--solve.detrend must be a polynomial degree >= 0, got {detrend}")
+        if highpass is not None and highpass <= 0:
+            raise SpheroError(f"--solve.highpass must be a number of slices > 0, got {highpass}")
+        self.neighbours, self.reference = int(neighbours), int(reference)
+        self.detrend, self.highpass, self.anchors = detrend, highpass, anchors
+        self._anchor_tmats = _read_anchors(anchors) if anchors else {}
+
+    #: Config group of these settings (``--solve.*``), for the logged hyperparameters.
+    config_group = "solve"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What changes the fitted pairs (for the progress journal): which pairs there are."""
+        return {"neighbours": self.neighbours}
+
+    def settings(self) -> dict[str, Any]:
+        return {"neighbours": self.neighbours, "reference": self.reference, "detrend": self.detrend,
+                "highpass": self.highpass, "anchors": self.anchors}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        n = dm.n_slices
+        if self.reference >= n:
+            raise SpheroError(f"--solve.reference {self.reference} is not a slice of this stack ({n} slices: 0..{n - 1})")
+        bad = [z for z in self._anchor_tmats if not 0 <= z < n]
+        if bad:
+            raise SpheroError(f"--solve.anchors names slice(s) {bad} outside this stack ({n} slices: 0..{n - 1})")
+
+    #: Rounds of bridging pairs at most (each after the pairs before it are fitted).
+    max_rounds = 2
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rounds = 0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the last block: where the solve can keep the stack in one piece only through pairs that disagree (a run
+        of slices that no pair jumps), fit bridging pairs across, as more blocks of the same fit (every rank decides
+        the same from the same results)."""
+        dm = trainer.datamodule
+        if self.neighbours < 2 or self._rounds >= self.max_rounds or trainer.current_epoch + 1 < trainer.fit_loop.max_epochs:
+            return
+        if any(p not in pl_module.results for p in range(dm.n_pairs)):
+            return
+        from ..core.volume import bridge_pairs
+
+        fitted = [pl_module.results[p] for p in range(dm.n_pairs)]
+        bridges = bridge_pairs(dm.n_slices, fitted, dm.damaged, dm.slice_shape, self.reference)
+        if not bridges:
+            return
+        self._rounds += 1
+        dm.add_pairs(bridges)
+        pl_module.add_pairs(dm)
+        trainer.fit_loop.max_epochs = dm.n_blocks(trainer.world_size)
+        bar = getattr(trainer, "progress_bar_callback", None)
+        if getattr(bar, "bar", None) is not None:
+            bar.bar.total = dm.n_pairs
+        if trainer.is_global_zero:
+            print(f"sphero: no pair jumps slice(s) that no neighbour agrees with: fitting {len(bridges)} bridging pair(s) "
+                  f"{', '.join(f'{i}->{j}' for i, j in bridges)}", file=sys.stderr)
+
+    def priors(self, shape: tuple[int, int]) -> Priors:
+        import torch
+
+        from ..core.transforms import pixel_to_normalized
+
+        anchors = {z: pixel_to_normalized(torch.tensor(m, dtype=torch.float64)[None], shape)[0].numpy()
+                   for z, m in self._anchor_tmats.items()}
+        return Priors(detrend=self.detrend, highpass=self.highpass, anchors=anchors or None)
+
+
+def _read_anchors(path: str) -> dict[int, np.ndarray]:
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+        out = {int(k): np.asarray(v, dtype=np.float64).reshape(3, 3) for k, v in doc.items()}
+    except FileNotFoundError:
+        raise SpheroError(f"--solve.anchors {path!r}: no such file") from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise SpheroError(f"--solve.anchors {path!r}: expected a JSON object of slice -> 3 x 3 pixel matrix ({exc})") from None
+    if not out:
+        raise SpheroError(f"--solve.anchors {path!r} names no slice")
+    return out

@@ -1,0 +1,207 @@
+"""``sphero fit``'s ``--solve.*`` options end to end (issue 25): redundant pairs and the robust solve, bridges, the
+reference slice, drift priors and anchors, on procedural stacks with known truth (no real data needed)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from sphero_lightning.commands.main import main
+from sphero_lightning.core.frames import FIRST_KEY, composed_of_all
+from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack, write_zarr
+from sphero_lightning.core.transforms import homogeneous
+
+OUT = "images/registered/50-4-4"
+SHAPE = (128, 128)
+
+
+def _args(root, *extra):
+    return ["fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--pyramid.levels", "3", *extra]
+
+
+def _fit(root, *extra) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        main(_args(root, *extra))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stacks():
+    base = em_like_image(512, seed=3)
+    s = make_stack(base, 14, SHAPE, seed=21)
+    foreign = [make_stack(em_like_image(512, seed=90 + k), 1, SHAPE, seed=30 + k).stack[0] for k in range(2)]
+    return s, foreign
+
+
+def _with(stack, bad, foreign):
+    st = stack.copy()
+    for k, z in enumerate(bad):
+        st[z] = foreign[k]
+    return st
+
+
+def _others_error(root, truth, bad):
+    attrs = zarr.open_array(str(root), path=OUT, mode="r").attrs
+    e = composed_error(np.asarray(attrs["composed_transforms"]), truth, SHAPE)
+    return e[[z - 1 for z in range(1, len(truth) + 1) if z not in bad]], attrs
+
+
+def test_neighbours_outvote_a_foreign_slice(tmp_path, stacks):
+    """Catches ``--solve.neighbours`` ignored (or the solve trusting every pair): one foreign slice at 7 of 14 moves
+    every later slice with the chain (one neighbour) and none with two, where it is listed as unregistered."""
+    s, foreign = stacks
+    bad = [7]
+    errs = {}
+    for k in ("1", "2"):
+        root = tmp_path / f"k{k}.zarr"
+        write_zarr(_with(s.stack, bad, foreign), root)
+        err = _fit(root, "--solve.neighbours", k)
+        errs[k], attrs = _others_error(root, s.composed, bad)
+        if k == "2":
+            assert attrs["volume_solve"]["unregistered"] == bad
+            assert [e["status"] for e in attrs["registration_log"]][6:8] == ["unregistered", "unregistered"]
+            assert "1 slice(s) no pair agrees with were left out" in err and ": 7" in err, err
+            assert _params(attrs)["solve"]["neighbours"] == 2
+        else:
+            assert "volume_solve" not in attrs
+    print(f"other slices' error: chain {errs['1'].max():.3f} px, two neighbours {errs['2'].max():.4f} px")
+    assert errs["1"].max() > 2.0 and errs["2"].max() < 0.05
+
+
+def test_two_foreign_slices_in_a_row_are_bridged(tmp_path, stacks):
+    """No pair of two neighbours jumps two foreign slices: the run fits bridging pairs across them as one more block,
+    says so, and every other slice is right."""
+    s, foreign = stacks
+    bad = [6, 7]
+    root = tmp_path / "s.zarr"
+    write_zarr(_with(s.stack, bad, foreign), root)
+    err = _fit(root)
+    assert "fitting 2 bridging pair(s) 5->8, 4->8" in err, err
+    errs, attrs = _others_error(root, s.composed, bad)
+    assert attrs["volume_solve"]["unregistered"] == bad and not attrs["volume_solve"]["kept_despite"]
+    assert errs.max() < 0.05, errs
+
+
+def _params(attrs):
+    return next(p for p in attrs["processing"] if p["step_name"] == "registration")["parameters"]
+
+
+def test_reference_sets_the_output_frame(tmp_path, stacks):
+    """Catches ``--solve.reference`` ignored: slice 5 keeps its frame (the identity), slice 0 gets a transform of its
+    own, stored apart; the truth relative to slice 5 is met, and export and apply use slice 0's transform."""
+    s, _ = stacks
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root)
+    _fit(root, "--solve.reference", "5")
+    attrs = zarr.open_array(str(root), path=OUT, mode="r").attrs
+    every = composed_of_all(attrs)
+    assert FIRST_KEY in attrs and np.abs(every[5] - np.eye(3)[:2]).max() < 1e-12
+    truth = homogeneous(torch.from_numpy(np.concatenate([np.eye(3)[None, :2], s.composed]))).numpy()
+    rel = (truth @ np.linalg.inv(truth[5]))[:, :2]
+    assert composed_error(every, rel, SHAPE).max() < 0.05
+    tm = tmp_path / "t.npy"
+    with contextlib.redirect_stderr(io.StringIO()):
+        main(["export", "--root", str(root), "--transforms", OUT, "--tmats", str(tm)])
+        main(["apply", "--root", str(root), "--array", "images/50-4-4", "--transforms", OUT, "--dst", "images/again/50-4-4"])
+    assert np.allclose(np.load(tm), np.asarray(attrs["composed_transforms_pixel"]), atol=1e-12)
+    assert not np.allclose(np.load(tm)[0], np.eye(3))  # slice 0 moves
+    again = zarr.open_array(str(root), path="images/again/50-4-4", mode="r")
+    assert np.array_equal(again[:], zarr.open_array(str(root), path=OUT, mode="r")[:])
+
+
+def _drifting(base, n=16, per_slice=(0.6, -0.3)):
+    """A stack whose truth is a slow drift: slice k moved by k * per_slice px (no jitter)."""
+    from sphero_lightning.core.synthetic import render
+
+    tf = np.repeat(np.eye(3)[:2][None], n, 0)
+    tf[:, :, 2] = np.arange(n)[:, None] * np.asarray(per_slice)
+    rng = np.random.default_rng(0)
+    img = render(base.astype(np.float64), tf, SHAPE)
+    st = np.clip(np.rint(img + rng.normal(0, 4, img.shape)), 0, 255).astype(np.uint8)
+    return st, tf
+
+
+@pytest.mark.parametrize("prior", [("--solve.detrend", "1"), ("--solve.highpass", "3")])
+def test_drift_priors_remove_a_slow_drift(tmp_path, prior):
+    """Catches ``--solve.detrend`` / ``--solve.highpass`` ignored: a stack whose slices drift by 0.6 / -0.3 px per
+    slice is registered to follow the drift (the last slice 9-21 px off), and with the prior to undo it (the drift
+    assumed to be an artefact): no slope left."""
+    st, _ = _drifting(em_like_image(512, seed=5), n=16 if prior[0] == "--solve.detrend" else 36)
+    outs = {}
+    for name, extra in (("plain", ()), ("prior", prior)):
+        root = tmp_path / f"{name}.zarr"
+        write_zarr(st, root)
+        _fit(root, *extra)
+        attrs = zarr.open_array(str(root), path=OUT, mode="r").attrs
+        outs[name] = np.asarray(attrs["composed_transforms_pixel"])[:, :2, 2]
+    shift = np.abs(outs["plain"][-1]).max()
+    assert shift > 8, outs["plain"][-1]  # the registration follows the drift
+    if prior[0] == "--solve.detrend":
+        assert np.abs(outs["prior"]).max() < 1.0, outs["prior"]
+    else:  # the smoothing's ends aside (9 slices, 3 sigma): no drift left between them, whatever constant offset
+        inner = outs["prior"][9:-9]
+        assert np.abs(inner - inner.mean(0)).max() < 0.5, inner
+        slope = np.polyfit(np.arange(len(inner)), inner[:, 0], 1)[0]
+        assert abs(slope) < 0.05, slope  # was 0.6 px per slice
+
+
+def test_anchors_are_hard_constraints(tmp_path, stacks):
+    """Catches ``--solve.anchors`` ignored: slice 9's transform given in a JSON file (pixel tmats) is met exactly."""
+    s, _ = stacks
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root)
+    anchor = np.array([[1.0, 0.0, 3.5], [0.0, 1.0, -2.0], [0.0, 0.0, 1.0]])
+    path = tmp_path / "anchors.json"
+    path.write_text(json.dumps({"9": anchor.tolist()}))
+    _fit(root, "--solve.anchors", str(path))
+    tm = np.asarray(zarr.open_array(str(root), path=OUT, mode="r").attrs["composed_transforms_pixel"])
+    assert np.abs(tm[9] - anchor).max() < 1e-6
+    assert np.abs(tm[0] - np.eye(3)).max() < 1e-12
+
+
+@pytest.mark.parametrize("bad,expect", [(("--solve.neighbours", "0"), "--solve.neighbours must be >= 1"),
+                                        (("--solve.reference", "99"), "--solve.reference 99 is not a slice"),
+                                        (("--solve.detrend", "-1"), "--solve.detrend must be"),
+                                        (("--solve.highpass", "0"), "--solve.highpass must be"),
+                                        (("--solve.anchors", "/nonexistent/a.json"), "no such file")])
+def test_bad_solve_options_are_one_line_errors(tmp_path, stacks, bad, expect):
+    s, _ = stacks
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack[:4], root)
+    r = subprocess.run([sys.executable, "-m", "sphero_lightning", *_args(root, *bad)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and expect in lines[0], r.stderr[-2000:]
+    assert not (root / OUT).exists()
+
+
+def test_two_ddp_processes_give_the_same_solve(tmp_path, stacks):
+    """Issue 25 must-show 3: with two neighbours and a foreign slice, 2 CPU DDP processes give the transforms of one
+    process (the pairs split over ranks, the solve on the gathered results)."""
+    s, foreign = stacks
+    bad = [7]
+    outs = []
+    for devices in ("1", "2"):
+        root = tmp_path / f"d{devices}.zarr"
+        write_zarr(_with(s.stack, bad, foreign), root)
+        extra = ("--trainer.devices", devices, "--data.pairs_per_block", "4") + (("--trainer.strategy", "ddp") if devices == "2" else ())
+        r = subprocess.run([sys.executable, "-m", "sphero_lightning", *_args(root, *extra)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+        attrs = zarr.open_array(str(root), path=OUT, mode="r").attrs
+        assert _params(attrs)["trainer"]["world_size"] == int(devices)
+        outs.append(attrs)
+    d = composed_error(np.asarray(outs[0]["composed_transforms"]), np.asarray(outs[1]["composed_transforms"]), SHAPE)
+    assert d.max() < 1e-6, d
+    assert outs[0]["volume_solve"]["unregistered"] == outs[1]["volume_solve"]["unregistered"] == bad

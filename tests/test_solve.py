@@ -1,0 +1,211 @@
+"""The volume from its pairs (issue 25): the pair graph, the robust least-squares solve, bridges, drift priors and the
+projection onto the transform family, on graphs with known composed transforms (no images: exact and fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sphero_lightning.core.pairs import block_layout, blocks, pair_graph
+from sphero_lightning.core.solve import _banded_solve, residuals_px, solve, to_centered, to_normalized
+from sphero_lightning.core.transforms import chain_with_gaps
+from sphero_lightning.core.volume import Priors, bridge_pairs, compose_volume, project_to_family, remove_drift
+
+SHAPE = (384, 384)
+
+
+def _rigid(tx: float, ty: float, theta: float) -> np.ndarray:
+    c, s = np.cos(theta), np.sin(theta)
+    return np.array([[c, -s, tx], [s, c, ty]])
+
+
+def _hom(m: np.ndarray) -> np.ndarray:
+    return np.vstack([m, [0, 0, 1]])
+
+
+def _truth(n: int, seed: int = 1) -> np.ndarray:
+    """``(n, 2, 3)`` centered-pixel composed transforms, slice 0 the identity."""
+    rng = np.random.default_rng(seed)
+    t = np.stack([_rigid(*rng.normal(0, 4, 2), rng.normal(0, 0.01)) for _ in range(n)])
+    t[0] = np.eye(3)[:2]
+    return t
+
+
+def _fitted(truth: np.ndarray, neighbours: int, bad: set[int] = frozenset(), noise: float = 1e-4, seed: int = 2
+            ) -> list[dict]:
+    """Fitted pairs as the module records them: each pair's exact transform plus noise; a pair touching a ``bad``
+    slice gets a random transform (no true answer) and a poor NCC, as a foreign section's pairs have."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j, i in ((j, i) for j, i in ((p[1], p[0]) for p in pair_graph(list(range(len(truth))), neighbours))):
+        if i in bad or j in bad:
+            a, ncc = _rigid(*rng.normal(0, 60, 2), rng.normal(0, 0.1)), 0.15
+        else:
+            a = (_hom(truth[j]) @ np.linalg.inv(_hom(truth[i])))[:2]
+            a = a + np.concatenate([rng.normal(0, noise * 1e-2, (2, 2)), rng.normal(0, noise, (2, 1))], 1)
+            ncc = 0.8 if j - i == 1 else 0.6
+        out.append({"slice_indices": [i, j], "matrix": to_normalized(a, SHAPE).tolist(), "ncc_after": ncc,
+                    "status": "ok", "final_loss": 1 - ncc})
+    return out
+
+
+def _errors(composed: torch.Tensor | np.ndarray, truth: np.ndarray) -> np.ndarray:
+    est = to_centered(np.asarray(composed), SHAPE)
+    return np.abs(est - truth)[:, :, 2].max(-1)
+
+
+def test_pair_graph_blocks_and_layout():
+    assert pair_graph([0, 1, 2, 3], 1) == [(0, 1), (1, 2), (2, 3)]
+    assert pair_graph([0, 1, 2, 4], 2) == [(0, 1), (1, 2), (0, 2), (2, 4), (1, 4)]  # slice 3 damaged: bridged
+    assert block_layout([(1, 2), (0, 2), (2, 4)]) == ([0, 1, 2, 4], [1, 0, 2], [2, 2, 3])
+    assert blocks(10, [0, 7], 4) == [(0, 4), (4, 7), (7, 10)]  # pairs added later start a block of their own
+    with pytest.raises(ValueError):
+        pair_graph([0, 1], 0)
+
+
+def test_banded_solve_equals_a_dense_solve():
+    rng = np.random.default_rng(0)
+    n, band = 12, 3
+    dense = np.zeros((2 * n, 2 * n))
+    diag, off = [], {}
+    for k in range(n):
+        m = rng.normal(size=(2, 2))
+        diag.append(m @ m.T + 5 * np.eye(2))
+        dense[2 * k:2 * k + 2, 2 * k:2 * k + 2] = diag[-1]
+    for i in range(n):
+        for j in range(max(0, i - band), i):
+            if rng.random() < 0.7:
+                off[(i, j)] = rng.normal(size=(2, 2)) * 0.5
+                dense[2 * i:2 * i + 2, 2 * j:2 * j + 2] = off[(i, j)]
+                dense[2 * j:2 * j + 2, 2 * i:2 * i + 2] = off[(i, j)].T
+    rhs = rng.normal(size=(n, 2, 3))
+    x = _banded_solve(diag, off, rhs, band)
+    assert np.abs(x - np.linalg.solve(dense, rhs.reshape(2 * n, 3)).reshape(n, 2, 3)).max() < 1e-12
+
+
+def test_consistent_pairs_give_the_truth():
+    truth = _truth(30)
+    fitted = _fitted(truth, 2, noise=0.0)
+    pairs = [tuple(r["slice_indices"]) for r in fitted]
+    r = solve(30, pairs, np.array([f["matrix"] for f in fitted]), np.ones(len(pairs)), SHAPE)
+    assert _errors(r.composed, truth).max() < 1e-9
+    assert not r.unregistered and not r.overruled and residuals_px(to_centered(r.composed, SHAPE), pairs,
+                                                                  to_centered(np.array([f["matrix"] for f in fitted]), SHAPE),
+                                                                  SHAPE).max() < 1e-9
+
+
+@pytest.mark.parametrize("bad", [{20}, {5, 20, 30}, {1}], ids=["one", "three apart", "next to the reference"])
+def test_a_slice_no_pair_agrees_with_moves_nothing_else(bad):
+    """A foreign slice's four pairs all disagree: they lose their weight, the bridge past it (distance 2) carries the
+    chain; every other slice stays where its truth is, the foreign one is listed. With the chain (one neighbour)
+    everything after it moves."""
+    truth = _truth(40)
+    fitted = _fitted(truth, 2, bad=bad)
+    composed, _, log, record = compose_volume(40, fitted, {}, SHAPE, neighbours=2, family=("rigid", True, True))
+    good = [z for z in range(40) if z not in bad]
+    assert _errors(composed, truth)[good].max() < 0.01
+    assert record["unregistered"] == sorted(bad)
+    assert all(e["status"] == "unregistered" for e in log if set(e["slice_indices"]) & bad)
+    assert all(e["status"] == "ok" for e in log if not set(e["slice_indices"]) & bad)
+    chain = [f for f in _fitted(truth, 1, bad=bad)]
+    composed1, _, _, none = compose_volume(40, chain, {}, SHAPE, neighbours=1)
+    assert none is None and _errors(composed1, truth)[good].max() > 10  # the break this test is about
+
+
+def test_equal_priors_still_find_a_foreign_slice():
+    """Without the fit quality's help (every pair weighted alike) the slice's disagreement with all its neighbours still
+    gives it away: its pairs lose their weight, the bridge keeps its."""
+    truth = _truth(40)
+    fitted = _fitted(truth, 2, bad={20})
+    pairs = [tuple(r["slice_indices"]) for r in fitted]
+    r = solve(40, pairs, np.array([f["matrix"] for f in fitted]), np.ones(len(pairs)), SHAPE)
+    assert r.unregistered == [20]
+    assert _errors(r.composed, truth)[[z for z in range(40) if z != 20]].max() < 0.01
+    assert sorted(pairs[q] for q in r.overruled) == [(18, 20), (19, 20), (20, 21), (20, 22)]
+
+
+def test_two_foreign_slices_in_a_row_need_a_bridge():
+    """With two neighbours no pair jumps two foreign slices: the solve keeps the stack in one piece through pairs that
+    disagree (listed), and bridge_pairs names the pairs to fit across; with those fitted, every other slice is right."""
+    truth = _truth(40)
+    bad = {20, 21}
+    fitted = _fitted(truth, 2, bad=bad)
+    _, _, _, record = compose_volume(40, fitted, {}, SHAPE, neighbours=2)
+    assert record["kept_despite"]
+    bridges = bridge_pairs(40, fitted, {}, SHAPE)
+    assert bridges == [(19, 22), (18, 22)]
+    extra = [{"slice_indices": [i, j], "matrix": to_normalized((_hom(truth[j]) @ np.linalg.inv(_hom(truth[i])))[:2], SHAPE).tolist(),
+              "ncc_after": 0.5, "status": "ok"} for i, j in bridges]
+    composed, _, _, record = compose_volume(40, fitted + extra, {}, SHAPE, neighbours=2)
+    assert not record["kept_despite"] and record["unregistered"] == [20, 21]
+    assert _errors(composed, truth)[[z for z in range(40) if z not in bad]].max() < 0.01
+    assert bridge_pairs(40, fitted + extra, {}, SHAPE) == []  # nothing more to bridge
+
+
+def test_one_neighbour_is_the_chain_bit_for_bit():
+    truth = _truth(12)
+    fitted = _fitted(truth, 1, noise=1e-3)
+    damaged = {5: "blank"}
+    kept = [f for f in fitted if 5 not in f["slice_indices"]]
+    bridge = {"slice_indices": [4, 6], "matrix": to_normalized((_hom(truth[6]) @ np.linalg.inv(_hom(truth[4])))[:2], SHAPE).tolist(),
+              "ncc_after": 0.7, "status": "ok"}
+    ordered = kept[:4] + [bridge] + kept[4:]
+    c1, p1, log1 = chain_with_gaps(12, ordered, damaged)
+    c2, p2, log2, record = compose_volume(12, ordered, damaged, SHAPE, neighbours=1)
+    assert record is None and torch.equal(c1, c2) and torch.equal(p1, p2) and log1 == log2
+
+
+def test_anchors_are_met_and_the_rest_bends_to_them():
+    """An anchor (a transform known for one slice) is a hard constraint: the chain's mismatch with it is spread over the
+    pairs between the reference and the anchor, not put on one pair."""
+    truth = _truth(11)
+    fitted = _fitted(truth, 1, noise=0.0)
+    anchor = truth[10].copy()
+    anchor[:, 2] += [5.0, 0.0]  # 5 px away from where the pairs put slice 10
+    composed, _, _, record = compose_volume(11, fitted, {}, SHAPE, neighbours=1,
+                                            priors=Priors(anchors={10: to_normalized(anchor, SHAPE)}))
+    est = to_centered(composed.numpy(), SHAPE)
+    assert np.abs(est[10] - anchor).max() < 1e-9 and np.abs(est[0] - np.eye(3)[:2]).max() < 1e-12
+    res = np.array([p["residual_px"] for p in record["pairs"]])
+    assert res.max() < 1.0 and res.min() > 0.3  # 5 px over 10 pairs, evenly
+
+
+def test_detrend_and_highpass_remove_slow_drift_and_keep_jitter():
+    n = 60
+    rng = np.random.default_rng(3)
+    jitter = rng.normal(0, 1.0, (n, 2))
+    jitter[0] = 0
+    drift = np.stack([0.5 * np.arange(n), -0.2 * np.arange(n)], 1)
+    c = np.repeat(np.eye(3)[:2][None], n, 0)
+    c[:, :, 2] = drift + jitter
+    c[0, :, 2] = 0
+    use = list(range(n))
+    out = to_centered(remove_drift(to_normalized(c, SHAPE), SHAPE, use, 0, detrend=1, highpass=None), SHAPE)
+    assert np.abs(out[0] - np.eye(3)[:2]).max() < 1e-12  # the reference stays the identity
+    left = out[:, :, 2] - out[:, :, 2].mean(0)
+    assert np.abs(left - (jitter - jitter.mean(0))).max() < 0.5  # the trend went, the jitter stayed
+    assert np.abs(np.polyfit(np.arange(n), out[:, 0, 2], 1)[0]) < 0.05  # no slope left (was 0.5 px per slice)
+    hp = to_centered(remove_drift(to_normalized(c, SHAPE), SHAPE, use, 0, detrend=None, highpass=5.0), SHAPE)
+    assert np.abs(np.polyfit(np.arange(10, n - 10), hp[10:n - 10, 0, 2], 1)[0]) < 0.05
+    assert np.corrcoef(hp[10:n - 10, 0, 2], jitter[10:n - 10, 0])[0, 1] > 0.8  # fast changes kept
+
+
+def test_projection_onto_the_family():
+    rng = np.random.default_rng(4)
+    c = np.repeat(np.eye(3)[:2][None], 5, 0) + rng.normal(0, 0.02, (5, 2, 3))
+    c[:, :, 2] = rng.normal(0, 3, (5, 2))
+    norm = to_normalized(c, SHAPE)
+    rigid = to_centered(project_to_family(norm, SHAPE, "rigid"), SHAPE)[:, :, :2]
+    assert np.allclose(np.swapaxes(rigid, 1, 2) @ rigid, np.eye(2), atol=1e-12) and np.allclose(np.linalg.det(rigid), 1)
+    sim = to_centered(project_to_family(norm, SHAPE, "similarity"), SHAPE)[:, :, :2]
+    assert np.allclose(sim[:, 0, 0], sim[:, 1, 1]) and np.allclose(sim[:, 0, 1], -sim[:, 1, 0])
+    assert np.allclose(to_centered(project_to_family(norm, SHAPE, "translation"), SHAPE)[:, :, :2], np.eye(2))
+    aff = project_to_family(norm, SHAPE, "affine", True, True)
+    assert np.allclose(aff, norm)  # nothing to drop
+    noshear = to_centered(project_to_family(norm, SHAPE, "affine", True, False), SHAPE)[:, :, :2]
+    rot = np.arctan2(noshear[:, 1, 0], noshear[:, 0, 0])
+    u = np.einsum("bji,bjk->bik", np.stack([np.stack([np.cos(rot), -np.sin(rot)], -1),
+                                             np.stack([np.sin(rot), np.cos(rot)], -1)], -2), noshear)
+    assert np.abs(u[:, 0, 1]).max() < 1e-12  # no shear left
+    assert np.allclose(to_centered(project_to_family(norm, SHAPE, "rigid"), SHAPE)[:, :, 2], c[:, :, 2])  # translation kept
