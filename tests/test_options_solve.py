@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,22 +58,30 @@ def _others_error(root, truth, bad):
     return e[[z - 1 for z in range(1, len(truth) + 1) if z not in bad]], attrs
 
 
+def _fit_foreign(root, stacks, bad, *args):
+    """Fit the stack with the slices ``bad`` replaced by the foreign one: (other slices' errors, attrs, stderr)."""
+    s, foreign = stacks
+    write_zarr(_with(s.stack, bad, foreign), root)
+    err = _fit(root, *args)
+    return (*_others_error(root, s.composed, bad), err)
+
+
 def test_neighbours_outvote_a_foreign_slice(tmp_path, stacks):
     """Catches ``--solve.neighbours`` ignored (or the solve trusting every pair): one foreign slice at 7 of 14 moves
     every later slice with the chain (one neighbour) and none with two, where it is listed as unregistered."""
-    s, foreign = stacks
     bad = [7]
     errs = {}
     for k in ("1", "2"):
-        root = tmp_path / f"k{k}.zarr"
-        write_zarr(_with(s.stack, bad, foreign), root)
-        err = _fit(root, "--solve.neighbours", k)
-        errs[k], attrs = _others_error(root, s.composed, bad)
+        errs[k], attrs, err = _fit_foreign(tmp_path / f"k{k}.zarr", stacks, bad, "--solve.neighbours", k)
         if k == "2":
             assert attrs["volume_solve"]["unregistered"] == bad
             assert [e["status"] for e in attrs["registration_log"]][6:8] == ["unregistered", "unregistered"]
             assert "1 slice(s) no pair agrees with were left out" in err and ": 7" in err, err
             assert _params(attrs)["solve"]["neighbours"] == 2
+            page = next(ln.split("report ", 1)[1] for ln in err.splitlines() if ln.startswith("sphero: report "))
+            html = Path(page).read_text(encoding="utf-8")  # the alignment page lists it and plots the cycle check
+            assert "slices no neighbour agrees with (unregistered)</th><td>7<" in html, html[:3000]
+            assert "next to a slice no neighbour agrees with" in html
         else:
             assert "volume_solve" not in attrs
     print(f"other slices' error: chain {errs['1'].max():.3f} px, two neighbours {errs['2'].max():.4f} px")
@@ -87,7 +96,7 @@ def test_two_foreign_slices_in_a_row_are_bridged(tmp_path, stacks):
     root = tmp_path / "s.zarr"
     write_zarr(_with(s.stack, bad, foreign), root)
     err = _fit(root)
-    assert "fitting 2 bridging pair(s) 5->8, 4->8" in err, err
+    assert "fitting 2 pair(s) at full resolution that stand in for pairs with no true answer: 5->8, 4->8" in err, err
     errs, attrs = _others_error(root, s.composed, bad)
     assert attrs["volume_solve"]["unregistered"] == bad and not attrs["volume_solve"]["kept_despite"]
     assert errs.max() < 0.05, errs
@@ -205,3 +214,22 @@ def test_two_ddp_processes_give_the_same_solve(tmp_path, stacks):
     d = composed_error(np.asarray(outs[0]["composed_transforms"]), np.asarray(outs[1]["composed_transforms"]), SHAPE)
     assert d.max() < 1e-6, d
     assert outs[0]["volume_solve"]["unregistered"] == outs[1]["volume_solve"]["unregistered"] == bad
+
+
+def test_coarse_factor_fits_pairs_further_apart_coarsely(tmp_path, stacks):
+    """Catches ``--solve.coarse_factor`` ignored: with 4 (the default) the pairs at distance 2 stop at a quarter of the
+    resolution (finest_factor 4, no finest-level evaluations) and are refitted where they stand in (the foreign
+    slice's bridge, at full resolution); with 1 every pair is fitted at full resolution. Both give every other slice
+    its true place."""
+    bad = [7]
+    logs = {}
+    for k in ("4", "1"):
+        errs, attrs, err = _fit_foreign(tmp_path / f"c{k}.zarr", stacks, bad, "--solve.coarse_factor", k)
+        assert errs.max() < 0.05, (k, errs)
+        logs[k] = attrs["volume_solve"]["pairs"], err
+    factor = {k: {tuple(p["slice_indices"]): p["finest_factor"] for p in pairs} for k, (pairs, _) in logs.items()}
+    far = {p: f for p, f in factor["4"].items() if p[1] - p[0] == 2}
+    assert far.pop((6, 8)) == 1.0  # the stand-in, fitted again at full resolution (and used: the finer fit)
+    assert set(far.values()) == {4.0}  # the others stopped at a quarter of the resolution
+    assert "stand in for pairs with no true answer: 6->8" in logs["4"][1]
+    assert set(factor["1"].values()) == {1.0} and "stand in" not in logs["1"][1]  # all at full resolution, nothing again

@@ -1,12 +1,20 @@
-"""The volume from its pairs: composed transforms by a robust least-squares solve over every fitted pair.
+"""The volume from its pairs: which pairs have no true answer, and the composed transforms by weighted least squares.
 
 A chain ``C_k = A_k C_(k-1)`` trusts every pair: one pair with no true answer (a foreign, misfiled or re-imaged
-slice) moves every slice after it. With redundant pairs (each slice also registered to slices further back) each
-fitted pair ``(i, j)`` with transform ``A_ij`` says ``C_j ~ A_ij C_i``, which is linear in the entries of the unknown
-composed transforms. This module finds them by weighted least squares, the reference slice fixed, and iteratively
-reweights (Huber, then Tukey's biweight) so that a pair that disagrees with the other paths between its slices loses
-its weight. A slice left without any pair of weight is *unregistered*: it gets the transform interpolated between its
-neighbours', like a damaged slice, and is listed.
+slice) moves every slice after it. With redundant pairs (each slice also registered to the slice before its
+neighbour) every three consecutive usable slices ``a, b, c`` form a cycle: ``A_bc A_ab`` and ``A_ac`` must agree.
+:func:`diagnose` reads the pattern of cycles that do not (their error in pixels, against the stack's own scale):
+
+* one inconsistent cycle: its long pair ``(a, c)`` has no true answer;
+* two in a row, around slices ``b, c``: the consecutive pair ``(b, c)`` has none;
+* three or more in a row: the slices in the middle are *foreign*, they agree with no neighbour.
+
+:func:`solve` then finds the composed transforms by weighted least squares (each fitted pair ``(i, j)`` with transform
+``A_ij`` says ``C_j ~ A_ij C_i``, linear in the unknown ``C``), the reference slice fixed: consecutive pairs carry the
+solution, longer ones almost nothing (their content changes more in between) except where they are the only path, and
+a pair with no true answer only where nothing else joins two parts of the stack. A foreign slice (or one no pair
+ties to the reference) is *unregistered*: it gets the transform interpolated between its neighbours', like a damaged
+slice, and is listed.
 
 Numpy only (no torch): transforms are given and returned as normalized ``(2, 3)`` matrices (torch's ``affine_grid``
 convention) and solved in centered pixels, where a residual is a displacement in pixels.
@@ -27,12 +35,10 @@ import numpy as np
 
 from .frames import fill_between
 
-#: Tukey's biweight constant (95 % efficiency for Gaussian residuals) and the smallest scale it uses, in pixels: where
-#: every pair agrees to hundredths of a pixel, a pair must still be off by this much before it loses all its weight.
-TUKEY = 4.685
-MIN_SCALE_PX = 0.25
-#: A slice whose pairs keep less than this fraction of their weight after reweighting is unregistered.
-UNSUPPORTED = 1e-3
+#: A cycle of three consecutive slices is inconsistent when its error exceeds this many robust standard deviations of
+#: the stack's cycle errors, and at least MIN_CYCLE_PX pixels (where every pair agrees to hundredths of a pixel).
+CYCLE_FACTOR = 6.0
+MIN_CYCLE_PX = 1.0
 
 
 @dataclass
@@ -42,22 +48,37 @@ class SolveResult:
     Attributes
     ----------
     composed : ``(n, 2, 3)`` normalized transforms of every slice to the reference's frame (the reference: identity).
-    weights : ``(P,)`` each pair's final weight (its prior times the robust factor; 0: overruled or unused).
     residual_px : ``(P,)`` RMS displacement over the slice between ``A_ij C_i`` and ``C_j`` at the solution.
-    unregistered : slices no pair supports (placed between their neighbours).
-    overruled : pairs that had weight and lost it (disagreeing with the other paths).
-    kept_despite : pairs kept with their prior weight although they disagree, because without them part of the
-        stack would be connected to the reference by no pair at all (the chain is never split).
-    scale_px : the robust residual scale of the last reweighting.
+    unregistered : slices left out (foreign) or tied to the reference by no pair (placed between their neighbours).
     """
 
     composed: np.ndarray
-    weights: np.ndarray
     residual_px: np.ndarray
     unregistered: list[int] = field(default_factory=list)
-    overruled: list[int] = field(default_factory=list)
-    kept_despite: list[int] = field(default_factory=list)
-    scale_px: float = 0.0
+
+
+@dataclass
+class Diagnosis:
+    """Which pairs have no true answer, from the cycles of three consecutive usable slices (:func:`diagnose`).
+
+    Attributes
+    ----------
+    errors : ``{b: px}`` the cycle error of each consecutive ``a, b, c`` (keyed by the middle slice).
+    threshold_px : above it a cycle is inconsistent.
+    foreign : slices that agree with no neighbour.
+    bad_pairs : consecutive pairs with no true answer between slices that are fine.
+    bad_bridges : pairs over one slice with no true answer.
+    """
+
+    errors: dict[int, float]
+    threshold_px: float
+    foreign: list[int] = field(default_factory=list)
+    bad_pairs: list[tuple[int, int]] = field(default_factory=list)
+    bad_bridges: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.foreign or self.bad_pairs or self.bad_bridges)
 
 
 def to_centered(theta: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -203,24 +224,43 @@ def _components(nodes: list[int], pairs: list[tuple[int, int]], w: np.ndarray) -
     return {z: find(z) for z in nodes}
 
 
-def _robust(u: np.ndarray, huber: bool) -> np.ndarray:
-    """Weight factors for residuals ``u`` in units of the scale: Huber's (convex) or Tukey's biweight (0 beyond 1)."""
-    if huber:
-        return np.minimum(1.0, (1.345 / TUKEY) / np.maximum(u, 1e-12))
-    return np.where(u < 1, (1 - u * u) ** 2, 0.0)
+def diagnose(pairs: list[tuple[int, int]], matrices: np.ndarray, good: list[int], shape: tuple[int, int]) -> Diagnosis:
+    """The cycles of every three consecutive usable slices ``good`` whose three pairs were fitted, and what their
+    pattern says has no true answer (see the module's description). ``matrices``: the pairs' normalized transforms."""
+    a = {pr: np.vstack([m, [0, 0, 1]]) for pr, m in zip(pairs, to_centered(np.asarray(matrices, dtype=np.float64).reshape(-1, 2, 3), shape))}
+    h, w = shape
+    mom = np.array([(w * w - 1) / 12.0, (h * h - 1) / 12.0, 1.0])
+    errors: dict[int, float] = {}
+    for m in range(1, len(good) - 1):
+        x, y, z = good[m - 1], good[m], good[m + 1]
+        if (x, y) in a and (y, z) in a and (x, z) in a:
+            e = (a[(y, z)] @ a[(x, y)] - a[(x, z)])[:2]
+            errors[y] = math.sqrt(float((mom * (e * e).sum(0)).sum()))
+    values = np.array(list(errors.values()))
+    threshold = max(MIN_CYCLE_PX, CYCLE_FACTOR * 1.4826 * float(np.median(values))) if len(values) else MIN_CYCLE_PX
+    pos = {z: q for q, z in enumerate(good)}
+    bad = sorted(pos[y] for y, e in errors.items() if e > threshold)
+    out = Diagnosis(errors=errors, threshold_px=threshold)
+    runs: list[list[int]] = []
+    for q in bad:
+        if runs and q == runs[-1][-1] + 1:
+            runs[-1].append(q)
+        else:
+            runs.append([q])
+    for run in runs:  # positions (in good) of the middle slices of consecutive inconsistent cycles
+        if len(run) == 1:
+            out.bad_bridges.append((good[run[0] - 1], good[run[0] + 1]))
+        elif len(run) == 2:
+            out.bad_pairs.append((good[run[0]], good[run[1]]))
+        else:
+            out.foreign += [good[q] for q in run[1:-1]]
+    return out
 
 
-def solve(n_slices: int, pairs: list[tuple[int, int]], matrices: np.ndarray, prior: np.ndarray, shape: tuple[int, int],
+def solve(n_slices: int, pairs: list[tuple[int, int]], matrices: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
           reference: int = 0, anchors: dict[int, np.ndarray] | None = None, skip: set[int] | None = None,
-          distance: np.ndarray | None = None, iterations: int = 30) -> SolveResult:
-    """Composed transforms of every slice from fitted pairs, robust to pairs with no true answer.
-
-    Reweighting acts on pairs and on slices, residuals measured in units of the robust scale of the pairs at the same
-    distance (pairs further apart disagree more: the content changes in between). A pair loses weight with its own
-    residual (Tukey's biweight, after three Huber iterations); every pair of a slice loses weight with that slice's
-    median residual. A foreign slice disagrees with every neighbour, so all its pairs go, while a bridge past it (a
-    pair at distance 2 or more) stays: one cycle through the foreign slice cannot tell the bridge from the path
-    through it, the slice's other pairs can.
+          leave_out: set[int] | None = None) -> SolveResult:
+    """Composed transforms of every slice by weighted least squares over the fitted pairs.
 
     Parameters
     ----------
@@ -229,112 +269,33 @@ def solve(n_slices: int, pairs: list[tuple[int, int]], matrices: np.ndarray, pri
         Fitted pairs: slice ``j`` (moving) registered to slice ``i`` (fixed).
     matrices : ``(P, 2, 3)``
         Their normalized transforms (``C_j = A_ij C_i``).
-    prior : ``(P,)``
-        Each pair's weight before reweighting (its fit quality; 0 leaves it out).
+    weights : ``(P,)``
+        Each pair's weight (0 leaves it out).
     shape : (H, W)
     reference : int
         The slice whose transform is the identity (the output's frame).
     anchors : dict, optional
         ``{slice: (2, 3) normalized transform}`` known for some slices (hard constraints).
-    skip : set of int, optional
-        Slices not in the solve (damaged): they get interpolated transforms.
-    distance : ``(P,)``, optional
-        Each pair's distance (default ``j - i``): pairs are compared with those at the same distance.
+    skip, leave_out : set of int, optional
+        Slices not in the solve (damaged; foreign): they get transforms interpolated between their neighbours'.
     """
-    skip = set(skip or ())
+    out_of = set(skip or ()) | set(leave_out or ())
     a = to_centered(np.asarray(matrices, dtype=np.float64).reshape(-1, 2, 3), shape)
-    prior = np.asarray(prior, dtype=np.float64)
-    dist = np.asarray(distance if distance is not None else [j - i for i, j in pairs])
-    nodes = sorted({z for pr in pairs for z in pr} - skip)
-    if reference in skip or reference not in nodes:
+    w = np.asarray(weights, dtype=np.float64).copy()
+    w[[p for p, (i, j) in enumerate(pairs) if i in out_of or j in out_of]] = 0.0
+    nodes = sorted({z for pr in pairs for z in pr} - out_of)
+    if reference not in nodes:
         reference = nodes[0] if nodes else reference
     eye = np.eye(3)[:2]
     fixed = {reference: eye.copy()} | {z: to_centered(np.asarray(v, dtype=np.float64), shape)
                                         for z, v in (anchors or {}).items() if z in nodes}
-    incident: dict[int, list[int]] = {z: [] for z in nodes}
-    for p, (i, j) in enumerate(pairs):
-        if prior[p] > 0:
-            for z in (i, j):
-                if z in incident:
-                    incident[z].append(p)
-    w = prior.copy()
-    res = np.zeros(len(pairs))
-    scale = np.full(len(pairs), MIN_SCALE_PX)
-    node = {z: 1.0 for z in nodes}
-    flagged: set[int] = set()
-    for it in range(iterations):
-        used, _ = _connect(nodes, pairs, w, prior, fixed, res, flagged)
-        placed = set(_supported(nodes, pairs, used, fixed)) | set(fixed)
-        composed = _solve_once(n_slices, pairs, a, used, fixed, sorted(placed - set(fixed)))
-        res = residuals_px(composed, pairs, a, shape)
-        # pairs with a slice the solve left out say nothing this round (that slice sits at no place)
-        seen = np.array([i in placed and j in placed for i, j in pairs]) & (prior > 0)
-        for d in np.unique(dist):
-            at = (dist == d) & seen
-            scale[dist == d] = max(MIN_SCALE_PX, 1.4826 * float(np.median(res[at]))) if at.any() else MIN_SCALE_PX
-        u = res / (TUKEY * scale)
-        huber = it < 3
-        for z, ps in incident.items():
-            ps = [p for p in ps if seen[p]]
-            if ps:
-                node[z] = float(_robust(np.array([np.median(u[ps])]), huber)[0])
-        flagged = {z for z, v in node.items() if v <= 0 and z not in fixed}
-        pair_node = np.array([min(node.get(i, 1.0), node.get(j, 1.0)) for i, j in pairs])
-        new = np.where(seen, prior * _robust(u, huber) * pair_node, w)
-        converged = not huber and np.allclose(new, w, rtol=1e-6, atol=1e-12)
-        w = new
-        if converged:
-            break
-    w, kept = _connect(nodes, pairs, w, prior, fixed, res, flagged)
-    placed = _supported(nodes, pairs, w, fixed)
-    composed = _solve_once(n_slices, pairs, a, w, fixed, placed)
-    res = residuals_px(composed, pairs, a, shape)
-    unregistered = sorted(z for z in nodes if z not in fixed and z not in placed)
-    placed = sorted(set(placed) | set(fixed))
-    # damaged or unregistered slices: between the nearest placed neighbours (entry-wise)
-    out = fill_between({z: composed[z] for z in placed}, n_slices, eye)
-    overruled = [p for p in range(len(pairs)) if prior[p] > 0 and w[p] <= UNSUPPORTED * prior[p]]
-    return SolveResult(composed=to_normalized(out, shape), weights=w, residual_px=res, unregistered=unregistered,
-                       overruled=overruled, kept_despite=kept, scale_px=float(scale.max()) if len(scale) else 0.0)
-
-
-def _supported(nodes: list[int], pairs: list[tuple[int, int]], w: np.ndarray, fixed: dict[int, np.ndarray]) -> list[int]:
-    """The slices the solve places: not fixed, and tied by weighted pairs to a fixed slice (the others are left out of
-    the solve and placed between their neighbours)."""
     comp = _components(nodes, pairs, w)
-    anchored = {comp[z] for z in fixed if z in comp}
-    return [z for z in nodes if z not in fixed and comp[z] in anchored]
-
-
-def _connect(nodes: list[int], pairs: list[tuple[int, int]], w: np.ndarray, prior: np.ndarray,
-             fixed: dict[int, np.ndarray], res: np.ndarray, flagged: set[int]) -> tuple[np.ndarray, list[int]]:
-    """``w`` with pairs given back their prior weight where, without them, a group of slices tied together by weighted
-    pairs would be tied to no fixed slice (the chain is never split): for each such group, the pair with prior weight
-    that joins it to the rest and disagrees least (smallest residual ``res``), never through a ``flagged`` slice (one
-    that disagrees with all its neighbours). A single slice with no weighted pair is not a split: it is unregistered.
-    Returns the weights and the pairs given back."""
-    w = w.copy()
-    kept: list[int] = []
-    for _ in range(len(nodes)):
-        comp = _components(nodes, pairs, w)
-        anchored = {comp[z] for z in fixed if z in comp}
-        groups: dict[int, list[int]] = {}
-        for z in nodes:
-            if comp[z] not in anchored:
-                groups.setdefault(comp[z], []).append(z)
-        progress = False
-        for members in groups.values():
-            inside = set(members)
-            if not any(w[p] > 0 and i in inside and j in inside for p, (i, j) in enumerate(pairs)):
-                continue  # a lone slice: unregistered, not a split
-            cands = [p for p, (i, j) in enumerate(pairs) if prior[p] > 0 and w[p] <= 0 and ((i in inside) != (j in inside))]
-            clean = [p for p in cands if pairs[p][0] not in flagged and pairs[p][1] not in flagged]
-            cands = clean or cands  # through a flagged slice only where nothing else joins the two parts
-            if cands:
-                best = min(cands, key=lambda p: (res[p], -prior[p]))
-                w[best] = prior[best]
-                kept.append(best)
-                progress = True
-        if not progress:
-            break
-    return w, kept
+    anchored = {comp[z] for z in fixed}
+    free = [z for z in nodes if z not in fixed and comp[z] in anchored]
+    composed = _solve_once(n_slices, pairs, a, w, fixed, free)
+    placed = sorted(set(free) | set(fixed))
+    # left out, or tied to no fixed slice: between the nearest placed neighbours (entry-wise)
+    out = fill_between({z: composed[z] for z in placed}, n_slices, eye)
+    unregistered = sorted(z for z in range(n_slices) if z not in placed and z not in set(skip or ()))
+    return SolveResult(composed=to_normalized(out, shape), residual_px=residuals_px(out, pairs, a, shape),
+                       unregistered=unregistered)

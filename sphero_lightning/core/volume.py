@@ -2,9 +2,10 @@
 user chose. What the writer stores and the report shows of it.
 
 * One neighbour, no anchors: the chain (:func:`~.transforms.chain_with_gaps`), as before the solve existed.
-* Otherwise: :func:`~.solve.solve` over every fitted pair, each weighted by its fit quality (NCC after fitting,
-  squared; a pair that barely matches, NCC < 0.1, only as a last resort) and reweighted by its agreement with the
-  other paths.
+* More neighbours: :func:`~.solve.diagnose` reads the cycles of three consecutive slices; where every pair has a
+  true answer the result is the chain itself, bit for bit. Otherwise :func:`~.solve.solve` over every fitted pair:
+  consecutive pairs carry the solution, longer ones only where they are the only path (a foreign slice's bridge), a
+  pair with no true answer only where nothing else keeps the stack in one piece (then bridging pairs are fitted).
 * Priors, off by default, applied to the composed transforms afterwards (the reference slice stays the identity):
   ``detrend`` removes a polynomial trend along z, ``highpass`` keeps only what changes faster than a window of slices.
   Both assume that the true alignment has no such slow component: a real slow tilt or drift of the sample is removed
@@ -19,18 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .solve import SolveResult, solve, to_centered, to_normalized
+from .frames import fill_between
+from .solve import Diagnosis, diagnose, solve, to_centered, to_normalized
 from .transforms import chain_with_gaps, homogeneous
 
-#: A pair whose slices barely match after fitting (NCC below this) carries only this weight into the solve: enough to
-#: keep the stack in one piece where nothing else joins two parts, nothing where any other path exists.
-LAST_RESORT = 1e-6
-LOW_NCC = 0.1
-#: A pair's weight falls by this factor per slice of distance beyond the first: a pair further apart is there to
-#: outvote a pair with no true answer, not to pull the others. On real sections it is biased by the content that
-#: changes in between (ISBI at distance 2 disagrees with the chain by tenths of a pixel to pixels), and given the
-#: weight of a consecutive pair it made the aligned volume less straight.
-DISTANCE_WEIGHT = 0.1
+#: Weight of a pair with no true answer (:func:`~.solve.diagnose`): enough to keep the stack in one piece where nothing
+#: else joins two parts, nothing where any other path exists.
+LAST_RESORT = 1e-9
+#: Weight of a pair further apart than consecutive slices (a consecutive pair's: 1): there to stand in where a
+#: consecutive pair has no true answer, not to pull the others. On real sections it is biased by the content that
+#: changes in between (ISBI at distance 2 disagrees with the chain by tenths of a pixel to pixels); given a
+#: consecutive pair's weight it made the aligned volume less straight.
+DISTANCE_WEIGHT = 1e-3
+
 #: Families closed under composition: the solve's transforms are projected onto them. (Affine with scale or shear
 #: switched off is not closed: the chain's own compositions leave it, and so may the solve's.)
 GROUPS = ("translation", "rigid", "similarity")
@@ -96,17 +98,6 @@ def project_to_family(composed: np.ndarray, shape: tuple[int, int], transformati
     return to_normalized(out, shape)
 
 
-def pair_prior(entry: dict[str, Any], distance: int = 1) -> float:
-    """A fitted pair's weight before reweighting: its NCC after fitting, squared, times :data:`DISTANCE_WEIGHT` per
-    slice of ``distance`` (among usable slices) beyond 1 (0 for a failed fit)."""
-    ncc = entry.get("ncc_after")
-    if entry.get("status") == "failed" or ncc is None or not np.isfinite(ncc):
-        return 0.0
-    if ncc < LOW_NCC:
-        return LAST_RESORT
-    return float(ncc) ** 2 * DISTANCE_WEIGHT ** (max(1, distance) - 1)
-
-
 def remove_drift(composed: np.ndarray, shape: tuple[int, int], use: list[int], reference: int,
                  detrend: int | None, highpass: float | None) -> np.ndarray:
     """The composed transforms (``(n, 2, 3)`` normalized) with their slow component removed: ``T_ref T_k^-1 C_k``,
@@ -159,14 +150,16 @@ def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[in
     ``fitted``: every fitted pair (``slice_indices``, ``matrix``, ``ncc_after``, ``status``...), in the order of
     :func:`~.pairs.pair_graph`. Returns ``composed`` ``(n_slices, 2, 3)``, ``pairwise`` ``(n_slices - 1, 2, 3)`` (each
     consecutive pair's transform as the composed ones imply it, so the chain stays consistent), ``log`` (one entry per
-    consecutive pair) and ``record`` (None for the plain chain; else the solve's weights, residuals, unregistered
-    slices and overruled pairs, and every redundant pair). ``family``: ``(transformation, scaling, shear)`` of the
+    consecutive pair) and ``record`` (None for the plain chain; else the cycle diagnosis, what it found foreign or
+    without a true answer, the unregistered slices, the pairs kept though they disagree, and every pair's weight and
+    residual). ``family``: ``(transformation, scaling, shear)`` of the
     fit; the solve's transforms are projected onto it where it is closed under composition (:data:`GROUPS`). With the
-    solve, a consecutive pair's transform is its own fit where the solve kept it, else (overruled, or next to a
-    damaged slice) what the composed transforms imply; the composed transforms are the solve's, not the chain of these.
+    solve, a consecutive pair's transform is its own fit where it has a true answer, else (or next to a damaged slice)
+    what the composed transforms imply; the composed transforms are the solve's, not the chain of these.
     """
     priors = priors or Priors()
     gaps = set(damaged)
+    fitted = finest_fits(fitted)
     consecutive = [r for r in fitted if _chain_pair(r, gaps)]
     if neighbours <= 1 and not priors.anchors and reference == 0:
         composed, pairwise, log = chain_with_gaps(n_slices, consecutive, damaged)
@@ -177,92 +170,126 @@ def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[in
             pairwise = _implied(composed)
         return composed, pairwise, log, None
     pairs = [tuple(r["slice_indices"]) for r in fitted]
-    prior, dist = _priors(fitted, n_slices, damaged)
     mats = np.array([r["matrix"] for r in fitted], dtype=np.float64).reshape(-1, 2, 3)
-    result: SolveResult = solve(n_slices, pairs, mats, prior, shape, reference=reference, anchors=priors.anchors,
-                                skip=gaps, distance=dist)
-    composed_np = result.composed
-    use = [z for z in range(n_slices) if z not in damaged and z not in result.unregistered]
-    composed_np = remove_drift(composed_np, shape, use, reference, priors.detrend, priors.highpass)
+    good = [z for z in range(n_slices) if z not in damaged]
+    diag = diagnose(pairs, mats, good, shape)
+    weights, flagged = _weights(fitted, good, diag)
+    summary = {"neighbours": neighbours, "reference": reference, "cycle_threshold_px": diag.threshold_px,
+               "cycle_errors_px": {str(k): v for k, v in diag.errors.items()}, "foreign": diag.foreign,
+               "bad_pairs": [list(p) for p in diag.bad_pairs], "bad_bridges": [list(p) for p in diag.bad_bridges]}
+    if diag.clean and not priors.anchors and reference == 0:  # every pair has a true answer: the chain, bit for bit
+        composed, pairwise, log = chain_with_gaps(n_slices, consecutive, damaged)
+        if priors.detrend is not None or priors.highpass is not None:
+            drift_free = remove_drift(composed.numpy(), shape, good, 0, priors.detrend, priors.highpass)
+            composed = torch.from_numpy(project_to_family(drift_free, shape, *family) if family[0] in GROUPS else drift_free)
+            pairwise = _implied(composed)
+        return composed, pairwise, log, summary | {"unregistered": [], "kept_despite": [], "pairs": _pair_record(fitted, weights)}
+    foreign = set(diag.foreign)
+    result = solve(n_slices, pairs, mats, weights, shape, reference=reference, anchors=priors.anchors, skip=gaps,
+                   leave_out=foreign)
+    kept: list[tuple[int, int]] = []
+    split = set(result.unregistered) - foreign
+    if split:  # left out, they split the stack: keep it in one piece through them (and fit pairs across: bridge_pairs)
+        result = solve(n_slices, pairs, mats, weights, shape, reference=reference, anchors=priors.anchors, skip=gaps)
+        kept = [pairs[q] for q in flagged if set(pairs[q]) & split]  # what the detached part hangs on
+        placed = {z: to_centered(result.composed[z], shape) for z in good if z not in foreign}
+        result.composed = to_normalized(fill_between(placed, n_slices, np.eye(3)[:2]), shape)
+        result.unregistered = sorted(foreign)
+    use = [z for z in good if z not in result.unregistered]
+    composed_np = remove_drift(result.composed, shape, use, reference, priors.detrend, priors.highpass)
     composed = torch.from_numpy(project_to_family(composed_np, shape, *family) if family[0] in GROUPS else composed_np)
     # the log of consecutive pairs, as the chain writes it, each with what the solve made of it
     _, chain_pairwise, log = chain_with_gaps(n_slices, consecutive, damaged)
     by_pair = {p: q for q, p in enumerate(pairs)}
-    # a consecutive pair's transform: its fit where the solve kept it, else what the solve's transforms imply
-    pairwise = _implied(composed)
-    for i in range(n_slices - 1):
-        q = by_pair.get((i, i + 1))
-        if q is not None and q not in result.overruled:
-            pairwise[i] = chain_pairwise[i]
+    flagged_pairs = {pairs[q] for q in flagged}
     unreg = set(result.unregistered)
+    pairwise = _implied(composed)  # a consecutive pair's transform: its fit where trusted, else what the solve implies
     for entry in log:
-        q = by_pair.get(tuple(entry["slice_indices"]))
+        i, j = entry["slice_indices"]
+        q = by_pair.get((i, j))
         if q is not None:
-            entry["solve_weight"] = float(result.weights[q])
             entry["solve_residual_px"] = float(result.residual_px[q])
-        bad = [z for z in entry["slice_indices"] if z in unreg]
+            if (i, j) not in flagged_pairs and j == i + 1:
+                pairwise[i] = chain_pairwise[i]
+        if (i, j) in diag.bad_pairs:
+            entry["status"] = "no_true_answer"
+        bad = [z for z in (i, j) if z in unreg]
         if bad:
             entry["status"] = "unregistered"
             entry["unregistered_slices"] = bad
-    record = {
-        "neighbours": neighbours, "reference": reference, "scale_px": result.scale_px,
-        "unregistered": result.unregistered,
-        "overruled": [list(pairs[q]) for q in result.overruled],
-        "kept_despite": [list(pairs[q]) for q in result.kept_despite],
-        "pairs": [{"slice_indices": list(pairs[q]), "matrix": fitted[q]["matrix"], "ncc_after": fitted[q].get("ncc_after"),
-                   "status": fitted[q].get("status"), "weight": float(result.weights[q]),
-                   "residual_px": float(result.residual_px[q])} for q in range(len(pairs))],
-    }
+    record = summary | {"unregistered": result.unregistered, "kept_despite": [list(p) for p in kept],
+                        "pairs": _pair_record(fitted, weights, result.residual_px)}
     return composed, pairwise, log, record
 
 
-def bridge_pairs(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str], shape: tuple[int, int],
-                 reference: int = 0) -> list[tuple[int, int]]:
-    """Pairs to fit across runs of slices that no pair agrees with, where the solve could only keep the stack in one
-    piece through pairs that disagree (two foreign slices in a row with two neighbours: no pair jumps both).
+def _weights(fitted: list[dict[str, Any]], good: list[int], diag: Diagnosis) -> tuple[np.ndarray, list[int]]:
+    """Each pair's weight in the solve (1 consecutive, :data:`DISTANCE_WEIGHT` longer, :data:`LAST_RESORT` with no
+    true answer, 0 for a failed fit) and the indices of those with no true answer."""
+    pos = {z: q for q, z in enumerate(good)}
+    bad = set(diag.bad_pairs) | set(diag.bad_bridges)
+    foreign = set(diag.foreign)
+    w, flagged = [], []
+    for q, r in enumerate(fitted):
+        i, j = r["slice_indices"]
+        finite = bool(np.all(np.isfinite(np.asarray(r["matrix"], dtype=np.float64)))) and r.get("status") != "failed"
+        if not finite:
+            w.append(0.0)
+        elif (i, j) in bad or i in foreign or j in foreign:
+            w.append(LAST_RESORT)
+            flagged.append(q)
+        else:
+            w.append(1.0 if pos[j] - pos[i] == 1 else DISTANCE_WEIGHT)
+    return np.array(w), flagged
 
-    For each such run, its last usable slice before ``a`` and first after ``b``: ``(a, b)`` and ``(a', b)``, ``a'``
-    the usable slice before ``a`` (a second path, so that a bad bridge shows). None where the solve needed no help.
-    """
+
+def _pair_record(fitted: list[dict[str, Any]], weights: np.ndarray, residual: np.ndarray | None = None) -> list[dict[str, Any]]:
+    return [{"slice_indices": list(r["slice_indices"]), "matrix": r["matrix"], "ncc_after": r.get("ncc_after"),
+             "status": r.get("status"), "finest_factor": r.get("finest_factor"), "weight": float(weights[q]),
+             **({"residual_px": float(residual[q])} if residual is not None else {})} for q, r in enumerate(fitted)]
+
+
+def bridge_pairs(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str], shape: tuple[int, int]
+                 ) -> list[tuple[int, int]]:
+    """Pairs to fit (again) at full resolution because they stand in for pairs with no true answer: across each run
+    of foreign slices ``a+1..b-1`` the pair ``(a, b)`` (and ``(a', b)``, ``a'`` the usable slice before ``a``, where no
+    pair was fitted across the run at all: two foreign slices in a row with two neighbours); around a consecutive pair
+    ``(b, c)`` with no true answer, ``(a, c)`` and ``(b, d)``. None that is fitted at full resolution already."""
+    fitted = finest_fits(fitted)
     pairs = [tuple(r["slice_indices"]) for r in fitted]
-    prior, dist = _priors(fitted, n_slices, damaged)
-    mats = np.array([r["matrix"] for r in fitted], dtype=np.float64).reshape(-1, 2, 3)
-    result = solve(n_slices, pairs, mats, prior, shape, reference=reference, skip=set(damaged), distance=dist)
-    if not result.kept_despite:
-        return []
-    kept = set(result.kept_despite)
-    overruled = set(result.overruled)
-    suspect = set(result.unregistered)
-    for q in kept:  # a slice whose every other pair was overruled: only the kept pairs hold it
-        for z in pairs[q]:
-            own = [p for p, pr in enumerate(pairs) if z in pr and p not in kept and prior[p] > 0]
-            if own and all(p in overruled for p in own):
-                suspect.add(z)
+    full = min((r.get("finest_factor", 1.0) for r in fitted), default=1.0)
+    have_full = {p for p, r in zip(pairs, fitted) if r.get("finest_factor", 1.0) <= full}
     good = [z for z in range(n_slices) if z not in damaged]
-    have = set(pairs)
-    out: list[tuple[int, int]] = []
+    diag = diagnose(pairs, np.array([r["matrix"] for r in fitted], dtype=np.float64).reshape(-1, 2, 3), good, shape)
+    foreign, pos = set(diag.foreign), {z: q for q, z in enumerate(good)}
+    wanted: list[tuple[int, int]] = []
     k = 0
     while k < len(good):
-        if good[k] not in suspect:
+        if good[k] not in foreign:
             k += 1
             continue
         end = k
-        while end + 1 < len(good) and good[end + 1] in suspect:
+        while end + 1 < len(good) and good[end + 1] in foreign:
             end += 1
         if k > 0 and end + 1 < len(good):
             a, b = good[k - 1], good[end + 1]
-            for cand in ((a, b), (good[k - 2], b) if k >= 2 else None):
-                if cand is not None and cand not in have and cand not in out:
-                    out.append(cand)
+            wanted.append((a, b))
+            if k >= 2 and not any(x <= a and y >= b and x not in foreign and y not in foreign for x, y in pairs):
+                wanted.append((good[k - 2], b))
         k = end + 1
-    return out
+    for b, c in diag.bad_pairs:
+        q, r = pos[b], pos[c]
+        wanted += ([(good[q - 1], c)] if q >= 1 else []) + ([(b, good[r + 1])] if r + 1 < len(good) else [])
+    return [p for p in dict.fromkeys(wanted) if p not in have_full]
 
 
-def _priors(fitted: list[dict[str, Any]], n_slices: int, damaged: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`pair_prior` of every fitted pair and its distance, counted in usable slices."""
-    rank = {z: q for q, z in enumerate(z for z in range(n_slices) if z not in damaged)}
-    dist = np.array([rank[r["slice_indices"][1]] - rank[r["slice_indices"][0]] for r in fitted])
-    return np.array([pair_prior(r, int(d)) for r, d in zip(fitted, dist)]), dist
+def finest_fits(fitted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One fit per pair of slices: the finest (a pair fitted coarsely, then again at full resolution as a stand-in)."""
+    best: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in fitted:
+        key = tuple(r["slice_indices"])
+        if key not in best or r.get("finest_factor", 1.0) < best[key].get("finest_factor", 1.0):
+            best[key] = r
+    return [r for r in fitted if best[tuple(r["slice_indices"])] is r]
 
 
 def _chain_pair(entry: dict[str, Any], damaged: set[int]) -> bool:

@@ -110,7 +110,7 @@ class PyramidSchedule(L.Callback):
         blk = pl_module.block
         if blk is None or blk.done or not pl_module.level_finished():
             return
-        if blk.level + 1 < len(pl_module.levels):
+        if blk.level < pl_module.last_level:
             pl_module.next_level()
         else:
             pl_module.finish_block()

@@ -151,6 +151,7 @@ class SpheroCLI(LightningCLI):
         parser.add_lightning_class_args(VolumeSolve, "solve")
         parser.link_arguments("data.pairs_per_block", "model.pairs_per_block")
         parser.link_arguments("solve.neighbours", "data.neighbours")
+        parser.link_arguments("solve.coarse_factor", "data.coarse_factor")
         # Class-path defaults go through the parser so that they are instantiated like config values.
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
         # --help: the project's options first, Lightning's Trainer after them.

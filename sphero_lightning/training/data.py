@@ -176,7 +176,8 @@ class ZarrPairDataModule(L.LightningDataModule):
     def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
                  pairs_per_block: int = 32, spacing: list[float] | None = None, overwrite: bool = False,
                  check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True,
-                 output_root: str | None = None, memory_budget_gb: float | None = None, neighbours: int = 1) -> None:
+                 output_root: str | None = None, memory_budget_gb: float | None = None, neighbours: int = 1,
+                 coarse_factor: float = 1.0) -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
@@ -203,10 +204,8 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.validate()
         if neighbours < 1:
             raise SpheroError(f"--solve.neighbours must be >= 1, got {neighbours}")
-        self.neighbours = int(neighbours)
-        self.good = list(range(self.n_slices))
-        self.pairs = pair_graph(self.good, self.neighbours)
-        self.segments = [0]  # the first pair of each segment of pairs (blocks do not span two)
+        self.neighbours, self.coarse_factor = int(neighbours), float(coarse_factor)
+        self.set_damaged({})
 
     # ------------------------------------------------------------------ input
     def validate(self) -> None:
@@ -315,10 +314,21 @@ class ZarrPairDataModule(L.LightningDataModule):
         group, name = self.output_path.rsplit("/", 1)
         return Path(self.out_root) / group / f"tmp-{name}-journal"
 
+    def fingerprint(self, model: dict[str, Any], levels: list[Any], callbacks: list[Any]) -> dict[str, Any]:
+        """Everything that determines the pairs' results (the data, the model's settings, the pyramid, every callback's
+        own fingerprint); a journal with another fingerprint is not reused."""
+        src = self.source
+        extra = {type(cb).__name__: cb.fingerprint() for cb in callbacks if hasattr(cb, "fingerprint")}
+        return {"array": self.array, "shape": list(src.shape), "dtype": str(src.dtype), "n_slices": self.n_slices,
+                "damaged": {str(k): v for k, v in self.damaged.items()}, "model": model,
+                "intensity": list(self.intensity) if self.intensity is not None else None,
+                "pyramid": [[lv.factor, lv.steps, lv.lr] for lv in levels], **extra}
+
     def add_pairs(self, pairs: list[tuple[int, int]]) -> None:
         """Pairs to fit after the others (bridges found once those were fitted): they start a block of their own."""
         self.segments.append(len(self.pairs))
         self.pairs.extend(pairs)
+        self.pair_stop.extend([1.0] * len(pairs))
 
     def n_blocks(self, world: int) -> int:
         return len(blocks(self.n_pairs, self.segments, self.pairs_per_block * world))
@@ -376,8 +386,12 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.damaged = dict(sorted(damaged.items()))
         self.good = [z for z in range(self.n_slices) if z not in self.damaged]
         self.pairs = pair_graph(self.good, self.neighbours)
-        self.segments = [0]
-        if len(self.good) < 2:
+        self.segments = [0]  # the first pair of each segment of pairs (blocks do not span two)
+        # the finest factor each pair is fitted to, as a multiple of the run's finest: consecutive pairs 1, pairs further
+        # apart --solve.coarse_factor (they tell which pairs have no true answer; the ones standing in are fitted again)
+        at = {z: q for q, z in enumerate(self.good)}
+        self.pair_stop = [1.0 if at[j] - at[i] == 1 else self.coarse_factor for i, j in self.pairs]
+        if len(self.good) < 2 and self.damaged:
             raise SpheroError(f"fewer than 2 usable slices: {len(self.damaged)} of {self.n_slices} are damaged "
                               f"(first: slice {next(iter(self.damaged))}, {next(iter(self.damaged.values()))}); "
                               "check the data, or --data.check_slices false to fit them anyway")

@@ -149,7 +149,8 @@ class RegistrationModule(L.LightningModule):
         self.objective.to(self.device)
         self.hparams.pairs_per_block = dm.pairs_per_block  # the block the data module settled on (large slices: fewer)
         self.timings = dm.timings  # shared with the datamodule: scan_s, read_s, wait_s; here fit_s; writer write_s
-        self.journal = Journal(dm.journal_path, self.fingerprint(), dm.output_format)
+        hp = {k: v for k, v in self.hparams.items() if k != "pairs_per_block"}
+        self.journal = Journal(dm.journal_path, dm.fingerprint(hp, self.levels, self.trainer.callbacks), dm.output_format)
         self._journaled = self.journal.load() if dm.resume else {}
         self.n_pairs = 0
         self.add_pairs(dm)
@@ -166,20 +167,11 @@ class RegistrationModule(L.LightningModule):
         their results from the journal where it has them for the same slices, and the blocks that need no fitting."""
         old, self.n_pairs = self.n_pairs, dm.n_pairs
         self.pair_slices = [dm.pair_slices(p) for p in range(self.n_pairs)]
+        self.pair_stop = list(dm.pair_stop)
         self.results.update({p: r for p, r in self._journaled.items()
                              if old <= p < self.n_pairs and tuple(r["slice_indices"]) == tuple(self.pair_slices[p])})
         dm.skip_blocks = {blk for blk in range(dm.n_blocks(self.world))
                           if all(p < 0 or p in self.results for p in self.block_pairs(blk))}
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Everything that determines the pairs' results; a journal with another fingerprint is not reused."""
-        dm, src = self.trainer.datamodule, self.trainer.datamodule.source
-        hp = {k: v for k, v in self.hparams.items() if k != "pairs_per_block"}
-        extra = {type(cb).__name__: cb.fingerprint() for cb in self.trainer.callbacks if hasattr(cb, "fingerprint")}
-        return {"array": dm.array, "shape": list(src.shape), "dtype": str(src.dtype), "n_slices": dm.n_slices,
-                "damaged": {str(k): v for k, v in dm.damaged.items()}, "model": hp,
-                "intensity": list(dm.intensity) if dm.intensity is not None else None,
-                "pyramid": [[lv.factor, lv.steps, lv.lr] for lv in self.levels], **extra}
 
     def configure_optimizers(self) -> None:
         # Optimisation is per pair and batched (solvers.py), driven from training_step.
@@ -206,6 +198,10 @@ class RegistrationModule(L.LightningModule):
         valid = torch.tensor([p >= 0 for p in pairs], device=self.device)
         self.block = BlockState(index=self.current_epoch, pairs=pairs, valid=valid,
                                 steps=torch.zeros(len(pairs), dtype=torch.long, device=self.device))
+        # the level each row stops at: the finest, or a coarser one for pairs further apart (--solve.coarse_factor)
+        finest, stops = self.levels[-1].factor, [self.pair_stop[p] if p >= 0 else 1.0 for p in pairs]
+        self.row_last = torch.tensor([max((k for k, lv in enumerate(self.levels) if lv.factor >= stop * finest * (1 - 1e-9)),
+                                          default=0) for stop in stops], device=self.device)
         self.local_valid = valid[self.rows]
         n_local = int(self.local_valid.sum())
         # where each of this rank's pairs finds its fixed and moving slice among the block's slices
@@ -280,7 +276,7 @@ class RegistrationModule(L.LightningModule):
         # below the coarsest level, steps of at most MAX_STEP_PX pixels of the level: the coarser level left the pair
         # about that close, and a longer step on a weakly matching pair can land in another basin of the finer loss
         trust = {"step_length": self.step_displacement_px, "max_length": MAX_STEP_PX} if level > 0 else {}
-        self.solver = make_solver(self.hparams.optimizer, self.x, lv.lr, active=blk.valid.clone(),
+        self.solver = make_solver(self.hparams.optimizer, self.x, lv.lr, active=blk.valid & (self.row_last >= level),
                                   previous=previous, curvature_scale=scale, **trust)
 
     @property
@@ -288,10 +284,19 @@ class RegistrationModule(L.LightningModule):
         return self.hparams.optimizer == "bfgs" and self.hparams.curvature == "gauss_newton" and self.hparams.loss == "ncc"
 
     def next_level(self) -> None:
-        """Carry the parameters over to the next, finer level."""
-        log_level_end(self._trainer, self.block, self.solver.f)
+        """Record the pairs that stop at this level, carry the parameters over to the next, finer level."""
+        blk = self.block
+        log_level_end(self._trainer, blk, self.solver.f)
+        ending = blk.valid & (self.row_last == blk.level)
+        if bool(ending.any()):
+            self._record(ending)
         self.x = self.solver.x.clone()
-        self.start_level(self.block.level + 1)
+        self.start_level(blk.level + 1)
+
+    @property
+    def last_level(self) -> int:
+        """The finest level any pair of the block is fitted to."""
+        return int(self.row_last[self.block.valid].max()) if bool(self.block.valid.any()) else len(self.levels) - 1
 
     def level_finished(self) -> bool:
         """Budget spent or every pair of the block converged (same answer on every rank)."""
@@ -299,38 +304,33 @@ class RegistrationModule(L.LightningModule):
         return blk.level_steps >= self.levels[blk.level].steps or not bool(self.solver.active.any())
 
     def finish_block(self) -> None:
-        """Record every pair of the block (all ranks know all rows) and end the epoch."""
+        """Record every pair of the block not recorded yet (all ranks know all rows) and end the epoch."""
         blk = self.block
         log_level_end(self._trainer, blk, self.solver.f)
         self.x = self.solver.x.clone()
-        theta = self.objective.matrices(self.x)
-        lv = self.levels[-1]
-        # NCC over the valid overlap before (identity) and after, at the images of the level the block ended on
-        # (the finest), whatever the loss; every rank calls this (all-reduce).
-        # With the ncc loss the solver already knows NCC at its last evaluated point; the pair has moved since by
-        # less than step_tol_px (a change of NCC of the order of 1e-7), so no extra resampling is spent on it.
-        with torch.no_grad():
-            ncc_before = self._evaluate_rows(self.x, self.level_fixed, self.level_moving, self.objective.pair_ncc_identity).tolist()
-            if self.hparams.loss == "ncc" and not self.objective.loss_kwargs:
-                ncc_after = (1 - (self.solver.f - self.objective.penalty(self.x))).tolist()
-            else:
-                ncc_after = self._evaluate_rows(self.x, self.level_fixed, self.level_coeffs, self.objective.pair_ncc).tolist()
-        for row, pair in enumerate(blk.pairs):
-            if pair < 0:
-                continue
-            self.results[pair] = {
-                "pair_index": pair,
-                "slice_indices": list(self.pair_slices[pair]),
-                "matrix": theta[row].cpu().tolist(),
-                "final_loss": float(self.solver.f[row]),
-                "num_steps_taken": int(blk.steps[row]),
-                "steps_per_level": [int(c[row]) for c in blk.level_counts],
-                "status": "ok" if math.isfinite(float(self.solver.f[row])) else "failed",
-                "finest_factor": lv.factor,
-                "ncc_before": ncc_before[row],
-                "ncc_after": ncc_after[row],
-            }
+        self._record(blk.valid & (self.row_last >= blk.level))
         blk.done = True
+
+    def _record(self, rows: torch.Tensor) -> None:
+        """The results of ``rows`` (``(R,)`` bool), fitted as far as they go: the current level. NCC over the valid
+        overlap before (identity) and after, at this level's images, whatever the loss; every rank calls this (it
+        all-reduces). With the ncc loss the solver already knows NCC at its last evaluated point; the pair has moved
+        since by less than step_tol_px (a change of NCC of the order of 1e-7), so no extra resampling is spent on it."""
+        blk, lv = self.block, self.levels[self.block.level]
+        theta = self.objective.matrices(self.solver.x)
+        with torch.no_grad():
+            ncc_before = self._evaluate_rows(self.solver.x, self.level_fixed, self.level_moving, self.objective.pair_ncc_identity).tolist()
+            if self.hparams.loss == "ncc" and not self.objective.loss_kwargs:
+                ncc_after = (1 - (self.solver.f - self.objective.penalty(self.solver.x))).tolist()
+            else:
+                ncc_after = self._evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs, self.objective.pair_ncc).tolist()
+        for row in torch.nonzero(rows).flatten().tolist():
+            pair, f = blk.pairs[row], float(self.solver.f[row])
+            self.results[pair] = {
+                "pair_index": pair, "slice_indices": list(self.pair_slices[pair]), "matrix": theta[row].cpu().tolist(),
+                "final_loss": f, "num_steps_taken": int(blk.steps[row]),
+                "steps_per_level": [int(c[row]) for c in blk.level_counts], "status": "ok" if math.isfinite(f) else "failed",
+                "finest_factor": lv.factor, "ncc_before": ncc_before[row], "ncc_after": ncc_after[row]}
 
     def step_displacement_px(self, x_old: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """Largest pixel displacement (at the current level's resolution) between two parameter sets."""

@@ -81,7 +81,9 @@ def flagged_pairs(log: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]
     for e in log:
         why = [w for w, hit in (("QC outlier", e.get("qc") == "outlier"),
                                 ("low correlation", e.get("status") == "low_correlation"),
-                                ("failed", e.get("status") == "failed")) if hit]
+                                ("failed", e.get("status") == "failed"),
+                                ("next to a slice no neighbour agrees with", e.get("status") == "unregistered"),
+                                ("no true answer (cycle check)", e.get("status") == "no_true_answer")) if hit]
         if why:
             out.append((e, ", ".join(why)))
     return out
@@ -92,10 +94,11 @@ def flagged_pairs(log: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]
 MIN_SPANS = (2.0, 0.2, 2e-3, 2e-3)
 
 
-def curves_figure(log: list[dict[str, Any]], tmats: np.ndarray, shape: tuple[int, int]) -> str:
-    """NCC per pair and the composed drift per slice along the stack, with the flagged pairs and damaged slices
-    marked (SVG data URI)."""
-    bands = sorted(damaged_slices(log))
+def curves_figure(log: list[dict[str, Any]], tmats: np.ndarray, shape: tuple[int, int],
+                  solved: dict[str, Any] | None = None) -> str:
+    """NCC per pair and the composed drift per slice along the stack, with the flagged pairs and damaged (and
+    unregistered) slices marked; with the solve, each cycle's error and the threshold (SVG data URI)."""
+    bands = sorted(set(damaged_slices(log)) | set((solved or {}).get("unregistered", [])))
     z_pair = np.array([e["slice_indices"][1] for e in log], dtype=float)
     ncc = [Series(z_pair, np.array([np.nan if e.get(key) is None else e[key] for e in log], dtype=float),
                   f"NCC {label}", COLORS[k], marker) for k, (key, label, marker) in
@@ -120,6 +123,13 @@ def curves_figure(log: list[dict[str, Any]], tmats: np.ndarray, shape: tuple[int
               Panel([Series(z, col("scale_x"), "x", COLORS[0]), Series(z, col("scale_y"), "y", COLORS[1])], "scale",
                     MIN_SPANS[2], bands, legend=True),
               Panel([Series(z, col("shear"), color=COLORS[3])], "shear", MIN_SPANS[3], bands)]
+    cycles = (solved or {}).get("cycle_errors_px") or {}
+    if cycles:
+        zc = np.array(sorted(int(k) for k in cycles), dtype=float)
+        err = np.array([cycles[str(int(k))] for k in zc], dtype=float)
+        threshold = np.full(len(zc), float(solved["cycle_threshold_px"]))
+        panels.append(Panel([Series(zc, err, "cycle (z-1, z, z+1)", COLORS[0], "o"), Series(zc, threshold, "threshold", "red")],
+                            "cycle error (px)", MIN_SPANS[0], bands, legend=True))
     return svg_uri(panels_svg(panels, width=860, panel_height=135, xlabel="slice (z)", x_range=(-0.5, len(tmats) - 0.5),
                               title="Along the stack: pairs (top) and each slice's composed transform to slice 0 (drift)"))
 
@@ -187,22 +197,30 @@ _STRAIGHTNESS = ('<p class="note">Mean absolute difference between neighbouring 
                  "reslices, {lo:g} to {hi:g}); steps next to a damaged slice left out. Smaller is straighter: aligned "
                  "structure runs on from slice to slice.</p>")
 _CURVES = ("<figcaption>Red crosses: QC outliers (final loss far above the stack's); orange triangles: low correlation "
-           "or failed; grey bands: damaged slices (left out, bridged over). Drift: where each slice's centre is sampled "
-           "relative to slice 0, and its rotation, scale and shear.</figcaption>")
+           "or failed; grey bands: damaged slices (left out, bridged over) and slices no neighbour agrees with "
+           "(unregistered). Drift: where each slice's centre is sampled relative to slice 0, and its rotation, scale and "
+           "shear. With two or more neighbours, the cycle error of each three consecutive slices: above the red line a "
+           "cycle is inconsistent (README: Foreign slices and drift).</figcaption>")
 _NO_TIMING = ('<p class="note">timing: not recorded in the output (sphero fit prints it, and shows it in the page it '
               "writes at the end of the run)</p>")
 _OVERLAYS = ('<p class="note">Overlays: fixed slice magenta, moving slice green; aligned structure turns grey. Before: the '
              "source inside the crop box; after: the registered output.</p>")
 
 
-def _summary(log: list[dict[str, Any]], damaged: dict[int, str]) -> list[tuple[str, Any]]:
+def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     ncc = {k: [e[k] for e in log if e.get(k) is not None] for k in ("ncc_before", "ncc_after")}
+    volume = [] if solved is None else [
+        ("slices no neighbour agrees with (unregistered)", ", ".join(map(str, solved.get("unregistered", []))) or "none"),
+        ("pairs with no true answer", ", ".join(f"{i}->{j}" for i, j in solved.get("bad_pairs", [])) or "none"),
+        ("pairs the stack had to hang on", ", ".join(f"{i}->{j}" for i, j in solved.get("kept_despite", [])) or "none"),
+        ("cycle check", (f"{len(solved.get('cycle_errors_px', {}))} cycles, threshold {solved.get('cycle_threshold_px', 0):.2f} px, "
+                        f"largest {max(solved.get('cycle_errors_px', {0: 0}).values()):.2f} px"))]
     return [("pairs", len(log)),
             ("mean NCC before", f"{np.mean(ncc['ncc_before']):.4f}" if ncc["ncc_before"] else "n/a"),
             ("mean NCC after", f"{np.mean(ncc['ncc_after']):.4f}" if ncc["ncc_after"] else "n/a"),
             ("QC outliers", sum(e.get("qc") == "outlier" for e in log)),
             ("low correlation / failed", sum(e.get("status") in ("low_correlation", "failed") for e in log)),
-            ("damaged slices", ", ".join(f"{z} ({why})" for z, why in sorted(damaged.items())) or "none")]
+            ("damaged slices", ", ".join(f"{z} ({why})" for z, why in sorted(damaged.items())) or "none"), *volume]
 
 
 def _straightness_table(measured: dict[str, tuple[float, float]]) -> str:
@@ -266,7 +284,7 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
     source = source_name or attrs.get("inputs", ["?"])[0]
     parts = [f"<h1>Alignment report: {_esc(output_name or out.path)}</h1>",
              _HEADER.format(source=_esc(source), nz=nz, ny=ny, nx=nx, h=shape[0], w=shape[1], spacing=_esc(spacing), box=_esc(box)),
-             "<h2>Summary</h2>", _table(_summary(log, damaged)),
+             "<h2>Summary</h2>", _table(_summary(log, damaged, attrs.get("volume_solve"))),
              "<h2>Straightness</h2>", _STRAIGHTNESS.format(lo=window[0], hi=window[1]), _straightness_table(measured),
              f'<figure>{straightness_figure(steps)}</figure>',
              "<h2>Reslices</h2>"]
@@ -277,7 +295,8 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
             pictures.update(pics)
         parts.append(block)
     parts += ["<h2>Along the stack</h2>",
-              f'<figure><img src="{curves_figure(log, tmats, shape)}" alt="curves along the stack">{_CURVES}</figure>',
+              (f'<figure><img src="{curves_figure(log, tmats, shape, attrs.get("volume_solve"))}" alt="curves along the stack">'
+              f'{_CURVES}</figure>'),
               _pairs_section(out, src, box, log, flagged_pairs(log)),
               "<h2>Run</h2>", f"<p>timing: {_esc(timing.removeprefix('time: '))}</p>" if timing else _NO_TIMING,
               _table(_settings(attrs))]

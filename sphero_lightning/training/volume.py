@@ -24,8 +24,13 @@ class VolumeSolve(L.Callback):
         Each slice is registered to this many usable slices before it (1: the consecutive pair only, the plain
         chain). With 2 or more the composed transforms come from a robust least-squares solve over all pairs: a
         foreign, misfiled or re-imaged slice, which no neighbour agrees with, loses all its pairs (listed as
-        ``unregistered``, placed between its neighbours) instead of moving every slice after it. Costs about that
-        many times the chain's fitting.
+        ``unregistered``, placed between its neighbours) instead of moving every slice after it. Where every pair has
+        a true answer the result is the chain's, bit for bit.
+    coarse_factor : float
+        Pairs further apart than consecutive slices are fitted down to this factor of the finest pyramid level only
+        (4: a quarter of the resolution, about a tenth of a consecutive pair's cost): enough to tell which pairs have
+        no true answer (they are off by pixels to hundreds of pixels). Those that stand in for one (a foreign slice's
+        bridge) are fitted again at full resolution. 1 fits them all at full resolution.
     reference : int
         The slice whose frame the output takes (its transform is the identity).
     detrend : int, optional
@@ -41,17 +46,19 @@ class VolumeSolve(L.Callback):
         bends to meet them. Assumes they are right.
     """
 
-    def __init__(self, neighbours: int = 2, reference: int = 0, detrend: int | None = None,
+    def __init__(self, neighbours: int = 2, coarse_factor: float = 4.0, reference: int = 0, detrend: int | None = None,
                  highpass: float | None = None, anchors: str | None = None) -> None:
         if neighbours < 1:
             raise SpheroError(f"--solve.neighbours must be >= 1, got {neighbours}")
+        if coarse_factor < 1:
+            raise SpheroError(f"--solve.coarse_factor must be >= 1 (1: pairs further apart fitted at full resolution), got {coarse_factor}")
         if reference < 0:
             raise SpheroError(f"--solve.reference must be a slice index >= 0, got {reference}")
         if detrend is not None and detrend < 0:
             raise SpheroError(f"--solve.detrend must be a polynomial degree >= 0, got {detrend}")
         if highpass is not None and highpass <= 0:
             raise SpheroError(f"--solve.highpass must be a number of slices > 0, got {highpass}")
-        self.neighbours, self.reference = int(neighbours), int(reference)
+        self.neighbours, self.coarse_factor, self.reference = int(neighbours), float(coarse_factor), int(reference)
         self.detrend, self.highpass, self.anchors = detrend, highpass, anchors
         self._anchor_tmats = _read_anchors(anchors) if anchors else {}
 
@@ -60,10 +67,10 @@ class VolumeSolve(L.Callback):
 
     def fingerprint(self) -> dict[str, Any]:
         """What changes the fitted pairs (for the progress journal): which pairs there are."""
-        return {"neighbours": self.neighbours}
+        return {"neighbours": self.neighbours, "coarse_factor": self.coarse_factor}
 
     def settings(self) -> dict[str, Any]:
-        return {"neighbours": self.neighbours, "reference": self.reference, "detrend": self.detrend,
+        return {"neighbours": self.neighbours, "coarse_factor": self.coarse_factor, "reference": self.reference, "detrend": self.detrend,
                 "highpass": self.highpass, "anchors": self.anchors}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -93,7 +100,7 @@ class VolumeSolve(L.Callback):
         from ..core.volume import bridge_pairs
 
         fitted = [pl_module.results[p] for p in range(dm.n_pairs)]
-        bridges = bridge_pairs(dm.n_slices, fitted, dm.damaged, dm.slice_shape, self.reference)
+        bridges = bridge_pairs(dm.n_slices, fitted, dm.damaged, dm.slice_shape)
         if not bridges:
             return
         self._rounds += 1
@@ -104,7 +111,7 @@ class VolumeSolve(L.Callback):
         if getattr(bar, "bar", None) is not None:
             bar.bar.total = dm.n_pairs
         if trainer.is_global_zero:
-            print(f"sphero: no pair jumps slice(s) that no neighbour agrees with: fitting {len(bridges)} bridging pair(s) "
+            print(f"sphero: fitting {len(bridges)} pair(s) at full resolution that stand in for pairs with no true answer: "
                   f"{', '.join(f'{i}->{j}' for i, j in bridges)}", file=sys.stderr)
 
     def priors(self, shape: tuple[int, int]) -> Priors:
