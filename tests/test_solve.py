@@ -111,6 +111,23 @@ def test_cycles_tell_a_foreign_slice_from_a_bad_pair_and_a_bad_bridge():
     assert found["bridge"].bad_bridges == [(30, 32)] and not found["bridge"].foreign and not found["bridge"].bad_pairs
 
 
+def test_a_foreign_slice_whose_pairs_cancel_is_still_foreign():
+    """A foreign slice's two consecutive pairs can compose to nearly the right transform (measured: 0.2 px off over a
+    foreign ISBI section), so its own cycle agrees; its two bridges still do not. Catches reading that pattern as two
+    bad bridges (the slice then stays in the chain and moves everything after it by the residue)."""
+    truth = _truth(40)
+    fitted = _fitted(truth, 2, bad={20})
+    a = {tuple(r["slice_indices"]): _hom(to_centered(np.array(r["matrix"]), SHAPE)) for r in fitted}
+    a[(20, 21)] = _hom(truth[21]) @ np.linalg.inv(_hom(truth[19])) @ np.linalg.inv(a[(19, 20)])  # cancels exactly
+    a[(20, 21)][:2, 2] += 0.2
+    for r in fitted:
+        r["matrix"] = to_normalized(a[tuple(r["slice_indices"])][:2], SHAPE).tolist()
+    pairs = [tuple(r["slice_indices"]) for r in fitted]
+    d = diagnose(pairs, np.array([r["matrix"] for r in fitted]), list(range(40)), SHAPE)
+    assert d.errors[20] < d.threshold_px < min(d.errors[19], d.errors[21]), d.errors
+    assert d.foreign == [20] and not d.bad_bridges and not d.bad_pairs
+
+
 @pytest.mark.parametrize("bad", [{20}, {5, 20, 30}], ids=["one", "three apart"])
 def test_a_slice_no_pair_agrees_with_moves_nothing_else(bad):
     """A foreign slice's pairs all disagree: it is left out, the bridge past it (distance 2) carries the chain; every

@@ -7,7 +7,8 @@ neighbour) every three consecutive usable slices ``a, b, c`` form a cycle: ``A_b
 
 * one inconsistent cycle: its long pair ``(a, c)`` has no true answer;
 * two in a row, around slices ``b, c``: the consecutive pair ``(b, c)`` has none;
-* three or more in a row: the slices in the middle are *foreign*, they agree with no neighbour.
+* three or more in a row: the slices in the middle are *foreign*, they agree with no neighbour (also where the middle
+  cycle of the three agrees by chance: two inconsistent cycles with one consistent between them).
 
 :func:`solve` then finds the composed transforms by weighted least squares (each fitted pair ``(i, j)`` with transform
 ``A_ij`` says ``C_j ~ A_ij C_i``, linear in the unknown ``C``), the reference slice fixed: consecutive pairs carry the
@@ -245,6 +246,10 @@ def diagnose(pairs: list[tuple[int, int]], matrices: np.ndarray, good: list[int]
     for q in bad:
         if runs and q == runs[-1][-1] + 1:
             runs[-1].append(q)
+        elif runs and q == runs[-1][-1] + 2:
+            # one consistent cycle between two inconsistent ones: a foreign slice whose two consecutive pairs happen
+            # to compose to nearly the right transform (its cycle then agrees; its two bridges still do not)
+            runs[-1] += [q - 1, q]
         else:
             runs.append([q])
     for run in runs:  # positions (in good) of the middle slices of consecutive inconsistent cycles
