@@ -117,7 +117,8 @@ def _device_options(device: Any) -> list[str]:
 
 
 def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = None, progress: bool = False,
-                   options: Mapping[str, Any] | None = None, workdir: str | Path | None = None) -> Registration:
+                   options: Mapping[str, Any] | None = None, workdir: str | Path | None = None,
+                   mask: Any = None) -> Registration:
     """Register every slice of ``stack`` to the one before it and chain the transforms to slice 0.
 
     Parameters
@@ -135,6 +136,10 @@ def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = N
         "pyramid.levels": 3, "early_stopping.step_tol_px": 0.001}``.
     workdir : path, optional
         Folder for the temporary Zarr copy of the stack (default: the system's temporary folder).
+    mask : array-like, optional
+        What the loss may use (non-zero = use): ``(Z, Y, X)`` like the stack, or ``(Y, X)`` for every slice
+        (``--data.mask_array``). Pixels of one grey value: ``options={"data.ignore_value": 0}``; curtaining:
+        ``options={"data.destripe": "vertical"}``.
 
     Returns
     -------
@@ -155,8 +160,16 @@ def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = N
     with tempfile.TemporaryDirectory(dir=workdir, prefix="sphero-api-") as tmp:
         root = Path(tmp) / "stack.zarr"
         _copy_into(stack, root)
+        masked = []
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.shape not in (tuple(stack.shape), tuple(stack.shape[1:])):
+                raise SpheroError(f"mask has shape {m.shape}; it must be the stack's {tuple(stack.shape)} or one "
+                                  f"slice's {tuple(stack.shape[1:])} (non-zero = use)")
+            zarr.open_group(str(root), mode="a").create_array("mask", data=(m != 0).astype(np.uint8))
+            masked = ["--data.mask_array", "mask"]
         argv = ["fit", "--data.root", str(root), "--data.array", _ARRAY, "--model.transformation", transformation,
-                "--trainer.logger", "false", "--trainer.enable_progress_bar", _option(progress), *_device_options(device)]
+                "--trainer.logger", "false", "--trainer.enable_progress_bar", _option(progress), *_device_options(device), *masked]
         for key, value in (options or {}).items():
             argv += [f"--{key.lstrip('-')}", _option(value)]
         if progress:

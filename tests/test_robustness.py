@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
 from conftest import fit
@@ -115,15 +116,21 @@ def test_too_few_usable_slices_is_a_user_error(tmp_path, base_image):
     assert any("fewer than 2 usable slices" in ln for ln in r.stderr.splitlines()), r.stderr[-2000:]
 
 
-def test_sigkill_then_rerun_resumes_and_matches_a_clean_run(tmp_path, base_image):
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_sigkill_then_rerun_resumes_and_matches_a_clean_run(tmp_path, base_image, masked):
     """Kill a run with SIGKILL after some blocks; the same command again finishes the rest, same result. With the
-    default two neighbours (issue 25): 20 consecutive pairs and 19 at distance 2, all in the journal."""
+    default two neighbours (issue 25): 20 consecutive pairs and 19 at distance 2, all in the journal. ``masked``
+    (issue 26): a static dark frame left out with --data.ignore_value 0; the resumed pairs keep their mask_kept."""
     s = make_stack(base_image, 21, (128, 128), seed=5)
     extra = ("--data.pairs_per_block", "1")  # 39 blocks: many chances to be killed in the middle
+    stack = s.stack.copy()
+    if masked:
+        stack[:, :16] = 0
+        extra += ("--data.ignore_value", "0")
     total = 20 + 19
     clean, killed = tmp_path / "clean.zarr", tmp_path / "killed.zarr"
     for root in (clean, killed):
-        write_zarr(s.stack, root, truth=s.composed)
+        write_zarr(stack, root, truth=s.composed)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run(_sphero_cmd(clean, *extra), check=True, capture_output=True, env=env, timeout=600, cwd=tmp_path)
 
@@ -151,7 +158,7 @@ def test_sigkill_then_rerun_resumes_and_matches_a_clean_run(tmp_path, base_image
     assert np.array_equal(a[:], b[:])
     assert sorted(e["pair_index"] for e in b.attrs["registration_log"]) == list(range(20))
     # pairs from the journal carry their NCC too
-    for key in ("ncc_before", "ncc_after"):
+    for key in ("ncc_before", "ncc_after") + (("mask_kept",) if masked else ()):
         assert [e[key] for e in b.attrs["registration_log"]] == [e[key] for e in a.attrs["registration_log"]]
     assert not journal.exists()  # removed once the output is in place
 

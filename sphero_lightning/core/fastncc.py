@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .interpolation import PAD, axis_taps, sample_taps
+from .masks import sample_mask
 
 _EPS = 1e-8
 
@@ -74,8 +75,8 @@ def _ncc_from_sums(s: torch.Tensor) -> torch.Tensor:
 
 
 def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, ramp: float = 1.0,
-                     fixed_coeffs: torch.Tensor | None = None, curvature: dict[str, torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     fixed_coeffs: torch.Tensor | None = None, curvature: dict[str, torch.Tensor] | None = None,
+                     masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``1 - NCC`` of each pair and its gradient with respect to ``theta``.
 
     One pass over the pixels in chunks of rows (:data:`CHUNK_PIXELS`), so every temporary stays small: each chunk
@@ -96,6 +97,10 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
         (``(B, 2, 3, 3)``: sum w gf_a y^j x^i), ``moving_first`` (the same of the interpolant's derivatives m_d,
         linear entries only), ``cross`` (``(B, 2, 2, 3, 3)``: sum w gf_a m_d y^j x^i) and ``own`` (sum w gf_a gf_c
         y^j x^i); gf: the fixed slice's interpolant derivatives at the pixel centres, x and y normalized.
+    masks : optional
+        ``(fixed_mask, moving_mask)``, ``(B, 1, h, w)`` each (1 = use; :mod:`.masks`): the weight is the inside weight
+        times the fixed slice's mask times the moving slice's mask sampled (bilinear) where the moving slice is
+        sampled; the derivative of the sampled mask on its boundary is gathered with the ramp's.
 
     Returns
     -------
@@ -154,13 +159,25 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
         wts = torch.empty(3, b, r1 - r0, w, dtype=dt, device=dev)  # w m, w f, w
         wt = torch.div(d, ramp, out=wts[2]).clamp_(0.0, 1.0)
         on = (d >= 0) & (d <= ramp)  # as clamp's gradient: both ends of the ramp included
+        if masks is not None:
+            fm = masks[0][:, 0, r0:r1].to(dt)
+            mv, mvx, mvy = sample_mask(masks[1][:, 0].to(dt), px, py)
+            inner = wt * fm  # the weight without the moving mask
+            on_mask = ((mvx != 0) | (mvy != 0)) & (inner > 0)
+            wt.mul_(mv).mul_(fm)
+            on = on & (fm * mv > 0)
+            if bool(on_mask.any()):
+                pb, pr, pc = on_mask.nonzero(as_tuple=True)
+                k = inner[pb, pr, pc]
+                ramp_pix.append((pb, pr + r0, pc, k * mvx[pb, pr, pc], k * mvy[pb, pr, pc], f[pb, pr, pc], mc[pb, pr, pc]))
         if bool(on.any()):
             pb, pr, pc = on.nonzero(as_tuple=True)
             x_side = (dxm[pb, pr, pc] <= dym[pb, pr, pc]).to(dt)
             # d min(px, w - 1 - px) / d px = +1 on the left half, -1 on the right (ties: left, as torch.minimum)
             sx = torch.where(ux[pb, pr, pc] <= 0, 1.0, -1.0).to(dt)
             sy = torch.where(uy[pb, pr, pc] <= 0, 1.0, -1.0).to(dt)
-            ramp_pix.append((pb, pr + r0, pc, x_side * sx / ramp, (1 - x_side) * sy / ramp, f[pb, pr, pc], mc[pb, pr, pc]))
+            k = (fm * mv)[pb, pr, pc] if masks is not None else 1.0
+            ramp_pix.append((pb, pr + r0, pc, k * x_side * sx / ramp, k * (1 - x_side) * sy / ramp, f[pb, pr, pc], mc[pb, pr, pc]))
         wm, wf = torch.mul(wt, mc, out=wts[0]), torch.mul(wt, f, out=wts[1])
         s += torch.stack([_row_sums(wt), _row_sums(wf), _row_sums(wm), _row_sums(wf * f), _row_sums(wm * mc),
                           _row_sums(wf * mc)], 1)

@@ -28,6 +28,7 @@ from .interpolation import (
     upsample2,
 )
 from .losses import get_loss, ncc_loss
+from .masks import sample_mask_autograd
 from .transforms import corner_displacement, family_basis, params_to_normalized
 
 Transformation = Literal["translation", "rigid", "similarity", "affine"]
@@ -115,7 +116,8 @@ class PairObjective:
         """``(R, n_free)`` free parameters to ``(R, 2, 3)`` normalized matrices (float64)."""
         return params_to_normalized(p @ self.basis.to(p), self.shape)
 
-    def warped_moving(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def warped_moving(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
+                      masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The moving slices warped by free parameters ``p`` and the weight of their valid overlap.
 
         Parameters
@@ -125,6 +127,10 @@ class PairObjective:
         fixed, coeffs : torch.Tensor
             ``(B, 1, h, w)`` fixed slices and the moving slices at one level (their B-spline
             coefficients, padded, for ``interpolation="bspline"``).
+
+        masks : optional
+            ``(fixed_mask, moving_mask)``, ``(B, 1, h, w)`` each (1 = use): the weight also leaves out what the fixed
+            slice's mask and the moving slice's mask, warped with it, leave out (:mod:`.masks`).
 
         Returns
         -------
@@ -141,10 +147,14 @@ class PairObjective:
             warped = F.grid_sample(coeffs, grid, mode="bicubic", padding_mode="border", align_corners=False)
             px = ((grid[..., 0] + 1) * size[1] - 1) / 2
             py = ((grid[..., 1] + 1) * size[0] - 1) / 2
-        return warped, inside_weight(px, py, size).unsqueeze(1)
+        weight = inside_weight(px, py, size)
+        if masks is not None:
+            weight = weight * masks[0][:, 0] * sample_mask_autograd(masks[1][:, 0], px, py)
+        return warped, weight.unsqueeze(1)
 
     def pair_losses(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
-                    images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                    images: dict[str, torch.Tensor] | None = None,
+                    masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Loss of each pair at free parameters ``p`` (arguments as :meth:`warped_moving`).
 
         Returns
@@ -153,7 +163,7 @@ class PairObjective:
             ``(B,)`` similarity loss plus regularisation. ``images``, when given, receives the detached
             ``warped`` moving slices and their ``weight``.
         """
-        warped, weight = self.warped_moving(p, fixed, coeffs)
+        warped, weight = self.warped_moving(p, fixed, coeffs, masks)
         if images is not None:
             images.update(warped=warped.detach(), weight=weight.detach())
         loss = self.loss_fn(fixed, warped, weight, **self.loss_kwargs).to(p.dtype)
@@ -166,12 +176,14 @@ class PairObjective:
         q = p @ self.basis.to(p)
         return self.regularization * (q[:, 3:] ** 2).sum(-1)
 
-    def pair_ncc(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    def pair_ncc(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
+                 masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Normalized cross-correlation of each pair over the valid overlap at ``p`` (whatever the loss is)."""
-        warped, weight = self.warped_moving(p, fixed, coeffs)
+        warped, weight = self.warped_moving(p, fixed, coeffs, masks)
         return (1 - ncc_loss(fixed, warped, weight)).to(p.dtype)
 
-    def pair_ncc_identity(self, p: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def pair_ncc_identity(self, p: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
+                          masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """:meth:`pair_ncc` at the identity (``p`` only gives the rows), without resampling ``moving`` (the moving
         slices, not their coefficients): at the identity the ``bspline`` and ``bicubic`` interpolations return
         them exactly; ``bspline2x`` would smooth them slightly (about 1e-3 in NCC)."""
@@ -179,6 +191,8 @@ class PairObjective:
         size = tuple(fixed.shape[-2:])
         # the same weight for every pair: computed once, expanded (no copy)
         weight = inside_weight(*sample_positions(theta, size, size), size).unsqueeze(1).expand(len(fixed), -1, -1, -1)
+        if masks is not None:
+            weight = weight * masks[0] * masks[1]
         return (1 - ncc_loss(fixed, moving, weight)).to(p.dtype)
 
     def level_stack(self, slices: torch.Tensor, factor: float) -> torch.Tensor:
@@ -315,12 +329,13 @@ class PairObjective:
         return hp + 1e-9 * hp.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12).view(b, 1, 1) * eye
 
     def evaluate(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, curvature: bool | torch.Tensor = False,
-                 fixed_coeffs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 fixed_coeffs: torch.Tensor | None = None, masks: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Losses ``(b,)``, their gradients ``(b, n)`` and (optionally) Gauss-Newton Hessians ``(b, n, n)`` at ``p``.
 
         ``curvature``: True for every row's Hessian, or a ``(b,)`` mask of the rows that need one (the others get 0).
         ``fixed_coeffs``: the fixed slices' B-spline coefficients (:meth:`level_coeffs`), which the default
-        objective's curvature is made from (computed here when not given).
+        objective's curvature is made from (computed here when not given). ``masks``: see :meth:`warped_moving`.
 
         Pairs go in equal passes of at most ``max_pixels_per_pass`` pixels, each pass's autograd graph freed
         before the next: the memory of a step stays bounded whatever the block and slice size (same math as one
@@ -338,6 +353,7 @@ class PairObjective:
             pc = p[c0:c0 + per].detach().clone().requires_grad_(True)
             rows = want[c0:c0 + per]
             curv = bool(rows.any())
+            mk = None if masks is None else (masks[0][c0:c0 + per], masks[1][c0:c0 + per])
             n = pc.shape[1]
             hc = torch.zeros(len(pc), n, n, dtype=torch.float64, device=pc.device) if curvature else None
             if self.uses_fast_ncc:
@@ -349,7 +365,7 @@ class PairObjective:
                     fc = fixed_coeffs[c0:c0 + per] if fixed_coeffs is not None else bspline_prefilter(fixed[c0:c0 + per])
                 mom: dict[str, torch.Tensor] | None = {} if curv else None
                 lc, g_theta = ncc_and_gradient(theta.detach().to(fixed.dtype), fixed[c0:c0 + per], coeffs[c0:c0 + per],
-                                               fixed_coeffs=fc, curvature=mom)
+                                               fixed_coeffs=fc, curvature=mom, masks=mk)
                 total = (theta * g_theta).sum()
                 if self.regularization:
                     pen = self.penalty(pc)
@@ -360,7 +376,7 @@ class PairObjective:
                         "sums", "fixed_first", "moving_first", "cross", "own")), size=(h, w))
             else:
                 images: dict[str, torch.Tensor] | None = {} if curv else None
-                lc = self.pair_losses(pc, fixed[c0:c0 + per], coeffs[c0:c0 + per], images)
+                lc = self.pair_losses(pc, fixed[c0:c0 + per], coeffs[c0:c0 + per], images, mk)
                 (gc,) = torch.autograd.grad(lc.sum(), pc)
                 if images:
                     hc[rows] = self.gauss_newton_hessian(pc.detach()[rows], fixed[c0:c0 + per][rows], images["warped"][rows],

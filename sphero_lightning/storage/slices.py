@@ -61,3 +61,40 @@ def intensity_range(stats: np.ndarray, use: list[int]) -> tuple[float, float]:
     if not len(lo) or not len(hi):
         return 0.0, 1.0
     return float(lo.min()), float(hi.max())
+
+
+def open_mask(root: str, path: str, shape: tuple[int, ...]) -> zarr.Array:
+    """The mask array ``path`` (inside the store ``root``, or a Zarr array of its own), ``(Z, Y, X)`` like the stack
+    or ``(Y, X)`` (one mask for every slice), checked against the stack's ``shape``."""
+    from ..errors import SpheroError
+    from .store import open_source
+
+    try:
+        arr = open_source(root, path, "--data.mask_array: in --data")
+    except SpheroError as exc:
+        try:
+            arr = zarr.open_array(path, mode="r")
+        except Exception:  # noqa: BLE001 - the first message says what was looked for
+            raise exc from None
+    if tuple(arr.shape) not in (tuple(shape), tuple(shape[1:])):
+        raise SpheroError(f"--data.mask_array {path!r} has shape {tuple(arr.shape)}; it must be the stack's "
+                          f"{tuple(shape)} or one slice's {tuple(shape[1:])} (non-zero = use)")
+    return arr
+
+
+def slice_masks(raw: np.ndarray, indices: list[int], ignore_value: float | None, mask: zarr.Array | None) -> np.ndarray | None:
+    """``(n, Y, X)`` uint8 masks (1 = use) of the slices ``raw`` read at ``indices``: pixels equal to ``ignore_value``
+    in runs (:func:`~sphero_lightning.core.masks.value_mask`) and where ``mask`` is 0; None when neither is set."""
+    if ignore_value is None and mask is None:
+        return None
+    import torch
+
+    from ..core.masks import value_mask
+
+    out = np.ones(raw.shape, dtype=np.uint8)
+    if ignore_value is not None:
+        out &= value_mask(torch.from_numpy(np.ascontiguousarray(raw)), ignore_value).numpy()
+    if mask is not None:
+        m = np.asarray(mask) if mask.ndim == 2 else read_slices(mask, indices)
+        out &= (np.broadcast_to(m, raw.shape) != 0).astype(np.uint8)
+    return out

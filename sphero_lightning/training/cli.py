@@ -23,9 +23,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ..errors import SpheroError, interrupted, os_error_message, report
 from ..storage.store import release_all
-from ..threads import share_cores
+from ..threads import launch_rank, share_cores
 from .callbacks import PairEarlyStopping, PyramidSchedule
-from .data import ZarrPairDataModule, launch_rank
+from .data import ZarrPairDataModule
 from .module import RegistrationModule
 from .volume import VolumeSolve
 from .writer import WRITTEN, RegistrationWriter

@@ -1,15 +1,9 @@
 """The LightningModule: a block of pairs, their learnable affine transforms, one solver step per step.
 
-Lightning mapping (see README "Design"):
-
-* one epoch = one block of ``pairs_per_block`` pairs per device; one training step = one evaluation of
-  every still-active pair of the block at the solver's trial point, then one solver update;
-* the parameter ``delta`` holds one row per (rank, slot): a rank fills only its own rows and scales its
-  loss by the world size, so after DDP's gradient all-reduce every row holds exactly its own pair's
-  gradient and all ranks hold identical parameters; per-pair losses are all-reduced the same way, so
-  every rank takes the same decisions (no hang) and knows every pair's result;
-* the pyramid callback moves the block from level to level; the early-stopping callback freezes
-  converged pairs; when the last level is done ``on_train_batch_start`` returns -1 to end the epoch.
+One epoch = one block of pairs per device; one training step = one evaluation of every active pair at the solver's
+trial point, then one solver update. ``delta`` holds one row per (rank, slot); a rank fills its own rows and scales
+its loss by the world size, so after DDP's all-reduce every rank holds every pair's gradient and takes the same
+decisions. The pyramid and early-stopping callbacks drive levels and freezing (README "Design").
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.initialization import consecutive_phase_correlation
-from ..core.interpolation import downscale
+from ..core.masks import kept_fraction, loss_images, pair_masks
 from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation, take
 from ..core.solvers import make_solver
 from ..errors import SpheroError
@@ -116,6 +110,7 @@ class RegistrationModule(L.LightningModule):
         self.block: BlockState | None = None
         self.solver = None
         self._level0: tuple[torch.Tensor, torch.Tensor] | None = None  # (level-0 images, moving coefficients)
+        self.block_masks: torch.Tensor | None = None  # what the loss leaves out, per slice of the block (or None)
         self.results: dict[int, dict[str, Any]] = {}
         self.timings: dict[str, float] = {}
         self.n_pairs = 0
@@ -136,8 +131,7 @@ class RegistrationModule(L.LightningModule):
         b = self.hparams.pairs_per_block
         return slice(self.rank * b, (self.rank + 1) * b)
 
-    def configure_pyramid(self, levels: list[Level]) -> None:
-        """Set the curriculum (called by the pyramid callback before fitting)."""
+    def configure_pyramid(self, levels: list[Level]) -> None:  # the curriculum, from the pyramid callback
         self.levels = list(levels)
 
     def setup(self, stage: str) -> None:
@@ -173,8 +167,7 @@ class RegistrationModule(L.LightningModule):
         dm.skip_blocks = {blk for blk in range(dm.n_blocks(self.world))
                           if all(p < 0 or p in self.results for p in self.block_pairs(blk))}
 
-    def configure_optimizers(self) -> None:
-        # Optimisation is per pair and batched (solvers.py), driven from training_step.
+    def configure_optimizers(self) -> None:  # optimisation is per pair and batched (solvers.py), from training_step
         return None
 
     def block_pairs(self, block: int) -> list[int]:
@@ -191,8 +184,10 @@ class RegistrationModule(L.LightningModule):
         # grey values to about [0, 1] by the stack's own range (data.to_tensor); (B + 1, 1, H, W)
         # at the finest level's resolution, one slice at a time: a large slice never exists in full as floats twice
         base = self.levels[-1].factor
-        self.block_slices = torch.cat([downscale(((s[None, None].float() - batch["offset"].float()) / batch["scale"].float()), base)
-                                       for s in slices])
+        # what the loss leaves out (data.ignore_value, data.mask_array) and sees (data.destripe)
+        self.block_slices, self.block_masks = loss_images(
+            ((s[None, None].float() - batch["offset"].float()) / batch["scale"].float() for s in slices), base,
+            batch.get("masks"), batch.get("destripe", "none"))
         self.block_base = base
         pairs = self.block_pairs(self.current_epoch)
         valid = torch.tensor([p >= 0 for p in pairs], device=self.device)
@@ -209,6 +204,8 @@ class RegistrationModule(L.LightningModule):
         if n_local and len(self.block_fixed) != n_local:
             raise RuntimeError(f"block {self.current_epoch}: got {len(self.block_fixed)} pairs of slices for {n_local} pairs")
         self._level0 = None  # level-0 images, kept when the initialisation computes them
+        self.level_masks = pair_masks(self.block_masks, self.levels[0].factor / base, self.objective.smoothing,
+                                      self.block_fixed, self.block_moving)
         self.x = self._initial_params()
 
     def _initial_params(self) -> torch.Tensor:
@@ -245,8 +242,11 @@ class RegistrationModule(L.LightningModule):
         full = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
         idx = torch.nonzero(self.local_valid).flatten()
         if len(idx):
-            full[self.rows.start + idx] = fn(x[self.rows][idx], fixed[idx], coeffs[idx]).detach()
+            full[self.rows.start + idx] = fn(x[self.rows][idx], fixed[idx], coeffs[idx], masks=self._masks(idx)).detach()
         return self._all_reduce(full)
+
+    def _masks(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # of the local pairs idx
+        return None if self.level_masks is None else (self.level_masks[0][idx], self.level_masks[1][idx])
 
     def start_level(self, level: int) -> None:
         """Move the block to pyramid ``level``: new images, fresh solver state, parameters kept."""
@@ -261,6 +261,8 @@ class RegistrationModule(L.LightningModule):
             fixed_coeffs, coeffs = self.objective.level_coeffs(imgs, self.block_fixed, self.block_moving)
         self.level_fixed, self.level_moving, self.level_coeffs = take(imgs, self.block_fixed), take(imgs, self.block_moving), coeffs
         self.level_fixed_coeffs = fixed_coeffs
+        self.level_masks = pair_masks(self.block_masks, lv.factor / self.block_base, self.objective.smoothing,
+                                      self.block_fixed, self.block_moving)
         self.level_shape = tuple(self.level_fixed.shape[-2:])
         previous = self.solver if level > 0 else None
         # Pairs that may start this level from the Gauss-Newton model: all at the first level; later only those that
@@ -324,13 +326,15 @@ class RegistrationModule(L.LightningModule):
                 ncc_after = (1 - (self.solver.f - self.objective.penalty(self.solver.x))).tolist()
             else:
                 ncc_after = self._evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs, self.objective.pair_ncc).tolist()
+            kept = self._evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs, kept_fraction).tolist()
         for row in torch.nonzero(rows).flatten().tolist():
             pair, f = blk.pairs[row], float(self.solver.f[row])
             self.results[pair] = {
                 "pair_index": pair, "slice_indices": list(self.pair_slices[pair]), "matrix": theta[row].cpu().tolist(),
                 "final_loss": f, "num_steps_taken": int(blk.steps[row]),
                 "steps_per_level": [int(c[row]) for c in blk.level_counts], "status": "ok" if math.isfinite(f) else "failed",
-                "finest_factor": lv.factor, "ncc_before": ncc_before[row], "ncc_after": ncc_after[row]}
+                "finest_factor": lv.factor, "ncc_before": ncc_before[row], "ncc_after": ncc_after[row],
+                **({"mask_kept": kept[row]} if self.block_masks is not None else {})}
 
     def step_displacement_px(self, x_old: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """Largest pixel displacement (at the current level's resolution) between two parameter sets."""
@@ -372,9 +376,8 @@ class RegistrationModule(L.LightningModule):
         try:
             return self._step()
         finally:  # the profile of a run: time and steps per pyramid level (see benchmarks/real_sections.py)
-            k = self.block.level
-            self.timings[f"level{k}_s"] = self.timings.get(f"level{k}_s", 0.0) + time.perf_counter() - t0
-            self.timings[f"level{k}_steps"] = self.timings.get(f"level{k}_steps", 0) + 1
+            t, k = self.timings, self.block.level
+            t[f"level{k}_s"], t[f"level{k}_steps"] = t.get(f"level{k}_s", 0.0) + time.perf_counter() - t0, t.get(f"level{k}_steps", 0) + 1
 
     def _step(self) -> torch.Tensor:
         """One evaluation of every active pair of the block at its solver's trial point, then one solver update."""
@@ -393,7 +396,7 @@ class RegistrationModule(L.LightningModule):
             fc = self.level_fixed_coeffs[idx] if need_curv and self.level_fixed_coeffs is not None else None
             losses, grads, hess = self.objective.evaluate(self.delta.detach()[self.rows][idx], self.level_fixed[idx],
                                                           self.level_coeffs[idx], fresh[self.rows][idx] if need_curv else False,
-                                                          fixed_coeffs=fc)
+                                                          fixed_coeffs=fc, masks=self._masks(idx))
             if hess is not None:
                 curv[self.rows.start + idx] = hess
             # a linear surrogate with exactly these gradients: DDP all-reduces them into every row of delta

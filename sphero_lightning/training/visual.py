@@ -158,6 +158,11 @@ def _table(rows: list[tuple[str, Any]], ids: dict[str, str] | None = None) -> st
     return "<table>" + "".join(cells) + "</table>"
 
 
+def _registration_params(attrs: dict[str, Any]) -> dict[str, Any]:
+    record = next((p for p in reversed(attrs.get("processing", [])) if p.get("step_name") == "registration"), {})
+    return record.get("parameters", {})
+
+
 def _settings(attrs: dict[str, Any]) -> list[tuple[str, Any]]:
     """The registration's settings (its ``processing`` entry), nested groups flattened to ``group.key``."""
     record = next((p for p in reversed(attrs.get("processing", [])) if p.get("step_name") == "registration"), {})
@@ -207,7 +212,8 @@ _OVERLAYS = ('<p class="note">Overlays: fixed slice magenta, moving slice green;
              "source inside the crop box; after: the registered output.</p>")
 
 
-def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
+def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[str, Any] | None = None,
+             masks: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     ncc = {k: [e[k] for e in log if e.get(k) is not None] for k in ("ncc_before", "ncc_after")}
     volume = [] if solved is None else [
         ("slices no neighbour agrees with (unregistered)", ", ".join(map(str, solved.get("unregistered", []))) or "none"),
@@ -220,7 +226,23 @@ def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[st
             ("mean NCC after", f"{np.mean(ncc['ncc_after']):.4f}" if ncc["ncc_after"] else "n/a"),
             ("QC outliers", sum(e.get("qc") == "outlier" for e in log)),
             ("low correlation / failed", sum(e.get("status") in ("low_correlation", "failed") for e in log)),
-            ("damaged slices", ", ".join(f"{z} ({why})" for z, why in sorted(damaged.items())) or "none"), *volume]
+            ("damaged slices", ", ".join(f"{z} ({why})" for z, why in sorted(damaged.items())) or "none"),
+            *_mask_rows(log, masks), *volume]
+
+
+def _mask_rows(log: list[dict[str, Any]], masks: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """What the loss left out (data.ignore_value, data.mask_array, data.destripe) and how much of each slice it used."""
+    used = {k: v for k, v in (masks or {}).items() if v not in (None, "none")}
+    kept = [e for e in log if e.get("mask_kept") is not None]
+    if not used:
+        return [("masks", "none (every pixel of the overlap counts)")]
+    rows = [("masks", ", ".join(f"{k} {v}" for k, v in used.items()))]
+    if kept:
+        least = min(kept, key=lambda e: e["mask_kept"])
+        i, j = least["slice_indices"]
+        rows.append(("slice area the loss used", (f"mean {100 * np.mean([e['mask_kept'] for e in kept]):.0f} %, least "
+                                                 f"{100 * least['mask_kept']:.0f} % (pair {i}->{j})")))
+    return rows
 
 
 def _straightness_table(measured: dict[str, tuple[float, float]]) -> str:
@@ -284,7 +306,7 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
     source = source_name or attrs.get("inputs", ["?"])[0]
     parts = [f"<h1>Alignment report: {_esc(output_name or out.path)}</h1>",
              _HEADER.format(source=_esc(source), nz=nz, ny=ny, nx=nx, h=shape[0], w=shape[1], spacing=_esc(spacing), box=_esc(box)),
-             "<h2>Summary</h2>", _table(_summary(log, damaged, attrs.get("volume_solve"))),
+             "<h2>Summary</h2>", _table(_summary(log, damaged, attrs.get("volume_solve"), _registration_params(attrs).get("masks"))),
              "<h2>Straightness</h2>", _STRAIGHTNESS.format(lo=window[0], hi=window[1]), _straightness_table(measured),
              f'<figure>{straightness_figure(steps)}</figure>',
              "<h2>Reslices</h2>"]

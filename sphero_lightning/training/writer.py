@@ -112,6 +112,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
                                           "pairs_per_block": dm.pairs_per_block,
                                           "output_interpolation": writer.interpolation,
                                           "intensity_range": list(dm.intensity) if dm.intensity else None,
+                                          "masks": dm.mask_settings,
                                           "solve": volume.settings() if volume is not None else {"neighbours": dm.neighbours},
                                           "trainer": trainer_record(trainer)}})
         processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
