@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ProgressBar
 
+from ..core.fit import SMALL_RUN, StoppingRule  # noqa: F401 - SMALL_RUN: named in the docstring
 from ..errors import SpheroError
 from .module import RegistrationModule
 from .state import Level
@@ -116,9 +116,6 @@ class PyramidSchedule(L.Callback):
             pl_module.finish_block()
 
 
-#: Consecutive evaluations with a proposed step below the tolerance after which a level ends even unconfirmed.
-SMALL_RUN = 3
-
 
 class PairEarlyStopping(L.Callback):
     """Per-pair early stopping: a converged pair stops moving; the others go on.
@@ -162,8 +159,7 @@ class PairEarlyStopping(L.Callback):
             raise SpheroError(f"early stopping newton_step_tol_px must be >= 0, got {newton_step_tol_px}")
         self.enabled, self.window, self.tol, self.step_tol_px = enabled, window, tol, step_tol_px
         self.newton_step_tol_px = newton_step_tol_px
-        self._tols: list[float] = []
-        self._key: tuple[int, int, int] | None = None
+        self.rule: StoppingRule | None = None  # the rule itself (core.fit), made at setup for the pyramid's levels
 
     #: Config group of these settings (``--early_stopping.*``), for the logged hyperparameters.
     config_group = "early_stopping"
@@ -172,9 +168,10 @@ class PairEarlyStopping(L.Callback):
         pyramid = next((cb for cb in trainer.callbacks if isinstance(cb, PyramidSchedule)), None)
         levels = pyramid.n_levels if pyramid is not None else len(pl_module.levels)
         if isinstance(self.step_tol_px, (list, tuple)):
-            self._tols = _per_level(self.step_tol_px, levels, "early_stopping.step_tol_px")
+            tols = _per_level(self.step_tol_px, levels, "early_stopping.step_tol_px")
         else:
-            self._tols = [float(self.coarse_step_tol_px)] * (levels - 1) + [float(self.step_tol_px)]
+            tols = [float(self.coarse_step_tol_px)] * (levels - 1) + [float(self.step_tol_px)]
+        self.rule = StoppingRule(tols, self.window, self.tol, self.newton_step_tol_px, self.enabled)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change a pair's result (for the progress journal)."""
@@ -185,32 +182,8 @@ class PairEarlyStopping(L.Callback):
         return self.fingerprint()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        blk, solver = pl_module.block, pl_module.solver
-        if not self.enabled or blk is None or blk.done or blk.accepted is None:
-            return
-        key = (blk.index, blk.level, id(solver))
-        if key != self._key:
-            self._key = key
-            rows = solver.x.shape[0]
-            self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=solver.x.device)
-            self.count = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
-            self.small_run = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
-        acc = blk.accepted
-        a = acc.unsqueeze(-1)
-        self.losses = torch.where(a, torch.cat([self.losses[:, 1:], solver.f.unsqueeze(-1)], 1), self.losses)
-        self.count += acc.long()
-        flat = (self.count >= self.window) & ((self.losses.amax(1) - self.losses.amin(1)) < self.tol)
-        step = pl_module.step_displacement_px(solver.x, solver.x + solver.pending_step())
-        tol = self._tols[blk.level]
-        # rows whose level started from a trusted Newton model: a looser step rule
-        tol = torch.where(solver.trusted, max(tol, self.newton_step_tol_px), tol)
-        small = solver.evaluated & (step < tol)
-        self.small_run = torch.where(small, self.small_run + 1, torch.zeros_like(self.small_run))
-        # a short proposed step ends the level only where the model that proposed it is confirmed (or the steps have
-        # stayed short for SMALL_RUN evaluations: the noise floor of the loss, where no step confirms anything)
-        still = small & (solver.confirmed | (self.small_run >= SMALL_RUN))
-        solver.freeze(solver.active & flat)
-        solver.finish(solver.active & still)
+        if pl_module.fit is not None:
+            self.rule.after_step(pl_module.fit)
 
 
 class PairProgressBar(ProgressBar):

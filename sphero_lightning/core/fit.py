@@ -1,0 +1,390 @@
+"""The coarse-to-fine fit of a block of pairs, as plain torch: levels, one solver step, the stopping rule.
+
+A block is a batch of pairs fitted together: the slices they need (``(N, 1, H, W)``, grey values about [0, 1], at
+the resolution of the block's finest level) and, per row, where its fixed and moving slice sit among them. The fit
+goes level by level (coarse to fine, parameters carried over): at each level the solver evaluates every active row
+at its trial point (one :meth:`~.objective.PairObjective.evaluate` of the whole block), updates, and
+:class:`StoppingRule` freezes the rows that converged; a level ends when its step budget is spent or no row is
+active. :func:`fit_block` runs all of it; the Lightning layer drives the same pieces from its hooks (the module
+steps, the pyramid callback moves levels, the early-stopping callback applies the rule), with :class:`Ranks` doing
+what several processes need (each fills its own rows; losses, gradients and curvatures are summed over processes).
+
+>>> import torch
+>>> from sphero_lightning.core.objective import PairObjective
+>>> from sphero_lightning.core.synthetic import em_like_image
+>>> img = torch.from_numpy(em_like_image(96, seed=0)[:64, :64] / 255.0).float()[None, None]
+>>> slices = torch.cat([img, img.roll(2, -1)])  # the second slice moved 2 px to the right
+>>> obj = PairObjective("translation", shape=(64, 64))
+>>> out = fit_block(obj, [Level(2.0, 50, 1e-2), Level(1.0, 50, 1e-2)], slices, torch.tensor([0]), torch.tensor([1]))
+>>> round(out[0]["matrix"][0][2] * 32, 1)  # the translation in pixels (normalized units are half a slice width)
+2.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .initialization import consecutive_phase_correlation
+from .masks import kept_fraction, pair_masks
+from .objective import PairObjective, take
+from .solvers import BatchSolver, make_solver
+
+#: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC); below it a pair barely
+#: matches (``low_correlation`` in the output) and its slices' gradients say nothing about the loss's curvature.
+NEWTON_MIN_NCC = 0.1
+#: ... and its model is trusted before any step only for pairs matching at least this well (NCC at the level's first
+#: evaluation): there it is the loss's Hessian to within ~20 %, so a short first step means the pair is at its optimum.
+#: Below, the model can overestimate the curvature many times over (50x seen on ssTEM sections 100 nm apart), and a
+#: short proposed step says nothing until a step has confirmed the model (solvers.BatchBFGS.confirmed).
+NEWTON_TRUST_NCC = 0.8
+#: Longest step (pixels of the level) below the coarsest pyramid level: the coarser level left the pair about that
+#: close to the finer level's optimum, and a longer step on a weakly matching pair can jump into another basin of the
+#: finer loss, so that when it ends would decide where it ends.
+MAX_STEP_PX = 1.0
+#: Consecutive evaluations with a proposed step below the tolerance after which a level ends even unconfirmed.
+SMALL_RUN = 3
+
+
+@dataclass
+class Level:
+    """One pyramid level: downscale factor, step budget, learning rate (first step length for BFGS)."""
+
+    factor: float
+    steps: int
+    lr: float
+
+
+@dataclass
+class BlockState:
+    """What the fit knows about the block it is fitting (identical on every process)."""
+
+    index: int
+    pairs: list[int]  # global pair index of each row, -1 for an empty slot
+    valid: torch.Tensor  # (R,) bool
+    level: int = -1
+    level_steps: int = 0
+    steps: torch.Tensor | None = None  # (R,) evaluations while active, all levels
+    done: bool = False
+    level_counts: list[torch.Tensor] = field(default_factory=list)  # (R,) evaluations per level
+    accepted: torch.Tensor | None = None  # (R,) bool: rows whose last evaluation the solver accepted
+
+
+@dataclass
+class FitSettings:
+    """How a block is fitted (the module's options of the same names)."""
+
+    optimizer: str = "bfgs"
+    curvature: str = "gauss_newton"
+    init_std: float = 0.0
+    init_translation: str = "phase"
+
+
+class Ranks:
+    """The processes a block is split over. Alone (the default): every row is this process's and nothing is summed.
+    The Lightning module gives its own: ``rows`` (this process's rows), ``reduce`` (sum over processes) and
+    ``gradients`` (the rows' gradients summed through DDP's own all-reduce of the module's parameter)."""
+
+    def __init__(self, rows: slice | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 gradients: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.rows, self._reduce, self._gradients = rows, reduce, gradients
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self._reduce is None else self._reduce(t)
+
+    def gradients(self, trial: torch.Tensor, idx: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """``(R, n)`` every row's gradient from this process's rows ``idx`` (local) evaluated at ``trial``."""
+        if self._gradients is not None:
+            return self._gradients(trial, idx, grads)
+        full = torch.zeros_like(trial)
+        full[self.rows.start + idx] = grads
+        return full
+
+
+class StoppingRule:
+    """Per-pair convergence at a level (see :class:`~sphero_lightning.training.callbacks.PairEarlyStopping`, which
+    carries the options and documents the rule): the loss flat over ``window`` accepted iterates, or a confirmed
+    proposed step shorter than the level's tolerance (``tols``: pixels of each level)."""
+
+    def __init__(self, tols: list[float], window: int = 15, tol: float = 1e-7, newton_step_tol_px: float = 0.02,
+                 enabled: bool = True) -> None:
+        self.tols, self.window, self.tol, self.newton_step_tol_px, self.enabled = tols, window, tol, newton_step_tol_px, enabled
+        self._key: tuple[int, int, int] | None = None
+
+    def after_step(self, fit: BlockFit) -> None:
+        """Freeze (flat loss) or finish (short confirmed step) the rows of ``fit`` that converged at its level."""
+        blk, solver = fit.block, fit.solver
+        if not self.enabled or blk is None or blk.done or blk.accepted is None:
+            return
+        key = (blk.index, blk.level, id(solver))
+        if key != self._key:
+            self._key = key
+            rows = solver.x.shape[0]
+            self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=solver.x.device)
+            self.count = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
+            self.small_run = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
+        acc = blk.accepted
+        self.losses = torch.where(acc.unsqueeze(-1), torch.cat([self.losses[:, 1:], solver.f.unsqueeze(-1)], 1), self.losses)
+        self.count += acc.long()
+        flat = (self.count >= self.window) & ((self.losses.amax(1) - self.losses.amin(1)) < self.tol)
+        step = fit.step_displacement_px(solver.x, solver.x + solver.pending_step())
+        tol = self.tols[blk.level]
+        # rows whose level started from a trusted Newton model: a looser step rule
+        tol = torch.where(solver.trusted, max(tol, self.newton_step_tol_px), tol)
+        small = solver.evaluated & (step < tol)
+        self.small_run = torch.where(small, self.small_run + 1, torch.zeros_like(self.small_run))
+        # a short proposed step ends the level only where the model that proposed it is confirmed (or the steps have
+        # stayed short for SMALL_RUN evaluations: the noise floor of the loss, where no step confirms anything)
+        still = small & (solver.confirmed | (self.small_run >= SMALL_RUN))
+        solver.freeze(solver.active & flat)
+        solver.finish(solver.active & still)
+
+
+class BlockFit:
+    """One block of pairs fitted coarse to fine (see the module's description).
+
+    Parameters
+    ----------
+    objective : PairObjective
+        The pair objective (its ``shape`` set to the full-resolution slice shape).
+    levels : list of Level
+        Coarse to fine; factors relative to full resolution.
+    slices : torch.Tensor
+        ``(N, 1, h, w)`` this process's slices of the block at the finest level's factor ``levels[-1].factor``.
+    fixed, moving : torch.Tensor
+        ``(P,)`` positions in ``slices`` of each local pair's fixed and moving slice.
+    pairs : list of int
+        Global pair index of every row of the block (-1: empty slot), all processes' rows.
+    stop_factor : list of float
+        Per row: the multiple of the finest factor the row stops at (1: the finest level).
+    masks : torch.Tensor, optional
+        ``(N, 2, h, w)`` from :func:`~.masks.loss_images`.
+    settings, ranks, index :
+        :class:`FitSettings`; :class:`Ranks`; the block's number (for the stopping rule's bookkeeping).
+    """
+
+    def __init__(self, objective: PairObjective, levels: list[Level], slices: torch.Tensor, fixed: torch.Tensor,
+                 moving: torch.Tensor, pairs: list[int], stop_factor: list[float], masks: torch.Tensor | None = None,
+                 settings: FitSettings | None = None, ranks: Ranks | None = None, index: int = 0) -> None:
+        self.objective, self.levels, self.settings = objective, levels, settings or FitSettings()
+        self.slices, self.masks, self.fixed, self.moving = slices, masks, fixed, moving
+        self.base = levels[-1].factor
+        dev = slices.device
+        n_rows = len(pairs)
+        self.ranks = ranks or Ranks(rows=slice(0, n_rows))
+        valid = torch.tensor([p >= 0 for p in pairs], device=dev)
+        self.block = BlockState(index=index, pairs=pairs, valid=valid, steps=torch.zeros(n_rows, dtype=torch.long, device=dev))
+        finest = levels[-1].factor
+        # the level each row stops at: the finest, or a coarser one for pairs further apart (--solve.coarse_factor)
+        self.row_last = torch.tensor([max((k for k, lv in enumerate(levels) if lv.factor >= stop * finest * (1 - 1e-9)),
+                                          default=0) for stop in stop_factor], device=dev)
+        self.local_valid = valid[self.ranks.rows]
+        n_local = int(self.local_valid.sum())
+        if n_local and len(fixed) != n_local:
+            raise RuntimeError(f"block {index}: got {len(fixed)} pairs of slices for {n_local} pairs")
+        self.solver: BatchSolver | None = None
+        self.results: dict[int, dict[str, Any]] = {}
+        self._level0 = None  # level-0 images, kept when the initialisation computes them
+        self.level_masks = pair_masks(masks, levels[0].factor / self.base, objective.smoothing, fixed, moving)
+        self.x = self._initial_params(n_rows)
+
+    # ------------------------------------------------------------------ start
+    def _initial_params(self, rows: int) -> torch.Tensor:
+        """Identity (plus ``init_std`` noise), then the phase-correlation translation where it helps."""
+        n, dev = self.objective.n_params, self.slices.device
+        x = torch.zeros(rows, n, dtype=torch.float64, device=dev)
+        if self.settings.init_std > 0:
+            # the same generator state on every process (seeded by the caller), so rows stay identical
+            x = x + self.settings.init_std * torch.randn(rows, n, dtype=torch.float64).to(dev)
+        if self.settings.init_translation == "phase":
+            n_local = int(self.local_valid.sum())
+            est = torch.zeros(rows, 2, dtype=torch.float64, device=dev)
+            if n_local:
+                shift = consecutive_phase_correlation(self.slices, fixed=self.fixed, moving=self.moving).double()
+                local = torch.zeros(self.ranks.rows.stop - self.ranks.rows.start, 2, dtype=torch.float64, device=dev)
+                local[:n_local] = shift / (max(self.slices.shape[-2:]) / 2.0)
+                est[self.ranks.rows] = local
+            est = self.ranks.reduce(est)
+            cand = x.clone()
+            cand[:, :2] = est
+            # keep the estimate only where it beats the starting point at the coarsest level
+            imgs = self.objective.level_stack(self.slices, self.levels[0].factor / self.base)
+            self._level0 = imgs, *self.objective.level_coeffs(imgs, self.fixed, self.moving)
+            fixed, coeffs = take(imgs, self.fixed), self._level0[2]
+            with torch.no_grad():
+                keep = self.evaluate_rows(cand, fixed, coeffs) < self.evaluate_rows(x, fixed, coeffs)
+            x = torch.where(keep.unsqueeze(-1), cand, x)
+        return x
+
+    def evaluate_rows(self, x: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, fn: Any = None) -> torch.Tensor:
+        """``fn`` (default the objective's ``pair_losses``) of every row at ``x`` (``(R,)``, the same on every
+        process; 0 for empty slots). Every process must call it the same number of times (it sums over them)."""
+        fn = fn or self.objective.pair_losses
+        full = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        idx = torch.nonzero(self.local_valid).flatten()
+        if len(idx):
+            full[self.ranks.rows.start + idx] = fn(x[self.ranks.rows][idx], fixed[idx], coeffs[idx], masks=self._masks(idx)).detach()
+        return self.ranks.reduce(full)
+
+    def _masks(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # of the local pairs idx
+        return None if self.level_masks is None else (self.level_masks[0][idx], self.level_masks[1][idx])
+
+    # ------------------------------------------------------------------ levels
+    def start_level(self, level: int) -> None:
+        """Move the block to pyramid ``level``: new images, fresh solver state, parameters kept."""
+        blk, lv = self.block, self.levels[level]
+        blk.level, blk.level_steps = level, 0
+        cached, self._level0 = self._level0, None
+        if level == 0 and cached:
+            imgs, fixed_coeffs, coeffs = cached
+        else:
+            imgs = self.objective.level_stack(self.slices, lv.factor / self.base)
+            fixed_coeffs, coeffs = self.objective.level_coeffs(imgs, self.fixed, self.moving)
+        self.level_fixed, self.level_moving, self.level_coeffs = take(imgs, self.fixed), take(imgs, self.moving), coeffs
+        self.level_fixed_coeffs = fixed_coeffs
+        self.level_masks = pair_masks(self.masks, lv.factor / self.base, self.objective.smoothing, self.fixed, self.moving)
+        self.level_shape = tuple(self.level_fixed.shape[-2:])
+        previous = self.solver if level > 0 else None
+        # Pairs that may start this level from the Gauss-Newton model: all at the first level; later only those that
+        # matched with NCC >= NEWTON_MIN_NCC at the end of the coarser level (finer levels match less well), so no
+        # Hessian is built for consecutive real sections that would reject it anyway
+        if previous is None:
+            self.newton_rows = torch.ones_like(blk.valid)
+        else:
+            ncc_prev = 1 - (previous.f - self.objective.penalty(previous.x))
+            self.newton_rows = torch.isfinite(ncc_prev) & (ncc_prev >= NEWTON_MIN_NCC)
+        scale = (lv.factor / self.levels[level - 1].factor) ** 2 if level > 0 else 1.0
+        blk.level_counts.append(torch.zeros_like(blk.steps))
+        # below the coarsest level, steps of at most MAX_STEP_PX pixels of the level: the coarser level left the pair
+        # about that close, and a longer step on a weakly matching pair can land in another basin of the finer loss
+        trust = {"step_length": self.step_displacement_px, "max_length": MAX_STEP_PX} if level > 0 else {}
+        self.solver = make_solver(self.settings.optimizer, self.x, lv.lr, active=blk.valid & (self.row_last >= level),
+                                  previous=previous, curvature_scale=scale, **trust)
+
+    @property
+    def uses_gauss_newton(self) -> bool:
+        return (self.settings.optimizer == "bfgs" and self.settings.curvature == "gauss_newton"
+                and self.objective.loss == "ncc")
+
+    def step_displacement_px(self, x_old: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+        """Largest pixel displacement (at the current level's resolution) between two parameter sets."""
+        return self.objective.displacement_px(x_old, x_new) / self.levels[self.block.level].factor
+
+    @property
+    def last_level(self) -> int:
+        """The finest level any pair of the block is fitted to."""
+        return int(self.row_last[self.block.valid].max()) if bool(self.block.valid.any()) else len(self.levels) - 1
+
+    def level_finished(self) -> bool:
+        """Budget spent or every pair of the block converged (the same answer on every process)."""
+        return self.block.level_steps >= self.levels[self.block.level].steps or not bool(self.solver.active.any())
+
+    def next_level(self) -> None:
+        """Record the pairs that stop at this level, carry the parameters over to the next, finer level."""
+        blk = self.block
+        ending = blk.valid & (self.row_last == blk.level)
+        if bool(ending.any()):
+            self._record(ending)
+        self.x = self.solver.x.clone()
+        self.start_level(blk.level + 1)
+
+    def finish(self) -> None:
+        """Record every pair of the block not recorded yet."""
+        blk = self.block
+        self.x = self.solver.x.clone()
+        self._record(blk.valid & (self.row_last >= blk.level))
+        blk.done = True
+
+    def _record(self, rows: torch.Tensor) -> None:
+        """The results of ``rows`` (``(R,)`` bool), fitted as far as they go: the current level. NCC over the valid
+        overlap before (identity) and after, at this level's images, whatever the loss; every process calls this (it
+        sums over them). With the ncc loss the solver already knows NCC at its last evaluated point; the pair has moved
+        since by less than step_tol_px (a change of NCC of the order of 1e-7), so no extra resampling is spent on it."""
+        import math
+
+        blk, lv, obj = self.block, self.levels[self.block.level], self.objective
+        theta = obj.matrices(self.solver.x)
+        with torch.no_grad():
+            ncc_before = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_moving, obj.pair_ncc_identity).tolist()
+            if obj.loss == "ncc" and not obj.loss_kwargs:
+                ncc_after = (1 - (self.solver.f - obj.penalty(self.solver.x))).tolist()
+            else:
+                ncc_after = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs, obj.pair_ncc).tolist()
+            kept = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs, kept_fraction).tolist()
+        for row in torch.nonzero(rows).flatten().tolist():
+            pair, f = blk.pairs[row], float(self.solver.f[row])
+            self.results[pair] = {
+                "pair_index": pair, "matrix": theta[row].cpu().tolist(),
+                "final_loss": f, "num_steps_taken": int(blk.steps[row]),
+                "steps_per_level": [int(c[row]) for c in blk.level_counts], "status": "ok" if math.isfinite(f) else "failed",
+                "finest_factor": lv.factor, "ncc_before": ncc_before[row], "ncc_after": ncc_after[row],
+                **({"mask_kept": kept[row]} if self.masks is not None else {})}
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> torch.Tensor:
+        """One evaluation of every active pair of the block at its solver's trial point, then one solver update.
+        Returns the mean loss of the rows that were active."""
+        blk, solver, obj, rows = self.block, self.solver, self.objective, self.ranks.rows
+        trial = solver.trial()
+        active_local = solver.active[rows] & self.local_valid
+        idx = torch.nonzero(active_local).flatten()
+        # First evaluation of a level's rows: Gauss-Newton curvature from the same images (same on all processes).
+        fresh = solver.active & ~solver.evaluated & self.newton_rows if self.uses_gauss_newton else None
+        need_curv = fresh is not None and bool(fresh.any())
+        n = obj.n_params
+        curv = torch.zeros(trial.shape[0], n, n, dtype=torch.float64, device=trial.device) if need_curv else None
+        grads = trial.new_zeros(0, n)
+        full = torch.zeros(trial.shape[0], dtype=torch.float64, device=trial.device)
+        if len(idx):
+            fc = self.level_fixed_coeffs[idx] if need_curv and self.level_fixed_coeffs is not None else None
+            losses, grads, hess = obj.evaluate(trial[rows][idx], self.level_fixed[idx], self.level_coeffs[idx],
+                                               fresh[rows][idx] if need_curv else False, fixed_coeffs=fc,
+                                               masks=self._masks(idx))
+            if hess is not None:
+                curv[rows.start + idx] = hess
+            full[rows.start + idx] = losses
+        grad = self.ranks.gradients(trial, idx, grads)
+        full = self.ranks.reduce(full)
+        if curv is not None:
+            curv = self.ranks.reduce(curv)
+            # The Gauss-Newton model is the loss's Hessian only where the slices match (NCC near 1: the true Hessian
+            # is about NCC times it); consecutive real sections that differ more keep BFGS's own model (and the
+            # strict step tolerance: see StoppingRule).
+            ncc = 1 - (full - obj.penalty(trial))
+            ok = fresh & (curv.diagonal(dim1=-2, dim2=-1).sum(-1) > 0) & (ncc >= NEWTON_MIN_NCC)
+            eye = torch.eye(n, dtype=curv.dtype, device=curv.device)
+            # where the slices match well the model is the loss's Hessian to within ~20 %: its first step may be trusted
+            solver.set_curvature(ok, torch.linalg.inv(torch.where(ok.view(-1, 1, 1), curv, eye)),
+                                 trusted=ncc >= NEWTON_TRUST_NCC)
+        was_active = solver.active.clone()
+        blk.accepted = solver.update(full, grad)
+        blk.steps += was_active.long()
+        blk.level_counts[-1] += was_active.long()
+        blk.level_steps += 1
+        return full[was_active].mean() if was_active.any() else full.new_zeros(())
+
+
+def fit_block(objective: PairObjective, levels: list[Level], slices: torch.Tensor, fixed: torch.Tensor,
+              moving: torch.Tensor, pairs: list[int] | None = None, stop_factor: list[float] | None = None,
+              masks: torch.Tensor | None = None, settings: FitSettings | None = None,
+              stopping: StoppingRule | None = None) -> dict[int, dict[str, Any]]:
+    """Fit one block of pairs coarse to fine without Lightning; the results per pair (as the output's log records
+    them, less ``slice_indices``). ``pairs`` default ``0..P-1``; ``stop_factor`` default 1 for every pair;
+    ``stopping`` default the options' defaults (``--early_stopping.*``)."""
+    pairs = list(range(len(fixed))) if pairs is None else pairs
+    stop_factor = [1.0] * len(pairs) if stop_factor is None else stop_factor
+    stopping = stopping or StoppingRule([0.01] * (len(levels) - 1) + [0.003])
+    fit = BlockFit(objective, levels, slices, fixed, moving, pairs, stop_factor, masks, settings)
+    fit.start_level(0)
+    while not fit.block.done:
+        fit.step()
+        stopping.after_step(fit)
+        if fit.level_finished():
+            if fit.block.level < fit.last_level:
+                fit.next_level()
+            else:
+                fit.finish()
+    return fit.results
