@@ -16,8 +16,8 @@ import zarr
 from _paths import ISBI_PATH
 
 from sphero_lightning.commands.main import main as sphero
-from sphero_lightning.core.synthetic import write_zarr
 from sphero_lightning.core.transforms import pixel_to_normalized
+from sphero_lightning.storage.stacks import write_zarr
 
 OUT = "images/registered/50-4-4"
 

@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/)
 from _paths import ISBI_PATH
 
 from sphero_lightning.commands.main import main as sphero_main
-from sphero_lightning.core.synthetic import composed_error, em_like_image, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.core.synthetic import composed_error, em_like_image, load_isbi_slice, make_stack
 from sphero_lightning.core.transforms import pixel_to_normalized
+from sphero_lightning.storage.stacks import write_zarr
 
 CASES = {
     # name: make_stack keyword arguments (on top of 384 x 384, noise 6)

@@ -37,7 +37,8 @@ import numpy as np
 from _paths import ISBI_PATH, SHARED_DATA
 
 from sphero_lightning.commands.main import main as sphero
-from sphero_lightning.core.synthetic import composed_error, write_zarr
+from sphero_lightning.core.synthetic import composed_error
+from sphero_lightning.storage.stacks import write_zarr
 
 #: Every stopping rule far tighter than the defaults (the issue's "tight run").
 TIGHT = ["--early_stopping.step_tol_px", "0.0001", "--early_stopping.coarse_step_tol_px", "0.0001",

@@ -22,7 +22,8 @@ import numpy as np
 import zarr
 
 from sphero_lightning.commands.main import main as sphero
-from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack
+from sphero_lightning.storage.stacks import write_zarr
 
 CASES = {
     "uint8": lambda b: np.clip(np.rint(b), 0, 255).astype(np.uint8),

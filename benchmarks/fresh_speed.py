@@ -51,7 +51,7 @@ def main() -> None:
         sys.exit(f"needs {ISBI_PATH} (the ISBI 2012 volume in ../shared/data); not found")
     import tifffile
 
-    from sphero_lightning.core.synthetic import write_zarr
+    from sphero_lightning.storage.stacks import write_zarr
 
     vol = np.asarray(tifffile.imread(str(ISBI_PATH)))
     n = len(vol)

@@ -30,7 +30,8 @@ import zarr
 from _paths import ISBI_PATH
 
 from sphero_lightning.commands.main import main as sphero
-from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack
+from sphero_lightning.storage.stacks import write_zarr
 
 LOG: list[str] = []
 

@@ -71,7 +71,8 @@ def make_large_stack(root: Path, size: int, n: int, seed: int = 0) -> np.ndarray
     import torch.nn.functional as F
 
     from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample
-    from sphero_lightning.core.synthetic import random_transforms, truth_composed, write_zarr
+    from sphero_lightning.core.synthetic import random_transforms, truth_composed
+    from sphero_lightning.storage.stacks import write_zarr
 
     rng = np.random.default_rng(seed)
     base = mosaic(size + 256, rng).astype(np.float32)

@@ -32,7 +32,8 @@ import numpy as np
 import zarr
 
 from sphero_lightning.commands.main import main as sphero
-from sphero_lightning.core.synthetic import composed_error, write_zarr
+from sphero_lightning.core.synthetic import composed_error
+from sphero_lightning.storage.stacks import write_zarr
 
 OUT = "images/registered/50-4-4"
 

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/)
 from _paths import ISBI_PATH
 
 from sphero_lightning.core.solvers import make_solver
-from sphero_lightning.core.synthetic import em_like_image, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, load_isbi_slice, make_stack
+from sphero_lightning.storage.stacks import write_zarr
 from sphero_lightning.training.cli import _PLAIN_DEFAULTS, SpheroCLI
 from sphero_lightning.training.data import ZarrPairDataModule
 from sphero_lightning.training.module import RegistrationModule

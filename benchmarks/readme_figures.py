@@ -43,7 +43,8 @@ from _paths import ISBI_PATH
 from compare_stackreg import CASES, run_ours
 
 from sphero_lightning.commands.main import main as sphero_main
-from sphero_lightning.core.synthetic import composed_error, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.core.synthetic import composed_error, load_isbi_slice, make_stack
+from sphero_lightning.storage.stacks import write_zarr
 
 SHAPE = (384, 384)
 

@@ -38,8 +38,9 @@ import zarr
 from _paths import ISBI_PATH
 
 from sphero_lightning.commands.main import main as sphero
-from sphero_lightning.core.synthetic import composed_error, random_transforms, render, write_zarr
+from sphero_lightning.core.synthetic import composed_error, random_transforms, render
 from sphero_lightning.core.transforms import centered_to_normalized, homogeneous, pixel_to_normalized
+from sphero_lightning.storage.stacks import write_zarr
 
 #: Every stopping rule 10x tighter than the defaults.
 TIGHT = ["--early_stopping.step_tol_px", "0.0003", "--early_stopping.coarse_step_tol_px", "0.005",

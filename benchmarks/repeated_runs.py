@@ -30,7 +30,7 @@ import sys, threading, time, numpy as np, tifffile
 from pathlib import Path
 from sphero_lightning import register_stack
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import write_zarr
+from sphero_lightning.storage.stacks import write_zarr
 work, repeats = Path(sys.argv[1]), int(sys.argv[2])
 vol = np.asarray(tifffile.imread(sys.argv[3]))
 k = 0
@@ -56,7 +56,7 @@ for r in range(repeats):
 
 
 def fresh(work: Path, n: int, vol: np.ndarray, k: int) -> float:
-    from sphero_lightning.core.synthetic import write_zarr
+    from sphero_lightning.storage.stacks import write_zarr
 
     root = work / f"f{k}.zarr"
     write_zarr(vol[:n], root)

@@ -26,7 +26,8 @@ import numpy as np
 import zarr
 from _paths import ISBI_PATH
 
-from sphero_lightning.core.synthetic import em_like_image, make_stack, random_transforms, render, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, make_stack, random_transforms, render
+from sphero_lightning.storage.stacks import write_zarr
 
 OUT = "images/registered/50-4-4"
 

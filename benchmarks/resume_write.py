@@ -41,7 +41,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1536)
     ap.add_argument("--chunks", default="[1, 256, 256]")
     a = ap.parse_args()
-    from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
+    from sphero_lightning.core.synthetic import em_like_image, make_stack
+    from sphero_lightning.storage.stacks import write_zarr
 
     with tempfile.TemporaryDirectory() as tmp:
         s = make_stack(em_like_image(a.size + 256, seed=7), a.slices, (a.size, a.size), seed=3, max_shift=3.0, max_rot_deg=0.5)

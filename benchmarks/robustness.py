@@ -29,8 +29,9 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/)
 from _paths import ISBI_PATH
 
-from sphero_lightning.core.synthetic import composed_error, load_isbi_slice, make_stack, write_zarr
+from sphero_lightning.core.synthetic import composed_error, load_isbi_slice, make_stack
 from sphero_lightning.storage.journal import Journal
+from sphero_lightning.storage.stacks import write_zarr
 
 OUT = "images/registered/50-4-4"
 

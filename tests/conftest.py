@@ -12,7 +12,8 @@ import pytest
 import zarr
 
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import em_like_image, load_isbi_slice, make_stack, pixel_error_of_output, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, load_isbi_slice, make_stack
+from sphero_lightning.storage.stacks import pixel_error_of_output, write_zarr
 
 REPO = Path(__file__).resolve().parents[1]
 #: The real data CI has beside the checkout (tests that need it skip, with this path, where it is absent).

@@ -11,8 +11,9 @@ import zarr
 from conftest import fit
 
 from sphero_lightning import Registration, register_stack, warp_stack
-from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.errors import SpheroError
+from sphero_lightning.storage.stacks import write_zarr
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -94,6 +94,42 @@ def test_layers_import_one_way():
     assert not bad, bad
 
 
+def _third_party(path: Path) -> set[str]:
+    """Top-level names of the non-package modules a file imports (anywhere in it)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names - {"sphero_lightning"}
+
+
+def test_core_needs_no_storage_or_lightning_and_storage_no_torch():
+    """core is numerics only: no zarr, no Lightning (it runs without either); storage is data only: no torch, except
+    where a module's docstring says why it does."""
+    bad = [f"core/{p.name} imports {sorted(_third_party(p) & {'zarr', 'lightning', 'jsonargparse', 'dask'})}"
+           for p in (PKG / "core").glob("*.py") if _third_party(p) & {"zarr", "lightning", "jsonargparse", "dask"}]
+    for p in (PKG / "storage").glob("*.py"):
+        doc = ast.get_docstring(ast.parse(p.read_text())) or ""
+        if "torch" in _third_party(p) and "imports torch" not in doc:
+            bad.append(f"storage/{p.name} imports torch without saying why in its docstring")
+    assert not bad, bad
+
+
+def test_no_module_writes_attributes_of_objects_it_does_not_own():
+    """A grep-level check: no assignment to an attribute of the datamodule, the module, the trainer or a callback from
+    outside it (state flows through return values and the owners' methods). The one exception is the Trainer's fit
+    loop length, which Lightning offers no other way to set and the blocks decide (one epoch per block)."""
+    pattern = re.compile(r"(?<![\w.])(dm|trainer|pl_module|module|datamodule|bar|writer|cli|self\.trainer|self\._trainer)"
+                         r"\.[A-Za-z_.]+\s*[-+*/]?=[^=]")
+    allowed = re.compile(r"trainer\.fit_loop\.max_epochs\s*=")
+    bad = [f"{p.relative_to(PKG)}:{i}: {line.strip()}" for p in PKG.rglob("*.py")
+           for i, line in enumerate(p.read_text().splitlines(), 1)
+           if pattern.search(line) and not allowed.search(line) and not line.lstrip().startswith("#")]
+    assert not bad, bad
+
+
 def test_no_module_much_over_400_lines():
     long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
     assert not long, long

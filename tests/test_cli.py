@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import zarr
 
-from sphero_lightning.core.synthetic import make_stack, pixel_error_of_output, write_zarr
+from sphero_lightning.core.synthetic import make_stack
+from sphero_lightning.storage.stacks import pixel_error_of_output, write_zarr
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,9 @@ from sphero_lightning.core.fit import Level, StoppingRule, fit_block
 from sphero_lightning.core.masks import loss_images
 from sphero_lightning.core.objective import PairObjective
 from sphero_lightning.core.pairs import block_layout, pair_graph
-from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.storage.slices import intensity_range, slice_stats
+from sphero_lightning.storage.stacks import write_zarr
 
 
 @pytest.mark.parametrize("transformation", ["rigid", "affine"])

@@ -8,8 +8,9 @@ import torch
 import zarr
 from conftest import fit, register_synthetic
 
-from sphero_lightning.core.synthetic import make_stack, write_zarr
+from sphero_lightning.core.synthetic import make_stack
 from sphero_lightning.core.transforms import normalized_to_pixel
+from sphero_lightning.storage.stacks import write_zarr
 
 SPEC_ATTRS = {"spacing", "inputs", "processing", "pairwise_transforms", "composed_transforms", "registration_log", "crop_box"}
 

@@ -18,9 +18,11 @@ import zarr
 
 from sphero_lightning.api import register_stack
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.masks import destripe, level_mask, static_patterns, value_mask
+from sphero_lightning.core.masks import destripe, level_mask, static_patterns
 from sphero_lightning.core.objective import PairObjective
-from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack, render, write_zarr
+from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack, render
+from sphero_lightning.storage.slices import value_mask
+from sphero_lightning.storage.stacks import write_zarr
 
 OUT = "images/registered/50-4-4"
 SHAPE = (160, 160)
@@ -116,10 +118,10 @@ def test_masked_gradient_is_the_losss_gradient():
 
 
 def test_value_mask_keeps_isolated_pixels_and_level_mask_erodes():
-    s = torch.full((1, 32, 32), 9, dtype=torch.uint8)
+    s = np.full((1, 32, 32), 9, dtype=np.uint8)
     s[0, :, :10] = 0
     s[0, 20, 20] = 0  # a dark content pixel, not padding
-    m = value_mask(s, 0)
+    m = torch.from_numpy(value_mask(s, 0))
     assert m[0, :, :10].sum() == 0 and m[0, 20, 20] == 1 and m[0, :, 10:].all()
     lv = level_mask(m[:, None].float(), 1, 0.7)  # eroded by 3 * 0.7 -> 3, + MARGIN 2 = 5 px
     assert lv[0, 0, :, :15].sum() == 0 and lv[0, 0, :, 15:].all()

@@ -6,7 +6,8 @@ import numpy as np
 import zarr
 from conftest import fit
 
-from sphero_lightning.core.synthetic import make_stack, write_zarr
+from sphero_lightning.core.synthetic import make_stack
+from sphero_lightning.storage.stacks import write_zarr
 
 
 def test_ome_zarr_reader_sees_every_registered_array_with_its_spacing(tmp_path, base_image):

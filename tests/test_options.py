@@ -14,9 +14,10 @@ import zarr
 from conftest import CONFIG, fit
 
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import composed_error, make_stack, pixel_error_of_output, render, truth_composed, write_zarr
+from sphero_lightning.core.synthetic import composed_error, make_stack, render, truth_composed
 from sphero_lightning.core.transforms import describe, normalized_to_pixel
 from sphero_lightning.storage.journal import Journal
+from sphero_lightning.storage.stacks import pixel_error_of_output, write_zarr
 
 OUT = "images/registered/50-4-4"
 FAST = ("--pyramid.levels", "3")

@@ -22,10 +22,11 @@ import zarr
 from conftest import CONFIG
 
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import composed_error, make_stack, render, truth_composed, write_zarr
+from sphero_lightning.core.synthetic import composed_error, make_stack, render, truth_composed
 from sphero_lightning.core.transforms import describe, homogeneous
 from sphero_lightning.errors import SpheroError
 from sphero_lightning.storage.journal import Journal
+from sphero_lightning.storage.stacks import write_zarr
 from sphero_lightning.training.callbacks import PyramidSchedule
 
 OUT = "images/registered/50-4-4"

@@ -15,8 +15,9 @@ from conftest import fit
 from sphero_lightning.commands.apply import apply_registration
 from sphero_lightning.commands.ingest import ingest
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.errors import SpheroError
+from sphero_lightning.storage.stacks import write_zarr
 
 OUT = "images/registered/50-4-4"
 

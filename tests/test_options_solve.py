@@ -18,8 +18,9 @@ import zarr
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.frames import FIRST_KEY, composed_of_all
-from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack
 from sphero_lightning.core.transforms import homogeneous
+from sphero_lightning.storage.stacks import write_zarr
 
 OUT = "images/registered/50-4-4"
 SHAPE = (128, 128)

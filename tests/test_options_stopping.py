@@ -9,7 +9,8 @@ import pytest
 import zarr
 from conftest import fit
 
-from sphero_lightning.core.synthetic import composed_error, make_stack, write_zarr
+from sphero_lightning.core.synthetic import composed_error, make_stack
+from sphero_lightning.storage.stacks import write_zarr
 
 OUT = "images/registered/50-4-4"
 SHAPE = (112, 112)

@@ -14,7 +14,8 @@ import pytest
 import zarr
 
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import make_stack, write_zarr
+from sphero_lightning.core.synthetic import make_stack
+from sphero_lightning.storage.stacks import write_zarr
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "docs" / "options.md"

@@ -23,7 +23,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import fit
 
-from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, make_stack
+from sphero_lightning.storage.stacks import write_zarr
 
 PINNED = Path(__file__).resolve().parent / "data" / "pinned.json"
 #: name: (make_stack arguments, extra sphero fit arguments)

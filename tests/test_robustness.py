@@ -16,10 +16,11 @@ import torch
 import zarr
 from conftest import fit
 
-from sphero_lightning.core.synthetic import composed_error, make_stack, pixel_error_of_output, write_zarr
+from sphero_lightning.core.synthetic import composed_error, make_stack
 from sphero_lightning.core.transforms import chain_with_gaps, compose, homogeneous
 from sphero_lightning.storage.journal import Journal
 from sphero_lightning.storage.slices import damaged_slices, slice_stats
+from sphero_lightning.storage.stacks import pixel_error_of_output, write_zarr
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = "images/registered/50-4-4"

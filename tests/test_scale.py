@@ -11,8 +11,9 @@ import zarr
 from conftest import CONFIG
 
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import make_stack, write_zarr
+from sphero_lightning.core.synthetic import make_stack
 from sphero_lightning.errors import SpheroError
+from sphero_lightning.storage.stacks import write_zarr
 from sphero_lightning.storage.writing import output_layout
 from sphero_lightning.training.writer import RegistrationWriter
 

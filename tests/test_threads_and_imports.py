@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from sphero_lightning import threads
-from sphero_lightning.core.synthetic import write_zarr
+from sphero_lightning.storage.stacks import write_zarr
 
 
 def test_processes_share_the_cores(tmp_path, monkeypatch):
@@ -118,7 +118,8 @@ import threading, numpy as np
 from pathlib import Path
 from sphero_lightning import register_stack
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import em_like_image, make_stack, write_zarr
+from sphero_lightning.core.synthetic import em_like_image, make_stack
+from sphero_lightning.storage.stacks import write_zarr
 stack = make_stack(em_like_image(256, seed=1), 4, (96, 96), seed=2).stack
 before = sorted(t.name for t in threading.enumerate())
 print("before", " ".join(before))

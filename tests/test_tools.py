@@ -9,7 +9,8 @@ import zarr
 from conftest import fit
 
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import make_stack, pixel_error_of_output
+from sphero_lightning.core.synthetic import make_stack
+from sphero_lightning.storage.stacks import pixel_error_of_output
 
 
 @pytest.fixture()
@@ -60,7 +61,7 @@ def test_ingest_fit_apply_labels(tmp_path, stack, capsys):
 
 
 def test_apply_to_the_registrations_own_source_reproduces_it(tmp_path, stack, capsys):
-    from sphero_lightning.core.synthetic import write_zarr
+    from sphero_lightning.storage.stacks import write_zarr
 
     root = tmp_path / "s.zarr"
     write_zarr(stack.stack, root)
@@ -111,7 +112,7 @@ def test_ingest_user_errors(tmp_path, stack, capsys, case, message):
 
 
 def test_apply_refuses_an_array_of_another_shape(tmp_path, stack, capsys):
-    from sphero_lightning.core.synthetic import write_zarr
+    from sphero_lightning.storage.stacks import write_zarr
 
     root = tmp_path / "s.zarr"
     write_zarr(stack.stack, root)
@@ -128,7 +129,7 @@ def test_exported_tmats_reproduce_the_output_with_pystackreg(tmp_path, base_imag
     indices."""
     from pystackreg import StackReg
 
-    from sphero_lightning.core.synthetic import write_zarr
+    from sphero_lightning.storage.stacks import write_zarr
 
     shape = (192, 192)
     s = make_stack(base_image, 8, shape, seed=3)

@@ -16,7 +16,8 @@ import zarr
 from conftest import ISBI_PATH
 
 from sphero_lightning.commands.main import main
-from sphero_lightning.core.synthetic import make_stack, random_transforms, render, write_zarr
+from sphero_lightning.core.synthetic import make_stack, random_transforms, render
+from sphero_lightning.storage.stacks import write_zarr
 from sphero_lightning.training.reslice import intensity_window, read_reslice, read_reslices, row_steps, straightness
 from sphero_lightning.training.visual import build_report
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..core.synthetic import composed_error, em_like_image, make_stack, write_zarr
+from ..core.synthetic import composed_error, em_like_image, make_stack
+from ..storage.stacks import write_zarr
 
 
 def main(argv: list[str] | None = None) -> float:

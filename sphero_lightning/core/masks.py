@@ -27,33 +27,9 @@ from .interpolation import downscale
 Destripe = Literal["none", "vertical", "horizontal", "both"]
 #: Pixels of each level a mask is eroded by beyond the smoothing's reach (the B-spline prefilter's tail).
 MARGIN = 2
-#: Runs of the ignored value narrower than this (pixels) are content, not padding (a dark membrane pixel at 0).
-MIN_RUN = 5
-
-
 def _erode(m: torch.Tensor, r: int) -> torch.Tensor:
     """Binary erosion of ``(N, 1, h, w)`` by a ``(2r + 1)`` square; the image border counts as inside."""
     return m if r <= 0 else -F.max_pool2d(-m, 2 * r + 1, stride=1, padding=r)
-
-
-def _dilate(m: torch.Tensor, r: int) -> torch.Tensor:
-    return m if r <= 0 else F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
-
-
-def value_mask(slices: torch.Tensor, value: float) -> torch.Tensor:
-    """``(N, H, W)`` uint8 mask (1 = use) leaving out pixels equal to ``value`` in runs at least :data:`MIN_RUN`
-    pixels wide (padding, a blank frame), not single content pixels that happen to have that value.
-
-    >>> s = torch.full((1, 12, 12), 7); s[0, :, :6] = 0; s[0, 9, 9] = 0
-    >>> value_mask(s, 0)[0, 0].tolist()
-    [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
-    >>> int(value_mask(s, 0)[0, 9, 9])  # an isolated pixel at 0 is content
-    1
-    """
-    eq = (slices == value).float().unsqueeze(1)
-    r = MIN_RUN // 2
-    opened = _dilate(_erode(eq, r), r)  # opening: runs narrower than MIN_RUN vanish
-    return (1 - opened[:, 0]).to(torch.uint8)
 
 
 def level_mask(mask: torch.Tensor, factor: float, smoothing: float) -> torch.Tensor:

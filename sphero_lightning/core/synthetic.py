@@ -3,7 +3,8 @@
 Every slice is cut from one base image with a known random affine transform, as a detector would
 record it: the transformed base is sampled on a 2x finer grid and each output pixel averages its
 2 x 2 sub-pixels (so no interpolation kernel of ours is baked into the truth), then Gaussian noise is
-added. The ideal registration is therefore known to machine precision.
+added. The ideal registration is therefore known to machine precision. Writing them into a store and reading a
+registration's error back: :mod:`sphero_lightning.storage.stacks`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
-from zarr.codecs import ZstdCodec
 
 from .interpolation import bspline_prefilter, bspline_sample
 from .transforms import centered_to_normalized, homogeneous, mean_displacement
@@ -155,25 +154,6 @@ def truth_composed(tf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return centered_to_normalized(comp[:, :2], shape).numpy()
 
 
-def write_zarr(stack: np.ndarray, root: str | Path, array: str = "images/50-4-4", spacing: tuple[float, float, float] = (50, 4, 4),
-               chunks: tuple[int, ...] | None = None, truth: np.ndarray | None = None, zarr_format: int = 3) -> str:
-    """Write a stack as the ``sphero fit`` input: a Zarr array (v3 by default, or v2) with ``spacing``. Returns ``root``."""
-    group = zarr.open_group(str(root), mode="a", zarr_format=zarr_format)
-    if zarr_format == 2:
-        import numcodecs
-
-        codec = numcodecs.Zstd(level=3)
-    else:
-        codec = ZstdCodec(level=3)
-    arr = group.create_array(array, shape=stack.shape, dtype=stack.dtype, chunks=chunks or (1, *stack.shape[1:]),
-                             compressors=codec, overwrite=True)
-    arr[:] = stack
-    arr.attrs["spacing"] = list(spacing)
-    if truth is not None:
-        arr.attrs["synthetic_truth_composed"] = np.asarray(truth).tolist()
-    return str(root)
-
-
 def composed_error(estimated: np.ndarray, truth: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Mean displacement in pixels between estimated and true composed transforms, per slice.
 
@@ -184,15 +164,4 @@ def composed_error(estimated: np.ndarray, truth: np.ndarray, shape: tuple[int, i
     return mean_displacement(est, tru, shape).numpy()
 
 
-def pixel_error_of_output(root: str | Path, output: str, truth: np.ndarray | None = None) -> float:
-    """Mean composed-transform error (px) of a finished registration against its truth."""
-    out = zarr.open_array(str(root), path=output, mode="r")
-    src_path = out.attrs["inputs"][0]
-    src = zarr.open_array(str(root), path=src_path, mode="r")
-    if truth is None:
-        truth = np.asarray(src.attrs["synthetic_truth_composed"])
-    est = np.asarray(out.attrs["composed_transforms"])
-    return float(composed_error(est, truth[: len(est)], tuple(src.shape[1:])).mean())
-
-
-__all__ = ["SyntheticStack", "composed_error", "em_like_image", "load_isbi_slice", "make_stack", "pixel_error_of_output", "render", "write_zarr"]
+__all__ = ["SyntheticStack", "composed_error", "em_like_image", "load_isbi_slice", "make_stack", "render"]

@@ -82,18 +82,47 @@ def open_mask(root: str, path: str, shape: tuple[int, ...]) -> zarr.Array:
     return arr
 
 
+#: Runs of the ignored value narrower than this (pixels) are content, not padding (a dark membrane pixel at 0).
+MIN_RUN = 5
+
+
+def value_mask(slices: np.ndarray, value: float) -> np.ndarray:
+    """``(N, H, W)`` uint8 mask (1 = use) leaving out pixels equal to ``value`` in runs at least :data:`MIN_RUN`
+    pixels wide (padding, a blank frame), not single content pixels that happen to have that value.
+
+    >>> s = np.full((1, 12, 12), 7); s[0, :, :6] = 0; s[0, 9, 9] = 0
+    >>> value_mask(s, 0)[0, 0].tolist()
+    [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    >>> int(value_mask(s, 0)[0, 9, 9])  # an isolated pixel at 0 is content
+    1
+    """
+    r = MIN_RUN // 2
+    eq = slices == value
+    # opening (erosion, then dilation) by a square, one axis at a time; the image border counts as inside
+    opened = _square(_square(eq, r, np.logical_and), r, np.logical_or)
+    return (~opened).astype(np.uint8)
+
+
+def _square(m: np.ndarray, r: int, op) -> np.ndarray:
+    """``op`` (and: erosion, or: dilation) of boolean ``(N, H, W)`` over a ``(2r + 1)`` square, edges replicated."""
+    for axis in (1, 2):
+        n = m.shape[axis]
+        pad = np.take(m, np.clip(np.arange(-r, n + r), 0, n - 1), axis=axis)
+        out = np.take(pad, np.arange(0, n), axis=axis)
+        for k in range(1, 2 * r + 1):
+            out = op(out, np.take(pad, np.arange(k, n + k), axis=axis))
+        m = out
+    return m
+
+
 def slice_masks(raw: np.ndarray, indices: list[int], ignore_value: float | None, mask: zarr.Array | None) -> np.ndarray | None:
     """``(n, Y, X)`` uint8 masks (1 = use) of the slices ``raw`` read at ``indices``: pixels equal to ``ignore_value``
-    in runs (:func:`~sphero_lightning.core.masks.value_mask`) and where ``mask`` is 0; None when neither is set."""
+    in runs (:func:`value_mask`) and where ``mask`` is 0; None when neither is set."""
     if ignore_value is None and mask is None:
         return None
-    import torch
-
-    from ..core.masks import value_mask
-
     out = np.ones(raw.shape, dtype=np.uint8)
     if ignore_value is not None:
-        out &= value_mask(torch.from_numpy(np.ascontiguousarray(raw)), ignore_value).numpy()
+        out &= value_mask(raw, ignore_value)
     if mask is not None:
         m = np.asarray(mask) if mask.ndim == 2 else read_slices(mask, indices)
         out &= (np.broadcast_to(m, raw.shape) != 0).astype(np.uint8)

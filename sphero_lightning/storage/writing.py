@@ -1,7 +1,8 @@
 """Writing a registered stack: output chunk layout, dtype handling, and warping the stack into an array as one
 dask task per output chunk (or shard), each reading only the source region it needs.
 
-Used by the fit's writer (``training/writer.py``), ``sphero apply`` and the Python API; no Lightning.
+Used by the fit's writer (``training/writer.py``), ``sphero apply`` and the Python API; no Lightning. The one storage
+module that imports torch: each task warps its chunk with the core's torch interpolation (``core/windows.py``).
 
 **Bit for bit.** A chunk's pixels are computed exactly as from the whole slice (``core/windows.py``), so the
 output does not depend on the chunking, the scheduler, or how many workers ran it.

@@ -205,6 +205,11 @@ class PairProgressBar(ProgressBar):
     def disable(self) -> None:
         self._enabled = False
 
+    def set_total(self, n_pairs: int) -> None:
+        """More pairs than at the start (bridging pairs fitted after the others)."""
+        if self.bar is not None:
+            self.bar.total = n_pairs
+
     def enable(self) -> None:
         self._enabled = True
 

@@ -196,7 +196,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         self._stream: BlockStream | None = None  # this run's reader (closed at teardown)
         self.damaged: dict[int, str] = {}  # slice -> why it was left out (set by scan())
         self.good: list[int] = []  # slices that are registered, in order
-        self.skip_blocks: set[int] = set()  # blocks finished by an earlier run (set by the module on resume)
+        self.skip_blocks: set[int] = set()  # blocks finished by an earlier run (skip(), from the module on resume)
         self.timings: dict[str, float] = {}  # where the time went (s): scan_s, read_s, wait_s (+ the module's)
         self.intensity: tuple[float, float] | None = None  # the stack's grey-value range (set at setup)
         self.validate()
@@ -280,10 +280,8 @@ class ZarrPairDataModule(L.LightningDataModule):
         return self._arr
 
     @property
-    def spacing(self) -> list[float]:
-        if self._arr is None:
-            self.validate()
-        return list(self._spacing)
+    def spacing(self) -> list[float]:  # self.source opens and checks the array first when needed
+        return list(self._spacing) if self.source is not None else []
 
     @property
     def slice_shape(self) -> tuple[int, int]:
@@ -334,6 +332,9 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.segments.append(len(self.pairs))
         self.pairs.extend(pairs)
         self.pair_stop.extend([1.0] * len(pairs))
+
+    def skip(self, blocks: set[int]) -> None:  # blocks an earlier run finished (the journal's): nothing to read
+        self.skip_blocks = set(blocks)
 
     def n_blocks(self, world: int) -> int:
         return len(blocks(self.n_pairs, self.segments, self.pairs_per_block * world))
@@ -393,10 +394,9 @@ class ZarrPairDataModule(L.LightningDataModule):
         return damaged
 
     def static_patterns(self, n: int = 8) -> list[str]:
-        """Advice on patterns identical across up to ``n`` evenly spread usable slices (see
-        :func:`~sphero_lightning.core.masks.static_patterns`), each on a subsample of about 1 Mpx at most."""
-        if self._mask is not None:
-            return []  # the user has said what to leave out
+        """Advice on patterns identical across up to ``n`` spread slices, each subsampled to <= ~1 Mpx (core.masks)."""
+        if self._mask is not None:  # the user has said what to leave out
+            return []
         zs = sorted({self.good[round(float(q))] for q in np.linspace(0, len(self.good) - 1, min(n, len(self.good)))})
         step = max(1, math.ceil(math.sqrt(self.slice_shape[0] * self.slice_shape[1] / (1 << 20))))  # <= ~1 Mpx each
         sample = np.stack([np.asarray(self.source[z])[::step, ::step] for z in zs])

@@ -159,8 +159,7 @@ class RegistrationModule(L.LightningModule):
         self.pair_stop = list(dm.pair_stop)
         self.results.update({p: r for p, r in self._journaled.items()
                              if old <= p < self.n_pairs and tuple(r["slice_indices"]) == tuple(self.pair_slices[p])})
-        dm.skip_blocks = {blk for blk in range(dm.n_blocks(self.world))
-                          if all(p < 0 or p in self.results for p in self.block_pairs(blk))}
+        dm.skip({blk for blk in range(dm.n_blocks(self.world)) if all(p < 0 or p in self.results for p in self.block_pairs(blk))})
 
     def configure_optimizers(self) -> None:  # optimisation is per pair and batched (solvers.py), from training_step
         return None

@@ -108,8 +108,8 @@ class VolumeSolve(L.Callback):
         pl_module.add_pairs(dm)
         trainer.fit_loop.max_epochs = dm.n_blocks(trainer.world_size)
         bar = getattr(trainer, "progress_bar_callback", None)
-        if getattr(bar, "bar", None) is not None:
-            bar.bar.total = dm.n_pairs
+        if hasattr(bar, "set_total"):
+            bar.set_total(dm.n_pairs)
         if trainer.is_global_zero:
             print(f"sphero: fitting {len(bridges)} pair(s) at full resolution that stand in for pairs with no true answer: "
                   f"{', '.join(f'{i}->{j}' for i, j in bridges)}", file=sys.stderr)
