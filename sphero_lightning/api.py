@@ -1,35 +1,30 @@
 """The Python API: register a stack held in memory (numpy), in Zarr or in dask, and warp it, from a notebook.
 
 >>> from sphero_lightning import register_stack, warp_stack
->>> reg = register_stack(stack, transformation="rigid")        # stack: (Z, Y, X)
->>> reg.tmats.shape                                            # pystackreg's convention, one per slice
-(Z, 3, 3)
->>> aligned = warp_stack(stack, reg)                           # cropped to the box valid in every slice
+>>> from sphero_lightning.core.synthetic import em_like_image, make_stack
+>>> stack = make_stack(em_like_image(256, seed=0), 4, (128, 128), seed=0).stack  # (Z, Y, X) uint8
+>>> reg = register_stack(stack, transformation="rigid")
+>>> reg.tmats.shape                                # pystackreg's convention, one per slice
+(4, 3, 3)
+>>> warp_stack(stack, reg).shape[0]                # cropped to the box valid in every slice
+4
 
 Both run the same code as ``sphero fit`` (the same objective, solvers, pyramid, stopping rules, composition, crop
-and writer; a test checks the transforms agree to 1e-6 px): the stack is copied into a temporary Zarr store and
-fitted there by the same LightningCLI, without logger or progress bar unless asked. For stacks already in a Zarr
-store on disk, ``sphero fit`` avoids the copy and writes the output next to the source.
+and warping; a test checks the transforms agree to 1e-6 px), in this process and in memory: no temporary store, no
+command line, no file written, without logger or progress bar unless asked. For stacks in a Zarr store on disk,
+``sphero fit`` writes the output next to the source and can resume an interrupted run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import SpheroError
 from .storage.store import check_stack
-
-#: Where register_stack puts the copy of the stack inside its temporary store.
-_ARRAY = "stack"
 
 
 @dataclass
@@ -81,45 +76,24 @@ def _check_stack(stack: Any) -> Any:
     return stack
 
 
-def _copy_into(stack: Any, root: Path) -> None:
-    """The stack as the array ``stack`` of a new local Zarr store, slice by slice (a dask or zarr array is read one
-    slice at a time)."""
-    import zarr
-
-    group = zarr.open_group(str(root), mode="w")
-    arr = group.create_array(_ARRAY, shape=tuple(stack.shape), dtype=np.dtype(stack.dtype),
-                             chunks=(1, *stack.shape[1:]), compressors=None)
-    arr.attrs["spacing"] = [1.0, 1.0, 1.0]
-    for z in range(stack.shape[0]):
-        arr[z] = np.asarray(stack[z])
-
-
-def _option(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_option(v) for v in value) + "]"
-    return str(value)
-
-
-def _device_options(device: Any) -> list[str]:
+def _device(device: Any) -> tuple[str, Any]:
+    """``(accelerator, devices)`` for the Trainer from a torch device (default the CPU)."""
     if device is None:
-        return ["--trainer.accelerator", "cpu"]
+        return "cpu", 1
     import torch
 
     dev = torch.device(device)
     if dev.type == "cpu":
-        return ["--trainer.accelerator", "cpu"]
-    accel = {"cuda": "gpu"}.get(dev.type, dev.type)
-    return ["--trainer.accelerator", accel, "--trainer.devices", f"[{dev.index or 0}]"]
+        return "cpu", 1
+    return {"cuda": "gpu"}.get(dev.type, dev.type), [dev.index or 0]
 
 
 def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = None, progress: bool = False,
-                   options: Mapping[str, Any] | None = None, workdir: str | Path | None = None,
-                   mask: Any = None) -> Registration:
+                   options: Mapping[str, Any] | None = None, mask: Any = None) -> Registration:
     """Register every slice of ``stack`` to the one before it and chain the transforms to slice 0.
+
+    In this process and in memory: the same components as ``sphero fit`` (module, data module, callbacks,
+    composition and crop), without its command line; nothing is written to disk.
 
     Parameters
     ----------
@@ -133,9 +107,7 @@ def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = N
         Show ``sphero fit``'s progress bar (pairs per second, time left).
     options : mapping, optional
         Any other ``sphero fit`` option by its name without the dashes, e.g. ``{"model.loss": "mse",
-        "pyramid.levels": 3, "early_stopping.step_tol_px": 0.001}``.
-    workdir : path, optional
-        Folder for the temporary Zarr copy of the stack (default: the system's temporary folder).
+        "pyramid.levels": 3, "early_stopping.step_tol_px": 0.001, "data.ignore_value": 0}``.
     mask : array-like, optional
         What the loss may use (non-zero = use): ``(Z, Y, X)`` like the stack, or ``(Y, X)`` for every slice
         (``--data.mask_array``). Pixels of one grey value: ``options={"data.ignore_value": 0}``; curtaining:
@@ -151,46 +123,17 @@ def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = N
     SpheroError
         Bad input or settings, with the one-line message ``sphero fit`` prints.
     """
-    import zarr
-
     from .core.frames import FIRST_KEY, composed_of_all
-    from .training.cli import fit_in_process
+    from .training.memory import fit_array
 
     stack = _check_stack(stack)
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="sphero-api-") as tmp:
-        root = Path(tmp) / "stack.zarr"
-        _copy_into(stack, root)
-        masked = []
-        if mask is not None:
-            m = np.asarray(mask)
-            if m.shape not in (tuple(stack.shape), tuple(stack.shape[1:])):
-                raise SpheroError(f"mask has shape {m.shape}; it must be the stack's {tuple(stack.shape)} or one "
-                                  f"slice's {tuple(stack.shape[1:])} (non-zero = use)")
-            zarr.open_group(str(root), mode="a").create_array("mask", data=(m != 0).astype(np.uint8))
-            masked = ["--data.mask_array", "mask"]
-        argv = ["fit", "--data.root", str(root), "--data.array", _ARRAY, "--model.transformation", transformation,
-                "--trainer.logger", "false", "--trainer.enable_progress_bar", _option(progress), *_device_options(device), *masked]
-        for key, value in (options or {}).items():
-            argv += [f"--{key.lstrip('-')}", _option(value)]
-        if progress:
-            cli = fit_in_process(argv)
-        else:  # sphero fit's lines, less the three about the temporary store (the QC warnings stay)
-            buf = io.StringIO()
-            try:
-                with contextlib.redirect_stderr(buf):
-                    cli = fit_in_process(argv)
-            finally:
-                for line in buf.getvalue().splitlines():
-                    if not line.startswith(("sphero: wrote ", "sphero: time: ", "sphero: report ")):
-                        print(line, file=sys.stderr)
-        out = zarr.open_array(str(root), path=cli.datamodule.output_path, mode="r")
-        attrs = dict(out.attrs)
+    accelerator, devices = _device(device)
+    attrs = fit_array(stack, transformation, accelerator, devices, progress, options, mask)
     every = composed_of_all(attrs)
     shape = (int(stack.shape[1]), int(stack.shape[2]))
-    record = next((p for p in attrs.get("processing", []) if p.get("step_name") == "registration"), {})
     return Registration(pairwise=np.asarray(attrs["pairwise_transforms"], dtype=np.float64), composed=every[1:],
                         tmats=np.asarray(attrs["composed_transforms_pixel"], dtype=np.float64), crop_box=list(attrs["crop_box"]),
-                        log=list(attrs["registration_log"]), shape=shape, settings=dict(record.get("parameters", {})),
+                        log=list(attrs["registration_log"]), shape=shape, settings=attrs["settings"],
                         first=every[0] if FIRST_KEY in attrs else np.eye(3)[:2].copy(), solve=attrs.get("volume_solve"))
 
 

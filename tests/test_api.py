@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +59,28 @@ def test_api_errors_are_spheroerrors_not_exits():
         register_stack(good, options={"model.loss": "nope"})
     with pytest.raises(SpheroError, match="2D|3D"):
         register_stack(good[0])
+
+
+def test_register_stack_writes_nothing_and_needs_no_command_line(tmp_path):
+    """Issue 27 must-show 1: in process and in memory: no file in the temporary folder or the working directory (the
+    machine-wide core-sharing slots aside, and torch's own compile cache folder, which ``import lightning`` creates
+    empty in any program), jsonargparse never imported, and the result of a second call identical."""
+    code = """
+import os, sys, tempfile
+import numpy as np
+from sphero_lightning.core.synthetic import em_like_image, make_stack
+from sphero_lightning import register_stack
+s = make_stack(em_like_image(256, seed=1), 4, (96, 96), seed=2)
+a = register_stack(s.stack)
+b = register_stack(s.stack)
+print(sorted(os.listdir(".")), sorted(p for p in os.listdir(tempfile.gettempdir()) if not p.startswith(("sphero-cores", "torchinductor_"))))
+print("jsonargparse" in sys.modules, float(np.abs(a.composed - b.composed).max()))
+"""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "tmp").mkdir()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / "work",
+                       env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, check=False, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    listing, state = r.stdout.strip().splitlines()[-2:]
+    assert listing == "[] []", listing
+    assert state.startswith("False ") and float(state.split()[1]) == 0.0, state

@@ -144,3 +144,18 @@ def test_readme_module_map_matches_the_folders():
         for p in (PKG / folder).glob("*.py"):
             if p.name != "__init__.py":
                 assert f"`{p.name}`" in text, f"README module map misses {folder}/{p.name}"
+
+
+def test_doctests_pass():
+    """Every example in the package's docstrings runs and prints what it says."""
+    import doctest
+    import importlib
+
+    failed = {}
+    for p in sorted(PKG.rglob("*.py")):
+        if ">>>" in p.read_text():
+            name = _module_name(p)
+            result = doctest.testmod(importlib.import_module(name), report=False)
+            if result.failed:
+                failed[name] = result.failed
+    assert not failed, failed

@@ -12,8 +12,8 @@ what several processes need (each fills its own rows; losses, gradients and curv
 >>> import torch
 >>> from sphero_lightning.core.objective import PairObjective
 >>> from sphero_lightning.core.synthetic import em_like_image
->>> img = torch.from_numpy(em_like_image(96, seed=0)[:64, :64] / 255.0).float()[None, None]
->>> slices = torch.cat([img, img.roll(2, -1)])  # the second slice moved 2 px to the right
+>>> img = torch.from_numpy(em_like_image(96, seed=0) / 255.0).float()[None, None]
+>>> slices = torch.cat([img[..., 8:72, 8:72], img[..., 8:72, 6:70]])  # the second slice's content 2 px to the right
 >>> obj = PairObjective("translation", shape=(64, 64))
 >>> out = fit_block(obj, [Level(2.0, 50, 1e-2), Level(1.0, 50, 1e-2)], slices, torch.tensor([0]), torch.tensor([1]))
 >>> round(out[0]["matrix"][0][2] * 32, 1)  # the translation in pixels (normalized units are half a slice width)

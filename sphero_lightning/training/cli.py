@@ -9,12 +9,10 @@ refused before any work, with one line saying why (:data:`RESULT_CHANGING`).
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 import signal
 import sys
 import threading
-import warnings
 from typing import Any
 
 from jsonargparse import ArgumentError
@@ -27,6 +25,8 @@ from ..threads import launch_rank, share_cores
 from .callbacks import PairEarlyStopping, PyramidSchedule
 from .data import ZarrPairDataModule
 from .module import RegistrationModule
+from .state import PLAIN_TRAINER as _PLAIN_DEFAULTS
+from .state import quiet_lightning
 from .volume import VolumeSolve
 from .writer import WRITTEN, RegistrationWriter
 
@@ -35,14 +35,6 @@ FIT_DESCRIPTION = "Register a Zarr stack: fit the pairwise transforms, compose, 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "sphero"}},
     "callbacks": [{"class_path": "sphero_lightning.training.callbacks.PairProgressBar"}],
-}
-_PLAIN_DEFAULTS = {
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "use_distributed_sampler": False,
-    "log_every_n_steps": 10,
-    "max_epochs": -1,  # replaced by the number of blocks at setup
 }
 
 #: Trainer options that would change the registration, with the value that leaves it exact and why.
@@ -78,25 +70,6 @@ def _accelerator_missing(name: str) -> str | None:
 
 #: Groups shown first by ``sphero fit --help`` (the project's options), in this order; Lightning's follow.
 HELP_ORDER = ("data", "model", "solve", "pyramid", "early_stopping", "output")
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's chatter out of the user's terminal: only what they can act on stays.
-
-    Lightning's INFO lines (accelerator availability, seed, a logging-service tip, "max_epochs reached") and
-    warnings that describe how this program is built (no optimizer: the solvers are per pair; torch's pytree
-    deprecation inside Lightning) say nothing a user can change. Lightning's real warnings still show.
-    """
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for pattern in (r".*configure_optimizers.* returned `None`", r".*treespec, LeafSpec", r".*LightningCLI's args parameter",
-                    r".*does not have many workers", r".*litlogger", r".*`isinstance\(treespec",
-                    # loss/block_final is the same on every rank (the pairs' losses are all-reduced): no sync needed
-                    r".*when logging on epoch level in distributed setting"):
-        warnings.filterwarnings("ignore", message=pattern)
-    # deprecations inside the libraries (Lightning's use of jsonargparse, torch's pytree): nothing a user can act on
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(lightning|jsonargparse|torch)(\.|$)")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|jsonargparse)(\.|$)")
 
 
 def skip_object_storage_imports() -> None:

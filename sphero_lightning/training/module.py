@@ -139,8 +139,10 @@ class RegistrationModule(L.LightningModule):
         self.hparams.pairs_per_block = dm.pairs_per_block  # the block the data module settled on (large slices: fewer)
         self.timings = dm.timings  # shared with the datamodule: scan_s, read_s, wait_s; here fit_s; writer write_s
         hp = {k: v for k, v in self.hparams.items() if k != "pairs_per_block"}
-        self.journal = Journal(dm.journal_path, dm.fingerprint(hp, self.levels, self.trainer.callbacks), dm.output_format)
-        self._journaled = self.journal.load() if dm.resume else {}
+        # no journal where the data live in memory (the Python API): nothing to resume from
+        self.journal = None if dm.journal_path is None else Journal(
+            dm.journal_path, dm.fingerprint(hp, self.levels, self.trainer.callbacks), dm.output_format)
+        self._journaled = self.journal.load() if dm.resume and self.journal is not None else {}
         self.n_pairs = 0
         self.add_pairs(dm)
         rows = self.world * self.hparams.pairs_per_block
@@ -288,7 +290,7 @@ class RegistrationModule(L.LightningModule):
             return
         if not blk.done:  # budget of the epoch ended early (e.g. max_steps): keep what we have
             self.finish_block()
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero and self.journal is not None:
             self.journal.save(self.results)
         release_memory()
         losses = [self.results[p]["final_loss"] for p in blk.pairs if p >= 0]

@@ -42,15 +42,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter) -> str:
-    """Compose, crop, warp and write the registered stack. Returns the output array's path."""
-    dm = trainer.datamodule
-    n, shape = dm.n_slices - 1, dm.slice_shape
-    missing = [p for p in range(dm.n_pairs) if p not in module.results]
-    if missing:
-        raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
+def compose_result(dm: Any, module: RegistrationModule, volume: VolumeSolve | None, crop_borders: bool = True,
+                   margin: int = 0) -> tuple[Any, ...]:
+    """From the fitted pairs to the volume (:func:`~..core.volume.compose_volume`) and its crop box; what the writer
+    writes and the Python API returns: ``(fitted, composed (warped), pairwise, log, solved, first, own_frame, later,
+    box)``, ``later`` the composed transforms of slices 1..n."""
+    shape = dm.slice_shape
     fitted = [module.results[p] for p in range(dm.n_pairs)]
-    volume = next((cb for cb in trainer.callbacks if isinstance(cb, VolumeSolve)), None)
     composed, pairwise_m, log, solved = compose_volume(
         dm.n_slices, fitted, dm.damaged, shape, neighbours=dm.neighbours,
         reference=volume.reference if volume is not None else 0,
@@ -61,10 +59,20 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     own_frame = bool(torch.equal(first, torch.eye(3, dtype=first.dtype)[:2]))
     composed = composed[1:] if own_frame else composed  # what is warped (every slice's where slice 0 moves too)
     later = composed if own_frame else composed[1:]  # slices 1..n: the output's composed_transforms
-    if writer.crop_borders:
-        box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, writer.crop_safety_margin)
-    else:
-        box = [0, shape[0], 0, shape[1]]
+    box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, margin) if crop_borders else [0, shape[0], 0, shape[1]]
+    return fitted, composed, pairwise_m, log, solved, first, own_frame, later, box
+
+
+def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter) -> str:
+    """Compose, crop, warp and write the registered stack. Returns the output array's path."""
+    dm = trainer.datamodule
+    n, shape = dm.n_slices - 1, dm.slice_shape
+    missing = [p for p in range(dm.n_pairs) if p not in module.results]
+    if missing:
+        raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
+    volume = next((cb for cb in trainer.callbacks if isinstance(cb, VolumeSolve)), None)
+    fitted, composed, pairwise_m, log, solved, first, own_frame, later, box = compose_result(
+        dm, module, volume, writer.crop_borders, writer.crop_safety_margin)
     up, down, left, right = box
     out_shape = (n + 1, down - up, right - left)
 

@@ -1,0 +1,141 @@
+"""A stack held in memory fitted by the same components as ``sphero fit``, without its command line: the Python API's
+path. The stack goes into an in-memory Zarr store; the Trainer runs the module, the data module and the callbacks
+``sphero fit`` uses, without logger, journal, lock, output array or page, so nothing is written to disk and
+jsonargparse is never imported. Options are ``sphero fit``'s, by group (``model.loss``, ``pyramid.levels`` ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import SpheroError
+from ..storage.store import check_stack
+from ..threads import share_cores
+from .data import ZarrPairDataModule
+
+#: The option groups of ``sphero fit`` a fit in memory takes (``output``: only the crop settings matter).
+GROUPS = ("data", "model", "pyramid", "early_stopping", "solve", "output", "trainer")
+#: Data options about stores and files, which a stack in memory has none of.
+_STORE_ONLY = ("root", "array", "dst_group", "output_root", "overwrite", "resume", "mask_array", "spacing", "neighbours",
+               "coarse_factor")
+
+
+class ArrayPairs(ZarrPairDataModule):
+    """The data module over a Zarr array that is already open (in memory): no store on disk, so no lock, no journal
+    and no output to check or write."""
+
+    def __init__(self, arr: Any, mask: Any = None, **kwargs: Any) -> None:
+        self._given, self._given_mask = arr, mask
+        super().__init__(root="<memory>", array="stack", **kwargs)
+
+    def validate(self) -> None:
+        arr = self._given
+        check_stack(tuple(arr.shape), arr.dtype, "stack")
+        self._arr, self._mask = arr, self._given_mask
+        self.pairs_per_block = self.plan(arr.shape[1] * arr.shape[2], np.dtype(arr.dtype).itemsize)
+        self._spacing = [1.0, 1.0, 1.0]
+
+    @property
+    def journal_path(self) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
+
+
+def split_options(options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``{"model.loss": "mse", ...}`` by group; a one-line error for an option no group has."""
+    groups: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+    for key, value in (options or {}).items():
+        group, _, name = str(key).lstrip("-").partition(".")
+        if group not in groups or not name:
+            raise SpheroError(f"unknown option {key!r}: give sphero fit's options by group, e.g. 'model.loss' or "
+                              f"'pyramid.levels' (groups: {', '.join(GROUPS)})")
+        if group == "data" and name in _STORE_ONLY:
+            raise SpheroError(f"option {key!r} does not apply to a stack in memory"
+                              + ("; use 'solve.neighbours' / 'solve.coarse_factor'" if name in ("neighbours", "coarse_factor") else
+                                 "; pass mask= for a mask array" if name == "mask_array" else ""))
+        groups[group][name] = value
+    return groups
+
+
+def check_options(group: str, cls: type, given: dict[str, Any]) -> None:
+    """Each option of ``group`` is a parameter of ``cls`` and, where that is a choice (``Literal``), one of its values:
+    else a one-line error naming the option, as ``sphero fit`` gives."""
+    import inspect
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    params = inspect.signature(cls.__init__).parameters
+    hints = get_type_hints(cls.__init__)
+    for name, value in given.items():
+        if name not in params or name == "self":
+            known = ", ".join(f"{group}.{p}" for p in params if p not in ("self", "pairs_per_block") or group == "data")
+            raise SpheroError(f"unknown option '{group}.{name}'; {group} options: {known}")
+        hint = hints.get(name)
+        if get_origin(hint) is Literal and value not in get_args(hint):
+            raise SpheroError(f"option '{group}.{name}' must be one of {', '.join(map(str, get_args(hint)))}; got {value!r}")
+
+
+def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, progress: bool,
+              options: Mapping[str, Any] | None, mask: Any = None) -> dict[str, Any]:
+    """Fit ``stack`` (``(Z, Y, X)`` array-like) in memory; what ``sphero fit`` writes into the output's attributes
+    (``pairwise_transforms``, ``composed_transforms``, ``crop_box``, ``registration_log`` ...) as a dict."""
+    import lightning as L
+    import torch
+    import zarr
+
+    from ..core.frames import FIRST_KEY, pixel_matrices
+    from .callbacks import PairEarlyStopping, PairProgressBar, PyramidSchedule
+    from .module import RegistrationModule
+    from .report import flag_outliers
+    from .state import PLAIN_TRAINER, quiet_lightning
+    from .volume import VolumeSolve
+    from .writer import RegistrationWriter, compose_result
+
+    groups = split_options(options)
+    for group, cls in (("solve", VolumeSolve), ("output", RegistrationWriter), ("early_stopping", PairEarlyStopping),
+                       ("pyramid", PyramidSchedule), ("model", RegistrationModule), ("data", ZarrPairDataModule)):
+        check_options(group, cls, groups[group])
+    solve = VolumeSolve(**groups["solve"])
+    output = RegistrationWriter(**groups["output"])  # its checks; only the crop settings are used
+    early, pyramid = PairEarlyStopping(**groups["early_stopping"]), PyramidSchedule(**groups["pyramid"])
+    model = RegistrationModule(transformation=transformation, **groups["model"])
+    root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    arr = root.create_array("stack", shape=tuple(stack.shape), dtype=np.dtype(stack.dtype),
+                            chunks=(1, *stack.shape[1:]), compressors=None)
+    for z in range(stack.shape[0]):
+        arr[z] = np.asarray(stack[z])
+    mask_arr = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape not in (tuple(stack.shape), tuple(stack.shape[1:])):
+            raise SpheroError(f"mask has shape {m.shape}; it must be the stack's {tuple(stack.shape)} or one slice's "
+                              f"{tuple(stack.shape[1:])} (non-zero = use)")
+        mask_arr = root.create_array("mask", data=(m != 0).astype(np.uint8))
+    dm = ArrayPairs(arr, mask_arr, neighbours=solve.neighbours, coarse_factor=solve.coarse_factor, **groups["data"])
+    quiet_lightning()
+    share_cores()
+    L.seed_everything(0, verbose=False)  # as sphero fit (init_std noise)
+    trainer = L.Trainer(**{**PLAIN_TRAINER, "logger": False, "enable_progress_bar": progress, "accelerator": accelerator,
+                           "devices": devices, "callbacks": [*([PairProgressBar()] if progress else []), early, pyramid, solve],
+                           **groups["trainer"]})
+    trainer.fit(model, datamodule=dm)
+    _, _, pairwise, log, solved, first, own_frame, later, box = compose_result(
+        dm, model, solve, output.crop_borders, output.crop_safety_margin)
+    flag_outliers(log)
+    shape = dm.slice_shape
+    pyramid_levels = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in model.levels]
+    settings = {**{("loss_interpolation" if k == "interpolation" else k): v for k, v in dict(model.hparams).items()
+                   if k != "pairs_per_block"},
+                "pyramid": pyramid_levels, "pairs_per_block": dm.pairs_per_block, "masks": dm.mask_settings,
+                "intensity_range": list(dm.intensity) if dm.intensity else None, "solve": solve.settings(),
+                "early_stopping": early.settings(), "crop_borders": output.crop_borders,
+                "crop_safety_margin": output.crop_safety_margin}
+    return {"pairwise_transforms": pairwise.tolist(), "composed_transforms": later.tolist(),
+            "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),
+            **({} if own_frame else {FIRST_KEY: first.tolist()}), "registration_log": log, "crop_box": box,
+            **({"volume_solve": solved} if solved is not None else {}), "settings": settings,
+            "first_is_identity": bool(torch.equal(first, torch.eye(3, dtype=first.dtype)[:2]))}
