@@ -6,7 +6,7 @@ mask fixed in the detector frame (the same mask for every slice: a dark frame, d
 the sample (zero padding of slices shifted earlier, labels painted per slice) are handled alike; the moving slice's
 mask is warped with it.
 
-The images the loss sees are blurred and B-spline-interpolated, so a masked pixel's value reaches a few pixels
+Slices travel to the device compactly (:func:`to_tensor`) and are normalized there. The images the loss sees are blurred and B-spline-interpolated, so a masked pixel's value reaches a few pixels
 around it: :func:`level_mask` erodes each level's mask by that reach. Curtaining (stripes along the milling
 direction, the same in every slice) is taken out of the images the loss sees by :func:`destripe`, never out of the
 output. :func:`static_patterns` looks for what is identical across slices and names the option that handles it.
@@ -199,3 +199,21 @@ def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
     k /= k.sum()
     xp = np.pad(x, ((0, 0), (r, r)), mode="reflect")
     return np.stack([np.convolve(row, k, mode="valid") for row in xp])
+
+
+#: Integer types whose every value float32 holds exactly (sent as they are; normalized on the device).
+_COMPACT = (np.uint8, np.int8, np.uint16, np.int16)
+
+
+def to_tensor(block: np.ndarray, low: float, high: float) -> tuple[torch.Tensor, float, float]:
+    """A compact tensor for transfer and ``(offset, scale)`` with ``(t - offset) / scale`` in about ``[0, 1]``.
+
+    The range is the stack's own grey-value range (not the dtype's): an int32 stack holding 12-bit data, or
+    floats around 1e-3 or 1e9, register exactly like uint8. 8- and 16-bit integers travel as they are; wider
+    integers and floats are normalized here in float64 (an offset of 1e12 leaves their variation intact).
+    """
+    scale = (high - low) if high > low else 1.0
+    if block.dtype.type in _COMPACT:
+        return torch.from_numpy(np.ascontiguousarray(block)), float(low), float(scale)
+    out = ((block.astype(np.float64) - low) / scale).astype(np.float32)
+    return torch.from_numpy(out), 0.0, 1.0

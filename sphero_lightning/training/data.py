@@ -17,7 +17,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..core.masks import Destripe, static_patterns
+from ..core.masks import Destripe, static_patterns, to_tensor
 from ..core.pairs import block_layout, blocks, pair_graph
 from ..errors import SpheroError
 from ..storage.slices import damaged_slices, intensity_range, open_mask, read_slices, slice_masks, slice_stats
@@ -35,24 +35,6 @@ from ..storage.store import (
 )
 from ..storage.tasks import run_tasks
 from ..threads import available_memory, launch_rank
-
-#: Integer types whose every value float32 holds exactly (sent as they are; normalized on the device).
-_COMPACT = (np.uint8, np.int8, np.uint16, np.int16)
-
-
-def to_tensor(block: np.ndarray, low: float, high: float) -> tuple[torch.Tensor, float, float]:
-    """A compact tensor for transfer and ``(offset, scale)`` with ``(t - offset) / scale`` in about ``[0, 1]``.
-
-    The range is the stack's own grey-value range (not the dtype's): an int32 stack holding 12-bit data, or
-    floats around 1e-3 or 1e9, register exactly like uint8. 8- and 16-bit integers travel as they are; wider
-    integers and floats are normalized here in float64 (an offset of 1e12 leaves their variation intact).
-    """
-    scale = (high - low) if high > low else 1.0
-    if block.dtype.type in _COMPACT:
-        return torch.from_numpy(np.ascontiguousarray(block)), float(low), float(scale)
-    out = ((block.astype(np.float64) - low) / scale).astype(np.float32)
-    return torch.from_numpy(out), 0.0, 1.0
-
 
 #: Most pixels of moving slices (at the finest level, <= 4 Mpx each) in one block per device: caps
 #: ``pairs_per_block`` for large slices, where a bigger block gains nothing on a CPU.
@@ -223,13 +205,23 @@ class ZarrPairDataModule(L.LightningDataModule):
             raise SpheroError(f"the output {self.output_path!r} would replace the source; choose another --data.dst_group")
         check_writable(self.out_root, "the source can stay read-only: write the output into another (local) store "
                                       "with --data.output_root OTHER.zarr")
-        # One run per output at a time (rank 0 of a run holds it; other ranks of the same run do not ask).
-        if launch_rank() == 0:
-            acquire_lock(self.lock_path, f"output {self.output_path!r} in {self.out_root!r}", self.out_root)
+        self.check_output()
+
+    def check_output(self) -> None:
         if not self.overwrite and node_exists(self.out_root, self.output_path):
-            self.release()
             raise SpheroError(f"output {self.output_path!r} already exists in {self.out_root!r}; "
                               "pass --data.overwrite true to replace it, or choose another --data.dst_group")
+
+    def prepare_data(self) -> None:
+        """One run per output at a time: rank 0 of a run takes the output's lock (before any work; the constructor has
+        no side effects), and checks again under it that the output is still free."""
+        if launch_rank() == 0:
+            acquire_lock(self.lock_path, f"output {self.output_path!r} in {self.out_root!r}", self.out_root)
+            try:
+                self.check_output()
+            except SpheroError:
+                self.release()
+                raise
 
     def plan(self, pixels: int, itemsize: int) -> int:
         """The block size for slices of ``pixels`` pixels: at most ``pairs_per_block``, at most :data:`BLOCK_PIXELS`

@@ -45,6 +45,9 @@ class ArrayPairs(ZarrPairDataModule):
     def release(self) -> None:
         return None
 
+    def prepare_data(self) -> None:  # nothing on disk to claim
+        return None
+
 
 def split_options(options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     """``{"model.loss": "mse", ...}`` by group; a one-line error for an option no group has."""
