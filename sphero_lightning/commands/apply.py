@@ -21,6 +21,7 @@ import zarr
 from .._version import __version__
 from ..core.frames import composed_of_all
 from ..errors import SpheroError
+from ..storage.pyramid import default_levels, write_levels
 from ..storage.store import (
     check_writable,
     move_into_place,
@@ -44,11 +45,14 @@ def _is_labels(path: str, arr: zarr.Array) -> bool:
 
 
 def apply_registration(root: str, array: str, transforms: str, dst: str | None = None, interpolation: str = "auto",
-                       overwrite: bool = False, progress: bool = True, num_workers: int = 4, scheduler: str = "threads") -> str:
+                       overwrite: bool = False, progress: bool = True, num_workers: int = 4, scheduler: str = "threads",
+                       levels: int | None = None) -> str:
     """Warp and crop ``array`` with the registration at ``transforms``; returns the output path. ``scheduler`` and
     ``num_workers``: as ``--output.scheduler`` / ``--output.num_workers`` of ``sphero fit``. An interrupted run of the
     same command resumes, writing only the chunks not yet written."""
     check_scheduler(scheduler, "--scheduler")
+    if levels is not None and levels < 1:
+        raise SpheroError(f"--levels must be >= 1 (1: the full resolution only), got {levels}")
     if num_workers < 1:
         raise SpheroError(f"--num-workers must be >= 1, got {num_workers}")
     if interpolation not in MODES:
@@ -104,6 +108,10 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
             out.attrs[key] = src.attrs[key]
     move_into_place(root, group_path, tmp, out_name)
     remove_node(root, prefix + f"{tmp}-written")
+    n_levels = levels if levels is not None else default_levels(out_shape[1:])
+    if n_levels > 1:
+        write_levels(root, group_path, out_name, n_levels, num_workers=num_workers, progress=progress,
+                     nearest=mode == "nearest")
     if group_path:
         write_ome(root, group_path)
     return dst
@@ -121,10 +129,13 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--num-workers", type=int, default=4, help="threads warping and writing on this machine (default 4)")
     ap.add_argument("--scheduler", default="threads",
                     help="threads (default), synchronous, or a dask scheduler's address (tcp://host:8786) to warp on a cluster")
+    ap.add_argument("--levels", type=int, default=None,
+                    help="resolution levels written, the output and each half the previous in y and x (OME-NGFF "
+                         "multiscales); default by size: halved until the larger side is at most 1024 px")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     dst = apply_registration(a.root, a.array, a.transforms, a.dst, a.interpolation, a.overwrite, not a.no_progress,
-                             a.num_workers, a.scheduler)
+                             a.num_workers, a.scheduler, a.levels)
     arr = zarr.open_array(a.root, path=dst, mode="r")
     print(f"sphero: wrote {a.root}/{dst} shape {arr.shape} {arr.dtype}", file=sys.stderr)
     return dst

@@ -176,7 +176,9 @@ def multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
             continue
         up, _, left, _ = arr.attrs.get("crop_box", [0, 0, 0, 0])
         transforms = [{"type": "scale", "scale": sp}]
-        if up or left:
+        if "translation_nm" in arr.attrs:  # a downsampled level (storage/pyramid.py) says where its pixels lie
+            transforms.append({"type": "translation", "translation": [float(t) for t in arr.attrs["translation_nm"]]})
+        elif up or left:
             transforms.append({"type": "translation", "translation": [0.0, up * sp[1], left * sp[2]]})
         datasets.append((sp[1] * sp[2], {"path": arr_name, "coordinateTransformations": transforms}))
     datasets.sort(key=lambda d: d[0])

@@ -23,7 +23,8 @@ def timing_line(t: dict[str, float], workers: int) -> str:
     fit, wait = t.get("fit_s", 0.0), t.get("wait_s", 0.0)
     return (f"time: checking slices {t.get('scan_s', 0.0):.2f} s, fitting {fit:.2f} s (computing {fit - wait:.2f} s, "
             f"waiting for data {wait:.2f} s; reading took {t.get('read_s', 0.0):.2f} s in the background), "
-            f"writing {t.get('write_s', 0.0):.2f} s ({workers} threads)")
+            f"writing {t.get('write_s', 0.0):.2f} s ({workers} threads)"
+            + (f", downsampled levels {t['levels_s']:.2f} s" if "levels_s" in t else ""))
 
 
 #: A pair whose NCC after fitting is below this is marked ``low_correlation``, never ``ok``: its slices share too

@@ -9,6 +9,7 @@ at the final path. Under DDP each rank warps and writes its share of the slices 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -23,6 +24,7 @@ from ..core.frames import FIRST_KEY, pixel_matrices
 from ..core.transforms import normalized_to_pixel
 from ..core.volume import compose_volume
 from ..errors import SpheroError
+from ..storage.pyramid import default_levels, write_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
 from ..storage.writing import ArrayRef, output_layout, prepare_output, warp_stack
@@ -165,6 +167,12 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         journal = getattr(module, "journal", None)
         if journal is not None:
             journal.remove()  # the result is in place: nothing to resume any more
+        n_levels = writer.levels if writer.levels is not None else default_levels(out_shape[1:])
+        if n_levels > 1:
+            t0 = time.perf_counter()
+            write_levels(out_root, group_path, name, n_levels, num_workers=workers, progress=show,
+                         compression_level=writer.compression_level)
+            module.timings["levels_s"] = time.perf_counter() - t0
         write_ome(out_root, group_path)
         print(f"sphero: wrote {out_root}/{final} shape {out_shape} {np.dtype(src.dtype)} crop_box {box} (Zarr v{fmt})",
               file=sys.stderr)
@@ -204,6 +212,11 @@ class RegistrationWriter(L.Callback):
     num_workers : int
         Threads that read, warp, compress and write the output in parallel (one shard or chunk each), on this
         machine; with a ``scheduler`` address, the cluster's workers decide.
+    levels : int, optional
+        Resolution levels written (OME-NGFF multiscales, for napari, neuroglancer, BigDataViewer): the output and
+        ``levels - 1`` more, each half the previous in y and x (2 x 2 mean; z kept), beside it in the same group
+        (``50-8-8``, ``50-16-16`` ...). Default by size: halved until the larger side is at most 1024 px (512 px
+        slices: 1, the output alone; 8192 px: 4). 1 writes the full resolution only.
     scheduler : str
         Where the output is warped and written: ``threads`` (this machine, ``num_workers`` threads), ``synchronous``
         (one task at a time, for debugging), or a dask distributed scheduler's address (``tcp://host:8786``, e.g.
@@ -213,7 +226,7 @@ class RegistrationWriter(L.Callback):
 
     def __init__(self, crop_borders: bool = True, crop_safety_margin: int = 0, interpolation: OutputInterpolation = "bspline",
                  compression_level: int = 3, chunks: list[int] | None = None, shards: list[int] | None = None,
-                 num_workers: int = 4, scheduler: str = "threads") -> None:
+                 num_workers: int = 4, scheduler: str = "threads", levels: int | None = None) -> None:
         if interpolation not in get_args(OutputInterpolation):
             raise SpheroError(f"unknown output interpolation {interpolation!r}; choose one of {', '.join(get_args(OutputInterpolation))}")
         if crop_safety_margin < 0:
@@ -221,6 +234,9 @@ class RegistrationWriter(L.Callback):
         if num_workers < 1:
             raise SpheroError(f"output num_workers must be >= 1, got {num_workers}")
         check_scheduler(scheduler, "--output.scheduler")
+        if levels is not None and levels < 1:
+            raise SpheroError(f"--output.levels must be >= 1 (1: the full resolution only), got {levels}")
+        self.levels = levels
         probe = (1 << 20,) * 3
         output_layout((1, 1, 1), probe, chunks, shards)  # the shapes' own validity now; with the source's chunks at setup
         self.crop_borders, self.crop_safety_margin = crop_borders, crop_safety_margin
@@ -238,7 +254,7 @@ class RegistrationWriter(L.Callback):
         return {"crop_borders": self.crop_borders, "crop_safety_margin": self.crop_safety_margin,
                 "interpolation": self.interpolation, "compression_level": self.compression_level,
                 "chunks": self.chunks, "shards": self.shards, "num_workers": self.num_workers,
-                "scheduler": self.scheduler}
+                "scheduler": self.scheduler, "levels": self.levels}
 
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         # before any fitting: what the output store cannot hold
