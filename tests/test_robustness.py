@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -16,6 +18,7 @@ import torch
 import zarr
 from conftest import fit
 
+from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import composed_error, make_stack
 from sphero_lightning.core.transforms import chain_with_gaps, compose, homogeneous
 from sphero_lightning.storage.journal import Journal
@@ -215,3 +218,27 @@ def test_leftover_partial_output_is_replaced(tmp_path, base_image):
     assert pixel_error_of_output(root, OUT) < 0.05
     assert list(zarr.open_group(str(root), mode="r")["images/registered"].array_keys()) == ["50-4-4"]
 
+
+
+@pytest.mark.parametrize("neighbours", ["1", "2"])
+def test_a_default_run_says_which_slices_it_bridged_and_keeps_them_in_the_family(tmp_path, base_image, neighbours):
+    """Issue 29 item 2: the damaged-slice line prints with the default slice check (it printed only with
+    --data.check_slices false), and a bridged slice's interpolated transform stays in the fitted family (rigid: a
+    rotation, no scale, no shear; it had scale 0.9995)."""
+    from sphero_lightning.core.transforms import normalized_to_pixel
+
+    s = make_stack(base_image, 8, (128, 128), seed=3, max_rot_deg=3.0)
+    st = s.stack.copy()
+    st[4] = 0
+    root = tmp_path / "s.zarr"
+    write_zarr(st, root)
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        main(["fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--model.transformation", "rigid",
+              "--solve.neighbours", neighbours, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    err = buf.getvalue()
+    assert "1 damaged slice(s) left out and bridged over: slice 4: constant" in err, err
+    comp = torch.tensor(np.asarray(_registered(root).attrs["composed_transforms"]), dtype=torch.float64)
+    lin = normalized_to_pixel(comp, (128, 128))[:, :2, :2]
+    gram = lin @ lin.transpose(1, 2)
+    assert (gram - torch.eye(2)).abs().max() < 1e-9, gram[3]  # slice 4 (row 3) too: a pure rotation

@@ -162,7 +162,7 @@ def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[in
     fitted = finest_fits(fitted)
     consecutive = [r for r in fitted if _chain_pair(r, gaps)]
     if neighbours <= 1 and not priors.anchors and reference == 0:
-        composed, pairwise, log = chain_with_gaps(n_slices, consecutive, damaged)
+        composed, pairwise, log = _chain_in_family(n_slices, consecutive, damaged, shape, family)
         if priors.detrend is not None or priors.highpass is not None:
             use = [z for z in range(n_slices) if z not in damaged]
             drift_free = remove_drift(composed.numpy(), shape, use, 0, priors.detrend, priors.highpass)
@@ -178,7 +178,7 @@ def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[in
                "cycle_errors_px": {str(k): v for k, v in diag.errors.items()}, "foreign": diag.foreign,
                "bad_pairs": [list(p) for p in diag.bad_pairs], "bad_bridges": [list(p) for p in diag.bad_bridges]}
     if diag.clean and not priors.anchors and reference == 0:  # every pair has a true answer: the chain, bit for bit
-        composed, pairwise, log = chain_with_gaps(n_slices, consecutive, damaged)
+        composed, pairwise, log = _chain_in_family(n_slices, consecutive, damaged, shape, family)
         if priors.detrend is not None or priors.highpass is not None:
             drift_free = remove_drift(composed.numpy(), shape, good, 0, priors.detrend, priors.highpass)
             composed = torch.from_numpy(project_to_family(drift_free, shape, *family) if family[0] in GROUPS else drift_free)
@@ -296,6 +296,25 @@ def _chain_pair(entry: dict[str, Any], damaged: set[int]) -> bool:
     """Whether a fitted pair joins two consecutive usable slices (only damaged slices between them)."""
     i, j = entry["slice_indices"]
     return all(z in damaged for z in range(i + 1, j))
+
+
+def _chain_in_family(n_slices: int, consecutive: list[dict[str, Any]], damaged: dict[int, str], shape: tuple[int, int],
+                     family: tuple[str, bool, bool]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """:func:`~.transforms.chain_with_gaps`, with each damaged slice's interpolated transform projected onto the fitted
+    family (an average of rotations is not a rotation: a bridged slice of a rigid run had scale 0.9995) and the two
+    pairwise transforms next to it implied from that; every other slice's transform stays the chain's, bit for bit."""
+    composed, pairwise, log = chain_with_gaps(n_slices, consecutive, damaged)
+    if not damaged or family[0] not in GROUPS:
+        return composed, pairwise, log
+    rows = [z for z in damaged if 0 < z < n_slices]
+    if rows:
+        composed = composed.clone()
+        composed[rows] = torch.from_numpy(project_to_family(composed[rows].numpy(), shape, *family))
+        implied = _implied(composed)
+        pairwise = pairwise.clone()
+        for i in sorted({i for z in rows for i in (z - 1, z) if 0 <= i < len(pairwise)}):
+            pairwise[i] = implied[i]
+    return composed, pairwise, log
 
 
 def _implied(composed: torch.Tensor) -> torch.Tensor:

@@ -425,10 +425,10 @@ class ZarrPairDataModule(L.LightningDataModule):
             self.timings["scan_s"] = time.perf_counter() - t0
         else:
             self.intensity = self.sample_intensity()
-            if self.damaged and trainer.is_global_zero:
-                listing = "; ".join(f"slice {z}: {why}" for z, why in list(self.damaged.items())[:10])
-                more = f" (and {len(self.damaged) - 10} more)" if len(self.damaged) > 10 else ""
-                print(f"sphero: {len(self.damaged)} damaged slice(s) left out and bridged over: {listing}{more}", file=sys.stderr)
+        if self.damaged and trainer.is_global_zero:  # found by the scan (or set by a caller): said either way
+            listing = "; ".join(f"slice {z}: {why}" for z, why in list(self.damaged.items())[:10])
+            more = f" (and {len(self.damaged) - 10} more)" if len(self.damaged) > 10 else ""
+            print(f"sphero: {len(self.damaged)} damaged slice(s) left out and bridged over: {listing}{more}", file=sys.stderr)
         # One epoch per block; the whole fit is exactly that many epochs.
         trainer.fit_loop.max_epochs = self.n_blocks(trainer.world_size)
 
