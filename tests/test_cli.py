@@ -126,6 +126,8 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path, base_image):
         write_zarr(s.stack, root, truth=s.composed)
         r = _sphero(*_fit_args(root, "--data.pairs_per_block", "4", *extra), cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
+        # what was chosen is said (issue 29: two processes on one CPU used to start silently)
+        assert ("sphero: 2 processes (DDPStrategy, cpu)" in r.stderr) == (name == "ddp"), r.stderr[-2000:]
         roots.append(root)
     one, ddp = (zarr.open_array(str(r), path="images/registered/50-4-4", mode="r") for r in roots)
     # the trainer really ran two processes (a quiet fallback to one process would pass every check below)

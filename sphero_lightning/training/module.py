@@ -150,6 +150,9 @@ class RegistrationModule(L.LightningModule):
             print(f"sphero: resuming: {len(self.results)} of {self.n_pairs} pairs finished earlier "
                   f"(journal {self.journal.path}); {len(dm.skip_blocks)} of {dm.n_blocks(self.world)} blocks "
                   f"of {rows} skipped", file=sys.stderr)
+        if self.world > 1 and self.trainer.is_global_zero:  # several processes: say so (two on one CPU share its cores)
+            print(f"sphero: {self.world} processes ({type(self.trainer.strategy).__name__}, {self.device.type}), "
+                  f"{torch.get_num_threads()} torch thread(s) each; every block is split between them", file=sys.stderr)
         # float64: the solver works in float64 and the trial point must be evaluated exactly.
         self.delta = torch.nn.Parameter(torch.zeros(rows, self.objective.basis.shape[0], dtype=torch.float64))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ td.num { text-align: right; font-family: monospace; }
 figure { margin: 0.4em 0; } figcaption { font-size: 0.85em; color: #555; max-width: 640px; }
 img { max-width: 100%; height: auto; } img.px { image-rendering: pixelated; }
 .flag { color: #b00; } .note { color: #555; font-size: 0.9em; }
+.warning { background: #fff3cd; border: 1px solid #e0b000; padding: 0.5em; }
 """
 
 
@@ -212,6 +214,44 @@ _OVERLAYS = ('<p class="note">Overlays: fixed slice magenta, moving slice green;
              "source inside the crop box; after: the registered output.</p>")
 
 
+def accumulation(tmats: np.ndarray, shape: tuple[int, int], box: list[int]) -> dict[str, float]:
+    """How far the composed transforms (``(Z, 3, 3)`` pixel matrices, slice 0's first) travel along z: per quantity
+    (rotation in degrees, the slice centre's x and y in pixels) the change of its straight-line trend from the first
+    slice to the last (``*_trend``) and the scatter around that trend (``*_scatter``); ``area_kept`` the crop box's
+    share of the slice."""
+    t = np.asarray(tmats, dtype=np.float64)
+    h, w = shape
+    c = np.array([(w - 1) / 2, (h - 1) / 2, 1.0])
+    moved = t @ c
+    series = {"rotation": np.degrees(np.arctan2(t[:, 1, 0], t[:, 0, 0])), "x": moved[:, 0] - c[0], "y": moved[:, 1] - c[1]}
+    z = np.arange(len(t), dtype=np.float64)
+    out = {"area_kept": (box[1] - box[0]) * (box[3] - box[2]) / float(h * w), "slices": float(len(t))}
+    for name, q in series.items():
+        if len(q) < 3:
+            out[f"{name}_trend"], out[f"{name}_scatter"] = float(q[-1] - q[0]), 0.0
+            continue
+        slope, icpt = np.polyfit(z, q, 1)
+        out[f"{name}_trend"] = float(slope * (len(q) - 1))
+        out[f"{name}_scatter"] = float(np.std(q - (slope * z + icpt)))
+    return out
+
+
+def accumulation_warning(tmats: np.ndarray, shape: tuple[int, int], box: list[int]) -> str | None:
+    """One line when the composed transforms drift along z more than their scatter explains (a trend, not jitter:
+    at least 1 deg or 10 px and 3 times the scatter), or the crop keeps under half the slice; else None."""
+    a = accumulation(tmats, shape, box)
+    turn = abs(a["rotation_trend"]) >= max(1.0, 3 * a["rotation_scatter"])
+    shift = math.hypot(a["x_trend"], a["y_trend"])
+    move = shift >= max(10.0, 3 * math.hypot(a["x_scatter"], a["y_scatter"]))
+    if not (turn or move or a["area_kept"] < 0.5):
+        return None
+    return (f"the aligned slices turn by {a['rotation_trend']:.1f} deg and move by {shift:.0f} px from the first slice to "
+            f"the last (a trend along z, not jitter), and the crop keeps {100 * a['area_kept']:.0f} % of the slice area. "
+            "If the stack was already aligned or the sample does not drift, that is the registration's own drift: "
+            "--solve.detrend 1 removes a linear trend, --solve.reference in the middle of the stack halves it and the "
+            "area lost, --output.crop_borders false keeps the whole frame (README: Foreign slices and drift)")
+
+
 def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[str, Any] | None = None,
              masks: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     ncc = {k: [e[k] for e in log if e.get(k) is not None] for k in ("ncc_before", "ncc_after")}
@@ -304,7 +344,9 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
     measured = {axis: (straightness(b), straightness(a)) for axis, (b, a) in steps.items()}
 
     source = source_name or attrs.get("inputs", ["?"])[0]
+    drift = accumulation_warning(tmats, shape, [int(v) for v in box])
     parts = [f"<h1>Alignment report: {_esc(output_name or out.path)}</h1>",
+             *([f'<p class="warning" id="accumulation-warning"><b>Warning:</b> {_esc(drift)}</p>'] if drift else []),
              _HEADER.format(source=_esc(source), nz=nz, ny=ny, nx=nx, h=shape[0], w=shape[1], spacing=_esc(spacing), box=_esc(box)),
              "<h2>Summary</h2>", _table(_summary(log, damaged, attrs.get("volume_solve"), _registration_params(attrs).get("masks"))),
              "<h2>Straightness</h2>", _STRAIGHTNESS.format(lo=window[0], hi=window[1]), _straightness_table(measured),

@@ -30,6 +30,7 @@ from ..storage.tasks import check_scheduler, is_distributed
 from ..storage.writing import ArrayRef, output_layout, prepare_output, warp_stack
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
+from .visual import accumulation_warning
 from .volume import VolumeSolve
 
 #: Outputs this process has moved into place (``store/path``): what an interruption after that point has not lost.
@@ -142,6 +143,9 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             print(f"sphero: warning: the stack would fall apart without pair(s) that disagree with the others, kept: "
                   f"{listing}; the slices after them may be misplaced (try --solve.neighbours {dm.neighbours + 1})",
                   file=sys.stderr)
+        drift = accumulation_warning(pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()), shape, box)
+        if drift:
+            print(f"sphero: warning: {drift}", file=sys.stderr)
         poor = [e for e in log if e.get("status") == "low_correlation"]
         if poor:
             listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (NCC {e['ncc_after']:.3f})" for e in poor[:20])
