@@ -147,3 +147,72 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path, base_image):
     assert diff.max() < 0.01, diff
     assert list(zarr.open_group(str(roots[1]), mode="r")["images/registered"].array_keys()) == ["50-4-4"]
     assert pixel_error_of_output(roots[1], "images/registered/50-4-4") < 0.05
+
+
+def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
+    """Issue 29 item 3: a wrong store, a TIFF given as the store, a wrong array and a bad enumerated value are one line,
+    exit 2, with neither torch nor Lightning imported (they take seconds to load; benchmarks/error_latency.py)."""
+    import tifffile
+
+    write_zarr(np.zeros((3, 32, 32), np.uint8), tmp_path / "s.zarr")
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 32, 32), np.uint8))
+    cases = {"--data.root nope.zarr --data.array images/50-4-4": "store 'nope.zarr' does not exist",
+             "--data.root stack.tif --data.array x": "is a TIFF file, not a Zarr store; convert it first: sphero ingest",
+             "--data.root s.zarr --data.array images/nope": "array 'images/nope' not found in 's.zarr' (arrays there: images/50-4-4)",
+             "--data.root s.zarr --data.array images/50-4-4 --model.transformation shear": "invalid value 'shear' for model.transformation (choose one of"}
+    code = ("import sys\nfrom sphero_lightning.commands.main import main\ntry:\n    main(['fit', *sys.argv[1:]])\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n")
+    for args, expect in cases.items():
+        r = subprocess.run([sys.executable, "-c", code, *args.split()], capture_output=True, text=True, cwd=tmp_path,
+                           check=False, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], (args, r.stderr)
+        assert r.stdout.strip() == "exit 2 False False", (args, r.stdout)
+
+
+def test_the_early_checks_know_every_choice_of_the_options():
+    """The early checks' table of choices (commands/precheck.py) is each option's own Literal: a value added to one
+    and not the other fails here."""
+    from typing import get_args
+
+    from sphero_lightning.commands.precheck import CHOICES
+    from sphero_lightning.core.masks import Destripe
+    from sphero_lightning.core.objective import Loss, LossInterpolation, Transformation
+    from sphero_lightning.training.state import Curvature, InitTranslation, Optimizer
+    from sphero_lightning.training.writer import OutputInterpolation
+
+    own = {"--model.transformation": Transformation, "--model.loss": Loss, "--model.optimizer": Optimizer,
+           "--model.init_translation": InitTranslation, "--model.interpolation": LossInterpolation,
+           "--model.curvature": Curvature, "--output.interpolation": OutputInterpolation, "--data.destripe": Destripe}
+    assert {k: tuple(get_args(v)) for k, v in own.items()} == CHOICES
+
+
+def _fit_help(flag: str) -> str:
+    import contextlib
+    import io
+
+    from sphero_lightning.commands.main import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as exc:
+        main(["fit", flag])
+    assert exc.value.code == 0
+    return out.getvalue()
+
+
+def test_fit_help_is_short_plain_and_advertises_nothing_refused():
+    """Issue 29 item 4: ``sphero fit --help`` under 150 lines with every project option (all of --help-all's but the
+    Trainer's and the linked ones), no docstring markup, and no Trainer option that fit refuses."""
+    import re
+
+    from sphero_lightning.commands.fit_help import LINKED
+    from sphero_lightning.training.cli import RESULT_CHANGING
+
+    short, full = _fit_help("--help"), _fit_help("--help-all")
+    assert len(short.splitlines()) < 150, len(short.splitlines())
+    assert len(full.splitlines()) > 300  # the whole LightningCLI help is still there
+    option = re.compile(r"^\s+(--(?:data|model|solve|pyramid|early_stopping|output)\.[a-z_]+)\b", re.MULTILINE)
+    assert set(option.findall(full)) - {f"--{k}" for k in LINKED} <= set(option.findall(short))
+    assert "``" not in short and not re.search(r":(class|func|meth|data|mod):", short)
+    trainer = set(re.findall(r"--trainer\.([a-z_]+)", short))
+    assert trainer == {"accelerator", "devices", "strategy", "num_nodes"} and not trainer & set(RESULT_CHANGING)

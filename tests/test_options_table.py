@@ -25,7 +25,7 @@ COMMANDS = ("fit", "ingest", "apply", "export", "report", "demo")
 def _help(command: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as exc:
-        main([command, "--help"])
+        main([command, "--help-all" if command == "fit" else "--help"])
     assert exc.value.code == 0
     return out.getvalue()
 

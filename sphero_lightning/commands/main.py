@@ -84,6 +84,20 @@ def main(argv: list[str] | None = None) -> Any:
         error = SpheroError(f"unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)} "
                                       "(see: sphero --help)")
         report("sphero", str(error), error)
+    if "--help-all" in argv:  # the whole LightningCLI help: every option and Trainer option, descriptions whole
+        argv = [("--help" if a == "--help-all" else a) for a in argv]
+    elif any(a in ("-h", "--help") for a in argv[1:]):
+        from .fit_help import short_help
+
+        print(short_help(), end="")
+        raise SystemExit(0)
+    if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in argv):
+        from .precheck import check_fit_arguments
+
+        try:  # the commonest mistakes in well under a second, before torch and Lightning load
+            check_fit_arguments(argv[1:])
+        except SpheroError as exc:
+            report("sphero fit", str(exc), exc)
     from ..training.cli import run_fit
 
     return run_fit(argv, from_command_line)

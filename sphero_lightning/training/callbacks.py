@@ -142,6 +142,22 @@ class PairEarlyStopping(L.Callback):
     levels stop at ``coarse_step_tol_px`` (0.01 px of the level): on weakly matching pairs the finer level's loss
     has several basins, and where a coarser level stops decides which one the pair ends in (measured on 348 real
     pairs: ``benchmarks/convergence.py``, README "Convergence on real pairs").
+
+    Parameters
+    ----------
+    enabled : bool
+        Stop converged pairs early (false: every level runs its whole step budget).
+    window : int
+        Accepted iterates over which the loss must be flat (the reference pipeline's ``stop_window``).
+    tol : float
+        Largest change of the loss over the window that counts as flat (the reference's ``stop_tol``).
+    step_tol_px : float or list of float
+        A level ends for a pair whose confirmed next step moves no pixel more than this at the finest level (pixels of
+        the level; a list: one value per level, coarse to fine).
+    coarse_step_tol_px : float
+        The same at the coarser levels.
+    newton_step_tol_px : float
+        The same for pairs whose level started from a trusted Gauss-Newton model (slices matching at NCC >= 0.8).
     """
 
     def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7,
