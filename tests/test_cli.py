@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from sphero_lightning.core.synthetic import make_stack
+from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.storage.stacks import pixel_error_of_output, write_zarr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,3 +216,24 @@ def test_fit_help_is_short_plain_and_advertises_nothing_refused():
     assert "``" not in short and not re.search(r":(class|func|meth|data|mod):", short)
     trainer = set(re.findall(r"--trainer\.([a-z_]+)", short))
     assert trainer == {"accelerator", "devices", "strategy", "num_nodes"} and not trainer & set(RESULT_CHANGING)
+
+
+def test_a_bare_switch_means_true_like_ingest_s_flags(tmp_path):
+    """Issue 29: ``sphero ingest --overwrite`` is a flag, ``sphero fit --data.overwrite`` wanted a value; now a bare
+    switch means true (and ``false`` still turns it off)."""
+    import contextlib
+    import io
+
+    from sphero_lightning.commands.main import main
+
+    root = tmp_path / "s.zarr"
+    write_zarr(make_stack(em_like_image(192, seed=2), 3, (64, 64), seed=2).stack, root)
+    base = ["fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--pyramid.levels", "2"]
+    with contextlib.redirect_stderr(io.StringIO()):
+        main(base)
+        main([*base[:3], "--data.overwrite", *base[3:]])  # bare, in the middle: replaced
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        main([*base, "--data.overwrite", "false"])
+    assert "already exists" in err.getvalue()

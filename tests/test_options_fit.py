@@ -444,3 +444,25 @@ def test_ctrl_c_after_the_output_is_written_says_so(tmp_path, base_image, monkey
     lines = [ln for ln in err.getvalue().splitlines() if "interrupted" in ln]
     assert len(lines) == 1 and f"the output {root}/{OUT} was written before" in lines[0], err.getvalue()[-2000:]
     assert (root / OUT).exists()
+
+
+def test_ctrl_c_before_any_pair_is_fitted_leaves_no_empty_log_folder(tmp_path, base_image, monkeypatch):
+    """Issue 29: Ctrl-C during the first block left logs/sphero/version_N with a config and an empty TensorBoard run;
+    now the folder goes with it (exit 130, one line)."""
+    from sphero_lightning.core import fit as core_fit
+
+    def interrupted_step(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first block is being fitted
+        time.sleep(1)
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(core_fit.BlockFit, "step", interrupted_step)
+    s = make_stack(base_image, 3, (64, 64), seed=48)
+    root = _stack(tmp_path, s)
+    logs = tmp_path / "logs"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main(["fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(logs), *LEVELS3])
+    assert exc.value.code == 130, err.getvalue()[-2000:]
+    assert not list(logs.rglob("version_*")), list(logs.rglob("*"))

@@ -179,3 +179,18 @@ def test_real_isbi_sections(tmp_path, capsys):
     seen = _check_page(page, min_images=4 + 2 + 2 * 3)
     print(f"ISBI straightness (page): {seen['cells']}")
     shutil.rmtree(root)
+
+
+def test_a_short_stack_s_reslices_are_drawn_tall_enough_to_see(tmp_path, capsys):
+    """Issue 29: 8 slices at isotropic spacing made 8 px slivers; they are drawn at least 96 px tall, and say so."""
+    import re
+
+    from sphero_lightning.core.synthetic import em_like_image
+
+    s = make_stack(em_like_image(256, seed=2), 8, (96, 96), seed=1)
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root, spacing=(4, 4, 4))
+    page = _fit(capsys, root, tmp_path / "logs", "--pyramid.levels", "3").read_text(encoding="utf-8")
+    heights = [int(h) for h in re.findall(r'height="(\d+)" alt="[xy]z reslice', page)]
+    assert len(heights) >= 4 and min(heights) >= 96, heights
+    assert "taller than its true extent (a short stack)" in page

@@ -91,9 +91,12 @@ def main(argv: list[str] | None = None) -> Any:
 
         print(short_help(), end="")
         raise SystemExit(0)
-    if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in argv):
-        from .precheck import check_fit_arguments
+    from .precheck import bare_switches, check_fit_arguments
 
+    argv = [argv[0], *bare_switches(argv[1:])]  # --data.overwrite alone means true, as sphero ingest --overwrite
+    if from_command_line:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself from the command line (DDP relaunches with it)
+    if not any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in argv):
         try:  # the commonest mistakes in well under a second, before torch and Lightning load
             check_fit_arguments(argv[1:])
         except SpheroError as exc:

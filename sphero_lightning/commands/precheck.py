@@ -25,6 +25,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "--data.destripe": ("none", "vertical", "horizontal", "both"),
 }
 _TIFF = (".tif", ".tiff", ".btf", ".tf8")
+#: On/off options that may be given bare, as the plain commands' flags are (``sphero ingest --overwrite``): true.
+SWITCHES = ("--data.overwrite", "--data.resume", "--data.check_slices", "--output.crop_borders", "--model.scaling",
+            "--model.shear", "--early_stopping.enabled")
+
+
+def bare_switches(argv: list[str]) -> list[str]:
+    """``argv`` with every bare switch followed by ``true``.
+
+    >>> bare_switches(["--data.root", "s.zarr", "--data.overwrite", "--data.array", "a"])
+    ['--data.root', 's.zarr', '--data.overwrite', 'true', '--data.array', 'a']
+    >>> bare_switches(["--data.overwrite", "false"])
+    ['--data.overwrite', 'false']
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in SWITCHES and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
 
 
 def _values(argv: list[str]) -> dict[str, str]:

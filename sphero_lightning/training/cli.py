@@ -103,6 +103,16 @@ class SaveConfigWithLogs(SaveConfigCallback):
             return
         super().setup(trainer, pl_module, stage)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A run interrupted before any block was fitted leaves no log folder (it would hold a config and an empty
+        TensorBoard run: logs/sphero/version_N with nothing to look at)."""
+        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+        if (isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero and log_dir
+                and not getattr(pl_module, "results", None)):
+            import shutil
+
+            shutil.rmtree(log_dir, ignore_errors=True)
+
 
 class SpheroCLI(LightningCLI):
     """LightningCLI with the registration's callbacks as first-class option groups.
@@ -236,9 +246,12 @@ def _noting_ctrl_c():
 
 
 def _interrupted_fit() -> None:
-    """Ctrl-C's one line (from rank 0 only: every DDP rank gets the signal): what is (not) in place, and what to do."""
+    """Ctrl-C's one line (from rank 0 only: every DDP rank gets the signal): what is (not) in place, and what to do;
+    on a terminal on a line of its own (not glued to the progress bar's)."""
     if launch_rank() != 0:
         raise SystemExit(130)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     if WRITTEN:
         interrupted("sphero fit", f"the output {WRITTEN[-1]} was written before; only the alignment page may be missing "
                                   "(sphero report builds it)")

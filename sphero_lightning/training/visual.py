@@ -179,6 +179,10 @@ def _settings(attrs: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
+#: Reslices of short stacks are drawn at least this tall (px) on the page.
+MIN_SHOWN_HEIGHT = 96
+
+
 def _reslice_block(r: Reslice, spacing: list[float], window: tuple[float, float]) -> tuple[str, dict[str, np.ndarray]]:
     across = spacing[2] if r.axis == "xz" else spacing[1]
     pictures, figures = {}, []
@@ -189,8 +193,13 @@ def _reslice_block(r: Reslice, spacing: list[float], window: tuple[float, float]
         pictures[f"{r.axis}_{tag}"] = pic
         shown = "true aspect" if abs(aspect - 1) < 0.02 else f"z shown at {aspect:.2f} of its true extent"
         zoom = max(1, round(MIN_SHOWN / pic.shape[1]))  # a narrow picture is shown enlarged, pixels kept sharp
+        # a short stack (8 slices at isotropic spacing: an 8 px sliver) is drawn taller, and says so
+        tall = max(1, round(MIN_SHOWN_HEIGHT / (zoom * pic.shape[0])))
+        if tall > 1:
+            shown = (f"z drawn {tall}x taller than its true extent (a short stack)" if abs(aspect - 1) < 0.02
+                     else f"{shown}, drawn {tall}x taller (a short stack)")
         figures.append(
-            f'<figure><img class="px" src="{png_uri(pic)}" width="{zoom * pic.shape[1]}" height="{zoom * pic.shape[0]}" '
+            f'<figure><img class="px" src="{png_uri(pic)}" width="{zoom * pic.shape[1]}" height="{zoom * tall * pic.shape[0]}" '
             f'alt="{r.axis} reslice {tag}"><figcaption>{r.axis.upper()} {tag} ({"source" if tag == "before" else "registered"}),'
             f" {where}: {image.shape[1]} px x {image.shape[0]} slices; {shown} (z {spacing[0]:g}, in-plane {across:g});"
             " z runs down</figcaption></figure>")
