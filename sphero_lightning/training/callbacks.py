@@ -44,8 +44,8 @@ class PyramidSchedule(L.Callback):
     steps : int or list of int
         Step budget per level (``pyramid_epochs``). A BFGS step is one evaluation of every pair.
     learning_rate : float or list of float, optional
-        Per level. For ``adam`` the step size (default the reference's ``[1e-3, 1e-3, 5e-4, 1e-4]``);
-        for ``bfgs`` the length of the first step (default 0.01, about 2 px on a 384 px slice).
+        Step length per level (one value, or one per level): for ``adam`` the step size (default the reference's
+        ``[1e-3, 1e-3, 5e-4, 1e-4]``); for ``bfgs`` the length of the first step (default 0.01, about 2 px on a 384 px slice).
         Parameter units: see ``transforms.py`` (translation in half slice widths, angles in radians).
     finest_max_pixels : int
         The finest level holds at most this many pixels: larger slices (block-face, 8k-16k px) are fitted with
@@ -155,7 +155,7 @@ class PairEarlyStopping(L.Callback):
         A level ends for a pair whose confirmed next step moves no pixel more than this at the finest level (pixels of
         the level; a list: one value per level, coarse to fine).
     coarse_step_tol_px : float
-        The same at the coarser levels.
+        The step rule's tolerance at the coarser levels (pixels of the level).
     newton_step_tol_px : float
         The same for pairs whose level started from a trusted Gauss-Newton model (slices matching at NCC >= 0.8).
     """

@@ -117,7 +117,7 @@ class ZarrPairDataModule(L.LightningDataModule):
     spacing : list of float, optional
         ``[z, y, x]`` voxel size in nm, for arrays without a ``spacing`` attribute.
     overwrite : bool
-        Replace an existing output array. Without it an existing result is never touched.
+        Replace an existing output array (given bare: true); without it an existing result is never touched.
     check_slices : bool
         Scan the slices before fitting (one read of the stack) for damaged ones: non-finite values,
         constant, or blank. A damaged slice is left out of the fit: the slices on either side are

@@ -32,7 +32,8 @@ class RegistrationModule(L.LightningModule):
     Parameters
     ----------
     transformation : {"translation", "rigid", "similarity", "affine"}
-        Transform family. ``similarity`` is rotation + one isotropic scale + translation.
+        Transform family fitted to each pair (rigid: rotation and translation); ``similarity`` is rotation + one
+        isotropic scale + translation.
     scaling, shear : bool
         For ``affine``: whether per-axis scale and horizontal shear are free.
     loss : {"ncc", "mse", "mae", "ssim"}
