@@ -35,6 +35,9 @@ with warnings.catch_warnings():
     StackReg(StackReg.RIGID_BODY).register_stack(stack, reference="previous", axis=0)
 """
 
+#: The command, as the venv running this script has it (no need for its bin/ on PATH).
+SPHERO = [sys.executable, "-m", "sphero_lightning"]
+
 
 def timed(cmd: list[str], cwd: Path) -> float:
     t0 = time.perf_counter()
@@ -63,7 +66,7 @@ def main() -> None:
             for size in (8, n):
                 root = work / f"r{r}-{size}.zarr"
                 write_zarr(vol[:size], root)
-                t[("ours", size)] = timed(["sphero", "fit", "--data.root", str(root), "--data.array", "images/50-4-4",
+                t[("ours", size)] = timed([*SPHERO, "fit", "--data.root", str(root), "--data.array", "images/50-4-4",
                                            "--model.transformation", "rigid", *a.extra], work)
                 t[("pystackreg", size)] = timed([sys.executable, "-c", PYSTACKREG, str(ISBI_PATH), str(size)], work)
             o = (t[("ours", n)] - t[("ours", 8)]) / (n - 8)

@@ -54,6 +54,9 @@ for r in range(repeats):
             print(name, n, round(run(n), 3), threading.active_count(), flush=True)
 """
 
+#: The command, as the venv running this script has it (no need for its bin/ on PATH).
+SPHERO = [sys.executable, "-m", "sphero_lightning"]
+
 
 def fresh(work: Path, n: int, vol: np.ndarray, k: int) -> float:
     from sphero_lightning.storage.stacks import write_zarr
@@ -61,7 +64,7 @@ def fresh(work: Path, n: int, vol: np.ndarray, k: int) -> float:
     root = work / f"f{k}.zarr"
     write_zarr(vol[:n], root)
     t0 = time.perf_counter()
-    subprocess.run(["sphero", "fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--model.transformation",
+    subprocess.run([*SPHERO, "fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--model.transformation",
                     "rigid", "--trainer.enable_progress_bar", "false"], cwd=work, check=True, capture_output=True)
     return time.perf_counter() - t0
 
