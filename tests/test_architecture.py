@@ -13,9 +13,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 ALLOWED = {
     "core": {"errors"},
     "storage": {"errors", "core", "_version"},
-    "training": {"errors", "threads", "core", "storage", "_version"},
-    "commands": {"errors", "threads", "core", "storage", "training", "_version"},
-    "api": {"errors", "threads", "core", "storage", "training", "_version"},
+    "report": {"errors", "core"},
+    "training": {"errors", "threads", "core", "storage", "report", "_version"},
+    "commands": {"errors", "threads", "core", "storage", "training", "report", "_version"},
+    "api": {"errors", "threads", "core", "storage", "training", "report", "_version"},
 }
 
 

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from sphero_lightning.training.charts import Panel, Series, nice_step, panels_svg, svg_uri, tick_label, ticks
+from sphero_lightning.report.charts import Panel, Series, nice_step, panels_svg, svg_uri, tick_label, ticks
 
 NS = "{http://www.w3.org/2000/svg}"
 

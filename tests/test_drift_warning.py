@@ -13,8 +13,8 @@ from conftest import ISBI_PATH
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import em_like_image, make_stack
+from sphero_lightning.report.visual import accumulation, accumulation_warning
 from sphero_lightning.storage.stacks import write_zarr
-from sphero_lightning.training.visual import accumulation, accumulation_warning
 
 
 def _fit(root: Path, logs: Path, *extra: str) -> tuple[str, str]:

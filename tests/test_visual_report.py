@@ -17,9 +17,9 @@ from conftest import ISBI_PATH
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import make_stack, random_transforms, render
+from sphero_lightning.report.reslice import intensity_window, read_reslice, read_reslices, row_steps, straightness
+from sphero_lightning.report.visual import build_report
 from sphero_lightning.storage.stacks import write_zarr
-from sphero_lightning.training.reslice import intensity_window, read_reslice, read_reslices, row_steps, straightness
-from sphero_lightning.training.visual import build_report
 
 OUT = "images/registered/50-4-4"
 CHROMIUM = "/usr/bin/chromium"

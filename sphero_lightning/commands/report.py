@@ -22,8 +22,8 @@ from pathlib import Path
 import zarr
 
 from ..errors import SpheroError
+from ..report.visual import build_report
 from ..storage.store import open_source
-from ..training.visual import build_report
 
 #: The attributes every ``sphero fit`` output has, and the report needs.
 REQUIRED = ("composed_transforms", "crop_box", "inputs", "registration_log")

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from ..core.interpolation import warp
-from .reslice import overlay
+from ..report.reslice import overlay
 
 #: Run results shown next to the hyperparameters in TensorBoard's HPARAMS tab (set by :func:`log_panels`).
 HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
@@ -141,11 +141,11 @@ def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]]
 
 
 def report_page(trainer: L.Trainer, out_root: str | Path, output_path: str, src: zarr.Array, timing: str) -> Path:
-    """The run's alignment page (:func:`~sphero_lightning.training.visual.build_report`) beside its logs: the
+    """The run's alignment page (:func:`~sphero_lightning.report.visual.build_report`) beside its logs: the
     logger's ``log_dir`` (TensorBoard: ``logs/sphero/version_N``), else ``logs/`` beside the output store. Its middle
     reslices also go to TensorBoard (``reslices/xz_before`` ...). Call on rank 0 once the output is in place.
     Returns the page's path."""
-    from .visual import build_report
+    from ..report.visual import build_report
 
     out = zarr.open_array(str(out_root), path=output_path, mode="r")
     attrs = out.attrs

@@ -24,13 +24,13 @@ from ..core.frames import FIRST_KEY, pixel_matrices
 from ..core.transforms import normalized_to_pixel
 from ..core.volume import compose_volume
 from ..errors import SpheroError
+from ..report.visual import accumulation_warning
 from ..storage.pyramid import default_levels, write_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
 from ..storage.writing import ArrayRef, output_layout, prepare_output, warp_stack
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
-from .visual import accumulation_warning
 from .volume import VolumeSolve
 
 #: Outputs this process has moved into place (``store/path``): what an interruption after that point has not lost.
