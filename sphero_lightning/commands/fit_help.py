@@ -11,13 +11,6 @@ import textwrap
 import typing
 from typing import Any
 
-#: The option groups, in the order a user needs them: the class each group configures.
-GROUPS = (("data", "sphero_lightning.training.data", "ZarrPairDataModule"),
-          ("model", "sphero_lightning.training.module", "RegistrationModule"),
-          ("solve", "sphero_lightning.training.volume", "VolumeSolve"),
-          ("pyramid", "sphero_lightning.training.callbacks", "PyramidSchedule"),
-          ("early_stopping", "sphero_lightning.training.callbacks", "PairEarlyStopping"),
-          ("output", "sphero_lightning.training.writer", "RegistrationWriter"))
 #: Options set from another group's (linked by the CLI): not options of their own.
 LINKED = {"data.neighbours", "data.coarse_factor", "model.pairs_per_block"}
 #: The Trainer options that decide where a registration runs; the others are in --help-all (many would change the
@@ -85,10 +78,11 @@ def short_help() -> str:
     from importlib import import_module
 
     from ..training.cli import FIT_DESCRIPTION
+    from ..training.state import OPTION_GROUPS
 
     out = ["usage: sphero fit --data.root STORE.zarr --data.array PATH [--GROUP.OPTION VALUE ...] [--config FILE.yaml]",
            "", FIT_DESCRIPTION + ".", ""]
-    for group, module, name in GROUPS:
+    for group, module, name in OPTION_GROUPS:
         cls = getattr(import_module(module), name)
         docs = parameters(cls.__doc__ or "")
         hints = typing.get_type_hints(cls.__init__)

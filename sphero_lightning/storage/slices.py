@@ -76,10 +76,17 @@ def open_mask(root: str, path: str, shape: tuple[int, ...]) -> zarr.Array:
             arr = zarr.open_array(path, mode="r")
         except Exception:  # noqa: BLE001 - the first message says what was looked for
             raise exc from None
-    if tuple(arr.shape) not in (tuple(shape), tuple(shape[1:])):
-        raise SpheroError(f"--data.mask_array {path!r} has shape {tuple(arr.shape)}; it must be the stack's "
-                          f"{tuple(shape)} or one slice's {tuple(shape[1:])} (non-zero = use)")
+    check_mask_shape(tuple(arr.shape), tuple(shape), f"--data.mask_array {path!r}")
     return arr
+
+
+def check_mask_shape(mask: tuple[int, ...], stack: tuple[int, ...], what: str) -> None:
+    """A mask is ``(Z, Y, X)`` like the stack or ``(Y, X)``, one for every slice; else a one-line error naming ``what``."""
+    from ..errors import SpheroError
+
+    if tuple(mask) not in (tuple(stack), tuple(stack[1:])):
+        raise SpheroError(f"{what} has shape {tuple(mask)}; it must be the stack's {tuple(stack)} or one slice's "
+                          f"{tuple(stack[1:])} (non-zero = use)")
 
 
 #: Runs of the ignored value narrower than this (pixels) are content, not padding (a dark membrane pixel at 0).

@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import SpheroError
+from ..storage.slices import check_mask_shape
 from ..storage.store import check_stack
 from ..threads import share_cores
 from .data import ZarrPairDataModule
+from .state import OPTION_GROUPS
 
 #: The option groups of ``sphero fit`` a fit in memory takes (``output``: only the crop settings matter).
-GROUPS = ("data", "model", "pyramid", "early_stopping", "solve", "output", "trainer")
+GROUPS = (*(group for group, _, _ in OPTION_GROUPS), "trainer")
 #: Data options about stores and files, which a stack in memory has none of.
 _STORE_ONLY = ("root", "array", "dst_group", "output_root", "overwrite", "resume", "mask_array", "spacing", "neighbours",
                "coarse_factor")
@@ -86,6 +88,8 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
               options: Mapping[str, Any] | None, mask: Any = None) -> dict[str, Any]:
     """Fit ``stack`` (``(Z, Y, X)`` array-like) in memory; what ``sphero fit`` writes into the output's attributes
     (``pairwise_transforms``, ``composed_transforms``, ``crop_box``, ``registration_log`` ...) as a dict."""
+    from importlib import import_module
+
     import lightning as L
     import torch
     import zarr
@@ -99,9 +103,8 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     from .writer import RegistrationWriter, compose_result
 
     groups = split_options(options)
-    for group, cls in (("solve", VolumeSolve), ("output", RegistrationWriter), ("early_stopping", PairEarlyStopping),
-                       ("pyramid", PyramidSchedule), ("model", RegistrationModule), ("data", ZarrPairDataModule)):
-        check_options(group, cls, groups[group])
+    for group, module, name in OPTION_GROUPS:
+        check_options(group, getattr(import_module(module), name), groups[group])
     solve = VolumeSolve(**groups["solve"])
     output = RegistrationWriter(**groups["output"])  # its checks; only the crop settings are used
     early, pyramid = PairEarlyStopping(**groups["early_stopping"]), PyramidSchedule(**groups["pyramid"])
@@ -114,9 +117,7 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     mask_arr = None
     if mask is not None:
         m = np.asarray(mask)
-        if m.shape not in (tuple(stack.shape), tuple(stack.shape[1:])):
-            raise SpheroError(f"mask has shape {m.shape}; it must be the stack's {tuple(stack.shape)} or one slice's "
-                              f"{tuple(stack.shape[1:])} (non-zero = use)")
+        check_mask_shape(m.shape, tuple(stack.shape), "mask")
         mask_arr = root.create_array("mask", data=(m != 0).astype(np.uint8))
     dm = ArrayPairs(arr, mask_arr, neighbours=solve.neighbours, coarse_factor=solve.coarse_factor, **groups["data"])
     quiet_lightning()

@@ -13,6 +13,14 @@ InitTranslation = Literal["phase", "none"]
 #: BFGS curvature model at the start of a level (see RegistrationModule).
 Curvature = Literal["gauss_newton", "carried"]
 
+#: ``sphero fit``'s option groups in the order a user needs them, and the class each configures (module, class name).
+OPTION_GROUPS = (("data", "sphero_lightning.training.data", "ZarrPairDataModule"),
+                 ("model", "sphero_lightning.training.module", "RegistrationModule"),
+                 ("solve", "sphero_lightning.training.volume", "VolumeSolve"),
+                 ("pyramid", "sphero_lightning.training.callbacks", "PyramidSchedule"),
+                 ("early_stopping", "sphero_lightning.training.callbacks", "PairEarlyStopping"),
+                 ("output", "sphero_lightning.training.writer", "RegistrationWriter"))
+
 #: The Trainer settings every fit runs with (the CLI's defaults, the Python API's): no checkpoints, no sanity steps,
 #: one epoch per block (the number of epochs is set at setup).
 PLAIN_TRAINER = {
