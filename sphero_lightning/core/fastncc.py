@@ -76,7 +76,8 @@ def _ncc_from_sums(s: torch.Tensor) -> torch.Tensor:
 
 def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, ramp: float = 1.0,
                      fixed_coeffs: torch.Tensor | None = None, curvature: dict[str, torch.Tensor] | None = None,
-                     masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     masks: tuple[torch.Tensor, torch.Tensor] | None = None, dense: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``1 - NCC`` of each pair and its gradient with respect to ``theta``.
 
     One pass over the pixels in chunks of rows (:data:`CHUNK_PIXELS`), so every temporary stays small: each chunk
@@ -101,6 +102,11 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
         ``(fixed_mask, moving_mask)``, ``(B, 1, h, w)`` each (1 = use; :mod:`.masks`): the weight is the inside weight
         times the fixed slice's mask times the moving slice's mask sampled (bilinear) where the moving slice is
         sampled; the derivative of the sampled mask on its boundary is gathered with the ramp's.
+    dense : bool
+        Sum the ramp's (and the mask boundary's) part of the gradient over every pixel (times their weight
+        derivative, 0 off the ramp) as moments of the six products ``dL/dw`` is made of, instead of gathering the
+        ramp's pixels: no tensor is read on the host (a GPU fit never waits), more arithmetic (what the CPU path
+        avoids). The same gradient to rounding.
 
     Returns
     -------
@@ -143,6 +149,8 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
     s = torch.zeros(b, 6, dtype=torch.float64, device=dev)
     mom = torch.zeros(3, 2, b, 2, 2, dtype=torch.float64, device=dev)  # [u][x or y derivative][pair, j, i]
     ramp_pix = []  # (pair, row, col, d weight / d px, d weight / d py, f, m) of the pixels on the weight's ramp
+    # dense: [x or y][1, f, m, f f, m m, f m][pair, j, i] moments of d weight / d pos times each product
+    ramp_mom = torch.zeros(2, 6, b, 2, 2, dtype=torch.float64, device=dev) if dense else None
     half_w, half_h = (w - 1) / 2, (h - 1) / 2
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
@@ -166,11 +174,24 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
             on_mask = ((mvx != 0) | (mvy != 0)) & (inner > 0)
             wt.mul_(mv).mul_(fm)
             on = on & (fm * mv > 0)
-            if bool(on_mask.any()):
+            if dense:
+                k = (inner * on_mask).double()
+                dwx, dwy = k * mvx.double(), k * mvy.double()
+            elif bool(on_mask.any()):
                 pb, pr, pc = on_mask.nonzero(as_tuple=True)
                 k = inner[pb, pr, pc]
                 ramp_pix.append((pb, pr + r0, pc, k * mvx[pb, pr, pc], k * mvy[pb, pr, pc], f[pb, pr, pc], mc[pb, pr, pc]))
-        if bool(on.any()):
+        if dense:
+            x_side = (dxm <= dym).double()
+            k = on.double() * ((fm * mv).double() if masks is not None else 1.0) / ramp
+            sx, sy = torch.where(ux <= 0, 1.0, -1.0).double(), torch.where(uy <= 0, 1.0, -1.0).double()
+            dwx, dwy = (k * x_side * sx, k * (1 - x_side) * sy) if masks is None else (
+                dwx + k * x_side * sx, dwy + k * (1 - x_side) * sy)
+            fd, md = f.double(), mc.double()
+            for q, prod in enumerate((1.0, fd, md, fd * fd, md * md, fd * md)):
+                for a, dw in enumerate((dwx, dwy)):
+                    ramp_mom[a, q] += yp[r0:r1].T @ ((dw * prod) @ xp.double())
+        elif bool(on.any()):
             pb, pr, pc = on.nonzero(as_tuple=True)
             x_side = (dxm[pb, pr, pc] <= dym[pb, pr, pc]).to(dt)
             # d min(px, w - 1 - px) / d px = +1 on the left half, -1 on the right (ties: left, as torch.minimum)
@@ -204,6 +225,12 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
         grad[:, k, 0] = half * mm[k][:, 1, 0]  # sum g xn
         grad[:, k, 1] = half * mm[k][:, 0, 1]  # sum g yn
         grad[:, k, 2] = half * mm[k][:, 1, 1]  # sum g
+    if dense:  # dL/dw = a0 + a1 f + a2 m + a3 f f + a4 m m + a5 f m (see below): sum_q a_q times its moments
+        rm = torch.einsum("bq,aqbji->abji", a64, ramp_mom)
+        for k, half in enumerate((w / 2, h / 2)):
+            grad[:, k, 0] += half * rm[k][:, 1, 0]
+            grad[:, k, 1] += half * rm[k][:, 0, 1]
+            grad[:, k, 2] += half * rm[k][:, 1, 1]
     if ramp_pix:
         # dL/dw through every sum, on the ramp only: times d w / d pos, summed like g above
         pb, pr, pc, wx, wy, f, mc = (torch.cat(v) for v in zip(*ramp_pix))

@@ -49,6 +49,20 @@ MAX_STEP_PX = 1.0
 SMALL_RUN = 3
 
 
+def reads_state(steps: int) -> bool:
+    """Whether a sync-free fit reads its block's state (has every pair converged?) after ``steps`` steps of a level:
+    after 1, 2, 3, 4, 6, 8, 12, 16, 24, ... steps (powers of 2 and three times them, at most 1.5x apart): at most
+    ``2 log2(budget) + 1`` reads a level whatever the block, and at most half again the steps a level needs.
+
+    >>> [n for n in range(1, 100) if reads_state(n)]
+    [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96]
+    """
+    if steps < 1:
+        return False
+    odd = steps >> ((steps & -steps).bit_length() - 1)  # steps without its factors of 2
+    return odd in (1, 3)
+
+
 @dataclass
 class Level:
     """One pyramid level: downscale factor, step budget, learning rate (first step length for BFGS)."""
@@ -164,12 +178,21 @@ class BlockFit:
         ``(N, 2, h, w)`` from :func:`~.masks.loss_images`.
     settings, ranks, index :
         :class:`FitSettings`; :class:`Ranks`; the block's number (for the stopping rule's bookkeeping).
+    sync_free : bool, optional
+        Never read the device's state on the host inside a level but at :func:`reads_state` 's steps: every row
+        active at the last read (or the level's start) is evaluated at every step (a converged row's result is discarded by the
+        solver's masks), the solver's and the objective's branches are masked per row, and whether every pair has
+        converged is asked at those steps only. The same transforms (to rounding) at the cost of evaluating converged
+        rows until the next read; what a GPU needs (every host read waits for the device to drain). Default: on when
+        ``slices`` are not on the CPU, where a read costs nothing and skipping converged rows saves their arithmetic.
     """
 
     def __init__(self, objective: PairObjective, levels: list[Level], slices: torch.Tensor, fixed: torch.Tensor,
                  moving: torch.Tensor, pairs: list[int], stop_factor: list[float], masks: torch.Tensor | None = None,
-                 settings: FitSettings | None = None, ranks: Ranks | None = None, index: int = 0) -> None:
+                 settings: FitSettings | None = None, ranks: Ranks | None = None, index: int = 0,
+                 sync_free: bool | None = None) -> None:
         self.objective, self.levels, self.settings = objective, levels, settings or FitSettings()
+        self.sync_free = slices.device.type != "cpu" if sync_free is None else bool(sync_free)
         self.slices, self.masks, self.fixed, self.moving = slices, masks, fixed, moving
         self.base = levels[-1].factor
         dev = slices.device
@@ -261,8 +284,11 @@ class BlockFit:
         # below the coarsest level, steps of at most MAX_STEP_PX pixels of the level: the coarser level left the pair
         # about that close, and a longer step on a weakly matching pair can land in another basin of the finer loss
         trust = {"step_length": self.step_displacement_px, "max_length": MAX_STEP_PX} if level > 0 else {}
-        self.solver = make_solver(self.settings.optimizer, self.x, lv.lr, active=blk.valid & (self.row_last >= level),
-                                  previous=previous, curvature_scale=scale, **trust)
+        active = blk.valid & (self.row_last >= level)
+        self.solver = make_solver(self.settings.optimizer, self.x, lv.lr, active=active, previous=previous,
+                                  curvature_scale=scale, sync_free=self.sync_free, **trust)
+        # sync-free: the rows evaluated at every step of this level (one host read a level)
+        self.level_rows = torch.nonzero(active[self.ranks.rows] & self.local_valid).flatten() if self.sync_free else None
 
     @property
     def uses_gauss_newton(self) -> bool:
@@ -279,8 +305,18 @@ class BlockFit:
         return int(self.row_last[self.block.valid].max()) if bool(self.block.valid.any()) else len(self.levels) - 1
 
     def level_finished(self) -> bool:
-        """Budget spent or every pair of the block converged (the same answer on every process)."""
-        return self.block.level_steps >= self.levels[self.block.level].steps or not bool(self.solver.active.any())
+        """Budget spent or every pair of the block converged (the same answer on every process). Sync-free, the
+        latter is asked only after :func:`reads_state` 's numbers of steps."""
+        steps = self.block.level_steps
+        if steps >= self.levels[self.block.level].steps:
+            return True
+        if not self.sync_free:
+            return not bool(self.solver.active.any())
+        if not reads_state(steps):
+            return False
+        active = self.solver.active.cpu()  # the one read: also leaves the rows still active to evaluate
+        self.level_rows = torch.nonzero(active[self.ranks.rows] & self.local_valid.cpu()).flatten().to(self.slices.device)
+        return not bool(active.any())
 
     def next_level(self) -> None:
         """Record the pairs that stop at this level, carry the parameters over to the next, finer level."""
@@ -314,12 +350,15 @@ class BlockFit:
             else:
                 ncc_after = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs, obj.pair_ncc).tolist()
             kept = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs, kept_fraction).tolist()
+        # one read of each tensor, whatever the number of rows
+        losses, steps, matrices = self.solver.f.tolist(), blk.steps.tolist(), theta.cpu().tolist()
+        per_level = torch.stack(blk.level_counts, 1).tolist()
         for row in torch.nonzero(rows).flatten().tolist():
-            pair, f = blk.pairs[row], float(self.solver.f[row])
+            pair, f = blk.pairs[row], losses[row]
             self.results[pair] = {
-                "pair_index": pair, "matrix": theta[row].cpu().tolist(),
-                "final_loss": f, "num_steps_taken": int(blk.steps[row]),
-                "steps_per_level": [int(c[row]) for c in blk.level_counts], "status": "ok" if math.isfinite(f) else "failed",
+                "pair_index": pair, "matrix": matrices[row],
+                "final_loss": f, "num_steps_taken": steps[row],
+                "steps_per_level": per_level[row], "status": "ok" if math.isfinite(f) else "failed",
                 "finest_factor": lv.factor, "ncc_before": ncc_before[row], "ncc_after": ncc_after[row],
                 **({"mask_kept": kept[row]} if self.masks is not None else {})}
 
@@ -328,12 +367,12 @@ class BlockFit:
         """One evaluation of every active pair of the block at its solver's trial point, then one solver update.
         Returns the mean loss of the rows that were active."""
         blk, solver, obj, rows = self.block, self.solver, self.objective, self.ranks.rows
-        trial = solver.trial()
-        active_local = solver.active[rows] & self.local_valid
-        idx = torch.nonzero(active_local).flatten()
-        # First evaluation of a level's rows: Gauss-Newton curvature from the same images (same on all processes).
+        trial, dense = solver.trial(), self.sync_free
+        idx = self.level_rows if dense else torch.nonzero(solver.active[rows] & self.local_valid).flatten()
+        # First evaluation of a level's rows: Gauss-Newton curvature from the same images (same on all processes);
+        # sync-free, at the level's first step only (a row whose first evaluation failed goes on with BFGS's model)
         fresh = solver.active & ~solver.evaluated & self.newton_rows if self.uses_gauss_newton else None
-        need_curv = fresh is not None and bool(fresh.any())
+        need_curv = fresh is not None and (blk.level_steps == 0 if dense else bool(fresh.any()))
         n = obj.n_params
         curv = torch.zeros(trial.shape[0], n, n, dtype=torch.float64, device=trial.device) if need_curv else None
         grads = trial.new_zeros(0, n)
@@ -342,7 +381,7 @@ class BlockFit:
             fc = self.level_fixed_coeffs[idx] if need_curv and self.level_fixed_coeffs is not None else None
             losses, grads, hess = obj.evaluate(trial[rows][idx], self.level_fixed[idx], self.level_coeffs[idx],
                                                fresh[rows][idx] if need_curv else False, fixed_coeffs=fc,
-                                               masks=self._masks(idx))
+                                               masks=self._masks(idx), dense=dense)
             if hess is not None:
                 curv[rows.start + idx] = hess
             full[rows.start + idx] = losses
@@ -357,27 +396,31 @@ class BlockFit:
             ok = fresh & (curv.diagonal(dim1=-2, dim2=-1).sum(-1) > 0) & (ncc >= NEWTON_MIN_NCC)
             eye = torch.eye(n, dtype=curv.dtype, device=curv.device)
             # where the slices match well the model is the loss's Hessian to within ~20 %: its first step may be trusted
-            solver.set_curvature(ok, torch.linalg.inv(torch.where(ok.view(-1, 1, 1), curv, eye)),
-                                 trusted=ncc >= NEWTON_TRUST_NCC)
+            model = torch.where(ok.view(-1, 1, 1), curv, eye)
+            # sync-free: no error check (a singular model is a failed step, which the line search handles)
+            hinv = torch.linalg.inv_ex(model)[0] if dense else torch.linalg.inv(model)
+            solver.set_curvature(ok, hinv, trusted=ncc >= NEWTON_TRUST_NCC)
         was_active = solver.active.clone()
         blk.accepted = solver.update(full, grad)
         blk.steps += was_active.long()
         blk.level_counts[-1] += was_active.long()
         blk.level_steps += 1
+        if dense:
+            return torch.where(was_active, full, 0.0).sum() / was_active.sum().clamp_min(1)
         return full[was_active].mean() if was_active.any() else full.new_zeros(())
 
 
 def fit_block(objective: PairObjective, levels: list[Level], slices: torch.Tensor, fixed: torch.Tensor,
               moving: torch.Tensor, pairs: list[int] | None = None, stop_factor: list[float] | None = None,
               masks: torch.Tensor | None = None, settings: FitSettings | None = None,
-              stopping: StoppingRule | None = None) -> dict[int, dict[str, Any]]:
+              stopping: StoppingRule | None = None, sync_free: bool | None = None) -> dict[int, dict[str, Any]]:
     """Fit one block of pairs coarse to fine without Lightning; the results per pair (as the output's log records
     them, less ``slice_indices``). ``pairs`` default ``0..P-1``; ``stop_factor`` default 1 for every pair;
-    ``stopping`` default the options' defaults (``--early_stopping.*``)."""
+    ``stopping`` default the options' defaults (``--early_stopping.*``); ``sync_free``: see :class:`BlockFit`."""
     pairs = list(range(len(fixed))) if pairs is None else pairs
     stop_factor = [1.0] * len(pairs) if stop_factor is None else stop_factor
     stopping = stopping or StoppingRule([0.01] * (len(levels) - 1) + [0.003])
-    fit = BlockFit(objective, levels, slices, fixed, moving, pairs, stop_factor, masks, settings)
+    fit = BlockFit(objective, levels, slices, fixed, moving, pairs, stop_factor, masks, settings, sync_free=sync_free)
     fit.start_level(0)
     while not fit.block.done:
         fit.step()

@@ -212,7 +212,7 @@ class PairObjective:
         return moving
 
     def gauss_newton_hessian(self, p: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor,
-                              moving_grad: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                              moving_grad: tuple[torch.Tensor, torch.Tensor] | None = None, dense: bool = False) -> torch.Tensor:
         """``(b, n, n)`` Gauss-Newton Hessian of each pair's NCC loss at ``p``, from one evaluation's images.
 
         The derivative of a warped slice with respect to the parameters is its spatial gradient times
@@ -266,15 +266,16 @@ class PairObjective:
         return self.gauss_newton_from_moments(
             p, sums, fixed_first=torch.stack([moments(g) for g in wgf], 1),
             moving_first=torch.stack([moments(wt * g) for g in md], 1), cross=pairs(wgf, md), own=pairs(wgf, gf),
-            size=(h, w), chain=moving_grad is not None)
+            size=(h, w), chain=moving_grad is not None, dense=dense)
 
     def gauss_newton_from_moments(self, p: torch.Tensor, sums: torch.Tensor, fixed_first: torch.Tensor,
                                   moving_first: torch.Tensor, cross: torch.Tensor, own: torch.Tensor,
-                                  size: tuple[int, int], chain: bool = True) -> torch.Tensor:
+                                  size: tuple[int, int], chain: bool = True, dense: bool = False) -> torch.Tensor:
         """:meth:`gauss_newton_hessian` from moment sums over the pixels (see
         :func:`~.fastncc.ncc_and_gradient`'s ``curvature`` for their layout). ``chain``: the moving derivatives
         are the interpolant's at the sample positions (per moving pixel), turned into the warped slice's by the
-        chain rule here; otherwise they are the warped slice's own."""
+        chain rule here; otherwise they are the warped slice's own. ``dense``: no tensor read on the host (see
+        :meth:`evaluate`)."""
         b, n = p.shape
         h, w = size
         dev = p.device
@@ -317,11 +318,16 @@ class PairObjective:
         hc = 0.5 * (hc + hc.transpose(1, 2))
         hp = dtheta.transpose(1, 2) @ hc @ dtheta
         # the cross product where it is positive definite (relative to its own size); elsewhere the fixed slice's own
-        ev = torch.linalg.eigvalsh(hp)
-        bad = ~(ev[:, 0] > 1e-7 * hp.diagonal(dim1=-2, dim2=-1).sum(-1))
-        if bool(bad.any()):
-            ho = second(own[bad]) - (ff[bad].unsqueeze(2) * ff[bad].unsqueeze(1)) / wsum[bad].view(-1, 1, 1)
-            hp[bad] = dtheta[bad].transpose(1, 2) @ (ho / vf[bad].view(-1, 1, 1)) @ dtheta[bad]
+        floor = 1e-7 * hp.diagonal(dim1=-2, dim2=-1).sum(-1)
+        if dense:  # the same test without the eigenvalue solver's error check (a wait on a GPU)
+            bad = torch.linalg.cholesky_ex(hp - floor.view(b, 1, 1) * eye)[1] != 0
+            ho = second(own) - (ff.unsqueeze(2) * ff.unsqueeze(1)) / wsum.view(-1, 1, 1)
+            hp = torch.where(bad.view(b, 1, 1), dtheta.transpose(1, 2) @ (ho / vf.view(-1, 1, 1)) @ dtheta, hp)
+        else:
+            bad = ~(torch.linalg.eigvalsh(hp)[:, 0] > floor)
+            if bool(bad.any()):
+                ho = second(own[bad]) - (ff[bad].unsqueeze(2) * ff[bad].unsqueeze(1)) / wsum[bad].view(-1, 1, 1)
+                hp[bad] = dtheta[bad].transpose(1, 2) @ (ho / vf[bad].view(-1, 1, 1)) @ dtheta[bad]
         if self.regularization:  # the Hessian of penalty()
             b3 = self.basis[:, 3:].to(hp)
             hp = hp + 2 * self.regularization * (b3 @ b3.T)
@@ -329,8 +335,8 @@ class PairObjective:
         return hp + 1e-9 * hp.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12).view(b, 1, 1) * eye
 
     def evaluate(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, curvature: bool | torch.Tensor = False,
-                 fixed_coeffs: torch.Tensor | None = None, masks: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 fixed_coeffs: torch.Tensor | None = None, masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 dense: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Losses ``(b,)``, their gradients ``(b, n)`` and (optionally) Gauss-Newton Hessians ``(b, n, n)`` at ``p``.
 
         ``curvature``: True for every row's Hessian, or a ``(b,)`` mask of the rows that need one (the others get 0).
@@ -339,20 +345,22 @@ class PairObjective:
 
         Pairs go in equal passes of at most ``max_pixels_per_pass`` pixels, each pass's autograd graph freed
         before the next: the memory of a step stays bounded whatever the block and slice size (same math as one
-        pass).
+        pass). ``dense``: the same results without reading any tensor on the host (no ``.item()``, no boolean
+        indexing): curvature computed for every row of a pass and kept where ``curvature`` asks, the weight ramp's
+        gradient as dense sums (:func:`~.fastncc.ncc_and_gradient`); what a fit on a GPU runs (no wait per step).
         """
         h, w = fixed.shape[-2:]
         per = max(1, self.max_pixels_per_pass // (h * w))
         per = -(-len(p) // -(-len(p) // per))  # equal passes (8 pairs in 2 passes: 4 + 4, not 7 + 1)
         losses, grads, hess = [], [], []
         if isinstance(curvature, torch.Tensor):
-            want, curvature = curvature, bool(curvature.any())
+            want, curvature = curvature, (True if dense else bool(curvature.any()))
         else:
             want = torch.full((len(p),), bool(curvature), dtype=torch.bool, device=p.device)
         for c0 in range(0, len(p), per):
             pc = p[c0:c0 + per].detach().clone().requires_grad_(True)
             rows = want[c0:c0 + per]
-            curv = bool(rows.any())
+            curv = curvature if dense else bool(rows.any())
             mk = None if masks is None else (masks[0][c0:c0 + per], masks[1][c0:c0 + per])
             n = pc.shape[1]
             hc = torch.zeros(len(pc), n, n, dtype=torch.float64, device=pc.device) if curvature else None
@@ -365,20 +373,26 @@ class PairObjective:
                     fc = fixed_coeffs[c0:c0 + per] if fixed_coeffs is not None else bspline_prefilter(fixed[c0:c0 + per])
                 mom: dict[str, torch.Tensor] | None = {} if curv else None
                 lc, g_theta = ncc_and_gradient(theta.detach().to(fixed.dtype), fixed[c0:c0 + per], coeffs[c0:c0 + per],
-                                               fixed_coeffs=fc, curvature=mom, masks=mk)
+                                               fixed_coeffs=fc, curvature=mom, masks=mk, dense=dense)
                 total = (theta * g_theta).sum()
                 if self.regularization:
                     pen = self.penalty(pc)
                     total, lc = total + pen.sum(), lc + pen.detach()
                 (gc,) = torch.autograd.grad(total, pc)
-                if mom:
+                if mom and dense:
+                    hc = torch.where(rows.view(-1, 1, 1), self.gauss_newton_from_moments(pc.detach(), *(mom[k] for k in (
+                        "sums", "fixed_first", "moving_first", "cross", "own")), size=(h, w), dense=True), hc)
+                elif mom:
                     hc[rows] = self.gauss_newton_from_moments(pc.detach()[rows], *(mom[k][rows] for k in (
                         "sums", "fixed_first", "moving_first", "cross", "own")), size=(h, w))
             else:
                 images: dict[str, torch.Tensor] | None = {} if curv else None
                 lc = self.pair_losses(pc, fixed[c0:c0 + per], coeffs[c0:c0 + per], images, mk)
                 (gc,) = torch.autograd.grad(lc.sum(), pc)
-                if images:
+                if images and dense:
+                    hc = torch.where(rows.view(-1, 1, 1), self.gauss_newton_hessian(
+                        pc.detach(), fixed[c0:c0 + per], images["warped"], images["weight"], dense=True), hc)
+                elif images:
                     hc[rows] = self.gauss_newton_hessian(pc.detach()[rows], fixed[c0:c0 + per][rows], images["warped"][rows],
                                                           images["weight"][rows])
             losses.append(lc.detach())

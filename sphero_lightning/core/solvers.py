@@ -14,6 +14,10 @@ Protocol, shared by both solvers (one call of each per optimisation step):
 
 Rows are frozen with ``freeze(mask)`` (converged, or no pair in that slot); a frozen row's trial point
 is its current iterate and it never changes again.
+
+``sync_free``: every update runs its branches for all rows and keeps what each row needs (``torch.where``), where
+otherwise a branch no row needs is skipped after asking the device (``mask.any()``): the same results, and a fit on a
+GPU never waits for the device inside a step.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from ..errors import SpheroError
 class BatchSolver:
     """Shared state of the batched solvers: iterates, losses, the active mask."""
 
-    def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None) -> None:
+    def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None, sync_free: bool = False) -> None:
+        self.sync_free = sync_free
         self.x = x0.detach().double().clone()
         self.lr = float(lr)
         r = self.x.shape[0]
@@ -40,6 +45,10 @@ class BatchSolver:
         # rows whose curvature model has been checked against the loss (BFGS: see BatchBFGS); Adam has no model, so
         # its rows end a level only after several short steps in a row (callbacks.PairEarlyStopping)
         self.confirmed = torch.zeros_like(self.evaluated)
+
+    def any(self, mask: torch.Tensor) -> bool:
+        """Whether a branch is needed by any row of ``mask`` (always, sync-free: the branch is masked per row)."""
+        return self.sync_free or bool(mask.any())
 
     def freeze(self, mask: torch.Tensor) -> None:
         """Stop the rows in ``mask`` (``(R,)`` bool) for good."""
@@ -64,8 +73,8 @@ class BatchAdam(BatchSolver):
     """Adam (the reference pipeline's optimiser), one moment estimate per row; every step is accepted."""
 
     def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        super().__init__(x0, lr, active)
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, sync_free: bool = False) -> None:
+        super().__init__(x0, lr, active, sync_free)
         self.m = torch.zeros_like(self.x)
         self.v = torch.zeros_like(self.x)
         self.t = torch.zeros_like(self.f)
@@ -124,8 +133,8 @@ class BatchBFGS(BatchSolver):
     def __init__(self, x0: torch.Tensor, lr: float, active: torch.Tensor | None = None,
                  c1: float = 1e-4, max_step: float = 0.1, hinv: torch.Tensor | None = None,
                  step_length: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 max_length: float = float("inf")) -> None:
-        super().__init__(x0, lr, active)
+                 max_length: float = float("inf"), sync_free: bool = False) -> None:
+        super().__init__(x0, lr, active, sync_free)
         r, n = self.x.shape
         self.c1, self.max_step = c1, max_step
         self.step_length, self.max_length = step_length, max_length
@@ -165,7 +174,7 @@ class BatchBFGS(BatchSolver):
         """Recompute the search direction of ``rows``; reset the curvature where it is not descent."""
         d = -(self.hinv @ self.g.unsqueeze(-1)).squeeze(-1)
         bad = rows & ((d * self.g).sum(-1) >= 0) & (self.g.abs().amax(-1) > 0)
-        if bad.any():
+        if self.any(bad):
             scale = (self.lr / self.g.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
             self.hinv = torch.where(bad.view(-1, 1, 1), scale * self.eye, self.hinv)
             self.updated &= ~bad
@@ -201,7 +210,7 @@ class BatchBFGS(BatchSolver):
 
         # First evaluation of a row: take it as the iterate, start with a scaled identity.
         first = act & ~self.evaluated & finite
-        if first.any():
+        if self.any(first):
             self.x = torch.where(first.unsqueeze(-1), trial, self.x)
             self.f = torch.where(first, loss, self.f)
             self.g = torch.where(first.unsqueeze(-1), grad, self.g)
@@ -217,7 +226,7 @@ class BatchBFGS(BatchSolver):
         accept = cont & armijo
         reject = cont & ~armijo
 
-        if accept.any():
+        if self.any(accept):
             s = trial - self.x
             y = grad - self.g
             sy = (s * y).sum(-1)
@@ -228,7 +237,7 @@ class BatchBFGS(BatchSolver):
             gamma = (sy / yy.clamp_min(1e-300)).view(-1, 1, 1)
             hinv = torch.where(fresh.view(-1, 1, 1), gamma * self.eye, self.hinv)
             scale_now = good & self.rescale
-            if scale_now.any():
+            if self.any(scale_now):
                 hy = (hinv @ y.unsqueeze(-1)).squeeze(-1)
                 tau = (sy / (y * hy).sum(-1).clamp_min(1e-300)).clamp(0.1, 10.0)
                 self.tau = torch.where(scale_now, tau, self.tau)
@@ -255,7 +264,7 @@ class BatchBFGS(BatchSolver):
             self.backtracks = torch.where(accept, torch.zeros_like(self.backtracks), self.backtracks)
             self._direction(accept)
 
-        if reject.any():
+        if self.any(reject):
             # Minimiser of the quadratic through f(0), f'(0) and f(alpha), kept in [0.1, 0.5] alpha.
             a = self.alpha
             denom = 2 * (loss - self.f - slope * a)
@@ -265,7 +274,7 @@ class BatchBFGS(BatchSolver):
             self.backtracks = self.backtracks + reject.long()
             # After many failures the curvature model is useless: restart it from the gradient.
             restart = reject & (self.backtracks >= 8)
-            if restart.any():
+            if self.any(restart):
                 scale = (self.lr * 1e-2 / self.g.abs().amax(-1).clamp_min(1e-30)).view(-1, 1, 1)
                 self.hinv = torch.where(restart.view(-1, 1, 1), scale * self.eye, self.hinv)
                 self.updated &= ~restart
@@ -293,4 +302,4 @@ def make_solver(name: str, x0: torch.Tensor, lr: float, active: torch.Tensor | N
         # the rescaling the previous level needed is the best guess for this one's (real sections: the curvature
         # grows less than the resolution squared, by a factor that is similar from level to level)
         return cls(x0, lr, active, hinv=previous.hinv * curvature_scale * previous.tau.view(-1, 1, 1), **kwargs)
-    return cls(x0, lr, active, **kwargs) if cls is BatchBFGS else cls(x0, lr, active)
+    return cls(x0, lr, active, **kwargs) if cls is BatchBFGS else cls(x0, lr, active, sync_free=kwargs.get("sync_free", False))

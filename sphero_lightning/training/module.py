@@ -75,6 +75,9 @@ class RegistrationModule(L.LightningModule):
         Pairs fitted together per device (set from ``data.pairs_per_block``).
     """
 
+    #: :class:`~sphero_lightning.core.fit.BlockFit`'s ``sync_free`` (None: on where the slices are not on the CPU)
+    sync_free: bool | None = None
+
     def __init__(
         self,
         transformation: Transformation = "rigid",
@@ -189,7 +192,8 @@ class RegistrationModule(L.LightningModule):
         self.fit = BlockFit(self.objective, self.levels, slices, batch["fixed"], batch["moving"], pairs,
                             [self.pair_stop[p] if p >= 0 else 1.0 for p in pairs], masks,
                             FitSettings(hp.optimizer, hp.curvature, hp.init_std, hp.init_translation),
-                            Ranks(self.rows, self._all_reduce, self._gradients), index=self.current_epoch)
+                            Ranks(self.rows, self._all_reduce, self._gradients), index=self.current_epoch,
+                            sync_free=self.sync_free)
 
     def _gradients(self, trial: torch.Tensor, idx: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """Every row's gradient: a linear surrogate with exactly this rank's gradients, all-reduced by DDP into every
