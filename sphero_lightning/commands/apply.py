@@ -21,7 +21,7 @@ import zarr
 from .._version import __version__
 from ..core.frames import composed_of_all
 from ..errors import SpheroError
-from ..storage.pyramid import default_levels, write_levels
+from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import (
     check_writable,
     move_into_place,
@@ -35,7 +35,7 @@ from ..storage.store import (
     zarr_format,
 )
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import ArrayRef, prepare_output, warp_stack
+from ..storage.writing import ArrayRef, level_arrays, prepare_output, warp_stack
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 
@@ -84,9 +84,13 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
     out_shape = (n, down - up, right - left)
     tmp = f"tmp-{out_name}-partial"
     chunks = (1, *(min(c, s) for c, s in zip(src.chunks[1:], out_shape[1:])))
+    n_levels = levels if levels is not None else default_levels(out_shape[1:])
+    tmp_levels = level_arrays(tmp, out_shape, chunks, tuple(src.shape[1:]), n_levels)  # None: written in a second pass
+    nearest = mode == "nearest"
     units, resumed = prepare_output(group, tmp, shape=out_shape, chunks=chunks, shards=None, dtype=src.dtype, compression_level=3,
-                                    full_shape=tuple(src.shape[1:]), source=[str(root), array], composed=composed.tolist(),
-                                    box=box, mode=mode, zarr_format=zarr_format(src))
+                                    full_shape=tuple(src.shape[1:]), levels=tmp_levels, nearest=nearest,
+                                    source=[str(root), array], composed=composed.tolist(), box=box, mode=mode,
+                                    zarr_format=zarr_format(src))
     if resumed:
         print(f"sphero: resuming an interrupted apply: {resumed} of {units} output chunks are already written",
               file=sys.stderr)
@@ -94,7 +98,7 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
     out_ref, written = ArrayRef(str(root), prefix + tmp), ArrayRef(str(root), prefix + f"{tmp}-written")
     warp_stack(ArrayRef(str(root), array) if is_distributed(scheduler) else src, out_ref, composed, box, mode, written=written,
                device="cuda" if torch.cuda.is_available() else "cpu", progress=progress, num_workers=num_workers,
-               scheduler=scheduler)
+               scheduler=scheduler, levels=[ArrayRef(str(root), prefix + n) for n, _, _ in tmp_levels or []], nearest=nearest)
     out = out_ref.open("r+")
     spacing = list(src.attrs.get("spacing", reg.attrs.get("spacing", [])))
     processing = list(src.attrs.get("processing", []))
@@ -108,10 +112,8 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
             out.attrs[key] = src.attrs[key]
     move_into_place(root, group_path, tmp, out_name)
     remove_node(root, prefix + f"{tmp}-written")
-    n_levels = levels if levels is not None else default_levels(out_shape[1:])
-    if n_levels > 1:
-        write_levels(root, group_path, out_name, n_levels, num_workers=num_workers, progress=progress,
-                     nearest=mode == "nearest")
+    place_levels(root, group_path, out_name, n_levels, None if tmp_levels is None else [n for n, _, _ in tmp_levels],
+                 nearest=nearest, num_workers=num_workers, progress=progress)
     if group_path:
         write_ome(root, group_path)
     return dst

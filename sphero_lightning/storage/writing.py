@@ -11,6 +11,11 @@ output does not depend on the chunking, the scheduler, or how many workers ran i
 flag per task, set after the task's chunk is stored, and the fingerprint of everything that determines the output.
 A run killed while writing leaves both; the same command finds them, checks the fingerprint, and writes only the
 chunks not yet flagged.
+
+**Downsampled levels in the same pass.** Where every task's box starts at a multiple of ``2^(levels-1)`` in y and x
+(:func:`level_arrays`), each task also reduces its box, in memory, to levels ``1 .. levels - 1`` and stores them in
+temporary level arrays (chunked so that each task's part of a level is whole chunks: no two tasks write one chunk),
+created, fingerprinted and resumed with the output; ``storage/pyramid.py`` renames them into place.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +34,7 @@ import zarr
 from ..core.interpolation import DENSE_MAX, nearest_index, warp, warp_coefficients
 from ..core.windows import bspline_window, corner_positions, sample_bounds, window_canvas
 from ..errors import SpheroError
+from .pyramid import level_shapes, reduce2
 from .store import create_array
 from .tasks import is_distributed, run_tasks
 
@@ -110,17 +117,23 @@ class WarpJob:
     box: tuple[int, int, int, int]
     mode: str
     device: str
+    levels: tuple[zarr.Array | ArrayRef, ...] = ()  # levels 1.. written in the same pass (:func:`level_arrays`)
+    nearest: bool = False  # levels keep each 2 x 2 block's top-left pixel (labels), not its mean
+
+
+def unit_shape(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int]
+               ) -> tuple[int, int, int]:
+    """The box of one writing task: ``unit`` (the output's shard or chunk), or whole slices where the source's
+    slices are at most ``DENSE_MAX`` pixels on a side (prefiltered whole: the exact prefilter needs the whole axis)."""
+    return (unit[0], *out_shape[1:]) if min(full_shape) <= DENSE_MAX else tuple(unit)
 
 
 def output_units(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int]
                  ) -> list[tuple[int, int, int, int, int, int]]:
-    """The writing tasks: ``(z0, z1, y0, y1, x0, x1)`` boxes of the output, one per shard (or chunk, unsharded), so no
-    two tasks ever write the same stored object. A slice of at most ``DENSE_MAX`` pixels on a side is prefiltered
-    whole (its exact prefilter needs the whole axis), so there a task spans whole slices."""
+    """The writing tasks: ``(z0, z1, y0, y1, x0, x1)`` boxes of the output (:func:`unit_shape`), one per shard (or
+    chunk, unsharded), so no two tasks ever write the same stored object."""
     nz, ny, nx = out_shape
-    dz, dy, dx = unit
-    if min(full_shape) <= DENSE_MAX:
-        dy, dx = ny, nx
+    dz, dy, dx = unit_shape(out_shape, unit, full_shape)
     return [(z0, min(z0 + dz, nz), y0, min(y0 + dy, ny), x0, min(x0 + dx, nx))
             for z0 in range(0, nz, dz) for y0 in range(0, ny, dy) for x0 in range(0, nx, dx)]
 
@@ -165,11 +178,39 @@ def warp_window(src: zarr.Array, z: int, theta: torch.Tensor | None, box: tuple[
     return to_dtype(res, src.dtype)
 
 
+def level_arrays(tmp_name: str, out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int],
+                 levels: int) -> list[tuple[str, tuple[int, int, int], tuple[int, int, int]]] | None:
+    """The temporary arrays ``(name, shape, chunks)`` of levels ``1 .. levels - 1`` written in the same pass as the
+    output whose temporary array is ``tmp_name`` and whose tasks write ``unit`` boxes; ``None`` where a task's box may
+    start off a multiple of ``2^(levels-1)`` (a level's pixel would straddle two tasks: a second pass writes them).
+    Level ``k``'s chunks are the task box shrunk ``2^k`` times (capped by the level's shape): each task writes whole
+    chunks of its own."""
+    shapes = level_shapes(out_shape, levels)
+    task = unit_shape(out_shape, unit, full_shape)
+    f = 2 ** len(shapes)
+    if any(u % f and u < n for u, n in zip(task[1:], out_shape[1:])):  # a box spanning the axis starts at 0
+        return None
+    return [(f"{tmp_name}-level{k}", s, (1, *(max(1, min(u >> k, n)) for u, n in zip(task[1:], s[1:]))))
+            for k, s in enumerate(shapes, 1)]
+
+
+def store_levels(job: WarpJob, block: np.ndarray, z0: int, y0: int, x0: int) -> None:
+    """Levels ``1 ..`` of the output box ``block`` (at ``z0, y0, x0``), each reduced from the one before in memory,
+    into the job's level arrays (the box starts at a multiple of ``2^(levels-1)``: see :func:`level_arrays`)."""
+    for k, level in enumerate(job.levels, 1):
+        block = reduce2(block, job.nearest)
+        if not block.size:  # an odd last row or column alone: nothing of it reaches this level
+            return
+        _array(level, "r+")[z0:z0 + block.shape[0], y0 >> k:(y0 >> k) + block.shape[1],
+                            x0 >> k:(x0 >> k) + block.shape[2]] = block
+
+
 def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, int], thetas: np.ndarray | None,
-               shift: int = 1) -> int:
+               shift: int = 1) -> tuple[int, float, float]:
     """One task: warp the output box ``unit`` (``thetas``: its slices' matrices, row ``k`` for slice ``z0 + k``,
-    slice 0 excluded where ``shift`` is 1: its transform is the identity), store it, flag it written. Returns the
-    slices it held."""
+    slice 0 excluded where ``shift`` is 1: its transform is the identity), store it and its levels, flag it written.
+    Returns the slices it held, the seconds it took and the seconds of them spent on the levels."""
+    t0 = time.perf_counter()
     z0, z1, y0, y1, x0, x1 = unit
     src, out = _array(job.src), _array(job.out, "r+")
     block = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=src.dtype)
@@ -179,9 +220,12 @@ def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, in
             theta = None if (z == 0 and shift) else torch.from_numpy(thetas[row][None])
             block[z - z0] = warp_window(src, z, theta, job.box, (y0, y1, x0, x1), job.mode, job.device)
     out[z0:z1, y0:y1, x0:x1] = block
+    t1 = time.perf_counter()
+    store_levels(job, block, z0, y0, x0)
+    t2 = time.perf_counter()
     if job.written is not None:
         _array(job.written, "r+")[index] = 1
-    return z1 - z0
+    return z1 - z0, time.perf_counter() - t0, t2 - t1
 
 
 def fingerprint(**settings: Any) -> str:
@@ -192,21 +236,25 @@ def fingerprint(**settings: Any) -> str:
 
 def open_partial(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int], chunks: tuple[int, int, int],
                  shards: tuple[int, int, int] | None, dtype: Any, compression_level: int, key: str,
-                 n_units: int) -> int:
-    """The temporary output and its ``written`` flags: those of an interrupted run with the same fingerprint ``key``
-    (resumed), else new ones. Returns how many units are already written."""
+                 n_units: int, levels: Sequence[tuple[str, tuple[int, int, int], tuple[int, int, int]]] = ()) -> int:
+    """The temporary output, its same-pass ``levels`` (:func:`level_arrays`) and its ``written`` flags: those of an
+    interrupted run with the same fingerprint ``key`` (resumed), else new ones (and no other temporary levels: those of
+    an interrupted run with more levels). Returns how many units are already written."""
     flags = f"{tmp_name}-written"
+    arrays = [(tmp_name, shape, chunks, shards), *((name, s, c, None) for name, s, c in levels)]
     try:
-        out, written = group[tmp_name], group[flags]
-        same = (written.attrs.get("fingerprint") == key and written.shape == (n_units,) and tuple(out.shape) == shape
-                and tuple(out.chunks) == chunks and getattr(out, "shards", None) == shards
-                and np.dtype(out.dtype) == np.dtype(dtype))
+        written = group[flags]
+        same = written.attrs.get("fingerprint") == key and written.shape == (n_units,) and all(
+            tuple(a.shape) == s and tuple(a.chunks) == c and getattr(a, "shards", None) == sh
+            and np.dtype(a.dtype) == np.dtype(dtype) for a, s, c, sh in ((group[n], s, c, sh) for n, s, c, sh in arrays))
     except KeyError:
         same = False
     if same:
         return int(np.count_nonzero(written[:]))
-    create_array(group, tmp_name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
-                       compression_level=compression_level)
+    for name in [n for n in group.array_keys() if n.startswith(f"{tmp_name}-level")]:
+        del group[name]
+    for name, s, c, sh in arrays:
+        create_array(group, name, shape=s, chunks=c, shards=sh, dtype=dtype, compression_level=compression_level)
     written = group.create_array(flags, shape=(n_units,), chunks=(1,), dtype="uint8", fill_value=0, overwrite=True)
     written.attrs["fingerprint"] = key
     return 0
@@ -214,20 +262,25 @@ def open_partial(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int
 
 def prepare_output(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int], chunks: tuple[int, int, int],
                    shards: tuple[int, int, int] | None, dtype: Any, compression_level: int, full_shape: tuple[int, int],
-                   **settings: Any) -> tuple[int, int]:
-    """The temporary output of a write and its flags (:func:`open_partial`), keyed by the layout and ``settings``
-    (source, transforms, crop, interpolation: everything else that determines the bytes). Returns ``(tasks, tasks
-    already written)``: the second is non-zero where an interrupted write of the same output is resumed."""
+                   levels: list[tuple[str, tuple[int, int, int], tuple[int, int, int]]] | None = None,
+                   nearest: bool = False, **settings: Any) -> tuple[int, int]:
+    """The temporary output of a write, its same-pass ``levels`` (:func:`level_arrays`; ``nearest``: how they are
+    reduced) and its flags (:func:`open_partial`), keyed by the layout and ``settings`` (source, transforms, crop,
+    interpolation: everything else that determines the bytes). Returns ``(tasks, tasks already written)``: the second
+    is non-zero where an interrupted write of the same output is resumed."""
     n_units = len(output_units(shape, shards or chunks, full_shape))
+    if levels:
+        settings = {**settings, "levels": [[s, c] for _, s, c in levels], "levels_nearest": nearest}
     key = fingerprint(shape=shape, chunks=chunks, shards=shards, dtype=str(np.dtype(dtype)),
                       compression_level=compression_level, **settings)
     return n_units, open_partial(group, tmp_name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
-                                 compression_level=compression_level, key=key, n_units=n_units)
+                                 compression_level=compression_level, key=key, n_units=n_units, levels=levels or ())
 
 
 def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed: torch.Tensor, box: list[int], mode: str, *,
                written: zarr.Array | ArrayRef | None = None, device: torch.device | str = "cpu", rank: int = 0,
-               world: int = 1, progress: bool = False, num_workers: int = 4, scheduler: str = "threads") -> dict[str, float]:
+               world: int = 1, progress: bool = False, num_workers: int = 4, scheduler: str = "threads",
+               levels: Sequence[zarr.Array | ArrayRef] = (), nearest: bool = False) -> dict[str, float]:
     """Warp every slice of ``src`` once into the cropped ``out``: one dask task per shard (or chunk) of ``out``.
 
     ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped), or of every
@@ -236,13 +289,19 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     (labels), the others round and clip to ``src``'s dtype. Tasks go round-robin to the ranks; with ``written``
     (flags from :func:`open_partial`), tasks already flagged are skipped and the others flag themselves when done.
     ``scheduler``: see :mod:`~sphero_lightning.storage.tasks` (with an address, ``src``, ``out`` and ``written``
-    must be :class:`ArrayRef` s: only references and matrices travel to the workers). Returns timings (s) and counts.
+    must be :class:`ArrayRef` s: only references and matrices travel to the workers). ``levels``: the temporary
+    arrays of levels ``1 ..`` (:func:`level_arrays`) each task fills from its box in the same pass (``nearest``: top-left
+    pixels, for labels, instead of 2 x 2 means). Returns timings (s) and counts; with ``levels``, ``levels_s`` is the
+    share of ``write_s`` the levels took (``write_s`` times their part of the tasks' summed time) and
+    ``levels_same_pass`` is 1.
     """
+    levels = tuple(levels)
     if is_distributed(scheduler):
-        if not all(isinstance(a, ArrayRef) for a in (src, out) + ((written,) if written is not None else ())):
+        refs = (src, out, *levels) + ((written,) if written is not None else ())
+        if not all(isinstance(a, ArrayRef) for a in refs):
             raise SpheroError("writing on a dask cluster needs arrays in a store the workers can open, not in memory")
     else:  # on this machine: open each array once, not once per task
-        src, out = _array(src), _array(out, "r+")
+        src, out, levels = _array(src), _array(out, "r+"), tuple(_array(a, "r+") for a in levels)
         written = None if written is None else _array(written, "r+")
     s, o = _array(src), _array(out)
     up, down, left, right = box
@@ -251,14 +310,21 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     theta = composed.detach().cpu().numpy()
     if len(theta) == s.shape[0]:  # every slice's: slice 0 as the others (cropped only where it is the identity)
         theta = theta[1:] if np.array_equal(theta[0], np.eye(3)[:2]) else theta
-    job = WarpJob(src, out, written, (up, down, left, right), mode, str(device) if not is_distributed(scheduler) else "cpu")
+    job = WarpJob(src, out, written, (up, down, left, right), mode, str(device) if not is_distributed(scheduler) else "cpu",
+                  levels, nearest)
     todo = [i for i in range(rank, len(units), world) if not done[i]]
     shift = 0 if len(theta) == s.shape[0] else 1  # row of slice z: z - shift (legacy: no row for slice 0)
     args = [(job, i, units[i], theta[max(0, units[i][0] - shift):units[i][1] - shift], shift) for i in todo]
     area = o.shape[1] * o.shape[2]
     weights = [(u[1] - u[0]) * (u[3] - u[2]) * (u[5] - u[4]) / area for u in (units[i] for i in todo)]
     t0 = time.perf_counter()
-    run_tasks(write_unit, args, scheduler=scheduler, num_workers=num_workers, progress=progress, desc="writing",
-              unit="slice", weights=[w * world for w in weights])
-    return {"write_s": time.perf_counter() - t0, "units": float(len(units)), "units_written": float(len(todo)),
-            "units_resumed": float(int(np.count_nonzero(done)))}
+    done_tasks = run_tasks(write_unit, args, scheduler=scheduler, num_workers=num_workers, progress=progress,
+                           desc="writing", unit="slice", weights=[w * world for w in weights])
+    write_s = time.perf_counter() - t0
+    timings = {"write_s": write_s, "units": float(len(units)), "units_written": float(len(todo)),
+               "units_resumed": float(int(np.count_nonzero(done)))}
+    if levels:
+        task_s = sum(t for _, t, _ in done_tasks)
+        timings["levels_s"] = write_s * sum(t for _, _, t in done_tasks) / task_s if task_s > 0 else 0.0
+        timings["levels_same_pass"] = 1.0
+    return timings

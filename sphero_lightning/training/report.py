@@ -19,12 +19,14 @@ HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
 
 
 def timing_line(t: dict[str, float], workers: int) -> str:
-    """One line: where the run's time went (this rank's view)."""
+    """One line: where the run's time went (this rank's view). Downsampled levels written in the same pass as the
+    output are a share of the writing time ("of it"); a second pass adds its own."""
     fit, wait = t.get("fit_s", 0.0), t.get("wait_s", 0.0)
+    levels = "" if "levels_s" not in t else f", downsampled levels {t['levels_s']:.2f} s" + (
+        " of it (same pass)" if t.get("levels_same_pass") else " (second pass)")
     return (f"time: checking slices {t.get('scan_s', 0.0):.2f} s, fitting {fit:.2f} s (computing {fit - wait:.2f} s, "
             f"waiting for data {wait:.2f} s; reading took {t.get('read_s', 0.0):.2f} s in the background), "
-            f"writing {t.get('write_s', 0.0):.2f} s ({workers} threads)"
-            + (f", downsampled levels {t['levels_s']:.2f} s" if "levels_s" in t else ""))
+            f"writing {t.get('write_s', 0.0):.2f} s ({workers} threads){levels}")
 
 
 #: A pair whose NCC after fitting is below this is marked ``low_correlation``, never ``ok``: its slices share too

@@ -25,10 +25,10 @@ from ..core.transforms import normalized_to_pixel
 from ..core.volume import compose_volume
 from ..errors import SpheroError
 from ..report.visual import accumulation_warning
-from ..storage.pyramid import default_levels, write_levels
+from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import ArrayRef, output_layout, prepare_output, warp_stack
+from ..storage.writing import ArrayRef, level_arrays, output_layout, prepare_output, warp_stack
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
 from .volume import VolumeSolve
@@ -85,10 +85,12 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     rank, world = trainer.global_rank, trainer.world_size
     out_root, fmt = dm.out_root, dm.output_format
     chunks, shards = output_layout(src.chunks, out_shape, writer.chunks, writer.shards)
+    n_levels = writer.levels if writer.levels is not None else default_levels(out_shape[1:])
+    levels = level_arrays(tmp_name, out_shape, shards or chunks, shape, n_levels)  # None: a second pass writes them
     if rank == 0:
         group = open_group(out_root, group_path, fmt)
         units, resumed = prepare_output(group, tmp_name, shape=out_shape, chunks=chunks, shards=shards, dtype=src.dtype,
-                                        compression_level=writer.compression_level, full_shape=shape,
+                                        compression_level=writer.compression_level, full_shape=shape, levels=levels,
                                         source=[str(dm.root), dm.array], composed=composed.tolist(), box=box,
                                         mode=writer.interpolation, zarr_format=fmt)
         if resumed:
@@ -106,7 +108,8 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
               f"({dm.memory_budget / 2**30:.2f} GB) holds {workers} slice(s) of {shape[0]} x {shape[1]} in flight", file=sys.stderr)
     module.timings.update(warp_stack(ArrayRef(str(dm.root), dm.array) if distributed else src, out_ref, composed, box,
                                      writer.interpolation, written=written, device=module.device, rank=rank, world=world,
-                                     progress=show, num_workers=workers, scheduler=writer.scheduler))
+                                     progress=show, num_workers=workers, scheduler=writer.scheduler,
+                                     levels=[ArrayRef(str(out_root), f"{group_path}/{n}") for n, _, _ in levels or []]))
     _barrier()
     out = out_ref.open("r+")
 
@@ -171,11 +174,10 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         journal = getattr(module, "journal", None)
         if journal is not None:
             journal.remove()  # the result is in place: nothing to resume any more
-        n_levels = writer.levels if writer.levels is not None else default_levels(out_shape[1:])
-        if n_levels > 1:
-            t0 = time.perf_counter()
-            write_levels(out_root, group_path, name, n_levels, num_workers=workers, progress=show,
-                         compression_level=writer.compression_level)
+        t0 = time.perf_counter()
+        place_levels(out_root, group_path, name, n_levels, None if levels is None else [n for n, _, _ in levels],
+                     num_workers=workers, progress=show, compression_level=writer.compression_level)
+        if levels is None and n_levels > 1:  # a second pass; else levels_s is their share of write_s (warp_stack)
             module.timings["levels_s"] = time.perf_counter() - t0
         write_ome(out_root, group_path)
         print(f"sphero: wrote {out_root}/{final} shape {out_shape} {np.dtype(src.dtype)} crop_box {box} (Zarr v{fmt})",
