@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--pystackreg-pairs", type=int, default=1)
     ap.add_argument("--full-resolution", action="store_true", help="also run with the finest level at full resolution")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--keep", default=None, help="a folder to keep the rendered stack in and reuse it from (rendering "
+                    "8 slices of 8192 px takes minutes)")
     a = ap.parse_args()
     import zarr
 
@@ -134,9 +137,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         root = Path(tmp) / "large.zarr"
+        kept = Path(a.keep) / f"large-{a.size}-{a.slices}" if a.keep else None
         t0 = time.perf_counter()
-        truth = make_large_stack(root, a.size, a.slices)
-        print(f"# {a.slices} slices of {a.size} x {a.size} uint8 (generated in {time.perf_counter() - t0:.0f} s)", flush=True)
+        if kept is not None and (kept / "truth.npy").exists():
+            shutil.copytree(kept / "large.zarr", root)
+            truth = np.load(kept / "truth.npy")
+            print(f"# {a.slices} slices of {a.size} x {a.size} uint8 (kept in {kept})", flush=True)
+        else:
+            truth = make_large_stack(root, a.size, a.slices)
+            print(f"# {a.slices} slices of {a.size} x {a.size} uint8 (generated in {time.perf_counter() - t0:.0f} s)", flush=True)
+            if kept is not None:
+                kept.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(root, kept / "large.zarr", dirs_exist_ok=True)
+                np.save(kept / "truth.npy", truth)
         runs = {"default": []}
         if a.full_resolution:
             runs["full resolution"] = ["--pyramid.finest_max_pixels", str(a.size * a.size), "--data.memory_budget_gb", "64"]

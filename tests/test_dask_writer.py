@@ -66,7 +66,7 @@ def test_fit_output_equals_the_whole_slice_computation(stack_root, tmp_path, lay
 
 
 def test_long_slices_in_chunks_read_bands_and_equal_whole_slices(tmp_path, monkeypatch):
-    """Slices longer than DENSE_MAX on both sides: a task per chunk, each reading a band of the source."""
+    """Slices longer than DENSE_MAX on both sides: a task per row of chunks, each reading a band of the source."""
     monkeypatch.setattr(windows, "CANVAS_FILL", float("nan"))
     rng = np.random.default_rng(1)
     base = np.clip(large_image(1024, seed=1)[:800, :840], 0, 255)
@@ -89,7 +89,7 @@ def test_long_slices_in_chunks_read_bands_and_equal_whole_slices(tmp_path, monke
         reads.clear()
         out = zarr.create_array(str(tmp_path / f"{mode}.zarr"), shape=(3, 781, 813), chunks=(1, 392, 408), dtype=stack.dtype)
         timings = warp_stack(src, out, composed, box, mode, num_workers=2)
-        assert timings["units"] == 3 * 2 * 2
+        assert timings["units"] == 3 * 2  # a row of chunks per task
         ref = whole_slice_reference(stack, composed.numpy(), box, mode) if mode != "nearest" else None
         if ref is not None:
             np.testing.assert_array_equal(out[:], ref)
@@ -173,7 +173,7 @@ def test_a_killed_write_resumes_with_only_the_rest(tmp_path):
     assert total // 2 <= before < total
     again = subprocess.run([*args, "--data.output_root", str(killed)], capture_output=True, text=True, env=env, check=False)
     assert again.returncode == 0, again.stderr
-    assert f"resuming an interrupted write: {before} of {total} output chunks are already written" in again.stderr
+    assert f"resuming an interrupted write: {before} of {total} parts of the output (rows of chunks or whole slices) are already written" in again.stderr
     out = zarr.open_array(str(killed), path=OUT)
     ref = whole_slice_reference(s.stack, out.attrs["composed_transforms"], out.attrs["crop_box"])
     np.testing.assert_array_equal(out[:], ref)  # what an uninterrupted run writes (test_fit_output_equals_...)

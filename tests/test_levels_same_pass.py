@@ -114,7 +114,7 @@ def test_an_interrupted_write_resumes_with_identical_levels(tmp_path, monkeypatc
     write = writing.write_unit
     monkeypatch.setattr(writing, "write_unit", lambda *a: units.append(a[1]) or write(*a))
     left = apply(root, "bilinear", levels=2, overwrite=True)
-    assert "resuming" not in capsys.readouterr().err and len(units) == 60  # 3 slices x 4 x 5 chunks
+    assert "resuming" not in capsys.readouterr().err and len(units) == 12  # 3 slices x 4 rows of chunks
     assert not [n for n in left.array_keys() if n.startswith("tmp-")]  # the interrupted run's level 2 too
     monkeypatch.undo()
     flagged = interrupted(3)
@@ -122,8 +122,8 @@ def test_an_interrupted_write_resumes_with_identical_levels(tmp_path, monkeypatc
     units.clear()
     monkeypatch.setattr(writing, "write_unit", lambda *a: units.append(a[1]) or write(*a))
     group = apply(root, "bilinear", overwrite=True)
-    assert "resuming an interrupted apply: 4 of 60 output chunks are already written" in capsys.readouterr().err
-    assert sorted(units) == sorted(set(range(60)) - flagged)  # the unflagged task's output box was stored: redone
+    assert "resuming an interrupted apply: 4 of 12 parts of the output (rows of chunks or whole slices) are already written" in capsys.readouterr().err
+    assert sorted(units) == sorted(set(range(12)) - flagged)  # the unflagged task's output box was stored: redone
     for name in NAMES:
         assert np.array_equal(group[name][:], clean[name]), name
 

@@ -92,7 +92,7 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
                                     source=[str(root), array], composed=composed.tolist(), box=box, mode=mode,
                                     zarr_format=zarr_format(src))
     if resumed:
-        print(f"sphero: resuming an interrupted apply: {resumed} of {units} output chunks are already written",
+        print(f"sphero: resuming an interrupted apply: {resumed} of {units} parts of the output (rows of chunks or whole slices) are already written",
               file=sys.stderr)
     prefix = f"{group_path}/" if group_path else ""
     out_ref, written = ArrayRef(str(root), prefix + tmp), ArrayRef(str(root), prefix + f"{tmp}-written")

@@ -23,7 +23,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .interpolation import (
     _BAND,
@@ -73,11 +72,13 @@ def _banded_last(x: torch.Tensor, n: int, start: int, lo: int, hi: int) -> torch
     g0, g1 = jlo * _BAND - _RADIUS, jhi * _BAND + _RADIUS  # the samples the windows cover (beyond 0..n-1: mirrored, zeros)
     rows = x.flatten(0, -2)  # a view where it can be (the second pass's transposed input is read in place)
     xp = rows[:, max(g0, 0) - start:min(g1, n) - start]
-    mirrored = (max(0, -g0), max(0, min(g1, n + _RADIUS) - n))
-    if any(mirrored):  # only a window at either end of the axis: mirror as F.pad does on the whole axis
-        xp = F.pad(xp[:, None], mirrored, mode="reflect")[:, 0]
-    if g1 > n + _RADIUS:  # and the zeros that fill the axis's last window
-        xp = F.pad(xp, (0, g1 - n - _RADIUS))
+    left, right = max(0, -g0), max(0, min(g1, n + _RADIUS) - n)
+    zeros = max(0, g1 - n - _RADIUS)
+    if left or right or zeros:
+        # a window at either end of the axis: mirrored samples (as F.pad's reflect: the end sample not repeated) and
+        # the zeros that fill the axis's last window, in one copy (F.pad's reflect on the CPU took 15 ms per 256 lines)
+        xp = torch.cat([xp[:, 1:left + 1].flip(-1), xp, xp[:, xp.shape[-1] - 1 - right:xp.shape[-1] - 1].flip(-1),
+                        xp.new_zeros(xp.shape[0], zeros)], -1)
     band = band_matrix(kernel, x.dtype, x.device)
     # one contiguous (windows, samples) matrix, as matmul folds the whole axis's windows: a single window as a
     # (rows, 1, samples) view would take a batched path whose sums differ in the last bit

@@ -94,8 +94,8 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
                                         source=[str(dm.root), dm.array], composed=composed.tolist(), box=box,
                                         mode=writer.interpolation, zarr_format=fmt)
         if resumed:
-            print(f"sphero: resuming an interrupted write: {resumed} of {units} output chunks are already written "
-                  f"in {out_root}/{group_path}/{tmp_name}", file=sys.stderr)
+            print(f"sphero: resuming an interrupted write: {resumed} of {units} parts of the output (rows of chunks or "
+                  f"whole slices) are already written in {out_root}/{group_path}/{tmp_name}", file=sys.stderr)
     _barrier()
     out_ref = ArrayRef(str(out_root), f"{group_path}/{tmp_name}")
     written = ArrayRef(str(out_root), f"{group_path}/{tmp_name}-written")
