@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,6 +131,19 @@ def unit_shape(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full
     written 1.2x faster), or whole slices where the source's slices are at most ``DENSE_MAX`` pixels on a side
     (prefiltered whole: the exact prefilter needs the whole axis)."""
     return (unit[0], *out_shape[1:]) if min(full_shape) <= DENSE_MAX else (unit[0], unit[1], out_shape[2])
+
+
+def task_pixels(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int],
+                composed: torch.Tensor) -> int:
+    """Source pixels one writing task holds at most: its band of rows (:func:`unit_shape`), widened by how far the
+    transforms ``composed`` (normalized, ``(N, 2, 3)``) tilt a row across the slice and by the prefilter's margins,
+    the whole slice at most. What the memory budget divides among writing threads."""
+    h, w = full_shape
+    task = unit_shape(out_shape, unit, full_shape)
+    eye = torch.eye(2, dtype=composed.dtype)
+    tilt = float((composed[:, :, :2] - eye).abs().max()) if len(composed) else 0.0
+    rows = task[1] + 2 * 96 + math.ceil(tilt * max(h, w))
+    return task[0] * min(h, rows) * w
 
 
 def output_units(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int]

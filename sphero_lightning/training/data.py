@@ -44,7 +44,7 @@ DEFAULT_BUDGET = 4 << 30
 #: Bytes a block holds per pair: its raw slice twice (this block and the next, read ahead) plus this many bytes per
 #: pixel of the finest level (level images, coefficients, evaluation buffers); see :meth:`ZarrPairDataModule.plan`.
 FIT_BYTES_PER_PX = 40
-#: Bytes the writer holds per pixel of a slice in flight (raw, float copy, B-spline coefficients, filter temporaries).
+#: Bytes the writer holds per source pixel in flight (raw, float copy, B-spline coefficients, filter temporaries).
 WRITE_BYTES_PER_PX = 20
 
 
@@ -238,7 +238,8 @@ class ZarrPairDataModule(L.LightningDataModule):
         return block
 
     def writer_threads(self, pixels: int, wanted: int) -> int:
-        """Writer threads (slices in flight) that fit the memory budget: at most ``wanted``, one at least."""
+        """Writer threads that fit the memory budget, each holding ``pixels`` source pixels (a task's band,
+        :func:`~sphero_lightning.storage.writing.task_pixels`): at most ``wanted``, one at least."""
         return int(max(1, min(wanted, self.memory_budget // (WRITE_BYTES_PER_PX * pixels))))
 
     @property

@@ -28,7 +28,7 @@ from ..report.visual import accumulation_warning
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import ArrayRef, level_arrays, output_layout, prepare_output, warp_stack
+from ..storage.writing import ArrayRef, level_arrays, output_layout, prepare_output, task_pixels, warp_stack
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
 from .volume import VolumeSolve
@@ -102,10 +102,12 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     distributed = is_distributed(writer.scheduler)
 
     show = rank == 0 and getattr(trainer, "progress_bar_callback", None) is not None
-    workers = writer.num_workers if distributed else dm.writer_threads(shape[0] * shape[1], writer.num_workers)
+    band = task_pixels(out_shape, shards or chunks, shape, composed)
+    workers = writer.num_workers if distributed else dm.writer_threads(band, writer.num_workers)
     if workers < writer.num_workers and rank == 0:
         print(f"sphero: writing with {workers} thread(s) of --output.num_workers {writer.num_workers}: the memory budget "
-              f"({dm.memory_budget / 2**30:.2f} GB) holds {workers} slice(s) of {shape[0]} x {shape[1]} in flight", file=sys.stderr)
+              f"({dm.memory_budget / 2**30:.2f} GB) holds {workers} band(s) of {band // shape[1]} x {shape[1]} source "
+              f"pixels in flight", file=sys.stderr)
     module.timings.update(warp_stack(ArrayRef(str(dm.root), dm.array) if distributed else src, out_ref, composed, box,
                                      writer.interpolation, written=written, device=module.device, rank=rank, world=world,
                                      progress=show, num_workers=workers, scheduler=writer.scheduler,
