@@ -133,6 +133,9 @@ def test_chunks_not_divisible_fall_back_to_the_second_pass(tmp_path, monkeypatch
     write_levels after the output, with its chunking; they equal the reference all the same."""
     assert level_arrays("t", (3, 981, 1277), (1, 250, 250), (1000, 1300), 3) is None
     assert [c for _, _, c in level_arrays("t", (3, 981, 1277), (1, 250, 250), (1000, 1300), 2)] == [(1, 125, 125)]
+    # level chunks of a few pixels (64 px chunks, 4 levels: 8 px at level 3): a second pass keeps the output's chunks
+    assert level_arrays("t", (3, 981, 1277), (1, 64, 64), (1000, 1300), 4) is None
+    assert level_arrays("t", (3, 981, 1277), (1, 64, 64), (1000, 1300), 2) is not None
     # slices of at most DENSE_MAX px: one task per whole slice, always aligned
     assert [c for _, _, c in level_arrays("t", (3, 181, 277), (1, 50, 50), (200, 300), 3)] == [(1, 90, 138), (1, 45, 69)]
     root = make_store(tmp_path, 250)

@@ -202,6 +202,10 @@ def warp_window(src: zarr.Array, z: int, theta: torch.Tensor | None, box: tuple[
     return res
 
 
+#: Smallest chunk side (px) of a level written in the same pass; below it the levels get a second pass.
+MIN_LEVEL_CHUNK = 32
+
+
 def level_arrays(tmp_name: str, out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int],
                  levels: int) -> list[tuple[str, tuple[int, int, int], tuple[int, int, int]]] | None:
     """The temporary arrays ``(name, shape, chunks)`` of levels ``1 .. levels - 1`` written in the same pass as the
@@ -214,6 +218,10 @@ def level_arrays(tmp_name: str, out_shape: tuple[int, int, int], unit: tuple[int
     chunk = task if task[1:] == tuple(out_shape[1:]) else unit
     f = 2 ** len(shapes)
     if any(u % f and u < n for u, n in zip(task[1:], out_shape[1:])):  # a box spanning the axis starts at 0
+        return None
+    # chunks of a few pixels (small output chunks, many levels) cost a stored object each: a second pass keeps the
+    # output's chunking there instead
+    if any(c >> k < MIN_LEVEL_CHUNK and c >> k < n for k, s in enumerate(shapes, 1) for c, n in zip(chunk[1:], s[1:])):
         return None
     return [(f"{tmp_name}-level{k}", s, (1, *(max(1, min(c >> k, n)) for c, n in zip(chunk[1:], s[1:]))))
             for k, s in enumerate(shapes, 1)]
