@@ -35,7 +35,7 @@ from ..storage.store import (
     zarr_format,
 )
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import ArrayRef, level_arrays, prepare_output, warp_stack
+from ..storage.writing import ArrayRef, level_arrays, prepare_output, resumed_line, warp_stack
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 
@@ -92,8 +92,7 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
                                     source=[str(root), array], composed=composed.tolist(), box=box, mode=mode,
                                     zarr_format=zarr_format(src))
     if resumed:
-        print(f"sphero: resuming an interrupted apply: {resumed} of {units} parts of the output (rows of chunks or whole slices) are already written",
-              file=sys.stderr)
+        print(resumed_line("apply", resumed, units), file=sys.stderr)
     prefix = f"{group_path}/" if group_path else ""
     out_ref, written = ArrayRef(str(root), prefix + tmp), ArrayRef(str(root), prefix + f"{tmp}-written")
     warp_stack(ArrayRef(str(root), array) if is_distributed(scheduler) else src, out_ref, composed, box, mode, written=written,
@@ -112,8 +111,8 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
             out.attrs[key] = src.attrs[key]
     move_into_place(root, group_path, tmp, out_name)
     remove_node(root, prefix + f"{tmp}-written")
-    place_levels(root, group_path, out_name, n_levels, None if tmp_levels is None else [n for n, _, _ in tmp_levels],
-                 nearest=nearest, num_workers=num_workers, progress=progress)
+    place_levels(root, group_path, out_name, n_levels, tmp_levels, nearest=nearest, num_workers=num_workers,
+                 progress=progress)
     if group_path:
         write_ome(root, group_path)
     return dst

@@ -198,14 +198,16 @@ class BlockFit:
         dev = slices.device
         n_rows = len(pairs)
         self.ranks = ranks or Ranks(rows=slice(0, n_rows))
-        valid = torch.tensor([p >= 0 for p in pairs], device=dev)
+        valid_host = torch.tensor([p >= 0 for p in pairs])  # known on the host: no device read needed for it
+        valid = valid_host.to(dev)
         self.block = BlockState(index=index, pairs=pairs, valid=valid, steps=torch.zeros(n_rows, dtype=torch.long, device=dev))
         finest = levels[-1].factor
         # the level each row stops at: the finest, or a coarser one for pairs further apart (--solve.coarse_factor)
         self.row_last = torch.tensor([max((k for k, lv in enumerate(levels) if lv.factor >= stop * finest * (1 - 1e-9)),
                                           default=0) for stop in stop_factor], device=dev)
-        self.local_valid = valid[self.ranks.rows]
-        n_local = int(self.local_valid.sum())
+        self.local_valid_host = valid_host[self.ranks.rows]
+        self.local_valid = self.local_valid_host.to(dev)
+        self.n_local = n_local = int(self.local_valid_host.sum())
         if n_local and len(fixed) != n_local:
             raise RuntimeError(f"block {index}: got {len(fixed)} pairs of slices for {n_local} pairs")
         self.solver: BatchSolver | None = None
@@ -223,7 +225,7 @@ class BlockFit:
             # the same generator state on every process (seeded by the caller), so rows stay identical
             x = x + self.settings.init_std * torch.randn(rows, n, dtype=torch.float64).to(dev)
         if self.settings.init_translation == "phase":
-            n_local = int(self.local_valid.sum())
+            n_local = self.n_local
             est = torch.zeros(rows, 2, dtype=torch.float64, device=dev)
             if n_local:
                 shift = consecutive_phase_correlation(self.slices, fixed=self.fixed, moving=self.moving).double()
@@ -315,7 +317,7 @@ class BlockFit:
         if not reads_state(steps):
             return False
         active = self.solver.active.cpu()  # the one read: also leaves the rows still active to evaluate
-        self.level_rows = torch.nonzero(active[self.ranks.rows] & self.local_valid.cpu()).flatten().to(self.slices.device)
+        self.level_rows = torch.nonzero(active[self.ranks.rows] & self.local_valid_host).flatten().to(self.slices.device)
         return not bool(active.any())
 
     def next_level(self) -> None:

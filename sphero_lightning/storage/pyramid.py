@@ -98,19 +98,20 @@ def level_meta(name: str, spacing: list[float], crop_box: list[int], k: int, nea
                    "translation_nm": [0.0, (up + c) * spacing[1], (left + c) * spacing[2]]}
 
 
-def place_levels(root: str | Path, group_path: str, name: str, levels: int, tmp_levels: list[str] | None, *,
-                 nearest: bool = False, **second_pass: Any) -> list[str]:
+def place_levels(root: str | Path, group_path: str, name: str, levels: int,
+                 tmp_levels: list[tuple[str, Any, Any]] | None, *, nearest: bool = False, **second_pass: Any) -> list[str]:
     """Levels ``1 .. levels - 1`` beside the array ``group_path/name`` (in place already); returns their names.
-    ``tmp_levels``: the temporary arrays the writing tasks filled in the same pass, renamed into place here with
-    their attributes; ``None``: written now from the array in a second pass (:func:`write_levels`, which takes
-    ``second_pass``: ``num_workers``, ``progress``, ``compression_level``)."""
+    ``tmp_levels``: the temporary arrays the writing tasks filled in the same pass (``(name, shape, chunks)``, as
+    :func:`~sphero_lightning.storage.writing.level_arrays` plans them), renamed into place here with their attributes;
+    ``None``: written now from the array in a second pass (:func:`write_levels`, which takes ``second_pass``:
+    ``num_workers``, ``progress``, ``compression_level``)."""
     if tmp_levels is None:
         return write_levels(root, group_path, name, levels, nearest=nearest, **second_pass) if levels > 1 else []
     group = open_group(root, group_path)
     attrs = group[name].attrs
     spacing = [float(s) for s in attrs["spacing"]]
     names = [name]
-    for k, tmp in enumerate(tmp_levels, 1):
+    for k, (tmp, _, _) in enumerate(tmp_levels, 1):
         level, meta = level_meta(name, spacing, attrs.get("crop_box", [0, 0, 0, 0]), k, nearest, names[-1])
         group[tmp].attrs.update(meta)
         move_into_place(root, group_path, tmp, level)

@@ -261,6 +261,12 @@ def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, in
     return z1 - z0, time.perf_counter() - t0, t2 - t1
 
 
+def resumed_line(command: str, resumed: int, units: int) -> str:
+    """What a resumed write prints: how much of the output an interrupted ``command`` had written."""
+    return (f"sphero: resuming an interrupted {command}: {resumed} of {units} parts of the output (rows of chunks or "
+            f"whole slices) are already written")
+
+
 def fingerprint(**settings: Any) -> str:
     """A digest of everything that determines an output's bytes."""
     text = json.dumps({"writer_version": WRITER_VERSION, **settings}, sort_keys=True, default=str)

@@ -28,7 +28,15 @@ from ..report.visual import accumulation_warning
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import ArrayRef, level_arrays, output_layout, prepare_output, task_pixels, warp_stack
+from ..storage.writing import (
+    ArrayRef,
+    level_arrays,
+    output_layout,
+    prepare_output,
+    resumed_line,
+    task_pixels,
+    warp_stack,
+)
 from .module import RegistrationModule
 from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
 from .volume import VolumeSolve
@@ -94,8 +102,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
                                         source=[str(dm.root), dm.array], composed=composed.tolist(), box=box,
                                         mode=writer.interpolation, zarr_format=fmt)
         if resumed:
-            print(f"sphero: resuming an interrupted write: {resumed} of {units} parts of the output (rows of chunks or "
-                  f"whole slices) are already written in {out_root}/{group_path}/{tmp_name}", file=sys.stderr)
+            print(f"{resumed_line('write', resumed, units)} in {out_root}/{group_path}/{tmp_name}", file=sys.stderr)
     _barrier()
     out_ref = ArrayRef(str(out_root), f"{group_path}/{tmp_name}")
     written = ArrayRef(str(out_root), f"{group_path}/{tmp_name}-written")
@@ -177,8 +184,8 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         if journal is not None:
             journal.remove()  # the result is in place: nothing to resume any more
         t0 = time.perf_counter()
-        place_levels(out_root, group_path, name, n_levels, None if levels is None else [n for n, _, _ in levels],
-                     num_workers=workers, progress=show, compression_level=writer.compression_level)
+        place_levels(out_root, group_path, name, n_levels, levels, num_workers=workers, progress=show,
+                     compression_level=writer.compression_level)
         if levels is None and n_levels > 1:  # a second pass; else levels_s is their share of write_s (warp_stack)
             module.timings["levels_s"] = time.perf_counter() - t0
         write_ome(out_root, group_path)
