@@ -48,7 +48,7 @@ def fit(stack: np.ndarray, work: Path, extra: list[str], mask: np.ndarray | None
                       "rigid", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra])
     wall = time.perf_counter() - t0
     attrs = dict(zarr.open_array(str(root), path=OUT, mode="r").attrs)
-    return attrs, float(cli.model.timings.get("fit_s", float("nan"))), wall
+    return attrs, float(cli.model.times.fit_s), wall
 
 
 def stackreg(stack: np.ndarray) -> tuple[np.ndarray, float]:

@@ -91,7 +91,7 @@ def fit(stack: np.ndarray, work: Path, extra: list[str]) -> dict:
 
     out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
     return {"pairwise": out.attrs["pairwise_transforms"], "log": out.attrs["registration_log"],
-            "fit_s": cli.model.timings.get("fit_s")}
+            "fit_s": cli.model.times.fit_s}
 
 
 def main() -> None:

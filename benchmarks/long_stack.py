@@ -99,7 +99,7 @@ def run(stack: np.ndarray, work: Path, extra: list[str]) -> tuple[np.ndarray, fl
         cli = sphero(["fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--trainer.logger", "false",
                       "--trainer.enable_progress_bar", "false", *extra])
     attrs = zarr.open_array(str(root), path=OUT, mode="r").attrs
-    return np.asarray(attrs["composed_transforms"]), cli.model.timings["fit_s"], dict(attrs.get("volume_solve") or {})
+    return np.asarray(attrs["composed_transforms"]), cli.model.times.fit_s, dict(attrs.get("volume_solve") or {})
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ def run_ours(stack: np.ndarray, work: Path, extra: list[str]) -> tuple[dict, flo
     dt = time.perf_counter() - t0
     out = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r")
     res = {"pairwise": np.asarray(out.attrs["pairwise_transforms"]), "composed": np.asarray(out.attrs["composed_transforms"]),
-           "log": out.attrs["registration_log"], "timings": dict(cli.model.timings)}
+           "log": out.attrs["registration_log"], "times": cli.model.times}
     return res, dt
 
 
@@ -88,17 +88,17 @@ def run_stackreg(stack: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def profile(res: dict, n_pairs: int) -> str:
-    t = res["timings"]
-    levels = sorted(int(k[5:-2]) for k in t if k.startswith("level") and k.endswith("_s"))
+    t = res["times"]
+    levels = sorted(t.level_s)
     per_level = np.array([e["steps_per_level"] for e in res["log"] if e.get("steps_per_level")], dtype=float)
     parts, inside = [], 0.0
     for k in levels:
         evals = per_level[:, k].mean() if len(per_level) else float("nan")
         total_evals = per_level[:, k].sum() if len(per_level) else float("nan")
-        inside += t[f"level{k}_s"]
-        parts.append(f"level {k}: {evals:.1f} evaluations/pair, {1000 * t[f'level{k}_s'] / max(total_evals, 1):.1f} ms per "
-                     f"pair-evaluation ({t[f'level{k}_steps']} steps, {t[f'level{k}_s']:.2f} s)")
-    fit = t.get("fit_s", float("nan"))
+        inside += t.level_s[k]
+        parts.append(f"level {k}: {evals:.1f} evaluations/pair, {1000 * t.level_s[k] / max(total_evals, 1):.1f} ms per "
+                     f"pair-evaluation ({t.level_steps[k]} steps, {t.level_s[k]:.2f} s)")
+    fit = t.fit_s
     return "; ".join(parts) + f"; evaluations {fit and inside:.2f} s of the fit's {fit:.2f} s (outside: {fit - inside:.2f} s)"
 
 

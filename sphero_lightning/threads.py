@@ -1,10 +1,11 @@
-"""CPU threads: use the cores that are there, and share them when several ``sphero`` processes run at once.
+"""CPU threads: use the cores that are there, and share them when several ``sphero`` runs go on at once.
 
-Each ``sphero fit`` process (every DDP rank too) holds one slot file under ``<tmp>/sphero-cores-<uid>/`` with an
-exclusive ``flock`` (gone when the process ends, however it ends). At start and before every block a process
-counts the slots in use and takes ``max(1, cores // processes)`` torch threads, so two runs started at once on one
-machine share its cores instead of oversubscribing them (OpenMP threads of two processes spinning on the same
-cores slowed each 4x here). Set ``SPHERO_NUM_THREADS`` (or ``OMP_NUM_THREADS``) to fix the number yourself.
+Each run (a ``sphero fit`` process, every DDP rank, a ``register_stack`` call) holds one slot file under
+``<tmp>/sphero-cores-<uid>/`` with an exclusive ``flock`` for as long as it runs (:class:`CoreShare`, a context
+manager; the lock goes with the process however it ends). Before every block a run counts the slots in use and takes
+``max(1, cores // runs)`` torch threads, so two runs started at once on one machine share its cores instead of
+oversubscribing them (OpenMP threads of two processes spinning on the same cores slowed each 4x here); a run that has
+ended holds no slot, so it slows nobody. Set ``SPHERO_NUM_THREADS`` (or ``OMP_NUM_THREADS``) to fix the number yourself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ctypes
 import os
 import tempfile
 from pathlib import Path
+from typing import Self
 
 #: Slot files looked at (processes beyond this many share as if there were this many).
 MAX_SLOTS = 256
@@ -36,13 +38,21 @@ def user_threads() -> int | None:
 
 
 class CoreShare:
-    """This process's slot among the ``sphero`` processes of this user on this machine."""
+    """This run's slot among the ``sphero`` runs of this user on this machine, taken at construction; a context
+    manager that closes it on leaving (or call :meth:`close`).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d, CoreShare(d) as share:
+    ...     share.processes()
+    1
+    """
 
     def __init__(self, folder: str | Path | None = None) -> None:
         import fcntl
 
         self.folder = Path(folder or Path(tempfile.gettempdir()) / f"sphero-cores-{os.getuid()}")
         self.fd: int | None = None
+        self.slot: int | None = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for i in range(MAX_SLOTS):
@@ -57,8 +67,14 @@ class CoreShare:
         except OSError:  # no writable temporary folder: behave as the only process
             self.fd = None
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def processes(self) -> int:
-        """``sphero`` processes holding a slot now (this one included; at least 1)."""
+        """``sphero`` runs holding a slot now (this one included; at least 1)."""
         import fcntl
 
         if self.fd is None:
@@ -73,36 +89,20 @@ class CoreShare:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 fcntl.flock(fd, fcntl.LOCK_UN)  # free
             except OSError:
-                n += 1  # held by a live process (ours included: flock locks are per open file description)
+                n += 1  # held by a live run (ours included: flock locks are per open file description)
             finally:
                 os.close(fd)
         return max(1, n)
 
     def threads(self) -> int:
-        """Threads for this process: the user's number, or an equal share of the cores."""
+        """Threads for this run: the user's number, or an equal share of the cores."""
         return user_threads() or max(1, available_cores() // self.processes())
 
     def close(self) -> None:
+        """Give the slot back (idempotent)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-_SHARE: CoreShare | None = None
-
-
-def share_cores() -> int:
-    """Set torch's intra-op threads to this process's share of the cores (cheap: call it before every block);
-    returns the number."""
-    import torch
-
-    global _SHARE
-    if _SHARE is None:
-        _SHARE = CoreShare()
-    n = _SHARE.threads()
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
 
 
 def release_memory() -> None:

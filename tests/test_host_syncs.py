@@ -108,7 +108,9 @@ def test_sync_free_fit_gives_the_compacted_fits_transforms(model):
     d = [np.abs(np.array(a[p]["matrix"]) - np.array(b[p]["matrix"])).max() * 48 for p in a]  # normalized -> px
     assert max(d) < 0.003 and np.median(d) < 1e-5, d
     for p in a:
-        assert abs(a[p]["final_loss"] - b[p]["final_loss"]) < 1e-7  # float32 sums chunked otherwise
+        # float32 sums chunked otherwise; the affine pair that stops elsewhere in its flat valley (0.002 px) differs by
+        # up to ~1e-7 in loss as well (1.09e-7 seen with one torch thread)
+        assert abs(a[p]["final_loss"] - b[p]["final_loss"]) < 5e-7
 
 
 def test_dense_ramp_gradient_equals_the_gathered_one():

@@ -63,7 +63,9 @@ def test_pinned_results(tmp_path):
         got, want = run_case(tmp_path, name), pinned[name]
         for key in ("pairwise", "composed"):
             d = _px(np.asarray(got[key]) - np.asarray(want[key]), want["shape"])
-            assert d < 1e-6, f"{name}: {key} transforms moved by {d:.2e} px"
+            # float32 sums round differently with the CPU's vector width and the thread count: 5.8e-6 px seen between
+            # two machines with the same code; a change of the method moves them by 1e-5 px and more
+            assert d < 1e-5, f"{name}: {key} transforms moved by {d:.2e} px"
         assert got["crop_box"] == want["crop_box"] and got["shape"] == want["shape"] and got["dtype"] == want["dtype"]
         if got["sha256"] != want["sha256"]:  # another float rounding at a .5 grey level may flip a pixel by 1
             assert abs(got["sum"] - want["sum"]) <= 16, f"{name}: output changed (sum {got['sum']} vs {want['sum']})"

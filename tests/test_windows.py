@@ -1,5 +1,5 @@
-"""A window of a slice, computed from only the source region it needs, equals the whole slice's result bit for bit
-(core/windows.py): the writer's chunks do not change the output."""
+"""A window of a slice, computed from only the source region it needs, equals the whole slice's result to the last
+bit or two (core/windows.py): the writer's chunks do not change the output."""
 
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ def test_prefilter_window_equals_the_whole_slice(shape, dtype):
     for rows, cols in windows_:
         (a, b), (c, d) = windows.source_span(*rows, h), windows.source_span(*cols, w)
         got = windows.prefilter_window(x[a:b, c:d], (h, w), (a, c), rows, cols)
-        assert torch.equal(got, whole[rows[0]:rows[1], cols[0]:cols[1]]), (rows, cols)
+        # bit for bit where the BLAS sums both shapes in the same order; MKL on an AMD EPYC (AVX512) picks other
+        # kernels for tiny windows: 1 ulp of the slice's range there (3e-5 of 255 in float32, 1e-13 in float64)
+        ref = whole[rows[0]:rows[1], cols[0]:cols[1]]
+        ulp = torch.finfo(dtype).eps * float(whole.abs().max())
+        assert float((got - ref).abs().max()) <= 2 * ulp, (rows, cols)
         if h > interp.DENSE_MAX and w > interp.DENSE_MAX and b - a < h:  # a long axis reads a band, not the slice
             assert b - a <= rows[1] - rows[0] + 2 * interp._BAND + 2 * interp._RADIUS + 2 * interp.PAD
 

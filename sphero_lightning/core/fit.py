@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,6 +62,11 @@ def reads_state(steps: int) -> bool:
         return False
     odd = steps >> ((steps & -steps).bit_length() - 1)  # steps without its factors of 2
     return odd in (1, 3)
+
+
+def level_displacement_px(objective: PairObjective, factor: float, x_old: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` largest displacement between two ``(R, n)`` parameter sets in pixels of a level of ``factor``."""
+    return objective.displacement_px(x_old, x_new) / factor
 
 
 @dataclass
@@ -285,7 +291,10 @@ class BlockFit:
         blk.level_counts.append(torch.zeros_like(blk.steps))
         # below the coarsest level, steps of at most MAX_STEP_PX pixels of the level: the coarser level left the pair
         # about that close, and a longer step on a weakly matching pair can land in another basin of the finer loss
-        trust = {"step_length": self.step_displacement_px, "max_length": MAX_STEP_PX} if level > 0 else {}
+        # (a function of the objective and the level, not a bound method: the solver must not refer back to this fit,
+        # or every finished block stays in memory until Python's cycle collector happens to run)
+        trust = {"step_length": partial(level_displacement_px, self.objective, lv.factor), "max_length": MAX_STEP_PX} \
+            if level > 0 else {}
         active = blk.valid & (self.row_last >= level)
         self.solver = make_solver(self.settings.optimizer, self.x, lv.lr, active=active, previous=previous,
                                   curvature_scale=scale, sync_free=self.sync_free, **trust)
@@ -299,7 +308,7 @@ class BlockFit:
 
     def step_displacement_px(self, x_old: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """Largest pixel displacement (at the current level's resolution) between two parameter sets."""
-        return self.objective.displacement_px(x_old, x_new) / self.levels[self.block.level].factor
+        return level_displacement_px(self.objective, self.levels[self.block.level].factor, x_old, x_new)
 
     @property
     def last_level(self) -> int:

@@ -41,6 +41,15 @@ _BAND = 64
 _MATRICES: dict[tuple, torch.Tensor] = {}
 
 
+def drop_device_matrices() -> int:
+    """Forget the cached filter matrices that live on a device other than the CPU (a run's end: device memory is the
+    caller's again); returns how many were dropped. CPU ones stay (small, and the next run in the process reuses them)."""
+    gone = [key for key, m in _MATRICES.items() if m.device.type != "cpu"]
+    for key in gone:
+        del _MATRICES[key]
+    return len(gone)
+
+
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
     r = max(1, math.ceil(3 * sigma))
     k = torch.arange(-r, r + 1, dtype=torch.float64)

@@ -29,7 +29,16 @@ import zarr
 from ..core.frames import decompose, pixel_matrices
 from ..errors import SpheroError
 from .charts import COLORS, Panel, Series, panels_svg, svg_uri
-from .reslice import Reslice, intensity_window, pair_overlays, png_uri, read_reslices, reslice_picture, row_steps, straightness
+from .reslice import (
+    Reslice,
+    intensity_window,
+    pair_overlays,
+    png_uri,
+    read_reslices,
+    reslice_picture,
+    scaled_steps,
+    straightness,
+)
 
 #: Narrow reslice pictures are shown enlarged by the whole factor that brings them nearest this width (the PNG keeps
 #: its size).
@@ -189,7 +198,7 @@ def _reslice_block(r: Reslice, spacing: list[float], window: tuple[float, float]
     where = (f"output row y = {r.position} (source row {r.source_position})" if r.axis == "xz"
              else f"output column x = {r.position} (source column {r.source_position})")
     for tag, image in (("before", r.before), ("after", r.after)):
-        pic, aspect = reslice_picture(image, window, spacing[0] / across)
+        pic, aspect = reslice_picture(image, window, spacing[0] / across, size=r.size)
         pictures[f"{r.axis}_{tag}"] = pic
         shown = "true aspect" if abs(aspect - 1) < 0.02 else f"z shown at {aspect:.2f} of its true extent"
         zoom = max(1, round(MIN_SHOWN / pic.shape[1]))  # a narrow picture is shown enlarged, pixels kept sharp
@@ -201,7 +210,7 @@ def _reslice_block(r: Reslice, spacing: list[float], window: tuple[float, float]
         figures.append(
             f'<figure><img class="px" src="{png_uri(pic)}" width="{zoom * pic.shape[1]}" height="{zoom * tall * pic.shape[0]}" '
             f'alt="{r.axis} reslice {tag}"><figcaption>{r.axis.upper()} {tag} ({"source" if tag == "before" else "registered"}),'
-            f" {where}: {image.shape[1]} px x {image.shape[0]} slices; {shown} (z {spacing[0]:g}, in-plane {across:g});"
+            f" {where}: {r.size[1]} px x {r.size[0]} slices; {shown} (z {spacing[0]:g}, in-plane {across:g});"
             " z runs down</figcaption></figure>")
     return '<div class="row">' + "".join(figures) + "</div>", pictures
 
@@ -348,8 +357,9 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
     chosen_at = [(axis, p) for axis, p in (("xz", position_y), ("yz", position_x)) if p is not None]
     read = read_reslices(out, src, box, [("xz", ny // 2), ("yz", nx // 2), *chosen_at])  # each array read once
     middle, chosen = {"xz": read[0], "yz": read[1]}, read[2:]
-    window = intensity_window(np.concatenate([middle["xz"].before.ravel(), middle["yz"].before.ravel()]))
-    steps = {axis: (row_steps(r.before, window, damaged), row_steps(r.after, window, damaged)) for axis, r in middle.items()}
+    window = intensity_window(np.concatenate([middle["xz"].sample, middle["yz"].sample]))
+    steps = {axis: (scaled_steps(r.steps[0], window, damaged), scaled_steps(r.steps[1], window, damaged))
+             for axis, r in middle.items()}
     measured = {axis: (straightness(b), straightness(a)) for axis, (b, a) in steps.items()}
 
     source = source_name or attrs.get("inputs", ["?"])[0]

@@ -3,20 +3,35 @@ grey-value range (what the fit normalizes by)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import zarr
 
 
-def read_block(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+def as_numpy(part: Any) -> np.ndarray:
+    """A part of a stack read into memory: a Zarr, numpy or dask selection (dask's computed in this thread, so that
+    reading starts no thread pool of dask's that would outlive the run)."""
+    if hasattr(part, "compute") and not isinstance(part, np.ndarray):
+        return np.asarray(part.compute(scheduler="synchronous"))
+    return np.asarray(part)
+
+
+def read_slice(arr: Any, z: int) -> np.ndarray:
+    """Slice ``z`` of a ``(Z, Y, X)`` Zarr, numpy or dask array."""
+    return as_numpy(arr[z])
+
+
+def read_block(arr: Any, start: int, stop: int) -> np.ndarray:
     """Slices ``start..stop-1`` as a numpy array (one read, zarr decodes chunks in parallel)."""
-    return np.asarray(arr[start:stop])
+    return as_numpy(arr[start:stop])
 
 
-def read_slices(arr: zarr.Array, indices: list[int]) -> np.ndarray:
+def read_slices(arr: Any, indices: list[int]) -> np.ndarray:
     """Slices at ``indices`` (one contiguous read when they are consecutive)."""
     if indices == list(range(indices[0], indices[-1] + 1)):
         return read_block(arr, indices[0], indices[-1] + 1)
-    return np.stack([np.asarray(arr[z]) for z in indices])
+    return np.stack([read_slice(arr, z) for z in indices])
 
 
 def slice_stats(image: np.ndarray) -> tuple[float, float, float, float]:
@@ -131,6 +146,6 @@ def slice_masks(raw: np.ndarray, indices: list[int], ignore_value: float | None,
     if ignore_value is not None:
         out &= value_mask(raw, ignore_value)
     if mask is not None:
-        m = np.asarray(mask) if mask.ndim == 2 else read_slices(mask, indices)
+        m = as_numpy(mask[...]) if mask.ndim == 2 else read_slices(mask, indices)
         out &= (np.broadcast_to(m, raw.shape) != 0).astype(np.uint8)
     return out

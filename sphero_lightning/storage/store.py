@@ -235,20 +235,43 @@ def check_writable(root: str | Path, fix: str) -> None:
         raise SpheroError(f"cannot write into {str(probe_dir)!r} ({exc.strerror or type(exc).__name__}); {fix}") from None
 
 
-#: Locks this process holds, by path (a second run in the same process reuses its own lock).
-_HELD: dict[str, tuple[int, str | None]] = {}
+class OutputLock:
+    """An exclusive lock on an output, held by one run (:func:`acquire_lock`); :meth:`release` gives it back."""
+
+    def __init__(self, path: Path, fd: int, root: str | None) -> None:
+        self.path, self._fd, self._root = path, fd, root
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock and remove its file, with the folders it alone needed (up to its ``root``); idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+            d = self.path.parent
+            stop = Path(self._root).resolve() if self._root is not None else None
+            while stop is not None and d.resolve() != stop and d.is_relative_to(stop) and not any(d.iterdir()):
+                d.rmdir()
+                d = d.parent
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
-def acquire_lock(path: Path, what: str, root: str | Path | None = None) -> None:
-    """Take an exclusive lock on ``path`` for this process (released when it exits, even by SIGKILL), or fail with
-    one line naming who holds it. ``path`` holds the owner's pid, host and start time; on release the file and the
-    folders made for it (up to ``root``) are removed again."""
+def acquire_lock(path: Path, what: str, root: str | Path | None = None) -> OutputLock:
+    """Take an exclusive lock on ``path`` for the calling run (released by the returned lock's ``release``, or when
+    the process exits, even by SIGKILL), or fail with one line naming who holds it: another process, or another run
+    of this one (``flock`` locks belong to an open file, so two runs in one process exclude each other too). ``path``
+    holds the owner's pid, host and start time; on release the file and the folders made for it (up to ``root``) are
+    removed again."""
     import fcntl
 
     path = Path(path)
-    key = str(path.resolve())
-    if key in _HELD:
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -260,8 +283,10 @@ def acquire_lock(path: Path, what: str, root: str | Path | None = None) -> None:
             except ValueError:
                 owner = {}
             os.close(fd)
-            who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
-            raise SpheroError(f"{what} is being written by another sphero run ({who}); wait for it to finish, "
+            here = owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+            who = ("another run in this process" if here else "another sphero run") + \
+                f" (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started {owner.get('started', '?')})"
+            raise SpheroError(f"{what} is being written by {who}; wait for it to finish, "
                               "or write elsewhere (--data.dst_group, --data.output_root)") from None
         try:  # the holder before us may have removed the file between our open and our lock: then lock the new one
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -272,30 +297,4 @@ def acquire_lock(path: Path, what: str, root: str | Path | None = None) -> None:
         os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}).encode(), 0)
-    _HELD[key] = (fd, None if root is None else str(root))
-
-
-def release_lock(path: Path) -> None:
-    """Release the lock at ``path`` and remove it, with the folders it alone needed (up to its ``root``)."""
-    path = Path(path)
-    held = _HELD.pop(str(path.resolve()), None)
-    if held is None:
-        return
-    fd, root = held
-    try:
-        path.unlink(missing_ok=True)
-        d = path.parent
-        stop = Path(root).resolve() if root is not None else None
-        while stop is not None and d.resolve() != stop and d.is_relative_to(stop) and not any(d.iterdir()):
-            d.rmdir()
-            d = d.parent
-    except OSError:
-        pass
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def release_all() -> None:
-    """Release every lock this process still holds (a run that ended in an error)."""
-    for key in list(_HELD):
-        release_lock(Path(key))
+    return OutputLock(path, fd, None if root is None else str(root))

@@ -316,10 +316,24 @@ def prepare_output(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, i
                                  compression_level=compression_level, key=key, n_units=n_units, levels=levels or ())
 
 
+@dataclass(frozen=True)
+class WriteResult:
+    """What :func:`warp_stack` did: ``write_s`` seconds; ``units`` parts of the output (rows of chunks or whole slices),
+    ``units_written`` by this call, ``units_resumed`` found written by an earlier run; ``levels_s`` the share of
+    ``write_s`` the downsampled levels took in the same pass (``write_s`` times their part of the tasks' summed time),
+    None without levels."""
+
+    write_s: float
+    units: int
+    units_written: int
+    units_resumed: int
+    levels_s: float | None = None
+
+
 def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed: torch.Tensor, box: list[int], mode: str, *,
                written: zarr.Array | ArrayRef | None = None, device: torch.device | str = "cpu", rank: int = 0,
                world: int = 1, progress: bool = False, num_workers: int = 4, scheduler: str = "threads",
-               levels: Sequence[zarr.Array | ArrayRef] = (), nearest: bool = False) -> dict[str, float]:
+               levels: Sequence[zarr.Array | ArrayRef] = (), nearest: bool = False) -> WriteResult:
     """Warp every slice of ``src`` once into the cropped ``out``: one dask task per row of shards (or chunks) of ``out``.
 
     ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped), or of every
@@ -330,9 +344,7 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     ``scheduler``: see :mod:`~sphero_lightning.storage.tasks` (with an address, ``src``, ``out`` and ``written``
     must be :class:`ArrayRef` s: only references and matrices travel to the workers). ``levels``: the temporary
     arrays of levels ``1 ..`` (:func:`level_arrays`) each task fills from its box in the same pass (``nearest``: top-left
-    pixels, for labels, instead of 2 x 2 means). Returns timings (s) and counts; with ``levels``, ``levels_s`` is the
-    share of ``write_s`` the levels took (``write_s`` times their part of the tasks' summed time) and
-    ``levels_same_pass`` is 1.
+    pixels, for labels, instead of 2 x 2 means). Returns the seconds and the parts written (:class:`WriteResult`).
     """
     levels = tuple(levels)
     if is_distributed(scheduler):
@@ -371,10 +383,8 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     finally:
         torch.set_num_threads(torch_threads)
     write_s = time.perf_counter() - t0
-    timings = {"write_s": write_s, "units": float(len(units)), "units_written": float(len(todo)),
-               "units_resumed": float(int(np.count_nonzero(done)))}
+    levels_s = None
     if levels:
         task_s = sum(t for _, t, _ in done_tasks)
-        timings["levels_s"] = write_s * sum(t for _, _, t in done_tasks) / task_s if task_s > 0 else 0.0
-        timings["levels_same_pass"] = 1.0
-    return timings
+        levels_s = write_s * sum(t for _, _, t in done_tasks) / task_s if task_s > 0 else 0.0
+    return WriteResult(write_s, len(units), len(todo), int(np.count_nonzero(done)), levels_s)

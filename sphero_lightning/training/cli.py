@@ -20,15 +20,15 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ..errors import SpheroError, interrupted, os_error_message, report
-from ..storage.store import release_all
-from ..threads import launch_rank, share_cores
+from ..threads import launch_rank
 from .callbacks import PairEarlyStopping, PyramidSchedule
 from .data import ZarrPairDataModule
 from .module import RegistrationModule
+from .scope import RunScope, current_run
 from .state import PLAIN_TRAINER as _PLAIN_DEFAULTS
 from .state import quiet_lightning
 from .volume import VolumeSolve
-from .writer import WRITTEN, RegistrationWriter
+from .writer import RegistrationWriter
 
 #: ``sphero fit --help``'s description (``sphero --help`` lists the same in lower case).
 FIT_DESCRIPTION = "Register a Zarr stack: fit the pairwise transforms, compose, crop, write the aligned stack"
@@ -162,11 +162,16 @@ class SpheroCLI(LightningCLI):
         missing = _accelerator_missing(trainer.get("accelerator", "auto"))
         if missing:
             raise SpheroError(missing)
-        share_cores()  # this process's share of the cores (threads.py), again before every block
+        run = current_run()
+        if run is not None:
+            run.share_cores()  # this run's share of the cores (threads.py), again before every block
 
 
-def _run_cli(argv: list[str] | None) -> SpheroCLI:
-    return SpheroCLI(
+def _run_cli(argv: list[str] | None, cli: SpheroCLI | None = None) -> SpheroCLI:
+    """Parse ``argv`` and fit. ``cli``: an object made with ``SpheroCLI.__new__`` to run in, so that the caller still has
+    it (its trainer and callbacks: what was written) when the run ends in an exception."""
+    cli = cli if cli is not None else SpheroCLI.__new__(SpheroCLI)
+    cli.__init__(
         RegistrationModule,
         ZarrPairDataModule,
         args=argv,
@@ -179,6 +184,16 @@ def _run_cli(argv: list[str] | None) -> SpheroCLI:
         parser_kwargs={"exit_on_error": False, "fit": {"default_env": False, "exit_on_error": False,
                                                        "description": FIT_DESCRIPTION}},
     )
+    return cli
+
+
+def written_by(cli: SpheroCLI) -> str | None:
+    """``store/path`` of the output the run behind ``cli`` has put in place, if it got that far."""
+    trainer = getattr(cli, "trainer", None)
+    for cb in getattr(trainer, "callbacks", None) or []:
+        if isinstance(cb, RegistrationWriter) and cb.written:
+            return cb.written
+    return None
 
 
 def _one_line(message: str) -> str:
@@ -211,19 +226,6 @@ def _message(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def fit_in_process(argv: list[str]) -> SpheroCLI:
-    """``sphero fit ARGS`` in this process (``argv`` starts with ``fit``), for the Python API: a user error raises
-    :class:`SpheroError` with the one line ``sphero fit`` would print (no exit)."""
-    quiet_lightning()
-    skip_object_storage_imports()
-    try:
-        return _run_cli(argv)
-    except (ArgumentError, MisconfigurationException, OSError) as exc:
-        raise SpheroError(_message(exc)) from exc
-    finally:
-        release_all()  # the output's lock, however the run ended
-
-
 @contextlib.contextmanager
 def _noting_ctrl_c():
     """Note whether Ctrl-C (SIGINT) arrived: Lightning's trainer catches the KeyboardInterrupt itself and leaves by
@@ -245,35 +247,34 @@ def _noting_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-def _interrupted_fit() -> None:
+def _interrupted_fit(written: str | None) -> None:
     """Ctrl-C's one line (from rank 0 only: every DDP rank gets the signal): what is (not) in place, and what to do;
     on a terminal on a line of its own (not glued to the progress bar's)."""
     if launch_rank() != 0:
         raise SystemExit(130)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    if WRITTEN:
-        interrupted("sphero fit", f"the output {WRITTEN[-1]} was written before; only the alignment page may be missing "
+    if written:
+        interrupted("sphero fit", f"the output {written} was written before; only the alignment page may be missing "
                                   "(sphero report builds it)")
     interrupted("sphero fit", "no output was written at the final path (run the same command again to resume)")
 
 
 def run_fit(argv: list[str], from_command_line: bool = False) -> SpheroCLI:
-    """``sphero fit ARGS`` (``argv`` starts with ``fit``). From the command line LightningCLI reads ``sys.argv``
-    itself (DDP's launcher starts the other ranks with the same ``sys.argv``)."""
+    """``sphero fit ARGS`` (``argv`` starts with ``fit``) as one run (:class:`~.scope.RunScope`: whatever it takes
+    from the process, it gives back however it ends). From the command line LightningCLI reads ``sys.argv`` itself
+    (DDP's launcher starts the other ranks with the same ``sys.argv``)."""
     quiet_lightning()
     skip_object_storage_imports()
-    WRITTEN.clear()
-    with _noting_ctrl_c() as ctrl_c:
+    cli = SpheroCLI.__new__(SpheroCLI)
+    with _noting_ctrl_c() as ctrl_c, RunScope():
         try:
-            return _run_cli(None if from_command_line else argv)
+            return _run_cli(None if from_command_line else argv, cli)
         except (SpheroError, ArgumentError, MisconfigurationException, OSError) as exc:
             report("sphero fit", _message(exc), exc)
         except KeyboardInterrupt:
-            _interrupted_fit()
+            _interrupted_fit(written_by(cli))
         except SystemExit as exc:
             if ctrl_c["sigint"] and exc.code == 1:  # Lightning's own exit after catching Ctrl-C
-                _interrupted_fit()
+                _interrupted_fit(written_by(cli))
             raise
-        finally:
-            release_all()  # the output's lock, however the run ended

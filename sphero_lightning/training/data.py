@@ -6,8 +6,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +13,36 @@ import lightning as L
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from ..core.masks import Destripe, static_patterns, to_tensor
 from ..core.pairs import block_layout, blocks, pair_graph
 from ..errors import SpheroError
-from ..storage.slices import damaged_slices, intensity_range, open_mask, read_slices, slice_masks, slice_stats
+from ..storage.slices import (
+    damaged_slices,
+    intensity_range,
+    open_mask,
+    read_slice,
+    read_slices,
+    slice_masks,
+    slice_stats,
+)
 from ..storage.store import (
+    OutputLock,
     acquire_lock,
     check_stack,
     check_writable,
     node_exists,
     open_source,
     parse_spacing,
-    release_lock,
     spacing_name,
     store_format,
     zarr_format,
 )
 from ..storage.tasks import run_tasks
 from ..threads import available_memory, launch_rank
+from .scope import current_run
+from .stream import BlockStream, ReadTimes
 
 #: Most pixels of moving slices (at the finest level, <= 4 Mpx each) in one block per device: caps
 #: ``pairs_per_block`` for large slices, where a bigger block gains nothing on a CPU.
@@ -46,54 +54,6 @@ DEFAULT_BUDGET = 4 << 30
 FIT_BYTES_PER_PX = 40
 #: Bytes the writer holds per source pixel in flight (raw, float copy, B-spline coefficients, filter temporaries).
 WRITE_BYTES_PER_PX = 20
-
-
-class BlockStream(IterableDataset):
-    """Per epoch: this rank's slices of the epoch's block once, then step tokens until the epoch ends.
-
-    The next block is read in a background thread while the current one is fitted.
-    """
-
-    def __init__(self, dm: ZarrPairDataModule, trainer: L.Trainer) -> None:
-        super().__init__()
-        self.dm, self.trainer = dm, trainer
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sphero-prefetch")
-        self.pending: dict[int, Future] = {}
-
-    def _read(self, block: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        item = self.dm.read_rank_block(block, self.trainer.global_rank, self.trainer.world_size)
-        self.dm.timings["read_s"] = self.dm.timings.get("read_s", 0.0) + time.perf_counter() - t0
-        return item
-
-    def _fetch(self, block: int) -> Future:
-        if block in self.dm.skip_blocks:  # finished in an earlier run: nothing to read
-            f: Future = Future()
-            f.set_result({"skip": True})
-            return f
-        if block not in self.pending:
-            self.pending[block] = self.pool.submit(self._read, block)
-        return self.pending[block]
-
-    def __iter__(self) -> Iterator[Any]:
-        epoch = self.trainer.current_epoch
-        t0 = time.perf_counter()
-        item = self._fetch(epoch).result()
-        self.dm.timings["wait_s"] = self.dm.timings.get("wait_s", 0.0) + time.perf_counter() - t0
-        self.pending.pop(epoch, None)
-        if epoch + 1 < self.dm.n_blocks(self.trainer.world_size):
-            self._fetch(epoch + 1)
-        yield item
-        token = 0
-        while True:
-            token += 1
-            yield token
-
-    def close(self) -> None:
-        """Stop the reader thread (a block still being read ahead is dropped): nothing of the run stays behind in the
-        process (a notebook that fits again and again would otherwise keep one idle thread per run)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pending.clear()
 
 
 class ZarrPairDataModule(L.LightningDataModule):
@@ -176,10 +136,12 @@ class ZarrPairDataModule(L.LightningDataModule):
             raise SpheroError(f"--data.destripe must be one of none, vertical, horizontal, both; got {destripe!r}")
         self._mask: zarr.Array | None = None
         self._stream: BlockStream | None = None  # this run's reader (closed at teardown)
+        self._lock: OutputLock | None = None  # the output's lock, while this run holds it
         self.damaged: dict[int, str] = {}  # slice -> why it was left out (set by scan())
         self.good: list[int] = []  # slices that are registered, in order
         self.skip_blocks: set[int] = set()  # blocks finished by an earlier run (skip(), from the module on resume)
-        self.timings: dict[str, float] = {}  # where the time went (s): scan_s, read_s, wait_s (+ the module's)
+        self.scan_s = 0.0  # seconds the slice check took (set at setup)
+        self.reads = ReadTimes()  # the block reader's seconds, of the last fit (the reader's own until it is closed)
         self.intensity: tuple[float, float] | None = None  # the stack's grey-value range (set at setup)
         self.validate()
         if neighbours < 1:
@@ -214,9 +176,13 @@ class ZarrPairDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """One run per output at a time: rank 0 of a run takes the output's lock (before any work; the constructor has
-        no side effects), and checks again under it that the output is still free."""
-        if launch_rank() == 0:
-            acquire_lock(self.lock_path, f"output {self.output_path!r} in {self.out_root!r}", self.out_root)
+        no side effects), and checks again under it that the output is still free. The lock is this run's: released
+        at teardown, or by the run's scope however the run ends (:class:`~.scope.RunScope`)."""
+        if launch_rank() == 0 and self._lock is None:
+            self._lock = acquire_lock(self.lock_path, f"output {self.output_path!r} in {self.out_root!r}", self.out_root)
+            run = current_run()
+            if run is not None:
+                run.on_exit(self.release)
             try:
                 self.check_output()
             except SpheroError:
@@ -257,14 +223,22 @@ class ZarrPairDataModule(L.LightningDataModule):
         return self.journal_path / "lock"
 
     def release(self) -> None:
-        """Let other runs at this output (called when the run ends, however it ends)."""
-        release_lock(self.lock_path)
+        """Let other runs at this output: release the lock this run took, if it holds one (when the run ends, however
+        it ends)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def teardown(self, stage: str) -> None:
         if self._stream is not None:
+            self.reads = self._stream.times
             self._stream.close()
             self._stream = None
         self.release()
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A failed or interrupted fit (Lightning calls no teardown then): the reader thread stopped, the lock released."""
+        self.teardown("fit")
 
     @property
     def source(self) -> zarr.Array:
@@ -365,7 +339,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         """The grey-value range from up to ``n`` evenly spread slices (when the slices are not all scanned);
         the same on every rank."""
         zs = sorted({round(float(z)) for z in np.linspace(0, self.n_slices - 1, min(n, self.n_slices))})
-        stats = np.array([slice_stats(np.asarray(self.source[z])) for z in zs])
+        stats = np.array([slice_stats(read_slice(self.source, z)) for z in zs])
         usable = [i for i, z in enumerate(zs) if z not in self.damaged]
         return intensity_range(stats, usable)
 
@@ -374,7 +348,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         n = self.n_slices
         stats = torch.zeros(n, 4, dtype=torch.float64)
         mine = list(range(rank, n, world))
-        found = run_tasks(lambda z: slice_stats(np.asarray(self.source[z])), [(z,) for z in mine], num_workers=4,
+        found = run_tasks(lambda z: slice_stats(read_slice(self.source, z)), [(z,) for z in mine], num_workers=4,
                           progress=progress and rank == 0 and n >= 64, desc="checking slices", unit="slice",
                           weights=[world] * len(mine))
         for z, st in zip(mine, found):
@@ -392,7 +366,7 @@ class ZarrPairDataModule(L.LightningDataModule):
             return []
         zs = sorted({self.good[round(float(q))] for q in np.linspace(0, len(self.good) - 1, min(n, len(self.good)))})
         step = max(1, math.ceil(math.sqrt(self.slice_shape[0] * self.slice_shape[1] / (1 << 20))))  # <= ~1 Mpx each
-        sample = np.stack([np.asarray(self.source[z])[::step, ::step] for z in zs])
+        sample = np.stack([read_slice(self.source, z)[::step, ::step] for z in zs])
         return static_patterns(sample, self.ignore_value, self.destripe)
 
     def set_damaged(self, damaged: dict[int, str]) -> None:
@@ -410,8 +384,14 @@ class ZarrPairDataModule(L.LightningDataModule):
                               "check the data, or --data.check_slices false to fit them anyway")
 
     # ------------------------------------------------------------------ Lightning
+    @property
+    def read_times(self) -> ReadTimes:
+        """The block reader's seconds in this fit (while it runs, or after it)."""
+        return self._stream.times if self._stream is not None else self.reads
+
     def setup(self, stage: str) -> None:
         trainer = self.trainer
+        self.reads, self.scan_s = ReadTimes(), 0.0  # this fit's, not added to an earlier fit's
         if self.check_slices:
             t0 = time.perf_counter()
             strategy = trainer.strategy
@@ -423,7 +403,7 @@ class ZarrPairDataModule(L.LightningDataModule):
 
             self.set_damaged(self.scan(trainer.global_rank, trainer.world_size, reduce,
                                        progress=getattr(trainer, "progress_bar_callback", None) is not None))
-            self.timings["scan_s"] = time.perf_counter() - t0
+            self.scan_s = time.perf_counter() - t0
         else:
             self.intensity = self.sample_intensity()
         if self.damaged and trainer.is_global_zero:  # found by the scan (or set by a caller): said either way

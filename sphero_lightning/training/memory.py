@@ -1,7 +1,9 @@
-"""A stack held in memory fitted by the same components as ``sphero fit``, without its command line: the Python API's
-path. The stack goes into an in-memory Zarr store; the Trainer runs the module, the data module and the callbacks
-``sphero fit`` uses, without logger, journal, lock, output array or page, so nothing is written to disk and
-jsonargparse is never imported. Options are ``sphero fit``'s, by group (``model.loss``, ``pyramid.levels`` ...).
+"""A stack given as an array fitted by the same components as ``sphero fit``, without its command line: the Python
+API's path. The data module reads the array the caller gave (numpy, Zarr or dask) block by block, as ``sphero fit``
+reads its store: nothing is copied beyond what a block needs. The Trainer runs the module, the data module and the
+callbacks ``sphero fit`` uses, without logger, journal, lock, output array or page, so nothing is written to disk and
+jsonargparse is never imported. The fit is one run (:class:`~.scope.RunScope`): whatever it takes from the process it
+gives back when it returns or fails. Options are ``sphero fit``'s, by group (``model.loss``, ``pyramid.levels`` ...).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import numpy as np
 from ..errors import SpheroError
 from ..storage.slices import check_mask_shape
 from ..storage.store import check_stack
-from ..threads import share_cores
 from .data import ZarrPairDataModule
+from .scope import RunScope
 from .state import OPTION_GROUPS
 
 #: The option groups of ``sphero fit`` a fit in memory takes (``output``: only the crop settings matter).
@@ -26,8 +28,9 @@ _STORE_ONLY = ("root", "array", "dst_group", "output_root", "overwrite", "resume
 
 
 class ArrayPairs(ZarrPairDataModule):
-    """The data module over a Zarr array that is already open (in memory): no store on disk, so no lock, no journal
-    and no output to check or write."""
+    """The data module over an array the caller holds (``(Z, Y, X)`` numpy, Zarr or dask; ``mask`` likewise, or
+    ``(Y, X)``): read block by block where it is, never copied whole; no store to write, so no lock, no journal and no
+    output to check or write."""
 
     def __init__(self, arr: Any, mask: Any = None, **kwargs: Any) -> None:
         self._given, self._given_mask = arr, mask
@@ -92,7 +95,6 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
 
     import lightning as L
     import torch
-    import zarr
 
     from ..core.frames import FIRST_KEY, pixel_matrices
     from .callbacks import PairEarlyStopping, PairProgressBar, PyramidSchedule
@@ -109,26 +111,25 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     output = RegistrationWriter(**groups["output"])  # its checks; only the crop settings are used
     early, pyramid = PairEarlyStopping(**groups["early_stopping"]), PyramidSchedule(**groups["pyramid"])
     model = RegistrationModule(transformation=transformation, **groups["model"])
-    root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-    arr = root.create_array("stack", shape=tuple(stack.shape), dtype=np.dtype(stack.dtype),
-                            chunks=(1, *stack.shape[1:]), compressors=None)
-    for z in range(stack.shape[0]):
-        arr[z] = np.asarray(stack[z])
-    mask_arr = None
     if mask is not None:
-        m = np.asarray(mask)
-        check_mask_shape(m.shape, tuple(stack.shape), "mask")
-        mask_arr = root.create_array("mask", data=(m != 0).astype(np.uint8))
-    dm = ArrayPairs(arr, mask_arr, neighbours=solve.neighbours, coarse_factor=solve.coarse_factor, **groups["data"])
+        mask = mask if hasattr(mask, "shape") and hasattr(mask, "ndim") else np.asarray(mask)
+        check_mask_shape(tuple(mask.shape), tuple(stack.shape), "mask")
+    dm = ArrayPairs(stack, mask, neighbours=solve.neighbours, coarse_factor=solve.coarse_factor, **groups["data"])
     quiet_lightning()
-    share_cores()
-    L.seed_everything(0, verbose=False)  # as sphero fit (init_std noise)
-    trainer = L.Trainer(**{**PLAIN_TRAINER, "logger": False, "enable_progress_bar": progress, "accelerator": accelerator,
-                           "devices": devices, "callbacks": [*([PairProgressBar()] if progress else []), early, pyramid, solve],
-                           **groups["trainer"]})
-    trainer.fit(model, datamodule=dm)
-    _, _, pairwise, log, solved, first, own_frame, later, box = compose_result(
-        dm, model, solve, output.crop_borders, output.crop_safety_margin)
+    with RunScope() as run:
+        run.share_cores()
+        L.seed_everything(0, verbose=False)  # as sphero fit (init_std noise)
+        trainer = L.Trainer(**{**PLAIN_TRAINER, "logger": False, "enable_progress_bar": progress, "accelerator": accelerator,
+                               "devices": devices, "callbacks": [*([PairProgressBar()] if progress else []), early, pyramid, solve],
+                               **groups["trainer"]})
+        try:
+            trainer.fit(model, datamodule=dm)
+        except SystemExit:
+            if trainer.interrupted:  # Lightning caught Ctrl-C and exits; a notebook gets its KeyboardInterrupt back
+                raise KeyboardInterrupt from None
+            raise
+        _, _, pairwise, log, solved, first, own_frame, later, box = compose_result(
+            dm, model, solve, output.crop_borders, output.crop_safety_margin)
     flag_outliers(log)
     shape = dm.slice_shape
     pyramid_levels = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in model.levels]

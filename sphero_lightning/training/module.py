@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, get_args
 
 import lightning as L
@@ -21,9 +22,20 @@ from ..core.masks import loss_images
 from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation
 from ..errors import SpheroError
 from ..storage.journal import Journal
-from ..threads import release_memory, share_cores
+from ..threads import release_memory
 from .report import log_level_end, log_run_settings
+from .scope import current_run
 from .state import Curvature, InitTranslation, Level, Optimizer
+
+
+@dataclass
+class FitTimes:
+    """Where a fit's time went in this process: ``fit_s`` from the first block to the end of the last; per pyramid
+    level ``k`` the seconds and the number of its training steps (``level_s[k]``, ``level_steps[k]``)."""
+
+    fit_s: float = 0.0
+    level_s: dict[int, float] = field(default_factory=dict)
+    level_steps: dict[int, int] = field(default_factory=dict)
 
 
 class RegistrationModule(L.LightningModule):
@@ -111,7 +123,7 @@ class RegistrationModule(L.LightningModule):
         self.delta: torch.nn.Parameter | None = None
         self.fit: BlockFit | None = None  # the block being fitted
         self.results: dict[int, dict[str, Any]] = {}
-        self.timings: dict[str, float] = {}
+        self.times = FitTimes()
         self.n_pairs = 0
         self.steps_run = 0  # training steps of this process (Lightning's logging step; global_step stays 0 without optimizers)
 
@@ -141,7 +153,7 @@ class RegistrationModule(L.LightningModule):
         self.objective.shape = self.shape
         self.objective.to(self.device)
         self.hparams.pairs_per_block = dm.pairs_per_block  # the block the data module settled on (large slices: fewer)
-        self.timings = dm.timings  # shared with the datamodule: scan_s, read_s, wait_s; here fit_s; writer write_s
+        self.times = FitTimes()  # this fit's (a module fitted again starts from zero)
         hp = {k: v for k, v in self.hparams.items() if k != "pairs_per_block"}
         # no journal where the data live in memory (the Python API): nothing to resume from
         self.journal = None if dm.journal_path is None else Journal(
@@ -248,7 +260,7 @@ class RegistrationModule(L.LightningModule):
         self._train_t0 = time.perf_counter()
 
     def on_train_end(self) -> None:
-        self.timings["fit_s"] = time.perf_counter() - getattr(self, "_train_t0", time.perf_counter())
+        self.times.fit_s = time.perf_counter() - getattr(self, "_train_t0", time.perf_counter())
 
     def on_fit_start(self) -> None:
         # Here (data scanned, pyramid set) rather than Lightning's own logging right after this hook, which would
@@ -256,7 +268,9 @@ class RegistrationModule(L.LightningModule):
         log_run_settings(self.trainer, self)
 
     def on_train_epoch_start(self) -> None:
-        share_cores()  # other sphero processes may have started or ended since the last block
+        run = current_run()
+        if run is not None:  # the run's share of the cores: other sphero runs may have started or ended since the last block
+            run.share_cores()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if batch_idx == 0:
@@ -279,8 +293,8 @@ class RegistrationModule(L.LightningModule):
         try:
             return self._step()
         finally:  # the profile of a run: time and steps per pyramid level (see benchmarks/real_sections.py)
-            t, k = self.timings, self.block.level
-            t[f"level{k}_s"], t[f"level{k}_steps"] = t.get(f"level{k}_s", 0.0) + time.perf_counter() - t0, t.get(f"level{k}_steps", 0) + 1
+            t, k = self.times, self.block.level
+            t.level_s[k], t.level_steps[k] = t.level_s.get(k, 0.0) + time.perf_counter() - t0, t.level_steps.get(k, 0) + 1
 
     def _step(self) -> torch.Tensor:
         """One evaluation of every active pair of the block at its solver's trial point, then one solver update."""
@@ -300,7 +314,8 @@ class RegistrationModule(L.LightningModule):
             self.finish_block()
         if self.trainer.is_global_zero and self.journal is not None:
             self.journal.save(self.results)
-        release_memory()
         losses = [self.results[p]["final_loss"] for p in blk.pairs if p >= 0]
         if losses:
             self.log("loss/block_final", float(sum(losses) / len(losses)), on_epoch=True, rank_zero_only=True, batch_size=1)
+        self.fit = None  # the block's images and solver go now, not when the next block has been read beside them
+        release_memory()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,28 @@ from ..report.reslice import overlay
 HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
 
 
-def timing_line(t: dict[str, float], workers: int) -> str:
-    """One line: where the run's time went (this rank's view). Downsampled levels written in the same pass as the
-    output are a share of the writing time ("of it"); a second pass adds its own."""
-    fit, wait = t.get("fit_s", 0.0), t.get("wait_s", 0.0)
-    levels = "" if "levels_s" not in t else f", downsampled levels {t['levels_s']:.2f} s" + (
-        " of it (same pass)" if t.get("levels_same_pass") else " (second pass)")
-    return (f"time: checking slices {t.get('scan_s', 0.0):.2f} s, fitting {fit:.2f} s (computing {fit - wait:.2f} s, "
-            f"waiting for data {wait:.2f} s; reading took {t.get('read_s', 0.0):.2f} s in the background), "
-            f"writing {t.get('write_s', 0.0):.2f} s ({workers} threads){levels}")
+@dataclass(frozen=True)
+class RunTimes:
+    """Where a run's time went (seconds, this rank's view), from each stage's own figures: the slice check, the fit
+    (``read_s`` of it reading blocks in the background, ``wait_s`` waiting for one), writing with ``workers`` threads,
+    the downsampled levels (``levels_s``: a share of ``write_s`` when written in the same pass, else a second pass)."""
+
+    scan_s: float = 0.0
+    fit_s: float = 0.0
+    read_s: float = 0.0
+    wait_s: float = 0.0
+    write_s: float = 0.0
+    workers: int = 1
+    levels_s: float | None = None
+    levels_same_pass: bool = False
+
+    def line(self) -> str:
+        """One line for the terminal and the page."""
+        levels = "" if self.levels_s is None else f", downsampled levels {self.levels_s:.2f} s" + (
+            " of it (same pass)" if self.levels_same_pass else " (second pass)")
+        return (f"time: checking slices {self.scan_s:.2f} s, fitting {self.fit_s:.2f} s (computing "
+                f"{self.fit_s - self.wait_s:.2f} s, waiting for data {self.wait_s:.2f} s; reading took {self.read_s:.2f} s "
+                f"in the background), writing {self.write_s:.2f} s ({self.workers} threads){levels}")
 
 
 #: A pair whose NCC after fitting is below this is marked ``low_correlation``, never ``ok``: its slices share too

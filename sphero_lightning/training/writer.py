@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -38,11 +39,8 @@ from ..storage.writing import (
     warp_stack,
 )
 from .module import RegistrationModule
-from .report import MIN_TRUSTED_NCC, flag_outliers, log_panels, mark_untrusted, timing_line, trainer_record
+from .report import MIN_TRUSTED_NCC, RunTimes, flag_outliers, log_panels, mark_untrusted, trainer_record
 from .volume import VolumeSolve
-
-#: Outputs this process has moved into place (``store/path``): what an interruption after that point has not lost.
-WRITTEN: list[str] = []
 
 #: How the writer resamples slices for the output (``--output.interpolation``).
 OutputInterpolation = Literal["bspline", "bicubic", "bilinear"]
@@ -74,8 +72,11 @@ def compose_result(dm: Any, module: RegistrationModule, volume: VolumeSolve | No
     return fitted, composed, pairwise_m, log, solved, first, own_frame, later, box
 
 
-def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter) -> str:
-    """Compose, crop, warp and write the registered stack. Returns the output array's path."""
+def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter,
+                       placed: Callable[[str], None] = lambda where: None) -> tuple[str, RunTimes | None]:
+    """Compose, crop, warp and write the registered stack. ``placed`` hears ``store/path`` the moment the output is in
+    place (what an interruption from then on does not lose). Returns the output array's path and where the run's
+    time went (rank 0; None on other ranks)."""
     dm = trainer.datamodule
     n, shape = dm.n_slices - 1, dm.slice_shape
     missing = [p for p in range(dm.n_pairs) if p not in module.results]
@@ -115,10 +116,10 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         print(f"sphero: writing with {workers} thread(s) of --output.num_workers {writer.num_workers}: the memory budget "
               f"({dm.memory_budget / 2**30:.2f} GB) holds {workers} band(s) of {band // shape[1]} x {shape[1]} source "
               f"pixels in flight", file=sys.stderr)
-    module.timings.update(warp_stack(ArrayRef(str(dm.root), dm.array) if distributed else src, out_ref, composed, box,
-                                     writer.interpolation, written=written, device=module.device, rank=rank, world=world,
-                                     progress=show, num_workers=workers, scheduler=writer.scheduler,
-                                     levels=[ArrayRef(str(out_root), f"{group_path}/{n}") for n, _, _ in levels or []]))
+    wrote = warp_stack(ArrayRef(str(dm.root), dm.array) if distributed else src, out_ref, composed, box,
+                       writer.interpolation, written=written, device=module.device, rank=rank, world=world,
+                       progress=show, num_workers=workers, scheduler=writer.scheduler,
+                       levels=[ArrayRef(str(out_root), f"{group_path}/{n}") for n, _, _ in levels or []])
     _barrier()
     out = out_ref.open("r+")
 
@@ -178,7 +179,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             **({"volume_solve": solved} if solved is not None else {}),
         })
         move_into_place(out_root, group_path, tmp_name, name)
-        WRITTEN.append(f"{out_root}/{final}")
+        placed(f"{out_root}/{final}")
         remove_node(out_root, f"{group_path}/{tmp_name}-written")
         journal = getattr(module, "journal", None)
         if journal is not None:
@@ -186,21 +187,26 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         t0 = time.perf_counter()
         place_levels(out_root, group_path, name, n_levels, levels, num_workers=workers, progress=show,
                      compression_level=writer.compression_level)
-        if levels is None and n_levels > 1:  # a second pass; else levels_s is their share of write_s (warp_stack)
-            module.timings["levels_s"] = time.perf_counter() - t0
+        # a second pass has its own time; in the same pass the levels took a share of the writing time (warp_stack)
+        second_pass = levels is None and n_levels > 1
+        reads = dm.read_times
+        times = RunTimes(scan_s=dm.scan_s, fit_s=module.times.fit_s, read_s=reads.read_s, wait_s=reads.wait_s,
+                         write_s=wrote.write_s, workers=workers,
+                         levels_s=time.perf_counter() - t0 if second_pass else wrote.levels_s,
+                         levels_same_pass=not second_pass)
         write_ome(out_root, group_path)
         print(f"sphero: wrote {out_root}/{final} shape {out_shape} {np.dtype(src.dtype)} crop_box {box} (Zarr v{fmt})",
               file=sys.stderr)
-        print(f"sphero: {timing_line(module.timings, workers)}", file=sys.stderr)
+        print(f"sphero: {times.line()}", file=sys.stderr)
         try:  # the alignment page beside the logs; the output is in place whatever happens here
             from .report import report_page
 
-            page = report_page(trainer, out_root, final, src, timing_line(module.timings, workers))
+            page = report_page(trainer, out_root, final, src, times.line())
             print(f"sphero: report {page}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - a failed report must not fail a finished run
             print(f"sphero: warning: no alignment report ({type(exc).__name__}: {exc})", file=sys.stderr)
     _barrier()
-    return final
+    return final, times if rank == 0 else None
 
 
 class RegistrationWriter(L.Callback):
@@ -261,6 +267,8 @@ class RegistrationWriter(L.Callback):
         self.num_workers = int(num_workers)
         self.scheduler = str(scheduler)
         self.output_path: str | None = None
+        self.written: str | None = None  # ``store/path`` of the output once it is in place (set by this run's writer)
+        self.times: RunTimes | None = None  # where this run's time went (set when the output is written)
 
     #: Config group of these settings (``--output.*``), for the logged hyperparameters.
     config_group = "output"
@@ -273,6 +281,7 @@ class RegistrationWriter(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         # before any fitting: what the output store cannot hold
+        self.written, self.times = None, None  # this fit's, not an earlier one's
         dm = trainer.datamodule
         if self.shards is not None and dm.output_format == 2:
             raise SpheroError("--output.shards needs a Zarr v3 output store, and this one is Zarr v2: drop --output.shards, "
@@ -281,4 +290,7 @@ class RegistrationWriter(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
 
-        self.output_path = write_registration(trainer, pl_module, self)
+        self.output_path, self.times = write_registration(trainer, pl_module, self, placed=self._placed)
+
+    def _placed(self, where: str) -> None:
+        self.written = where
