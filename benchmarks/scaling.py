@@ -31,7 +31,7 @@ from sphero_lightning.storage.stacks import write_zarr
 _WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
          "sys.stderr.write(r.stderr); "
          "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-_TIME = re.compile(r"checking slices ([\d.]+) s, fitting ([\d.]+) s \(computing ([\d.]+) s, waiting for data ([\d.]+) s; "
+_TIME = re.compile(r"checking slices ([\d.]+) s, fitting ([\d.]+) s(?: on \d+ torch threads?)? \(computing ([\d.]+) s, waiting for data ([\d.]+) s; "
                    r"reading took ([\d.]+) s in the background\), writing ([\d.]+) s")
 
 

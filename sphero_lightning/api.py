@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpheroError
-from .storage.store import check_stack
+from .storage.checks import check_stack
 
 
 @dataclass

@@ -43,8 +43,8 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
     (["--model.loss", "l7"], "invalid value 'l7' for model.loss (choose one of: ncc, mse, mae, ssim)"),
     (["--pyramid.levels", "0"], "levels must be >= 1"),
     (["--pyramid.factors", "64"], "fewer than 8 pixels"),
-    (["--model.nonsense", "1"], "unrecognized arguments: --model.nonsense"),
-    (["--data.max_pairs", "abc"], "invalid value 'abc' for data.max_pairs"),
+    (["--model.nonsense", "1"], "unknown option --model.nonsense"),
+    (["--data.max_pairs", "abc"], "invalid value 'abc' for --data.max_pairs"),
     (["--data.min_contrast", "2"], "min_contrast must be in [0, 1)"),
 ])
 def test_user_errors_are_one_line_without_traceback(small_store, tmp_path, extra, message):
@@ -150,16 +150,35 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path, base_image):
 
 
 def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
-    """Issue 29 item 3: a wrong store, a TIFF given as the store, a wrong array and a bad enumerated value are one line,
-    exit 2, with neither torch nor Lightning imported (they take seconds to load; benchmarks/error_latency.py)."""
+    """Issues 29 and 36: a wrong store, a TIFF given as the store, a wrong array, a bad enumerated value, a misspelt
+    option (with the closest one), a value of the wrong type, a 2D array, a one-slice stack, a missing spacing, a mask
+    array of the wrong shape or missing, an existing output: one line, exit 2, with neither torch nor Lightning imported
+    (they take seconds to load; benchmarks/error_latency.py)."""
     import tifffile
 
     write_zarr(np.zeros((3, 32, 32), np.uint8), tmp_path / "s.zarr")
+    write_zarr(np.zeros((3, 32, 32), np.uint8), tmp_path / "s.zarr", array="images/registered/50-4-4")
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="a")
+    group.create_array("flat", data=np.zeros((32, 32), np.uint8)).attrs["spacing"] = [50, 4, 4]
+    group.create_array("one", data=np.zeros((1, 32, 32), np.uint8)).attrs["spacing"] = [50, 4, 4]
+    group.create_array("bare", data=np.zeros((3, 32, 32), np.uint8))
+    group.create_array("mask", data=np.ones((5, 5), np.uint8))
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 32, 32), np.uint8))
+    ok = "--data.root s.zarr --data.array images/50-4-4 --data.overwrite"
     cases = {"--data.root nope.zarr --data.array images/50-4-4": "store 'nope.zarr' does not exist",
              "--data.root stack.tif --data.array x": "is a TIFF file, not a Zarr store; convert it first: sphero ingest",
-             "--data.root s.zarr --data.array images/nope": "array 'images/nope' not found in 's.zarr' (arrays there: images/50-4-4)",
-             "--data.root s.zarr --data.array images/50-4-4 --model.transformation shear": "invalid value 'shear' for model.transformation (choose one of"}
+             "--data.root s.zarr --data.array images/nope": "array 'images/nope' not found in 's.zarr' (arrays there: ",
+             f"{ok} --model.transformation shear": "invalid value 'shear' for model.transformation (choose one of",
+             f"{ok} --solve.neighbors 2": "unknown option --solve.neighbors; did you mean --solve.neighbours?",
+             f"{ok} --data.ignore_vaule 0": "unknown option --data.ignore_vaule; did you mean --data.ignore_value?",
+             f"{ok} --data.ignore_value zero": "invalid value 'zero' for --data.ignore_value (expected a number, or null)",
+             f"{ok} --pyramid.levels four": "invalid value 'four' for --pyramid.levels (expected a whole number)",
+             "--data.root s.zarr --data.array flat": "array 'flat' has shape (32, 32); expected 3D (Z, Y, X)",
+             "--data.root s.zarr --data.array one": "array 'one' has 1 slice(s); registration needs at least 2",
+             "--data.root s.zarr --data.array bare": "array 'bare' has no 'spacing' attribute; give it as --data.spacing",
+             f"{ok} --data.mask_array mask": "--data.mask_array 'mask' has shape (5, 5); it must be the stack's (3, 32, 32)",
+             f"{ok} --data.mask_array nope": "array 'nope' not found in 's.zarr' (arrays there: ",
+             "--data.root s.zarr --data.array images/50-4-4": "output 'images/registered/50-4-4' already exists in 's.zarr'"}
     code = ("import sys\nfrom sphero_lightning.commands.main import main\ntry:\n    main(['fit', *sys.argv[1:]])\n"
             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n")
     for args, expect in cases.items():
@@ -168,6 +187,17 @@ def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and expect in lines[0], (args, r.stderr)
         assert r.stdout.strip() == "exit 2 False False", (args, r.stdout)
+        assert "; set --data.mask_array: in --data" not in lines[0]  # issue 36 item 3: the garbled fix
+
+
+def test_fit_help_answers_without_torch_or_lightning():
+    """Issue 36: ``sphero fit --help`` took 4.1 s (it imported the classes); it reads them from their source now."""
+    code = ("import sys, contextlib, io\nfrom sphero_lightning.commands.main import main\nbuf = io.StringIO()\n"
+            "try:\n    with contextlib.redirect_stdout(buf):\n        main(['fit', '--help'])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, 'torch' in sys.modules, 'lightning' in sys.modules, len(buf.getvalue().splitlines()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    exit_word, code_, torch_loaded, lightning_loaded, lines = r.stdout.split()
+    assert (exit_word, code_, torch_loaded, lightning_loaded) == ("exit", "0", "False", "False") and int(lines) > 100
 
 
 def test_the_early_checks_know_every_choice_of_the_options():
@@ -176,14 +206,15 @@ def test_the_early_checks_know_every_choice_of_the_options():
     from typing import get_args
 
     from sphero_lightning.commands.precheck import CHOICES
-    from sphero_lightning.core.masks import Destripe
+    from sphero_lightning.core.masks import Destripe, StaticMode
     from sphero_lightning.core.objective import Loss, LossInterpolation, Transformation
     from sphero_lightning.training.state import Curvature, InitTranslation, Optimizer
     from sphero_lightning.training.writer import OutputInterpolation
 
     own = {"--model.transformation": Transformation, "--model.loss": Loss, "--model.optimizer": Optimizer,
            "--model.init_translation": InitTranslation, "--model.interpolation": LossInterpolation,
-           "--model.curvature": Curvature, "--output.interpolation": OutputInterpolation, "--data.destripe": Destripe}
+           "--model.curvature": Curvature, "--output.interpolation": OutputInterpolation, "--data.destripe": Destripe,
+           "--data.static_patterns": StaticMode}
     assert {k: tuple(get_args(v)) for k, v in own.items()} == CHOICES
 
 
@@ -215,7 +246,8 @@ def test_fit_help_is_short_plain_and_advertises_nothing_refused():
     assert set(option.findall(full)) - {f"--{k}" for k in LINKED} <= set(option.findall(short))
     assert "``" not in short and not re.search(r":(class|func|meth|data|mod):", short)
     trainer = set(re.findall(r"--trainer\.([a-z_]+)", short))
-    assert trainer == {"accelerator", "devices", "strategy", "num_nodes"} and not trainer & set(RESULT_CHANGING)
+    assert trainer == {"accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar", "logger"}
+    assert not trainer & set(RESULT_CHANGING)
 
 
 def test_a_bare_switch_means_true_like_ingest_s_flags(tmp_path):

@@ -13,7 +13,7 @@ from conftest import ISBI_PATH
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import em_like_image, make_stack
-from sphero_lightning.report.visual import accumulation, accumulation_warning
+from sphero_lightning.report.drift import accumulation, accumulation_warning
 from sphero_lightning.storage.stacks import write_zarr
 
 
@@ -69,3 +69,23 @@ def test_accumulation_tells_a_trend_from_jitter():
     assert abs(a["rotation_trend"] + 8.7) < 1e-6 and a["rotation_scatter"] < 1e-9
     assert "turn by -8.7 deg" in accumulation_warning(trend, shape, [0, 400, 0, 400])
     assert accumulation_warning(jitter, shape, [0, 300, 0, 300]) is not None  # under half the slice kept
+
+
+def test_the_advice_knows_what_the_run_already_used():
+    """Issue 36 item 2: after --solve.reference 15 the warning said again "--solve.reference in the middle of the stack
+    halves it". It now gives the drift on each side of the reference and names only what is left to try."""
+    n, shape = 31, (512, 512)
+
+    def rigid(deg: float, tx: float) -> np.ndarray:
+        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        return np.array([[c, -s, tx], [s, c, 0.0], [0, 0, 1.0]])
+
+    trend = np.stack([rigid(-0.3 * (z - 15), 2.0 * (z - 15)) for z in range(n)])  # slice 15 the reference
+    plain = accumulation_warning(trend, shape, [0, 400, 0, 400])
+    assert "--solve.reference in the middle" in plain and "--solve.detrend 1" in plain
+    used = accumulation_warning(trend, shape, [0, 400, 0, 400], {"reference": 15, "detrend": None, "crop_borders": True})
+    assert "--solve.reference in the middle" not in used and "--solve.detrend 1" in used
+    assert "with slice 15 as the reference, from slice 15 to the first slice they turn by 4.5 deg" in used, used
+    assert "to the last slice they turn by -4.5 deg" in used and "already used --solve.reference 15" in used
+    none_left = accumulation_warning(trend, shape, [0, 400, 0, 400], {"reference": 15, "detrend": 1, "crop_borders": False})
+    assert "every remedy is in use" in none_left and "--output.crop_borders false keeps" not in none_left

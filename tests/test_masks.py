@@ -148,24 +148,35 @@ def test_static_patterns_are_found_and_named(clean):
 
 def test_ignore_value_leaves_a_dark_frame_out(tmp_path, clean):
     """Issue 26 must-show 1: a static dark frame pulls pairs towards the identity; --data.ignore_value 0 leaves it
-    out. Without it the run warns and names the option; the page lists the mask and how much it left."""
+    out. Since issue 35 the defaults leave it out too (said in one line, recorded); ``--data.static_patterns keep``
+    uses it, warns and names the option; the page lists the mask and how much it left."""
     st = _case(clean, "frame")
     errs = {}
-    for tag, extra in (("plain", ()), ("masked", ("--data.ignore_value", "0"))):
+    for tag, extra in (("kept", ("--data.static_patterns", "keep")), ("default", ()),
+                       ("masked", ("--data.ignore_value", "0"))):
         root = tmp_path / f"{tag}.zarr"
         write_zarr(st, root)
         comp, attrs, err = _fit(root, *extra)
         errs[tag] = composed_error(comp, clean.composed, SHAPE).mean()
-        if tag == "plain":
+        masks = attrs["processing"][-2]["parameters"]["masks"]
+        if tag == "kept":
             assert "sphero: warning:" in err and "--data.ignore_value 0" in err
-        else:
+            assert masks["static"]["left_out"] is False
+        elif tag == "default":
+            lines = [ln for ln in err.splitlines() if "left out of the loss" in ln]
+            assert len(lines) == 1 and "the value 0" in lines[0] and "--data.static_patterns keep" in lines[0], err
             assert "warning" not in err
+            assert masks["static"] == {"left_out": True, "found": masks["static"]["found"], "value": 0,
+                                       "fraction": masks["static"]["fraction"]}
+            assert all(0.5 < e["mask_kept"] < 0.9 for e in attrs["registration_log"])
+        else:
+            assert "warning" not in err and "left out of the loss" not in err  # the option already says it
             page = next(ln.split("report ", 1)[1] for ln in err.splitlines() if ln.startswith("sphero: report "))
             html = Path(page).read_text(encoding="utf-8")
             assert "ignore_value 0" in html and "slice area the loss used" in html, html[:3000]
             log = attrs["registration_log"]
             assert all(0.5 < e["mask_kept"] < 0.9 for e in log), [e["mask_kept"] for e in log]
-    assert errs["masked"] < 0.03 and errs["plain"] > 5 * errs["masked"], errs
+    assert errs["masked"] < 0.03 and errs["default"] < 0.03 and errs["kept"] > 5 * errs["masked"], errs
 
 
 def test_ignore_value_follows_padding_that_moves_with_the_sample(tmp_path):
@@ -185,13 +196,13 @@ def test_ignore_value_follows_padding_that_moves_with_the_sample(tmp_path):
 
 def test_mask_array_leaves_detector_dirt_out(tmp_path, clean):
     """Issue 26 must-show 2: a bright disk fixed in the detector; a (Y, X) mask array without it, and the same as a
-    (Z, Y, X) array, put every slice in place; without the mask the disk pulls."""
+    (Z, Y, X) array, put every slice in place; without the mask (its static region kept) the disk pulls."""
     st = _case(clean, "disk")
     errs = {}
     for tag in ("plain", "2d", "3d"):
         root = tmp_path / f"{tag}.zarr"
         write_zarr(st, root)
-        extra = ()
+        extra = ("--data.static_patterns", "keep")
         if tag != "plain":
             m = (~_disk()).astype(np.uint8)
             zarr.open_group(str(root), mode="a").create_array("mask", data=m if tag == "2d" else np.repeat(m[None], 8, 0))
@@ -214,14 +225,18 @@ def test_bad_mask_array_is_a_one_line_error(tmp_path, clean):
 def test_destripe_removes_curtaining(tmp_path, clean):
     st = _case(clean, "stripes")
     errs = {}
-    for tag, extra in (("plain", ()), ("destriped", ("--data.destripe", "vertical"))):
+    for tag, extra in (("plain", ("--data.static_patterns", "keep")), ("default", ()),
+                       ("destriped", ("--data.destripe", "vertical"))):
         root = tmp_path / f"{tag}.zarr"
         write_zarr(st, root)
-        comp, attrs, _ = _fit(root, *extra)
+        comp, attrs, err = _fit(root, *extra)
         errs[tag] = composed_error(comp, clean.composed, SHAPE).mean()
-    assert errs["destriped"] < 0.03 and errs["plain"] > 5 * errs["destriped"], errs
-    masks = next(p for p in attrs["processing"] if p["step_name"] == "registration")["parameters"]["masks"]
-    assert masks == {"ignore_value": None, "mask_array": None, "destripe": "vertical"}
+        masks = next(p for p in attrs["processing"] if p["step_name"] == "registration")["parameters"]["masks"]
+        if tag == "default":  # the guard found the stripes and destriped the loss's images itself
+            assert masks["static"]["stripes"] == ["vertical"] and masks["static"]["left_out"], masks
+            assert "vertical stripes" in err and "left out of the loss" in err
+    assert errs["destriped"] < 0.03 and errs["default"] < 0.03 and errs["plain"] > 5 * errs["destriped"], errs
+    assert masks == {"ignore_value": None, "mask_array": None, "destripe": "vertical", "static_patterns": "leave_out"}
 
 
 def test_masks_with_the_finest_level_capped_and_in_the_api(tmp_path, clean):

@@ -38,6 +38,7 @@ def _hparams(acc) -> dict:
 
 
 def test_tensorboard_loss_levels_ncc_panels_hparams_and_progress(tmp_path, base_image, monkeypatch):
+    monkeypatch.setenv("SPHERO_PROGRESS", "bar")  # tqdm's bar, as on a terminal (stderr is captured here)
     """One small run (5 misaligned pairs in 3 blocks, 3 pyramid levels): what TensorBoard, the log and the bar show."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

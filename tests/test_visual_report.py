@@ -194,3 +194,44 @@ def test_a_short_stack_s_reslices_are_drawn_tall_enough_to_see(tmp_path, capsys)
     heights = [int(h) for h in re.findall(r'height="(\d+)" alt="[xy]z reslice', page)]
     assert len(heights) >= 4 and min(heights) >= 96, heights
     assert "taller than its true extent (a short stack)" in page
+
+
+def test_every_line_the_run_says_about_the_data_is_on_its_page(tmp_path, capsys):
+    """Issue 35: the static-pattern line, the damaged and unregistered slices and the QC outliers appeared only in the
+    terminal. Every line of a run about the data or the result is in the page's warning box (opened in the browser),
+    with links to the slices it names, each marked beside the reslices."""
+    sync_api = _browser()
+    from sphero_lightning.core.synthetic import em_like_image
+
+    shape = (192, 192)
+    s = make_stack(em_like_image(320, seed=5).astype(np.float64), 12, shape, max_shift=5, max_rot_deg=1.0, seed=6)
+    stack = s.stack.copy()
+    stack[6] = make_stack(em_like_image(320, seed=9).astype(np.float64), 1, shape, seed=3).stack[0]  # foreign
+    stack[:, :16] = 0  # a band fixed in every slice
+    stack[3] = 90  # damaged (constant)
+    root = tmp_path / "s.zarr"
+    write_zarr(stack, root)
+    main(["fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--trainer.accelerator", "cpu",
+          "--model.transformation", "rigid", "--trainer.enable_progress_bar", "false",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    said = [ln.removeprefix("sphero: ") for ln in err.splitlines()
+            if ln.startswith("sphero: ") and ("warning" in ln or "left out" in ln or "QC:" in ln or "damaged" in ln
+                                               or "stand in for" in ln)]
+    assert any("left out of the loss" in ln for ln in said) and any("damaged slice" in ln for ln in said), err
+    assert any("no pair agrees with" in ln for ln in said), err
+    page = Path(next(ln for ln in err.splitlines() if ln.startswith("sphero: report ")).removeprefix("sphero: report "))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            tab = browser.new_page()
+            tab.goto(page.resolve().as_uri(), wait_until="load")
+            box = tab.inner_text("#warnings")
+            links = tab.evaluate("Array.from(document.querySelectorAll('#warnings a')).map(a => a.getAttribute('href'))")
+            marks = tab.evaluate("Array.from(document.querySelectorAll('a.mark[id]')).map(a => a.id)")
+        finally:
+            browser.close()
+    for line in said:
+        assert line in box, (line, box)
+    assert "#mark-xz-after-6" in links and "#mark-xz-after-3" in links, links
+    assert all(href.removeprefix("#") in marks for href in links), (links, marks)

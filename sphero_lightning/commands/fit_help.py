@@ -5,14 +5,12 @@ own docstrings, markup removed), and only the Trainer options a registration tak
 
 from __future__ import annotations
 
-import inspect
 import re
 import textwrap
-import typing
 from typing import Any
 
-#: Options set from another group's (linked by the CLI): not options of their own.
-LINKED = {"data.neighbours", "data.coarse_factor", "model.pairs_per_block"}
+from ..options import FIT_DESCRIPTION, LINKED, REQUIRED, Option, fit_options
+
 #: The Trainer options that decide where a registration runs; the others are in --help-all (many would change the
 #: result and are refused).
 TRAINER = (("accelerator", "auto", "cpu, gpu (CUDA) or auto"),
@@ -32,28 +30,6 @@ def plain(text: str) -> str:
     return text.replace("``", "")
 
 
-def parameters(doc: str) -> dict[str, str]:
-    """The numpydoc ``Parameters`` section of ``doc``: name -> description (``a, b : type`` names several)."""
-    lines = inspect.cleandoc(doc or "").splitlines()
-    try:
-        start = next(i for i, ln in enumerate(lines) if ln.strip() == "Parameters") + 2
-    except StopIteration:
-        return {}
-    out: dict[str, str] = {}
-    names: list[str] = []
-    for ln in lines[start:]:
-        if ln and not ln.startswith(" "):
-            if ln.strip() in ("Returns", "Examples", "Raises", "Notes") or set(ln.strip()) == {"-"}:
-                break
-            names = [n.strip() for n in ln.split(":", 1)[0].split(",")]
-            for n in names:
-                out[n] = ""
-        elif names:
-            for n in names:
-                out[n] = (out[n] + " " + ln.strip()).strip()
-    return out
-
-
 def _first_sentence(text: str) -> str:
     text = plain(text)
     for m in re.finditer(r"(?<=[a-z0-9)\]])[.] ", text):
@@ -67,41 +43,41 @@ def _shown(value: Any) -> str:
     return {None: "null", True: "true", False: "false"}.get(value, str(value)) if isinstance(value, (bool, type(None))) else str(value)
 
 
-def _metavar(name: str, hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
-        return "{" + ",".join(map(str, typing.get_args(hint))) + "}"
-    return name.upper()
+def _metavar(option: Option) -> str:
+    if option.choices is not None:
+        return "{" + ",".join(option.choices) + "}"
+    return option.name.upper()
 
 
 def short_help() -> str:
-    """The text of ``sphero fit --help``."""
-    from importlib import import_module
-
-    from ..training.cli import FIT_DESCRIPTION
-    from ..training.state import OPTION_GROUPS
-
+    """The text of ``sphero fit --help``, from the options' own declarations (:mod:`~sphero_lightning.options`: read
+    from the source, so the help answers without importing torch or Lightning)."""
     out = ["usage: sphero fit --data.root STORE.zarr --data.array PATH [--GROUP.OPTION VALUE ...] [--config FILE.yaml]",
            "", FIT_DESCRIPTION + ".", ""]
-    for group, module, name in OPTION_GROUPS:
-        cls = getattr(import_module(module), name)
-        docs = parameters(cls.__doc__ or "")
-        hints = typing.get_type_hints(cls.__init__)
-        out.append(f"{group}:")
-        for pname, param in inspect.signature(cls.__init__).parameters.items():
-            if pname == "self" or f"{group}.{pname}" in LINKED:
-                continue
-            default = "required" if param.default is inspect.Parameter.empty or (group == "data" and pname in ("root", "array")) \
-                else f"default {_shown(param.default)}"
-            out.append(f"  --{group}.{pname} {_metavar(pname, hints.get(pname))}  ({default})")
-            text = _first_sentence(docs.get(pname, ""))
-            if text:
-                out.append(textwrap.shorten(text, WIDTH - 6, placeholder=" ...").join(["      ", ""]))
+    group = None
+    for key, option in fit_options().items():
+        if key in LINKED:
+            continue
+        if option.group != group:
+            group = option.group
+            out.append(f"{group}:")
+        default = "required" if option.default is REQUIRED or key in ("data.root", "data.array") \
+            else f"default {_shown(option.default)}"
+        out.append(f"  --{key} {_metavar(option)}  ({default})")
+        text = _first_sentence(option.doc)
+        if text:
+            out.append(textwrap.shorten(text, WIDTH - 6, placeholder=" ...").join(["      ", ""]))
     out.append("trainer (where it runs):")
     for pname, default, text in TRAINER:
         out.append(f"  --trainer.{pname} {pname.upper()}  (default {default})")
         out.append(f"      {text}")
-    out += ["", "  --config FILE.yaml     settings from a file (configs/reg.yaml lists every option with its default)",
+    out += ["  --trainer.enable_progress_bar false", "      no progress display (where stderr is not a terminal, a line every 30 s)",
+            "  --trainer.logger false", "      no TensorBoard logs (the alignment page then goes to logs/ beside the store)",
+            "", "  --config FILE.yaml     settings from a file (configs/reg.yaml lists every option with its default)",
             "  --print_config         print the settings this command would run with, and exit",
             "  --help-all             every option with its whole description, and every Trainer option",
+            "", "environment:",
+            "  SPHERO_NUM_THREADS=N   torch threads per process (default: the cores, shared between the sphero runs going",
+            "                         on at once; the time line says how many a run used); SPHERO_DEBUG=1: tracebacks",
             "", "Every option in depth, and the test that guards it: docs/options.md."]
     return "\n".join(out) + "\n"

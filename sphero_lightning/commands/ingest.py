@@ -2,6 +2,7 @@
 
     sphero ingest stack.tif --root stack.zarr --spacing 50 4 4
     sphero ingest slices/ --root stack.zarr --spacing 50 4 4 --array images/50-4-4
+    sphero ingest folder/ --root stack.zarr --spacing 50 4 4 --include 'slice_*.png'   # other files beside the slices
 
 ``SRC`` is a multi-page TIFF, or a folder of single-page TIFFs (``.tif``/``.tiff``) or of PNG slices (grey, 8 or
 16 bit; grey with alpha, or stored as equal colour channels, gives the grey channel), taken in natural
@@ -13,6 +14,7 @@ slices), into a temporary array renamed into place when complete. The array gets
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import re
 import sys
 import threading
@@ -40,6 +42,8 @@ from ..storage.tasks import run_tasks
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
 
+#: Said where a folder holds other files beside the slices.
+_PICK_HINT = "; if the folder holds other files too, pick the slices with --include 'PATTERN' (e.g. 'slice_*.png')"
 #: Pillow modes of grey-value PNG slices and the dtype they hold (colour modes count when R = G = B).
 _PNG_DTYPES = {"L": np.uint8, "LA": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "I;16": np.uint16, "I;16B": np.uint16,
                "I;16L": np.uint16, "I": np.int32, "F": np.float32}
@@ -49,22 +53,32 @@ def _natural_key(name: str) -> list[object]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def tiff_slices(src: str | Path) -> tuple[int, tuple[int, int], np.dtype, Callable[[int], np.ndarray], list[str]]:
-    """Describe a TIFF stack without reading its pixels: ``(n, (Y, X), dtype, read(i), names)``."""
+def _pick(folder: Path, suffixes: tuple[str, ...], include: str | None) -> list[Path]:
+    """The slice files of ``folder`` with one of ``suffixes`` (and whose name matches the glob ``include``), in natural
+    name order."""
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file()
+                   and (include is None or fnmatch.fnmatch(p.name, include))), key=lambda p: _natural_key(p.name))
+
+
+def tiff_slices(src: str | Path, include: str | None = None
+                ) -> tuple[int, tuple[int, int], np.dtype, Callable[[int], np.ndarray], list[str]]:
+    """Describe a TIFF stack without reading its pixels: ``(n, (Y, X), dtype, read(i), names)``. In a folder, only the
+    files whose name matches the glob ``include`` (e.g. ``slice_*.png``) where it is given."""
     import tifffile
 
     path = Path(src)
     if not path.exists():
         raise SpheroError(f"{str(src)!r} does not exist; give a multi-page TIFF or a folder of TIFF or PNG slices")
+    if include is not None and not path.is_dir():
+        raise SpheroError(f"--include picks slices in a folder; {str(src)!r} is a file")
     if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()),
-                       key=lambda p: _natural_key(p.name))
+        files = _pick(path, TIFF_SUFFIXES, include)
         if not files:
-            pngs = sorted((p for p in path.iterdir() if p.suffix.lower() in PNG_SUFFIXES and p.is_file()),
-                          key=lambda p: _natural_key(p.name))
+            pngs = _pick(path, PNG_SUFFIXES, include)
             if pngs:
                 return png_slices(path, pngs)
-            raise SpheroError(f"folder {str(src)!r} holds no .tif/.tiff or .png files")
+            what = f" matching --include {include!r}" if include is not None else ""
+            raise SpheroError(f"folder {str(src)!r} holds no .tif/.tiff or .png files{what}")
         shapes = {}
         for f in files:
             try:
@@ -79,7 +93,7 @@ def tiff_slices(src: str | Path) -> tuple[int, tuple[int, int], np.dtype, Callab
                 raise SpheroError(f"{name!r} is not a single 2D slice (shape {shape}); use single-channel slices")
             if (shape, dtype) != (first_shape, first_dtype):
                 raise SpheroError(f"{name!r} is {shape} {dtype}, but {files[0].name!r} is {first_shape} {first_dtype}; "
-                                  "every slice must have the same size and type")
+                                  f"every slice must have the same size and type{_PICK_HINT}")
             if pages > 1:
                 raise SpheroError(f"{name!r} has {pages} pages; a folder must hold single-page TIFFs (or give the file itself)")
         return len(files), first_shape, first_dtype, lambda i: tifffile.imread(files[i]), [f.name for f in files]
@@ -118,10 +132,10 @@ def png_slices(folder: Path, files: list[Path]) -> tuple[int, tuple[int, int], n
     first_shape, first_mode = heads[files[0].name]
     for name, (shape, mode) in heads.items():
         if mode not in _PNG_DTYPES:
-            raise SpheroError(f"{name!r} is a PNG of mode {mode}; expected grey values (8 or 16 bit)")
+            raise SpheroError(f"{name!r} is a PNG of mode {mode}; expected grey values (8 or 16 bit){_PICK_HINT}")
         if shape != first_shape or _PNG_DTYPES[mode] != _PNG_DTYPES[first_mode]:
             raise SpheroError(f"{name!r} is {shape} {mode}, but {files[0].name!r} is {first_shape} {first_mode}; "
-                              "every slice must have the same size and bit depth")
+                              f"every slice must have the same size and bit depth{_PICK_HINT}")
 
     def read(i: int) -> np.ndarray:
         with Image.open(files[i]) as im:
@@ -137,10 +151,11 @@ def png_slices(folder: Path, files: list[Path]) -> tuple[int, tuple[int, int], n
 
 def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str | None = None,
            chunks: tuple[int, int] | None = None, overwrite: bool = False, progress: bool = True,
-           workers: int = 4, zarr_format: int | None = None) -> str:
+           workers: int = 4, zarr_format: int | None = None, include: str | None = None) -> str:
     """Write TIFF slices to ``<root>/<array>``; returns the array path. See the module docstring.
 
-    ``zarr_format``: 2 or 3 for a new store (default 3); an existing store keeps its own format.
+    ``zarr_format``: 2 or 3 for a new store (default 3); an existing store keeps its own format. ``include``: in a
+    folder, only the files whose name matches this glob.
     """
     if len(spacing) != 3 or any(not (s > 0) for s in spacing):
         raise SpheroError(f"--spacing needs three positive numbers Z Y X (nm), got {spacing}")
@@ -149,7 +164,7 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
         raise SpheroError(f"{str(root)!r} is a Zarr v{existing} store; drop --zarr-format {zarr_format} "
                           "or write into a new store")
     array = (array or f"images/{spacing_name(spacing)}").strip("/")
-    n, shape, dtype, read, names = tiff_slices(src)
+    n, shape, dtype, read, names = tiff_slices(src, include)
     if n < 2:
         raise SpheroError(f"{str(src)!r} holds {n} slice; a stack to register needs at least 2")
     root = Path(root)
@@ -189,11 +204,22 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing array")
     ap.add_argument("--zarr-format", type=int, choices=(2, 3), default=None,
                     help="Zarr format of a new store (default 3; an existing store keeps its own)")
+    ap.add_argument("--include", default=None, metavar="GLOB",
+                    help="in a folder, only the files whose name matches this pattern (e.g. 'slice_*.png'; quote it)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     path = ingest(a.src, a.root, a.spacing, a.array, tuple(a.chunks) if a.chunks else None, a.overwrite, not a.no_progress,
-                  zarr_format=a.zarr_format)
+                  zarr_format=a.zarr_format, include=a.include)
     arr = zarr.open_array(a.root, path=path, mode="r")
-    print(f"sphero: wrote {a.root}/{path} shape {arr.shape} {arr.dtype}; next: sphero fit "
-          f"--data.root {a.root} --data.array {path}", file=sys.stderr)
+    print(f"sphero: wrote {a.root}/{path} shape {arr.shape} {arr.dtype}; next: {next_step(str(a.root), path, a.spacing)}",
+          file=sys.stderr)
     return path
+
+
+def next_step(root: str, path: str, spacing: list[float]) -> str:
+    """What to run next on the ingested array: labels (and other arrays under a ``labels`` group) take a registration
+    with ``sphero apply``; images are registered with ``sphero fit``."""
+    if "labels" in path.split("/")[:-1]:
+        return (f"register the images (sphero fit --data.root {root} --data.array images/{spacing_name(spacing)}), then "
+                f"sphero apply --root {root} --array {path} --transforms images/registered/{spacing_name(spacing)}")
+    return f"sphero fit --data.root {root} --data.array {path}"

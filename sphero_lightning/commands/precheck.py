@@ -1,33 +1,31 @@
-"""``sphero fit``'s commonest mistakes answered before Python loads torch and Lightning (seconds): a store that does not
-exist or is a TIFF file, an array that is not in it, an enumerated option with a value it does not take. Only what
-the command line says is checked here (a ``--config`` file's values are checked by the full parser after it); the
-full parser checks everything again, so this only answers sooner, never differently.
+"""``sphero fit``'s commonest mistakes answered before Python loads torch and Lightning (seconds): a misspelt option
+(with the closest one), a value of the wrong type or a choice the option does not take, a store that does not exist or
+is a TIFF file, an array that is not in it or is no stack (2D, one slice, not numbers), a missing ``spacing``, a mask
+array that is missing or of the wrong shape, an output that exists already. Only what the command line says is checked
+here (with a ``--config`` file, the checks that its values could change are left to the full parser); the full parser
+and the data module check everything again, so this only answers sooner, never differently.
 
-Plain Python (json, pathlib): no torch, Lightning, jsonargparse or zarr.
+Plain Python and numpy (json, pathlib, ast through :mod:`~sphero_lightning.options`): no torch, Lightning, jsonargparse
+or zarr.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import SpheroError
+from ..options import LINKED, closest, fit_options, known
+from ..storage.checks import check_stack
 
-#: The enumerated options and their values (``tests/test_cli.py`` checks they equal the options' own ``Literal``s).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "--model.transformation": ("translation", "rigid", "similarity", "affine"),
-    "--model.loss": ("ncc", "mse", "mae", "ssim"),
-    "--model.optimizer": ("bfgs", "adam"),
-    "--model.init_translation": ("phase", "none"),
-    "--model.interpolation": ("bspline", "bspline2x", "bicubic"),
-    "--model.curvature": ("gauss_newton", "carried"),
-    "--output.interpolation": ("bspline", "bicubic", "bilinear"),
-    "--data.destripe": ("none", "vertical", "horizontal", "both"),
-}
+#: The enumerated options and their values, as the options' own ``Literal`` s declare them.
+CHOICES: dict[str, tuple[str, ...]] = {f"--{k}": o.choices for k, o in fit_options().items() if o.choices is not None}
 _TIFF = (".tif", ".tiff", ".btf", ".tf8")
 #: On/off options that may be given bare, as the plain commands' flags are (``sphero ingest --overwrite``): true.
-SWITCHES = ("--data.overwrite", "--data.resume", "--data.check_slices", "--output.crop_borders", "--model.scaling",
-            "--model.shear", "--early_stopping.enabled")
+SWITCHES = tuple(f"--{k}" for k, o in fit_options().items() if o.kind == "bool" and not o.optional)
 
 
 def bare_switches(argv: list[str]) -> list[str]:
@@ -61,15 +59,20 @@ def _values(argv: list[str]) -> dict[str, str]:
 
 
 def _node(path: Path) -> dict | None:
-    """The Zarr metadata of the node at ``path`` (v3 ``zarr.json``, v2 ``.zarray`` / ``.zgroup``), or None."""
+    """The Zarr metadata of the node at ``path`` (v3 ``zarr.json``, v2 ``.zarray`` / ``.zgroup`` with ``.zattrs``):
+    ``node_type``, and for an array its ``shape``, ``dtype`` (numpy's name or v2 type string) and ``attributes``; or
+    None where there is no node."""
     for name, kind in (("zarr.json", None), (".zarray", "array"), (".zgroup", "group")):
         f = path / name
         if f.is_file():
             try:
                 doc = json.loads(f.read_text())
+                attrs = doc.get("attributes", {}) if kind is None else \
+                    (json.loads((path / ".zattrs").read_text()) if (path / ".zattrs").is_file() else {})
             except (OSError, ValueError):
                 return {}
-            return {"node_type": doc.get("node_type", kind) if kind is None else kind}
+            return {"node_type": doc.get("node_type", kind) if kind is None else kind, "shape": doc.get("shape"),
+                    "dtype": doc.get("data_type", doc.get("dtype")), "attributes": attrs}
     return None
 
 
@@ -89,12 +92,95 @@ def _arrays(root: Path, limit: int = 20) -> list[str]:
     return found
 
 
+def _keys(argv: list[str]) -> list[str]:
+    """The options ``argv`` names (``--a.b value``, ``--a.b=value``, ``--a.b+=value``), without dashes."""
+    return [a[2:].split("=", 1)[0].rstrip("+") for a in argv if a.startswith("--") and len(a) > 2]
+
+
+def check_option_names(argv: list[str]) -> None:
+    """Every option in ``argv`` is one of ``sphero fit``'s; else one line naming the closest (``neighbors``: the US
+    spelling of ``neighbours``)."""
+    for key in _keys(argv):
+        if key in LINKED:
+            source = "solve" if key.startswith("data.") else "data"
+            raise SpheroError(f"--{key} is set from --{source}.{key.split('.', 1)[1]}; give that instead")
+        if not known(key):
+            near = closest(key)
+            hint = f"; did you mean --{near}?" if near else ""
+            raise SpheroError(f"unknown option --{key}{hint} (see: sphero fit --help)")
+
+
+def check_option_values(values: dict[str, str]) -> None:
+    """Each value given on the command line is of its option's type, or one of its choices."""
+    options = fit_options()
+    for flag, text in values.items():
+        option = options.get(flag[2:])
+        if option is None or option.kind == "other":
+            continue
+        try:
+            option.parse(text)
+        except ValueError as exc:
+            if option.kind == "choice":
+                raise SpheroError(f"invalid value {text!r} for {option.key} (choose one of: {', '.join(option.choices or ())})") from None
+            raise SpheroError(f"invalid value {text!r} for --{option.key} (expected {exc})") from None
+
+
+def _check_array(store: Path, root: str, array: str, values: dict[str, str], config: bool) -> None:
+    """The array is a stack to register, with a spacing; its mask array exists and fits; its output is free."""
+    meta = _node(store / array.strip("/"))
+    if meta is None or meta.get("node_type") != "array":
+        listing = ", ".join(_arrays(store)) or "none"
+        raise SpheroError(f"array {array!r} not found in {root!r} (arrays there: {listing}); set --data.array")
+    shape, what = meta.get("shape"), f"array {array!r}"
+    dtype = meta.get("dtype")
+    try:
+        dtype = np.dtype(dtype) if isinstance(dtype, str) else np.dtype("float32")  # an extension type: the full check's
+    except TypeError:
+        dtype = np.dtype("float32")
+    if isinstance(shape, list):  # the data module's own check, in its words
+        check_stack(tuple(shape), dtype, what)
+    if config:  # a config file may set the options the rest depends on
+        return
+    spacing = meta.get("attributes", {}).get("spacing")
+    if "--data.spacing" not in values and spacing is None:
+        raise SpheroError(f"array {array!r} has no 'spacing' attribute; give it as --data.spacing [z,y,x] (nm)")
+    mask = values.get("--data.mask_array")
+    if mask is not None and isinstance(shape, list):
+        found = _node(store / mask.strip("/")) or _node(Path(mask))
+        if found is None or found.get("node_type") != "array":
+            listing = ", ".join(_arrays(store)) or "none"
+            raise SpheroError(f"array {mask!r} not found in {root!r} (arrays there: {listing}); set --data.mask_array "
+                              "(an array in the store, or a Zarr array's own path)")
+        m = found.get("shape")
+        if isinstance(m, list) and tuple(m) not in (tuple(shape), tuple(shape[1:])):
+            raise SpheroError(f"--data.mask_array {mask!r} has shape {tuple(m)}; it must be the stack's {tuple(shape)} or one "
+                              f"slice's {tuple(shape[1:])} (non-zero = use)")
+    _check_output(store, root, values, spacing)
+
+
+def _check_output(store: Path, root: str, values: dict[str, str], spacing: Any) -> None:
+    """No output at the path the run would write, unless ``--data.overwrite``."""
+    if values.get("--data.overwrite", "false").lower() in ("true", "yes", "on", "1") or "--data.output_root" in values:
+        return
+    try:
+        given = values.get("--data.spacing")
+        zyx = json.loads(given) if given is not None else spacing
+        name = "-".join(f"{float(v):g}" for v in zyx)
+    except (TypeError, ValueError):
+        return  # a bad spacing: the full parser says so
+    if not (isinstance(zyx, list) and len(zyx) == 3):
+        return
+    path = f"{values.get('--data.dst_group', 'images/registered').strip('/')}/{name}"
+    if _node(store / path) is not None:
+        raise SpheroError(f"output {path!r} already exists in {root!r}; pass --data.overwrite true to replace it, or "
+                          "choose another --data.dst_group")
+
+
 def check_fit_arguments(argv: list[str]) -> None:
     """Raise :class:`SpheroError` (one line, the fix) for the mistakes above in ``sphero fit``'s ``argv``."""
+    check_option_names(argv)
     values = _values(argv)
-    for key, choices in CHOICES.items():
-        if key in values and values[key] not in choices:
-            raise SpheroError(f"invalid value {values[key]!r} for {key[2:]} (choose one of: {', '.join(choices)})")
+    check_option_values(values)
     root = values.get("--data.root")
     if root is None or "://" in root or root.lower().endswith(".zip"):
         return  # from a config file, a URL or a zipped store: the full parser's
@@ -111,7 +197,4 @@ def check_fit_arguments(argv: list[str]) -> None:
         raise SpheroError(f"{root!r} is not a Zarr store{hint}")
     array = values.get("--data.array")
     if array is not None and store.is_dir():
-        meta = _node(store / array.strip("/"))
-        if meta is None or meta.get("node_type") != "array":
-            listing = ", ".join(_arrays(store)) or "none"
-            raise SpheroError(f"array {array!r} not found in {root!r} (arrays there: {listing}); set --data.array")
+        _check_array(store, root, array, values, config=any(k in ("config", "c") for k in _keys(argv)) or "-c" in argv)

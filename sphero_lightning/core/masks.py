@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from .interpolation import downscale
 
 Destripe = Literal["none", "vertical", "horizontal", "both"]
+#: ``--data.static_patterns``: what is done with patterns fixed in every slice (:func:`find_static_patterns`).
+StaticMode = Literal["leave_out", "keep"]
 #: Pixels of each level a mask is eroded by beyond the smoothing's reach (the B-spline prefilter's tail).
 MARGIN = 2
 def _erode(m: torch.Tensor, r: int) -> torch.Tensor:
@@ -143,24 +146,105 @@ def destripe(images: torch.Tensor, direction: Destripe, mask: torch.Tensor | Non
     return out
 
 
-def static_patterns(slices: np.ndarray, ignore_value: float | None, destriped: str) -> list[str]:
-    """What is identical across ``slices`` (``(n, H, W)``, a sample of the stack, n >= 3) at the same place, as
-    one-line advice naming the option that handles it: a value covering the same pixels of every slice (a dark frame,
-    padding) and stripes along columns or rows (curtaining). Content moves from slice to slice; these do not."""
+@dataclass
+class StaticPatterns:
+    """What is identical at the same place in every slice of a sample of the stack (:func:`find_static_patterns`).
+
+    Attributes
+    ----------
+    region : ``(h, w)`` bool or None
+        At the sample's resolution: the pixels that hold one grey value ``value`` in every sampled slice (a dark frame,
+        a band, padding, detector dirt), where they cover ``fraction`` (> 1 %) of the slice.
+    stripes : tuple of str
+        ``"vertical"`` / ``"horizontal"``: line profiles at the same place in every slice (curtaining), each with its
+        correlation between the first and last slice sampled in ``correlation``.
+    """
+
+    region: np.ndarray | None = None
+    value: float | None = None
+    fraction: float = 0.0
+    stripes: tuple[str, ...] = ()
+    correlation: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def found(self) -> bool:
+        return self.region is not None or bool(self.stripes)
+
+    @property
+    def shown_value(self) -> float | int | None:
+        v = self.value
+        return None if v is None else int(v) if float(v).is_integer() else float(v)
+
+    def describe(self) -> list[str]:
+        """One phrase per pattern."""
+        out = []
+        if self.region is not None:
+            out.append(f"{100 * self.fraction:.0f} % of every slice is the value {self.shown_value} at the same place "
+                       "(a static frame, band or padding)")
+        out += [f"{d} stripes at the same place in every slice (curtaining or a detector pattern, correlation "
+                f"{self.correlation[d]:.2f} between the first and last slice sampled)" for d in self.stripes]
+        return out
+
+    def lines(self, mode: StaticMode) -> list[str]:
+        """What a run says of them: left out (one line), or kept (a warning per pattern naming its option)."""
+        what = self.describe()
+        if not what:
+            return []
+        if mode == "leave_out":
+            return [(f"left out of the loss, fixed in every slice (it would pull pairs towards the identity): {'; '.join(what)}; "
+                     "--data.static_patterns keep uses it")]
+        return [f"warning: {w}: it pulls pairs towards the identity; pass {o} (or --data.static_patterns leave_out)"
+                for w, o in zip(what, self.options(), strict=True)]
+
+    def record(self, mode: StaticMode) -> dict[str, object] | None:
+        """What the output's record says of them (None where nothing was found)."""
+        if not self.found:
+            return None
+        return {"left_out": mode == "leave_out", "found": self.describe(),
+                **({"value": self.shown_value, "fraction": round(self.fraction, 4)} if self.region is not None else {}),
+                **({"stripes": list(self.stripes)} if self.stripes else {})}
+
+    def mask(self, step: int, shape: tuple[int, int]) -> np.ndarray | None:
+        """``(Y, X)`` uint8 (1 = use) at full resolution, 0 over the static region found on a sample taken every
+        ``step`` px (each sampled pixel stands for a ``step`` square; widened by a pixel so none is missed)."""
+        if self.region is None:
+            return None
+        region = self.region
+        if step > 1:
+            h, w = shape
+            region = np.repeat(np.repeat(region, step, 0), step, 1)[:h, :w]
+            region = region | np.roll(region, 1, 0) | np.roll(region, -1, 0) | np.roll(region, 1, 1) | np.roll(region, -1, 1)
+        return (~region).astype(np.uint8)
+
+    def options(self) -> list[str]:
+        """The options that handle each pattern by hand, in the order of :meth:`describe`."""
+        return ([f"--data.ignore_value {self.shown_value}"] if self.region is not None else []) + \
+            [f"--data.destripe {d}" for d in self.stripes]
+
+
+def find_static_patterns(slices: np.ndarray, ignore_value: float | None, destriped: str) -> StaticPatterns:
+    """What is identical across ``slices`` (``(n, H, W)``, a sample of the stack, n >= 3) at the same place: a value
+    covering the same pixels of every slice (a dark frame, padding, detector dirt) and stripes along columns or rows
+    (curtaining). Content moves from slice to slice; these do not, so in the loss they only pull pairs towards the
+    identity. ``ignore_value`` (already left out) is not looked for; nor are stripes along ``destriped``."""
     n = len(slices)
+    found = StaticPatterns()
     if n < 3:
-        return []
-    advice = []
-    s = slices.astype(np.float32)
+        return found
+    # in float64 less the median, so that grey values around 1e9 or 1e12 keep their differences (in float32 at 1e9
+    # neighbouring values 64 apart look the same)
+    s = slices.astype(np.float64)
+    finite = np.isfinite(s)
+    if not finite.all():  # NaN or inf patches: a grey of the slices' own (equal in every slice only where all are)
+        s = np.where(finite, s, np.median(s[finite]) if finite.any() else 0.0)
     same = (s == s[:1]).all(0)
     if ignore_value is None and same.mean() > 0.01:
         values, counts = np.unique(s[0][same], return_counts=True)
         v = values[counts.argmax()]
         frac = counts.max() / same.size
         if frac > 0.01:
-            vv = int(v) if float(v).is_integer() else float(v)
-            advice.append(f"{100 * frac:.0f} % of every slice is the value {vv} at the same place (a static frame or "
-                          f"padding): it pulls pairs towards the identity; pass --data.ignore_value {vv}")
+            found.region, found.value, found.fraction = same & (s[0] == v), float(v), float(frac)
+    s -= np.median(s)
     keep = ~same  # a static frame would itself look like a stripe
     # stripes are told from content only where the content changed between the first and last slice sampled (a few
     # consecutive FIB-SEM slices 5 nm apart look alike, stripes or not): their correlation without line means
@@ -169,7 +253,8 @@ def static_patterns(slices: np.ndarray, ignore_value: float | None, destriped: s
     ends = (ends - ends.mean(1, keepdims=True) - ends.mean(2, keepdims=True)) * use
     ends = (ends - ends.sum((1, 2), keepdims=True) / max(use.sum(), 1)) * use
     if (ends[0] * ends[1]).sum() / (np.linalg.norm(ends[0]) * np.linalg.norm(ends[1]) + 1e-9) > 0.3:
-        return advice
+        return found
+    stripes = []
     for axis, name in ((1, "vertical"), (2, "horizontal")):
         if destriped in (name, "both"):
             continue
@@ -186,10 +271,24 @@ def static_patterns(slices: np.ndarray, ignore_value: float | None, destriped: s
                 for d in range(-8, 9)]
         far = lags[8] / (norm[0] * norm[-1])
         if np.median(c) > 0.5 and far > 0.5 and lags[8] >= max(lags):
-            advice.append(f"{name} stripes at the same place in every slice (curtaining or a detector pattern, "
-                          f"correlation {far:.2f} between the first and last slice sampled): they pull pairs towards "
-                          f"the identity; pass --data.destripe {name}")
-    return advice
+            stripes.append(name)
+            found.correlation[name] = float(far)
+    found.stripes = tuple(stripes)
+    return found
+
+
+def static_patterns(slices: np.ndarray, ignore_value: float | None, destriped: str) -> list[str]:
+    """:func:`find_static_patterns` as one line of advice per pattern, naming the option that handles it."""
+    found = find_static_patterns(slices, ignore_value, destriped)
+    return [f"{what}: it pulls pairs towards the identity; pass {option}"
+            for what, option in zip(found.describe(), found.options(), strict=True)]
+
+
+def combined_destripe(given: str, found: Iterable[str]) -> Destripe:
+    """The destripe direction that covers ``given`` (an option's value) and the directions ``found``."""
+    dirs = {"vertical": {"vertical"}, "horizontal": {"horizontal"}, "both": {"vertical", "horizontal"}}.get(given, set())
+    dirs |= set(found)
+    return "both" if len(dirs) == 2 else next(iter(dirs)) if dirs else "none"
 
 
 def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -210,10 +309,13 @@ def to_tensor(block: np.ndarray, low: float, high: float) -> tuple[torch.Tensor,
 
     The range is the stack's own grey-value range (not the dtype's): an int32 stack holding 12-bit data, or
     floats around 1e-3 or 1e9, register exactly like uint8. 8- and 16-bit integers travel as they are; wider
-    integers and floats are normalized here in float64 (an offset of 1e12 leaves their variation intact).
+    integers and floats are normalized here in float64 (an offset of 1e12 leaves their variation intact); NaN and inf
+    become 0.5 (the masks of :func:`~sphero_lightning.storage.slices.slice_masks` leave them out of the loss).
     """
     scale = (high - low) if high > low else 1.0
     if block.dtype.type in _COMPACT:
         return torch.from_numpy(np.ascontiguousarray(block)), float(low), float(scale)
     out = ((block.astype(np.float64) - low) / scale).astype(np.float32)
+    if np.issubdtype(block.dtype, np.floating):  # NaN and inf (left out of the loss by the masks): a grey in between
+        out = np.nan_to_num(out, nan=0.5, posinf=0.5, neginf=0.5)
     return torch.from_numpy(out), 0.0, 1.0

@@ -15,6 +15,7 @@ user chose. What the writer stores and the report shows of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,15 @@ LAST_RESORT = 1e-9
 #: changes in between (ISBI at distance 2 disagrees with the chain by tenths of a pixel to pixels); given a
 #: consecutive pair's weight it made the aligned volume less straight.
 DISTANCE_WEIGHT = 1e-3
+
+#: A slice is a suspect when even the better of its two consecutive pairs matches worse than the stack's typical
+#: consecutive pair by more than this robust z-score of NCC (the rule the QC outliers follow on the loss): its pairs'
+#: cycles may still close (two weak fits near the identity compose to about the bridge's answer), so it is tested
+#: against a bridge over it instead.
+SUSPECT_Z = 3.5
+#: ... and it is foreign when the bridge over it, fitted at full resolution, matches better than that better pair by
+#: at least this much NCC: its neighbours agree with each other and not with it.
+BRIDGE_MARGIN = 0.02
 
 #: Families closed under composition: the solve's transforms are projected onto them. (Affine with scale or shear
 #: switched off is not closed: the chain's own compositions leave it, and so may the solve's.)
@@ -173,9 +183,14 @@ def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[in
     mats = np.array([r["matrix"] for r in fitted], dtype=np.float64).reshape(-1, 2, 3)
     good = [z for z in range(n_slices) if z not in damaged]
     diag = diagnose(pairs, mats, good, shape)
+    by_bridge = [z for z in foreign_by_bridge(fitted, good) if z not in diag.foreign]
+    if by_bridge:  # a cycle over a foreign slice is inconsistent because of the slice, not of the pair across it
+        diag.foreign = sorted(set(diag.foreign) | set(by_bridge))
+        diag.bad_bridges = [(i, j) for i, j in diag.bad_bridges if not any(i < z < j for z in diag.foreign)]
     weights, flagged = _weights(fitted, good, diag)
     summary = {"neighbours": neighbours, "reference": reference, "cycle_threshold_px": diag.threshold_px,
                "cycle_errors_px": {str(k): v for k, v in diag.errors.items()}, "foreign": diag.foreign,
+               "foreign_by_bridge": by_bridge,
                "bad_pairs": [list(p) for p in diag.bad_pairs], "bad_bridges": [list(p) for p in diag.bad_bridges]}
     if diag.clean and not priors.anchors and reference == 0:  # every pair has a true answer: the chain, bit for bit
         composed, pairwise, log = _chain_in_family(n_slices, consecutive, damaged, shape, family)
@@ -253,7 +268,8 @@ def bridge_pairs(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int,
     """Pairs to fit (again) at full resolution because they stand in for pairs with no true answer: across each run
     of foreign slices ``a+1..b-1`` the pair ``(a, b)`` (and ``(a', b)``, ``a'`` the usable slice before ``a``, where no
     pair was fitted across the run at all: two foreign slices in a row with two neighbours); around a consecutive pair
-    ``(b, c)`` with no true answer, ``(a, c)`` and ``(b, d)``. None that is fitted at full resolution already."""
+    ``(b, c)`` with no true answer, ``(a, c)`` and ``(b, d)``; across each run of suspect slices (:func:`suspect_runs`)
+    the pair that tests them. None that is fitted at full resolution already."""
     fitted = finest_fits(fitted)
     pairs = [tuple(r["slice_indices"]) for r in fitted]
     full = min((r.get("finest_factor", 1.0) for r in fitted), default=1.0)
@@ -279,7 +295,66 @@ def bridge_pairs(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int,
     for b, c in diag.bad_pairs:
         q, r = pos[b], pos[c]
         wanted += ([(good[q - 1], c)] if q >= 1 else []) + ([(b, good[r + 1])] if r + 1 < len(good) else [])
+    wanted += [_around(run, good) for run in suspect_runs(fitted, good)]  # to test the suspects against
     return [p for p in dict.fromkeys(wanted) if p not in have_full]
+
+
+def _full_ncc(fitted: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
+    """NCC after fitting (over what the loss saw) of every pair fitted at the run's finest level."""
+    full = min((r.get("finest_factor", 1.0) for r in fitted), default=1.0)
+    out = {}
+    for r in fitted:
+        ncc = r.get("ncc_after")
+        if r.get("finest_factor", 1.0) <= full and ncc is not None and np.isfinite(ncc) and r.get("status") != "failed":
+            out[tuple(r["slice_indices"])] = float(ncc)
+    return out
+
+
+def suspect_runs(fitted: list[dict[str, Any]], good: list[int]) -> list[list[int]]:
+    """Runs of consecutive usable slices (``good``) whose consecutive pairs both match far worse than the stack's
+    typical consecutive pair (:data:`SUSPECT_Z`; at least 5 such pairs), each with a usable slice on either side.
+
+    >>> fits = [{"slice_indices": [z, z + 1], "ncc_after": 0.9, "finest_factor": 1.0} for z in range(9)]
+    >>> fits[4]["ncc_after"] = fits[5]["ncc_after"] = 0.1  # slice 5 matches neither neighbour
+    >>> suspect_runs(fits, list(range(10)))
+    [[5]]
+    """
+    ncc = _full_ncc(fitted)
+    chain = [ncc.get((a, b)) for a, b in pairwise(good)]
+    values = np.array([v for v in chain if v is not None])
+    if len(values) < 5:
+        return []
+    med = float(np.median(values))
+    scale = max(float(np.median(np.abs(values - med))), 0.05 * abs(med), 1e-6)
+    runs: list[list[int]] = []
+    for q in range(1, len(good) - 1):
+        before, after = chain[q - 1], chain[q]
+        if before is None or after is None or 0.6745 * (med - max(before, after)) / scale <= SUSPECT_Z:
+            continue
+        if runs and runs[-1][-1] == good[q - 1]:
+            runs[-1].append(good[q])
+        else:
+            runs.append([good[q]])
+    return runs
+
+
+def _around(run: list[int], good: list[int]) -> tuple[int, int]:
+    pos = good.index(run[0]), good.index(run[-1])
+    return good[pos[0] - 1], good[pos[1] + 1]
+
+
+def foreign_by_bridge(fitted: list[dict[str, Any]], good: list[int]) -> list[int]:
+    """Suspects (:func:`suspect_runs`) that a bridge over their run, fitted at full resolution, outmatches by
+    :data:`BRIDGE_MARGIN`: their neighbours agree with each other and not with them."""
+    ncc = _full_ncc(fitted)
+    out = []
+    for run in suspect_runs(fitted, good):
+        a, b = _around(run, good)
+        bridge = ncc.get((a, b))
+        inside = [v for (i, j), v in ncc.items() if (i in run or j in run) and a <= i and j <= b]
+        if bridge is not None and inside and bridge > max(inside) + BRIDGE_MARGIN:
+            out += run
+    return out
 
 
 def finest_fits(fitted: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import html
 import json
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ import zarr
 from ..core.frames import decompose, pixel_matrices
 from ..errors import SpheroError
 from .charts import COLORS, Panel, Series, panels_svg, svg_uri
+from .drift import accumulation_warning
 from .reslice import (
     Reslice,
     intensity_window,
@@ -53,10 +54,16 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-botto
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
 td.num { text-align: right; font-family: monospace; }
 .row { display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; }
+.row.pair { flex-wrap: nowrap; } .row.pair > figure { flex: 0 1 auto; min-width: 0; }
 figure { margin: 0.4em 0; } figcaption { font-size: 0.85em; color: #555; max-width: 640px; }
 img { max-width: 100%; height: auto; } img.px { image-rendering: pixelated; }
 .flag { color: #b00; } .note { color: #555; font-size: 0.9em; }
 .warning { background: #fff3cd; border: 1px solid #e0b000; padding: 0.5em; }
+.warnings { background: #fff3cd; border: 1px solid #e0b000; padding: 0.3em 0.8em; }
+.warnings li { margin: 0.3em 0; }
+.pic { position: relative; display: inline-block; line-height: 0; max-width: 100%; }
+.mark { position: absolute; left: -10px; width: 8px; height: 3px; margin-top: -1px; background: #d00; }
+.mark:target { left: -14px; width: 12px; height: 5px; margin-top: -2px; }
 """
 
 
@@ -192,7 +199,10 @@ def _settings(attrs: dict[str, Any]) -> list[tuple[str, Any]]:
 MIN_SHOWN_HEIGHT = 96
 
 
-def _reslice_block(r: Reslice, spacing: list[float], window: tuple[float, float]) -> tuple[str, dict[str, np.ndarray]]:
+def _reslice_block(r: Reslice, spacing: list[float], window: tuple[float, float], marked: Iterable[int] = (),
+                   ids: bool = False) -> tuple[str, dict[str, np.ndarray]]:
+    """The before and after pictures of ``r`` with their captions; ``marked`` slices get a red tick beside each picture
+    (with ``ids``: anchors ``mark-<axis>-<before|after>-<z>`` the warning box links to)."""
     across = spacing[2] if r.axis == "xz" else spacing[1]
     pictures, figures = {}, []
     where = (f"output row y = {r.position} (source row {r.source_position})" if r.axis == "xz"
@@ -207,16 +217,20 @@ def _reslice_block(r: Reslice, spacing: list[float], window: tuple[float, float]
         if tall > 1:
             shown = (f"z drawn {tall}x taller than its true extent (a short stack)" if abs(aspect - 1) < 0.02
                      else f"{shown}, drawn {tall}x taller (a short stack)")
+        nz = max(1, r.size[0])
+        marks = "".join('<a class="mark"' + (f' id="mark-{r.axis}-{tag}-{z}"' if ids else "") + f' title="slice {z}" '
+                        f'style="top: {100 * (z + 0.5) / nz:.3f}%"></a>' for z in sorted(set(marked)) if 0 <= z < nz)
         figures.append(
-            f'<figure><img class="px" src="{png_uri(pic)}" width="{zoom * pic.shape[1]}" height="{zoom * tall * pic.shape[0]}" '
-            f'alt="{r.axis} reslice {tag}"><figcaption>{r.axis.upper()} {tag} ({"source" if tag == "before" else "registered"}),'
+            f'<figure><div class="pic"><img class="px" src="{png_uri(pic)}" width="{zoom * pic.shape[1]}" '
+            f'height="{zoom * tall * pic.shape[0]}" alt="{r.axis} reslice {tag}">{marks}</div><figcaption>{r.axis.upper()} {tag} ({"source" if tag == "before" else "registered"}),'
             f" {where}: {r.size[1]} px x {r.size[0]} slices; {shown} (z {spacing[0]:g}, in-plane {across:g});"
             " z runs down</figcaption></figure>")
-    return '<div class="row">' + "".join(figures) + "</div>", pictures
+    return '<div class="row pair">' + "".join(figures) + "</div>", pictures
 
 
 _HEADER = ('<p class="note">source {source}; output {nz} x {ny} x {nx} (z, y, x), source slices {h} x {w}, spacing '
-           "{spacing} (z, y, x), crop box {box} ([up, down, left, right] of the source slice)</p>")
+           "{spacing} (z, y, x), crop box {box} ([up, down, left, right] of the source slice); a viewer (napari, "
+           'neuroglancer, BigDataViewer) opens <span id="viewer-path">{viewer}</span> (OME-NGFF multiscales)</p>')
 _STRAIGHTNESS = ('<p class="note">Mean absolute difference between neighbouring rows (consecutive slices) of the middle '
                  "reslices, as a fraction of the stack's intensity range (0.5th to 99.5th percentile of the source "
                  "reslices, {lo:g} to {hi:g}); steps next to a damaged slice left out. Smaller is straighter: aligned "
@@ -230,44 +244,6 @@ _NO_TIMING = ('<p class="note">timing: not recorded in the output (sphero fit pr
               "writes at the end of the run)</p>")
 _OVERLAYS = ('<p class="note">Overlays: fixed slice magenta, moving slice green; aligned structure turns grey. Before: the '
              "source inside the crop box; after: the registered output.</p>")
-
-
-def accumulation(tmats: np.ndarray, shape: tuple[int, int], box: list[int]) -> dict[str, float]:
-    """How far the composed transforms (``(Z, 3, 3)`` pixel matrices, slice 0's first) travel along z: per quantity
-    (rotation in degrees, the slice centre's x and y in pixels) the change of its straight-line trend from the first
-    slice to the last (``*_trend``) and the scatter around that trend (``*_scatter``); ``area_kept`` the crop box's
-    share of the slice."""
-    t = np.asarray(tmats, dtype=np.float64)
-    h, w = shape
-    c = np.array([(w - 1) / 2, (h - 1) / 2, 1.0])
-    moved = t @ c
-    series = {"rotation": np.degrees(np.arctan2(t[:, 1, 0], t[:, 0, 0])), "x": moved[:, 0] - c[0], "y": moved[:, 1] - c[1]}
-    z = np.arange(len(t), dtype=np.float64)
-    out = {"area_kept": (box[1] - box[0]) * (box[3] - box[2]) / float(h * w), "slices": float(len(t))}
-    for name, q in series.items():
-        if len(q) < 3:
-            out[f"{name}_trend"], out[f"{name}_scatter"] = float(q[-1] - q[0]), 0.0
-            continue
-        slope, icpt = np.polyfit(z, q, 1)
-        out[f"{name}_trend"] = float(slope * (len(q) - 1))
-        out[f"{name}_scatter"] = float(np.std(q - (slope * z + icpt)))
-    return out
-
-
-def accumulation_warning(tmats: np.ndarray, shape: tuple[int, int], box: list[int]) -> str | None:
-    """One line when the composed transforms drift along z more than their scatter explains (a trend, not jitter:
-    at least 1 deg or 10 px and 3 times the scatter), or the crop keeps under half the slice; else None."""
-    a = accumulation(tmats, shape, box)
-    turn = abs(a["rotation_trend"]) >= max(1.0, 3 * a["rotation_scatter"])
-    shift = math.hypot(a["x_trend"], a["y_trend"])
-    move = shift >= max(10.0, 3 * math.hypot(a["x_scatter"], a["y_scatter"]))
-    if not (turn or move or a["area_kept"] < 0.5):
-        return None
-    return (f"the aligned slices turn by {a['rotation_trend']:.1f} deg and move by {shift:.0f} px from the first slice to "
-            f"the last (a trend along z, not jitter), and the crop keeps {100 * a['area_kept']:.0f} % of the slice area. "
-            "If the stack was already aligned or the sample does not drift, that is the registration's own drift: "
-            "--solve.detrend 1 removes a linear trend, --solve.reference in the middle of the stack halves it and the "
-            "area lost, --output.crop_borders false keeps the whole frame (README: Foreign slices and drift)")
 
 
 def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[str, Any] | None = None,
@@ -289,8 +265,16 @@ def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[st
 
 
 def _mask_rows(log: list[dict[str, Any]], masks: dict[str, Any] | None) -> list[tuple[str, Any]]:
-    """What the loss left out (data.ignore_value, data.mask_array, data.destripe) and how much of each slice it used."""
-    used = {k: v for k, v in (masks or {}).items() if v not in (None, "none")}
+    """What the loss left out (data.ignore_value, data.mask_array, data.destripe, static patterns the guard found) and
+    how much of each slice it used."""
+    masks = dict(masks or {})
+    mode, static = masks.pop("static_patterns", None), masks.pop("static", None)
+    used = {k: v for k, v in masks.items() if v not in (None, "none")}
+    if static:
+        used["static patterns"] = ("left out: " if static.get("left_out") else "kept (--data.static_patterns keep): ") + \
+            "; ".join(static.get("found", []))
+    elif mode == "keep":
+        used["static patterns"] = "kept (--data.static_patterns keep), none found"
     kept = [e for e in log if e.get("mask_kept") is not None]
     if not used:
         return [("masks", "none (every pixel of the overlap counts)")]
@@ -363,17 +347,24 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
     measured = {axis: (straightness(b), straightness(a)) for axis, (b, a) in steps.items()}
 
     source = source_name or attrs.get("inputs", ["?"])[0]
-    drift = accumulation_warning(tmats, shape, [int(v) for v in box])
-    parts = [f"<h1>Alignment report: {_esc(output_name or out.path)}</h1>",
-             *([f'<p class="warning" id="accumulation-warning"><b>Warning:</b> {_esc(drift)}</p>'] if drift else []),
-             _HEADER.format(source=_esc(source), nz=nz, ny=ny, nx=nx, h=shape[0], w=shape[1], spacing=_esc(spacing), box=_esc(box)),
+    notes = attrs.get("warnings")
+    if notes is None:  # an output of an earlier version: the drift warning, measured here
+        params = _registration_params(attrs)
+        used = {**(params.get("solve") or {}), "crop_borders": next(
+            (p["parameters"].get("crop_borders", True) for p in attrs.get("processing", []) if p.get("step_name") == "border_crop"), True)}
+        drift = accumulation_warning(tmats, shape, [int(v) for v in box], used)
+        notes = [{"text": f"warning: {drift}", "slices": [], "kind": "accumulation"}] if drift else []
+    marked = sorted({int(z) for n in notes for z in n.get("slices", [])})
+    parts = [f"<h1>Alignment report: {_esc(output_name or out.path)}</h1>", _warning_box(notes, nz),
+             _HEADER.format(source=_esc(source), nz=nz, ny=ny, nx=nx, h=shape[0], w=shape[1], spacing=_esc(spacing), box=_esc(box),
+                           viewer=_esc((output_name or out.path).rstrip("/").rsplit("/", 1)[0])),
              "<h2>Summary</h2>", _table(_summary(log, damaged, attrs.get("volume_solve"), _registration_params(attrs).get("masks"))),
              "<h2>Straightness</h2>", _STRAIGHTNESS.format(lo=window[0], hi=window[1]), _straightness_table(measured),
              f'<figure>{straightness_figure(steps)}</figure>',
              "<h2>Reslices</h2>"]
     pictures: dict[str, np.ndarray] = {}
     for r in [middle["xz"], middle["yz"], *chosen]:
-        block, pics = _reslice_block(r, spacing, window)
+        block, pics = _reslice_block(r, spacing, window, marked, ids=r is middle[r.axis])
         if r is middle[r.axis]:
             pictures.update(pics)
         parts.append(block)
@@ -386,6 +377,23 @@ def build_report(out: zarr.Array, src: zarr.Array, *, output_name: str = "", sou
     page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>sphero alignment report</title>'
             f"<style>{_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
     return AlignmentReport(html=page, straightness=measured, pictures=pictures)
+
+
+def _warning_box(notes: list[dict[str, Any]], nz: int) -> str:
+    """Every line the run printed about the data or the result (the output's ``warnings``), each with links to the
+    slices it names where they show in the middle reslices (a red tick beside each picture)."""
+    if not notes:
+        return ""
+    items = []
+    for n in notes:
+        slices = [int(z) for z in n.get("slices", []) if 0 <= int(z) < nz]
+        links = ""
+        if slices:
+            shown = ", ".join(f'<a href="#mark-xz-after-{z}">{z}</a>' for z in slices[:40])
+            links = f' <span class="note">(slices {shown}{" ..." if len(slices) > 40 else ""}: red ticks beside the reslices)</span>'
+        anchor = f' id="{n["kind"]}-warning"' if n.get("kind") else ""
+        items.append(f"<li{anchor}>{_esc(n['text'])}{links}</li>")
+    return f'<div class="warnings" id="warnings"><b>What the run said about the data and the result</b><ul>{"".join(items)}</ul></div>'
 
 
 def _pairs_section(out: zarr.Array, src: zarr.Array, box: list[int], log: list[dict[str, Any]],
@@ -405,7 +413,7 @@ def _pairs_section(out: zarr.Array, src: zarr.Array, box: list[int], log: list[d
         numbers = ", ".join(f"{k} {e[k]:.3f}" for k in ("ncc_before", "ncc_after", "qc_z") if e.get(k) is not None)
         css = "" if why == "representative" else ' class="flag"'
         rows.append(f"<h3{css}>slices {a} -&gt; {b}: {_esc(why)} (status {_esc(e.get('status'))}; {_esc(numbers)})</h3>"
-                    f'<div class="row"><figure><img src="{png_uri(before)}" alt="pair {a}-{b} before"><figcaption>before'
+                    f'<div class="row pair"><figure><img src="{png_uri(before)}" alt="pair {a}-{b} before"><figcaption>before'
                     f'</figcaption></figure><figure><img src="{png_uri(after)}" alt="pair {a}-{b} after"><figcaption>after'
                     "</figcaption></figure></div>")
     if len(flagged) > MAX_PAIRS_SHOWN:

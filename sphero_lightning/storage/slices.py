@@ -34,33 +34,40 @@ def read_slices(arr: Any, indices: list[int]) -> np.ndarray:
     return np.stack([read_slice(arr, z) for z in indices])
 
 
+#: A float slice is registered while at least this share of its pixels is finite (NaN and inf left out of the loss);
+#: below it the slice is left out and bridged over.
+MIN_FINITE = 0.5
+
+
 def slice_stats(image: np.ndarray) -> tuple[float, float, float, float]:
     """``(finite, std, min, max)`` of one slice on a 2x subsample (float64, so 64-bit integers keep their range);
-    ``finite`` is 1.0 when every value is finite (then min and max ignore the non-finite values)."""
-    finite = 1.0
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        finite = 0.0
+    ``finite`` is the share of finite values (std, min and max are of those)."""
     sub = image[::2, ::2].astype(np.float64)
-    if finite == 0.0:
-        sub = sub[np.isfinite(sub)]
-        if sub.size == 0:
-            return 0.0, float("nan"), float("nan"), float("nan")
+    finite = 1.0
+    if np.issubdtype(image.dtype, np.floating):
+        ok = np.isfinite(sub)
+        if not ok.all():
+            finite = float(ok.mean())
+            sub = sub[ok]
+            if sub.size == 0:
+                return 0.0, float("nan"), float("nan"), float("nan")
     return finite, float(sub.std()), float(sub.min()), float(sub.max())
 
 
 def damaged_slices(stats: np.ndarray, min_contrast: float) -> dict[int, str]:
-    """Slices that cannot be registered, with the reason: non-finite values, constant, or blank.
+    """Slices that cannot be registered, with the reason: mostly non-finite (under :data:`MIN_FINITE` finite),
+    constant, or blank.
 
     ``stats`` is ``(Z, 2+)`` from :func:`slice_stats`. A slice is blank when its standard deviation is
     below ``min_contrast`` times the median over the stack's slices.
     """
-    finite, std = stats[:, 0] > 0.5, stats[:, 1]
+    finite, std = stats[:, 0] >= MIN_FINITE, stats[:, 1]
     ok = finite & np.isfinite(std)
     median = float(np.median(std[ok])) if ok.any() else 0.0
     out: dict[int, str] = {}
     for z in range(len(stats)):
         if not finite[z]:
-            out[z] = "non-finite values (NaN or inf)"
+            out[z] = f"non-finite values (NaN or inf) over {100 * (1 - stats[z, 0]):.0f} % of the slice"
         elif std[z] == 0:
             out[z] = "constant"
         elif std[z] < min_contrast * median:
@@ -85,7 +92,7 @@ def open_mask(root: str, path: str, shape: tuple[int, ...]) -> zarr.Array:
     from .store import open_source
 
     try:
-        arr = open_source(root, path, "--data.mask_array: in --data")
+        arr = open_source(root, path, array_option="--data.mask_array (an array in the store, or a Zarr array's own path)")
     except SpheroError as exc:
         try:
             arr = zarr.open_array(path, mode="r")
@@ -137,12 +144,21 @@ def _square(m: np.ndarray, r: int, op) -> np.ndarray:
     return m
 
 
-def slice_masks(raw: np.ndarray, indices: list[int], ignore_value: float | None, mask: zarr.Array | None) -> np.ndarray | None:
+def slice_masks(raw: np.ndarray, indices: list[int], ignore_value: float | None, mask: Any | None,
+                static: np.ndarray | None = None) -> np.ndarray | None:
     """``(n, Y, X)`` uint8 masks (1 = use) of the slices ``raw`` read at ``indices``: pixels equal to ``ignore_value``
-    in runs (:func:`value_mask`) and where ``mask`` is 0; None when neither is set."""
-    if ignore_value is None and mask is None:
+    in runs (:func:`value_mask`), where ``mask`` is 0, where ``static`` (``(Y, X)``, a region fixed in every slice)
+    is 0, and NaN or inf pixels of float slices; None where none of these leaves anything out."""
+    nonfinite = ~np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else None
+    if nonfinite is not None and not nonfinite.any():
+        nonfinite = None
+    if ignore_value is None and mask is None and static is None and nonfinite is None:
         return None
     out = np.ones(raw.shape, dtype=np.uint8)
+    if nonfinite is not None:  # NaN or inf pixels of a slice that is registered: left out of the loss
+        out &= ~nonfinite
+    if static is not None:
+        out &= static[None]
     if ignore_value is not None:
         out &= value_mask(raw, ignore_value)
     if mask is not None:

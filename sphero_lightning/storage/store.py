@@ -44,11 +44,11 @@ def _list_arrays(group: zarr.Group, prefix: str = "") -> list[str]:
     return out
 
 
-def open_source(root: str, array: str, option: str = "--data") -> zarr.Array:
+def open_source(root: str, array: str, root_option: str = "--data.root", array_option: str = "--data.array") -> zarr.Array:
     """Open an array read-only (any store zarr opens: v2 or v3, a directory, a zip file, a URL with fsspec),
-    with a clear error for each way it can be missing."""
+    with a clear error for each way it can be missing, naming the options that set the store and the array."""
     if not is_url(root) and not Path(root).exists():
-        raise SpheroError(f"store {str(root)!r} does not exist; check {option}.root (a .zarr directory)")
+        raise SpheroError(f"store {str(root)!r} does not exist; check {root_option} (a .zarr directory)")
     store: Any = root
     if not is_url(root) and Path(root).is_file() and str(root).lower().endswith(".zip"):
         from zarr.storage import ZipStore
@@ -57,7 +57,7 @@ def open_source(root: str, array: str, option: str = "--data") -> zarr.Array:
     try:
         group = zarr.open_group(store, mode="r")
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a zarr store"
-        raise SpheroError(f"{str(root)!r} is not a Zarr store ({type(exc).__name__}); point {option}.root at a .zarr directory") from None
+        raise SpheroError(f"{str(root)!r} is not a Zarr store ({type(exc).__name__}); point {root_option} at a .zarr directory") from None
     try:
         arr = zarr.open_array(group.store, path=array, mode="r", zarr_format=group.metadata.zarr_format)
     except Exception:  # noqa: BLE001 - listed with the arrays that do exist
@@ -66,7 +66,7 @@ def open_source(root: str, array: str, option: str = "--data") -> zarr.Array:
         except Exception:  # noqa: BLE001
             arrays = []
         listing = ", ".join(arrays) if arrays else "none"
-        raise SpheroError(f"array {array!r} not found in {str(root)!r} (arrays there: {listing}); set {option}.array") from None
+        raise SpheroError(f"array {array!r} not found in {str(root)!r} (arrays there: {listing}); set {array_option}") from None
     return arr
 
 
@@ -102,20 +102,6 @@ def node_exists(root: str | Path, path: str) -> bool:
     """Whether an array or group exists at ``path`` in the local store ``root`` (either format)."""
     d = Path(root) / path.strip("/")
     return any((d / f).exists() for f in ("zarr.json", ".zarray", ".zgroup"))
-
-
-def check_stack(shape: tuple[int, ...], dtype: Any, what: str) -> None:
-    """A stack to register: ``(Z, Y, X)``, at least 2 slices of at least 16 x 16, integer or float grey values; else a
-    one-line :class:`SpheroError` naming ``what`` (e.g. ``"array 'images/50-4-4'"`` or ``"stack"``)."""
-    if len(shape) != 3:
-        raise SpheroError(f"{what} has shape {tuple(shape)}; expected 3D (Z, Y, X)")
-    if shape[0] < 2:
-        raise SpheroError(f"{what} has {shape[0]} slice(s); registration needs at least 2")
-    if min(shape[1:]) < 16:
-        raise SpheroError(f"the slices of {what} are {shape[1]} x {shape[2]} px; need at least 16 x 16")
-    dt = np.dtype(dtype)
-    if not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
-        raise SpheroError(f"{what} has dtype {dt}; expected an integer or float type")
 
 
 def spacing_name(spacing: list[float]) -> str:
@@ -192,12 +178,59 @@ def ome_multiscales(group: zarr.Group, name: str) -> dict[str, Any]:
 
 
 def write_ome(root: str | Path, group_path: str) -> None:
-    """(Re)write the OME-NGFF metadata of ``group_path``: 0.5 (``ome``) in a v3 store, 0.4 (``multiscales``) in v2."""
+    """(Re)write the OME-NGFF metadata of ``group_path``: 0.5 (``ome``) in a v3 store, 0.4 (``multiscales``) in v2;
+    then the store's root listing of its images (:func:`write_root_listing`)."""
     group = open_group(root, group_path)
     if zarr_format(group) == 2:
         group.attrs["multiscales"] = [{"version": "0.4", **multiscales(group, group_path)}]
     else:
         group.attrs["ome"] = ome_multiscales(group, group_path)
+    if group_path.strip("/"):
+        write_root_listing(root)
+
+
+#: Root attribute marking a root listing written by sphero (rewritten as images are added; someone else's is left alone).
+LISTING_MARK = "sphero_root_listing"
+
+
+def _image_groups(group: zarr.Group, prefix: str = "", depth: int = 4) -> list[str]:
+    """Paths of the groups under ``group`` that hold OME-NGFF multiscales (not ``OME``, not temporary ones)."""
+    found = []
+    for name, child in sorted(group.groups()):
+        if name == "OME" or name.startswith("tmp-"):
+            continue
+        path = f"{prefix}{name}"
+        attrs = dict(child.attrs)
+        if "multiscales" in attrs or "multiscales" in attrs.get("ome", {}):
+            found.append(path)
+        if depth > 1:
+            found += _image_groups(child, f"{path}/", depth - 1)
+    return found
+
+
+def write_root_listing(root: str | Path) -> list[str] | None:
+    """Where the store's root has no OME-NGFF metadata of its own, list its images there as OME-NGFF's bioformats2raw
+    layout does (``bioformats2raw.layout: 3`` on the root, the image groups' paths as ``series`` of an ``OME`` group),
+    so that a viewer opening the store itself finds them. Returns the paths listed; None where the root is left alone
+    (OME metadata of its own, or a layout someone else wrote)."""
+    top = zarr.open_group(str(root), mode="a")
+    v3 = zarr_format(top) == 3
+    attrs = dict(top.attrs)
+    ome = dict(attrs.get("ome", {})) if v3 else attrs
+    if any(k in ome for k in ("multiscales", "plate", "well", "labels", "image-label")):
+        return None
+    if "bioformats2raw.layout" in ome and not attrs.get(LISTING_MARK):
+        return None
+    series = _image_groups(top)
+    if not series:
+        return None
+    if v3:
+        top.attrs.update({"ome": {**ome, "version": "0.5", "bioformats2raw.layout": 3}, LISTING_MARK: True})
+    else:
+        top.attrs.update({"bioformats2raw.layout": 3, LISTING_MARK: True})
+    listing = top.require_group("OME")
+    listing.attrs.update({"ome": {"version": "0.5", "series": series}} if v3 else {"series": series})
+    return series
 
 
 def move_into_place(root: str | Path, group_path: str, tmp_name: str, name: str) -> None:

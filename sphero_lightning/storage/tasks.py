@@ -11,7 +11,9 @@ after the other, in this thread: for debugging), or the address of a dask distri
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,12 +36,59 @@ def check_scheduler(scheduler: str, option: str) -> None:
                       "address such as tcp://10.0.0.5:8786")
 
 
-def _bar(progress: bool, desc: str, total: float, unit: str) -> Any:
-    if not progress:
-        return None
+class LineProgress:
+    """Progress for a log file (stderr is not a terminal, where tqdm's carriage returns pile up in one line): a plain
+    line at most every ``every_s`` seconds, and a last one at the end if any was printed. tqdm's interface, as used."""
+
+    def __init__(self, total: float, desc: str, unit: str, initial: float = 0, every_s: float = 30.0) -> None:
+        self.total, self.desc, self.unit, self.n, self.every_s = total, desc, unit, initial, every_s
+        self.t0 = self.last = time.monotonic()
+        self.start, self.printed, self.postfix = initial, False, ""
+
+    def _line(self) -> None:
+        done, elapsed = self.n - self.start, time.monotonic() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = f", ~{(self.total - self.n) / rate:.0f} s left" if rate > 0 and self.n < self.total else ""
+        total = f"{self.total:g}" if self.total else "?"
+        pct = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
+        print(f"sphero: {self.desc}: {self.n:g}/{total} {self.unit}s{pct}, {rate:.2f} {self.unit}/s{left}"
+              f"{', ' + self.postfix if self.postfix else ''}", file=sys.stderr, flush=True)
+        self.printed, self.last = True, time.monotonic()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.every_s:
+            self._line()
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in kwargs.items())
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = text
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        if self.printed:
+            self.postfix = ""
+            self._line()
+
+
+def progress_bar(total: float, desc: str, unit: str, initial: float = 0) -> Any:
+    """tqdm's bar on a terminal or in a notebook; elsewhere (a log file, a pipe) :class:`LineProgress`.
+    ``SPHERO_PROGRESS=bar`` or ``lines`` chooses."""
+    choice = os.environ.get("SPHERO_PROGRESS", "").strip().lower()
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    if choice == "lines" or (choice != "bar" and not interactive):
+        return LineProgress(total, desc, unit, initial)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=0.1)
+
+
+def _bar(progress: bool, desc: str, total: float, unit: str) -> Any:
+    return progress_bar(total, desc, unit) if progress else None
 
 
 def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], *, scheduler: str = "threads", num_workers: int = 4,

@@ -121,6 +121,7 @@ class WarpJob:
     device: str
     levels: tuple[zarr.Array | ArrayRef, ...] = ()  # levels 1.. written in the same pass (:func:`level_arrays`)
     nearest: bool = False  # levels keep each 2 x 2 block's top-left pixel (labels), not its mean
+    fill: float = 0.0  # what NaN and inf pixels are interpolated as (:func:`warp_window`)
 
 
 def unit_shape(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int]
@@ -157,10 +158,12 @@ def output_units(out_shape: tuple[int, int, int], unit: tuple[int, int, int], fu
 
 
 def warp_window(src: zarr.Array, z: int, theta: torch.Tensor | None, box: tuple[int, int, int, int],
-                window: tuple[int, int, int, int], mode: str, device: str) -> np.ndarray:
+                window: tuple[int, int, int, int], mode: str, device: str, fill: float = 0.0) -> np.ndarray:
     """Output rows ``window[0]:window[1]`` and columns ``window[2]:window[3]`` (inside the crop ``box``) of slice ``z``,
     reading only the source region they sample; ``theta`` ``(1, 2, 3)`` (``None`` for the reference slice 0).
-    Equal to warping the whole slice and cutting the window out, bit for bit."""
+    Equal to warping the whole slice and cutting the window out, bit for bit. NaN and inf pixels of a float slice
+    stay NaN where they land (the output pixels whose nearest source pixel is one) and leave every other pixel finite:
+    they are interpolated as ``fill`` (a grey of the stack's range), not spread over the slice by the prefilter."""
     up, _, left, _ = box
     full = tuple(src.shape[1:])
     oy0, oy1, ox0, ox1 = window
@@ -175,8 +178,17 @@ def warp_window(src: zarr.Array, z: int, theta: torch.Tensor | None, box: tuple[
     work = warp_dtype(src.dtype)
     th = theta.to(device=device, dtype=work)
 
+    floating = np.issubdtype(src.dtype, np.floating)
+    holes = []
+
     def read(a: int, b: int, c: int, d: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(src[z, a:b, c:d]).astype(torch_to_numpy(work))).to(device)
+        x = np.asarray(src[z, a:b, c:d]).astype(torch_to_numpy(work))
+        if floating:
+            bad = ~np.isfinite(x)
+            if bad.any():
+                holes.append(True)
+                x = np.where(bad, np.asarray(fill, dtype=x.dtype), x)
+        return torch.from_numpy(x).to(device)
 
     if mode == "bspline":
         coeffs = bspline_window(read, th, full, out_shape, offset)
@@ -199,6 +211,11 @@ def warp_window(src: zarr.Array, z: int, theta: torch.Tensor | None, box: tuple[
         if info is not None:
             values = values.round_().clamp_(info.min, info.max)
         res[r0:r1] = values.cpu().numpy()
+    if holes:  # where the non-finite pixels land: NaN again
+        iy, ix = nearest_index(theta, full, out_shape, offset, full)
+        y0, x0 = int(iy.min()), int(ix.min())
+        region = np.asarray(src[z, y0:int(iy.max()) + 1, x0:int(ix.max()) + 1])
+        res[~np.isfinite(region[(iy[0] - y0).numpy(), (ix[0] - x0).numpy()])] = np.nan
     return res
 
 
@@ -251,7 +268,7 @@ def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, in
         for z in range(z0, z1):
             row = z - z0 - (1 if z0 == 0 and shift else 0)
             theta = None if (z == 0 and shift) else torch.from_numpy(thetas[row][None])
-            block[z - z0] = warp_window(src, z, theta, job.box, (y0, y1, x0, x1), job.mode, job.device)
+            block[z - z0] = warp_window(src, z, theta, job.box, (y0, y1, x0, x1), job.mode, job.device, job.fill)
     out[z0:z1, y0:y1, x0:x1] = block
     t1 = time.perf_counter()
     store_levels(job, block, z0, y0, x0)
@@ -333,7 +350,7 @@ class WriteResult:
 def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed: torch.Tensor, box: list[int], mode: str, *,
                written: zarr.Array | ArrayRef | None = None, device: torch.device | str = "cpu", rank: int = 0,
                world: int = 1, progress: bool = False, num_workers: int = 4, scheduler: str = "threads",
-               levels: Sequence[zarr.Array | ArrayRef] = (), nearest: bool = False) -> WriteResult:
+               levels: Sequence[zarr.Array | ArrayRef] = (), nearest: bool = False, fill: float = 0.0) -> WriteResult:
     """Warp every slice of ``src`` once into the cropped ``out``: one dask task per row of shards (or chunks) of ``out``.
 
     ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped), or of every
@@ -344,7 +361,8 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     ``scheduler``: see :mod:`~sphero_lightning.storage.tasks` (with an address, ``src``, ``out`` and ``written``
     must be :class:`ArrayRef` s: only references and matrices travel to the workers). ``levels``: the temporary
     arrays of levels ``1 ..`` (:func:`level_arrays`) each task fills from its box in the same pass (``nearest``: top-left
-    pixels, for labels, instead of 2 x 2 means). Returns the seconds and the parts written (:class:`WriteResult`).
+    pixels, for labels, instead of 2 x 2 means). ``fill``: what NaN and inf pixels are interpolated as (a grey of the
+    stack's range; they stay NaN where they land). Returns the seconds and the parts written (:class:`WriteResult`).
     """
     levels = tuple(levels)
     if is_distributed(scheduler):
@@ -362,7 +380,7 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     if len(theta) == s.shape[0]:  # every slice's: slice 0 as the others (cropped only where it is the identity)
         theta = theta[1:] if np.array_equal(theta[0], np.eye(3)[:2]) else theta
     job = WarpJob(src, out, written, (up, down, left, right), mode, str(device) if not is_distributed(scheduler) else "cpu",
-                  levels, nearest)
+                  levels, nearest, float(fill))
     todo = [i for i in range(rank, len(units), world) if not done[i]]
     shift = 0 if len(theta) == s.shape[0] else 1  # row of slice z: z - shift (legacy: no row for slice 0)
     args = [(job, i, units[i], theta[max(0, units[i][0] - shift):units[i][1] - shift], shift) for i in todo]

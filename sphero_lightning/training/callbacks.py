@@ -224,18 +224,29 @@ class PairProgressBar(ProgressBar):
     def set_total(self, n_pairs: int) -> None:
         """More pairs than at the start (bridging pairs fitted after the others)."""
         if self.bar is not None:
+            extra = n_pairs - self.bar.total
             self.bar.total = n_pairs
+            self.bridges += extra
+            self.bar.set_description(self._desc())
+
+    def _desc(self) -> str:
+        """What the bar counts: every fitted pair, said by kind (the run's summary counts consecutive pairs only)."""
+        kinds = [f"{self.consecutive} consecutive"] + ([f"{self.over} over one slice or more"] if self.over else []) + \
+            ([f"{self.bridges} bridging"] if self.bridges else [])
+        return f"registering pairs ({' + '.join(kinds)})" if len(kinds) > 1 else "registering"
 
     def enable(self) -> None:
         self._enabled = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: RegistrationModule) -> None:
         if self._enabled and trainer.is_global_zero:
-            from tqdm.auto import tqdm
+            from ..storage.tasks import progress_bar
 
             done = len(pl_module.results)  # resumed from the journal; tqdm's rate counts only the pairs after these
-            self.bar = tqdm(total=pl_module.n_pairs, initial=done, desc="registering", unit="pair", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=self.mininterval)
+            at = {z: q for q, z in enumerate(getattr(trainer.datamodule, "good", []))}
+            self.consecutive = sum(1 for i, j in pl_module.pair_slices if i in at and j in at and at[j] - at[i] == 1)
+            self.over, self.bridges = pl_module.n_pairs - self.consecutive, 0
+            self.bar = progress_bar(pl_module.n_pairs, self._desc(), "pair", initial=done)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.bar is None or pl_module.block is None or pl_module.block.done:

@@ -20,6 +20,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ..errors import SpheroError, interrupted, os_error_message, report
+from ..options import FIT_DESCRIPTION
 from ..threads import launch_rank
 from .callbacks import PairEarlyStopping, PyramidSchedule
 from .data import ZarrPairDataModule
@@ -30,8 +31,6 @@ from .state import quiet_lightning
 from .volume import VolumeSolve
 from .writer import RegistrationWriter
 
-#: ``sphero fit --help``'s description (``sphero --help`` lists the same in lower case).
-FIT_DESCRIPTION = "Register a Zarr stack: fit the pairwise transforms, compose, crop, write the aligned stack"
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "sphero"}},
     "callbacks": [{"class_path": "sphero_lightning.training.callbacks.PairProgressBar"}],

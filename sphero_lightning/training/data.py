@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import numpy as np
@@ -15,9 +15,10 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from ..core.masks import Destripe, static_patterns, to_tensor
+from ..core.masks import Destripe, StaticMode, StaticPatterns, combined_destripe, find_static_patterns, to_tensor
 from ..core.pairs import block_layout, blocks, pair_graph
 from ..errors import SpheroError
+from ..storage.checks import check_stack
 from ..storage.slices import (
     damaged_slices,
     intensity_range,
@@ -30,7 +31,6 @@ from ..storage.slices import (
 from ..storage.store import (
     OutputLock,
     acquire_lock,
-    check_stack,
     check_writable,
     node_exists,
     open_source,
@@ -41,6 +41,7 @@ from ..storage.store import (
 )
 from ..storage.tasks import run_tasks
 from ..threads import available_memory, launch_rank
+from .report import say
 from .scope import current_run
 from .stream import BlockStream, ReadTimes
 
@@ -106,6 +107,12 @@ class ZarrPairDataModule(L.LightningDataModule):
         Remove stripes fixed in the detector frame (curtaining) from the images the loss sees, never from the
         output: each column's (vertical) or row's (horizontal) mean over the slice less the slice's mean. Assumes
         the stripes add a constant along each column or row; costs ~0.001 px on stacks without stripes.
+    static_patterns : {"leave_out", "keep"}
+        What is found identical at the same place in every slice (8 slices spread over the stack compared before
+        fitting): one grey value over the same pixels (a dark frame or band, padding, detector dirt) and stripes
+        (curtaining). It does not move with the sample, so in the loss it only pulls pairs towards the identity:
+        ``leave_out`` (default) leaves it out of the loss (the region masked, the stripes destriped) and says so in
+        one line; ``keep`` uses it and says which option would handle it. Not looked for with a mask array.
     """
 
     def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
@@ -113,7 +120,7 @@ class ZarrPairDataModule(L.LightningDataModule):
                  check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True,
                  output_root: str | None = None, memory_budget_gb: float | None = None, neighbours: int = 1,
                  coarse_factor: float = 1.0, ignore_value: float | None = None, mask_array: str | None = None,
-                 destripe: Destripe = "none") -> None:
+                 destripe: Destripe = "none", static_patterns: StaticMode = "leave_out") -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
@@ -134,6 +141,10 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.ignore_value, self.mask_array, self.destripe = ignore_value, mask_array, destripe
         if destripe not in ("none", "vertical", "horizontal", "both"):
             raise SpheroError(f"--data.destripe must be one of none, vertical, horizontal, both; got {destripe!r}")
+        if static_patterns not in get_args(StaticMode):
+            raise SpheroError(f"--data.static_patterns must be one of {', '.join(get_args(StaticMode))}; got {static_patterns!r}")
+        # what the guard found (set at setup), and the (Y, X) uint8 mask, 0 where a static region is left out of the loss
+        self.static_mode, self.static, self._static_mask = static_patterns, StaticPatterns(), None
         self._mask: zarr.Array | None = None
         self._stream: BlockStream | None = None  # this run's reader (closed at teardown)
         self._lock: OutputLock | None = None  # the output's lock, while this run holds it
@@ -292,7 +303,15 @@ class ZarrPairDataModule(L.LightningDataModule):
     @property
     def mask_settings(self) -> dict[str, Any]:
         """What the loss leaves out and how its images are cleaned (recorded with the output)."""
-        return {"ignore_value": self.ignore_value, "mask_array": self.mask_array, "destripe": self.destripe}
+        static = self.static.record(self.static_mode)
+        return {"ignore_value": self.ignore_value, "mask_array": self.mask_array, "destripe": self.destripe,
+                "static_patterns": self.static_mode, **({"static": static} if static else {})}
+
+    @property
+    def loss_destripe(self) -> Destripe:
+        """The destriping the loss's images get: the option's, and stripes the guard found (unless kept)."""
+        found = self.static.stripes if self.static_mode == "leave_out" else ()
+        return combined_destripe(self.destripe, found)
 
     def add_pairs(self, pairs: list[tuple[int, int]]) -> None:
         """Pairs to fit after the others (bridges found once those were fitted): they start a block of their own."""
@@ -327,10 +346,10 @@ class ZarrPairDataModule(L.LightningDataModule):
         low, high = self.intensity if self.intensity is not None else self.sample_intensity()
         slices, fixed, moving = block_layout(self.pairs[pairs.start: pairs.stop])
         raw = read_slices(self.source, slices)
-        masks = slice_masks(raw, slices, self.ignore_value, self._mask)
+        masks = slice_masks(raw, slices, self.ignore_value, self._mask, self._static_mask)
         data, offset, scale = to_tensor(raw, low, high)
         out = {"slices": data, "offset": torch.tensor(offset), "scale": torch.tensor(scale),
-               "fixed": torch.tensor(fixed), "moving": torch.tensor(moving), "destripe": self.destripe}
+               "fixed": torch.tensor(fixed), "moving": torch.tensor(moving), "destripe": self.loss_destripe}
         if masks is not None:
             out["masks"] = torch.from_numpy(masks)
         return out
@@ -360,14 +379,19 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.intensity = intensity_range(st, [z for z in range(n) if z not in damaged])
         return damaged
 
-    def static_patterns(self, n: int = 8) -> list[str]:
-        """Advice on patterns identical across up to ``n`` spread slices, each subsampled to <= ~1 Mpx (core.masks)."""
+    def find_static(self, n: int = 8) -> None:
+        """Patterns identical across up to ``n`` spread slices, each subsampled to <= ~1 Mpx (core.masks), and the
+        full-resolution mask of a static region left out of the loss (``static_patterns: leave_out``); the same on
+        every rank (the same slices read)."""
+        self.static, self._static_mask = StaticPatterns(), None
         if self._mask is not None:  # the user has said what to leave out
-            return []
+            return
         zs = sorted({self.good[round(float(q))] for q in np.linspace(0, len(self.good) - 1, min(n, len(self.good)))})
-        step = max(1, math.ceil(math.sqrt(self.slice_shape[0] * self.slice_shape[1] / (1 << 20))))  # <= ~1 Mpx each
+        h, w = self.slice_shape
+        step = max(1, math.ceil(math.sqrt(h * w / (1 << 20))))  # <= ~1 Mpx each
         sample = np.stack([read_slice(self.source, z)[::step, ::step] for z in zs])
-        return static_patterns(sample, self.ignore_value, self.destripe)
+        self.static = find_static_patterns(sample, self.ignore_value, self.destripe)
+        self._static_mask = self.static.mask(step, (h, w)) if self.static_mode == "leave_out" else None
 
     def set_damaged(self, damaged: dict[int, str]) -> None:
         self.damaged = dict(sorted(damaged.items()))
@@ -392,6 +416,7 @@ class ZarrPairDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         self.reads, self.scan_s = ReadTimes(), 0.0  # this fit's, not added to an earlier fit's
+        self.notes: list[dict[str, Any]] = []  # lines about the data and the result (report.say), for the page
         if self.check_slices:
             t0 = time.perf_counter()
             strategy = trainer.strategy
@@ -406,10 +431,11 @@ class ZarrPairDataModule(L.LightningDataModule):
             self.scan_s = time.perf_counter() - t0
         else:
             self.intensity = self.sample_intensity()
+        self.find_static()
         if self.damaged and trainer.is_global_zero:  # found by the scan (or set by a caller): said either way
             listing = "; ".join(f"slice {z}: {why}" for z, why in list(self.damaged.items())[:10])
             more = f" (and {len(self.damaged) - 10} more)" if len(self.damaged) > 10 else ""
-            print(f"sphero: {len(self.damaged)} damaged slice(s) left out and bridged over: {listing}{more}", file=sys.stderr)
+            say(self.notes, f"{len(self.damaged)} damaged slice(s) left out and bridged over: {listing}{more}", self.damaged)
         # One epoch per block; the whole fit is exactly that many epochs.
         trainer.fit_loop.max_epochs = self.n_blocks(trainer.world_size)
 
@@ -417,7 +443,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         if self._stream is not None:
             self._stream.close()
         elif self.trainer.is_global_zero:  # once, after every setting was checked
-            for line in self.static_patterns():
-                print(f"sphero: warning: {line}", file=sys.stderr)
+            for line in self.static.lines(self.static_mode):
+                say(self.notes, line)
         self._stream = BlockStream(self, self.trainer)
         return DataLoader(self._stream, batch_size=None, num_workers=0)

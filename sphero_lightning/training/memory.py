@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import SpheroError
+from ..storage.checks import check_stack
 from ..storage.slices import check_mask_shape
-from ..storage.store import check_stack
 from .data import ZarrPairDataModule
 from .scope import RunScope
 from .state import OPTION_GROUPS
@@ -133,8 +133,7 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     flag_outliers(log)
     shape = dm.slice_shape
     pyramid_levels = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in model.levels]
-    settings = {**{("loss_interpolation" if k == "interpolation" else k): v for k, v in dict(model.hparams).items()
-                   if k != "pairs_per_block"},
+    settings = {**model.record(),
                 "pyramid": pyramid_levels, "pairs_per_block": dm.pairs_per_block, "masks": dm.mask_settings,
                 "intensity_range": list(dm.intensity) if dm.intensity else None, "solve": solve.settings(),
                 "early_stopping": early.settings(), "crop_borders": output.crop_borders,

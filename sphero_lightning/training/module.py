@@ -30,10 +30,12 @@ from .state import Curvature, InitTranslation, Level, Optimizer
 
 @dataclass
 class FitTimes:
-    """Where a fit's time went in this process: ``fit_s`` from the first block to the end of the last; per pyramid
-    level ``k`` the seconds and the number of its training steps (``level_s[k]``, ``level_steps[k]``)."""
+    """Where a fit's time went in this process: ``fit_s`` from the first block to the end of the last, on ``threads``
+    torch threads; per pyramid level ``k`` the seconds and the number of its training steps (``level_s[k]``,
+    ``level_steps[k]``)."""
 
     fit_s: float = 0.0
+    threads: int = 0  # torch threads the fit ran on (this process's share of the cores)
     level_s: dict[int, float] = field(default_factory=dict)
     level_steps: dict[int, int] = field(default_factory=dict)
 
@@ -46,8 +48,11 @@ class RegistrationModule(L.LightningModule):
     transformation : {"translation", "rigid", "similarity", "affine"}
         Transform family fitted to each pair (rigid: rotation and translation); ``similarity`` is rotation + one
         isotropic scale + translation.
-    scaling, shear : bool
-        For ``affine``: whether per-axis scale and horizontal shear are free.
+    scaling : bool
+        For ``affine``: whether the two per-axis scales are free (the other families ignore it: translation and rigid fit
+        no scale, similarity one isotropic scale; the output records what was fitted).
+    shear : bool
+        For ``affine``: whether the horizontal shear is free (the other families fit none).
     loss : {"ncc", "mse", "mae", "ssim"}
         Similarity between the fixed slice and the warped moving slice, over pixels inside the
         warped moving slice only.
@@ -172,6 +177,16 @@ class RegistrationModule(L.LightningModule):
         # float64: the solver works in float64 and the trial point must be evaluated exactly.
         self.delta = torch.nn.Parameter(torch.zeros(rows, self.objective.basis.shape[0], dtype=torch.float64))
 
+    def record(self) -> dict[str, Any]:
+        """The model's settings as the output records them: ``scaling`` and ``shear`` as the family fitted them (a rigid
+        fit: false, whatever the switches; similarity: ``"isotropic"``), the loss's interpolation under its own name
+        (``loss_interpolation``), nothing private to the command line."""
+        hp = {k: v for k, v in self.hparams.items() if k != "pairs_per_block" and not k.startswith("_")}
+        family = hp["transformation"]
+        hp["scaling"] = {"affine": bool(hp["scaling"]), "similarity": "isotropic"}.get(family, False)
+        hp["shear"] = family == "affine" and bool(hp["shear"])
+        return {("loss_interpolation" if k == "interpolation" else k): v for k, v in hp.items()}
+
     def add_pairs(self, dm: Any) -> None:
         """Take the data module's pairs from ``n_pairs`` on (all at set-up; bridges found after the others were fitted):
         their results from the journal where it has them for the same slices, and the blocks that need no fitting."""
@@ -261,6 +276,7 @@ class RegistrationModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.times.fit_s = time.perf_counter() - getattr(self, "_train_t0", time.perf_counter())
+        self.times.threads = torch.get_num_threads()
 
     def on_fit_start(self) -> None:
         # Here (data scanned, pyramid set) rather than Lightning's own logging right after this hook, which would

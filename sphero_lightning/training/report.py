@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,15 @@ from ..report.reslice import overlay
 HPARAM_METRICS = ("hp/mean_ncc_before", "hp/mean_ncc_after", "hp/qc_outliers")
 
 
+def say(notes: list[dict[str, Any]] | None, text: str, slices: Iterable[int] = (), kind: str | None = None) -> None:
+    """Print ``sphero: text`` (a line about the data or the result: a warning, what was left out or bridged) and keep
+    it in ``notes`` with the slices it names (and a ``kind``, the page's anchor), for the output's ``warnings`` and the
+    page's warning box. Call on rank 0."""
+    print(f"sphero: {text}", file=sys.stderr)
+    if notes is not None:
+        notes.append({"text": text, "slices": sorted({int(z) for z in slices}), **({"kind": kind} if kind else {})})
+
+
 @dataclass(frozen=True)
 class RunTimes:
     """Where a run's time went (seconds, this rank's view), from each stage's own figures: the slice check, the fit
@@ -27,6 +38,7 @@ class RunTimes:
 
     scan_s: float = 0.0
     fit_s: float = 0.0
+    threads: int = 0
     read_s: float = 0.0
     wait_s: float = 0.0
     write_s: float = 0.0
@@ -38,7 +50,8 @@ class RunTimes:
         """One line for the terminal and the page."""
         levels = "" if self.levels_s is None else f", downsampled levels {self.levels_s:.2f} s" + (
             " of it (same pass)" if self.levels_same_pass else " (second pass)")
-        return (f"time: checking slices {self.scan_s:.2f} s, fitting {self.fit_s:.2f} s (computing "
+        on = f" on {self.threads} torch thread{'s' if self.threads != 1 else ''}" if self.threads else ""
+        return (f"time: checking slices {self.scan_s:.2f} s, fitting {self.fit_s:.2f} s{on} (computing "
                 f"{self.fit_s - self.wait_s:.2f} s, waiting for data {self.wait_s:.2f} s; reading took {self.read_s:.2f} s "
                 f"in the background), writing {self.write_s:.2f} s ({self.workers} threads){levels}")
 
@@ -147,8 +160,8 @@ def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]]
     for i in picks[:n_panels]:
         r = fitted[i]
         a, b = r["slice_indices"]
-        fixed = np.asarray(src[a]).astype(np.float32)
-        moving = np.asarray(src[b]).astype(np.float32)
+        fixed = np.nan_to_num(np.asarray(src[a]).astype(np.float32))  # a NaN patch shows as 0, not as a broken picture
+        moving = np.nan_to_num(np.asarray(src[b]).astype(np.float32))
         theta = torch.tensor([r["matrix"]], dtype=torch.float32)
         registered = warp(torch.from_numpy(moving)[None, None], theta, mode="bilinear", full_shape=shape)[0, 0].numpy()
         step = max(1, max(shape) // 512)  # panels of at most ~512 px

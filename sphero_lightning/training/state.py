@@ -7,19 +7,16 @@ import warnings
 from typing import Literal
 
 from ..core.fit import MAX_STEP_PX, NEWTON_MIN_NCC, NEWTON_TRUST_NCC, BlockState, Level  # noqa: F401 - their home is core.fit
+from ..options import GROUPS
 
 Optimizer = Literal["bfgs", "adam"]
 InitTranslation = Literal["phase", "none"]
 #: BFGS curvature model at the start of a level (see RegistrationModule).
 Curvature = Literal["gauss_newton", "carried"]
 
-#: ``sphero fit``'s option groups in the order a user needs them, and the class each configures (module, class name).
-OPTION_GROUPS = (("data", "sphero_lightning.training.data", "ZarrPairDataModule"),
-                 ("model", "sphero_lightning.training.module", "RegistrationModule"),
-                 ("solve", "sphero_lightning.training.volume", "VolumeSolve"),
-                 ("pyramid", "sphero_lightning.training.callbacks", "PyramidSchedule"),
-                 ("early_stopping", "sphero_lightning.training.callbacks", "PairEarlyStopping"),
-                 ("output", "sphero_lightning.training.writer", "RegistrationWriter"))
+#: ``sphero fit``'s option groups in the order a user needs them, and the class each configures (module, class name):
+#: :data:`~sphero_lightning.options.GROUPS` as importable names.
+OPTION_GROUPS = tuple((group, "sphero_lightning." + path.removesuffix(".py").replace("/", "."), cls) for group, path, cls in GROUPS)
 
 #: The Trainer settings every fit runs with (the CLI's defaults, the Python API's): no checkpoints, no sanity steps,
 #: one epoch per block (the number of epochs is set at setup).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +110,11 @@ class VolumeSolve(L.Callback):
         if hasattr(bar, "set_total"):
             bar.set_total(dm.n_pairs)
         if trainer.is_global_zero:
-            print(f"sphero: fitting {len(bridges)} pair(s) at full resolution that stand in for pairs with no true answer: "
-                  f"{', '.join(f'{i}->{j}' for i, j in bridges)}", file=sys.stderr)
+            from .report import say
+
+            say(getattr(dm, "notes", None), f"fitting {len(bridges)} pair(s) at full resolution that stand in for pairs "
+                f"with no true answer: {', '.join(f'{i}->{j}' for i, j in bridges)}",
+                {z for i, j in bridges for z in range(i + 1, j)})
 
     def priors(self, shape: tuple[int, int]) -> Priors:
         import torch

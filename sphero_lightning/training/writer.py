@@ -25,7 +25,7 @@ from ..core.frames import FIRST_KEY, pixel_matrices
 from ..core.transforms import normalized_to_pixel
 from ..core.volume import compose_volume
 from ..errors import SpheroError
-from ..report.visual import accumulation_warning
+from ..report.drift import accumulation_warning
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
@@ -39,7 +39,7 @@ from ..storage.writing import (
     warp_stack,
 )
 from .module import RegistrationModule
-from .report import MIN_TRUSTED_NCC, RunTimes, flag_outliers, log_panels, mark_untrusted, trainer_record
+from .report import MIN_TRUSTED_NCC, RunTimes, flag_outliers, log_panels, mark_untrusted, say, trainer_record
 from .volume import VolumeSolve
 
 #: How the writer resamples slices for the output (``--output.interpolation``).
@@ -119,19 +119,18 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     wrote = warp_stack(ArrayRef(str(dm.root), dm.array) if distributed else src, out_ref, composed, box,
                        writer.interpolation, written=written, device=module.device, rank=rank, world=world,
                        progress=show, num_workers=workers, scheduler=writer.scheduler,
-                       levels=[ArrayRef(str(out_root), f"{group_path}/{n}") for n, _, _ in levels or []])
+                       levels=[ArrayRef(str(out_root), f"{group_path}/{n}") for n, _, _ in levels or []],
+                       fill=sum(dm.intensity) / 2 if dm.intensity else 0.0)
     _barrier()
     out = out_ref.open("r+")
 
     final = f"{group_path}/{name}"
     if rank == 0:
-        hp = dict(module.hparams)
         pyramid = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in module.levels]
         stamp = utc_now()
         processing = list(src.attrs.get("processing", []))
         processing.append({"step_name": "registration", "timestamp": stamp, "version": __version__,
-                           "parameters": {**{("loss_interpolation" if k == "interpolation" else k): v for k, v in hp.items()
-                                             if k != "pairs_per_block"},
+                           "parameters": {**module.record(),
                                           "pyramid": pyramid, "max_pairs": dm.max_pairs,
                                           "pairs_per_block": dm.pairs_per_block,
                                           "output_interpolation": writer.interpolation,
@@ -142,28 +141,31 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
                            "parameters": {"crop_box": box, "crop_borders": writer.crop_borders,
                                           "crop_safety_margin": writer.crop_safety_margin, "method": "exact"}})
+        notes = getattr(dm, "notes", None)
+        notes = list(notes) if notes is not None else []
         outliers = flag_outliers(log)
         if outliers:
             listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (z {e['qc_z']:.1f})" for e in outliers[:20])
-            print(f"sphero: QC: {len(outliers)} pair(s) with an outlying final loss along the stack, check them: {listing}",
-                  file=sys.stderr)
+            say(notes, f"QC: {len(outliers)} pair(s) with an outlying final loss along the stack, check them: {listing}",
+                {z for e in outliers for z in e["slice_indices"]})
         if solved is not None and solved["unregistered"]:
-            print(f"sphero: warning: {len(solved['unregistered'])} slice(s) no pair agrees with were left out and placed "
-                  f"between their neighbours (status unregistered: foreign, misfiled or re-imaged?): "
-                  f"{', '.join(str(z) for z in solved['unregistered'][:20])}", file=sys.stderr)
+            say(notes, f"warning: {len(solved['unregistered'])} slice(s) no pair agrees with were left out and placed "
+                f"between their neighbours (status unregistered: foreign, misfiled or re-imaged?): "
+                f"{', '.join(str(z) for z in solved['unregistered'][:20])}", solved["unregistered"])
         if solved is not None and solved["kept_despite"]:
             listing = ", ".join(f"{i}->{j}" for i, j in solved["kept_despite"][:20])
-            print(f"sphero: warning: the stack would fall apart without pair(s) that disagree with the others, kept: "
-                  f"{listing}; the slices after them may be misplaced (try --solve.neighbours {dm.neighbours + 1})",
-                  file=sys.stderr)
-        drift = accumulation_warning(pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()), shape, box)
+            say(notes, f"warning: the stack would fall apart without pair(s) that disagree with the others, kept: "
+                f"{listing}; the slices after them may be misplaced (try --solve.neighbours {dm.neighbours + 1})",
+                {z for p in solved["kept_despite"] for z in p})
+        drift = accumulation_warning(pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()), shape, box,
+                                     {**(volume.settings() if volume is not None else {}), "crop_borders": writer.crop_borders})
         if drift:
-            print(f"sphero: warning: {drift}", file=sys.stderr)
+            say(notes, f"warning: {drift}", kind="accumulation")
         poor = [e for e in log if e.get("status") == "low_correlation"]
         if poor:
             listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (NCC {e['ncc_after']:.3f})" for e in poor[:20])
-            print(f"sphero: warning: {len(poor)} pair(s) barely correlate after fitting (NCC < {MIN_TRUSTED_NCC}); their "
-                  f"transforms cannot be trusted (status low_correlation): {listing}", file=sys.stderr)
+            say(notes, f"warning: {len(poor)} pair(s) barely correlate after fitting (NCC < {MIN_TRUSTED_NCC}); their "
+                f"transforms cannot be trusted (status low_correlation): {listing}", {z for e in poor for z in e["slice_indices"]})
         log_panels(trainer, src, fitted, log)
         out.attrs.update({
             "spacing": dm.spacing,
@@ -177,6 +179,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "registration_log": log,
             "crop_box": box,
             **({"volume_solve": solved} if solved is not None else {}),
+            "warnings": notes,
         })
         move_into_place(out_root, group_path, tmp_name, name)
         placed(f"{out_root}/{final}")
@@ -190,12 +193,14 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         # a second pass has its own time; in the same pass the levels took a share of the writing time (warp_stack)
         second_pass = levels is None and n_levels > 1
         reads = dm.read_times
-        times = RunTimes(scan_s=dm.scan_s, fit_s=module.times.fit_s, read_s=reads.read_s, wait_s=reads.wait_s,
+        times = RunTimes(scan_s=dm.scan_s, fit_s=module.times.fit_s, threads=module.times.threads, read_s=reads.read_s,
+                         wait_s=reads.wait_s,
                          write_s=wrote.write_s, workers=workers,
                          levels_s=time.perf_counter() - t0 if second_pass else wrote.levels_s,
                          levels_same_pass=not second_pass)
         write_ome(out_root, group_path)
-        print(f"sphero: wrote {out_root}/{final} shape {out_shape} {np.dtype(src.dtype)} crop_box {box} (Zarr v{fmt})",
+        print(f"sphero: wrote {out_root}/{final} shape {out_shape} {np.dtype(src.dtype)} crop_box {box} (Zarr v{fmt}); "
+              f"a viewer opens {out_root}/{group_path} (OME-NGFF multiscales: the output{' and its levels' if n_levels > 1 else ''})",
               file=sys.stderr)
         print(f"sphero: {times.line()}", file=sys.stderr)
         try:  # the alignment page beside the logs; the output is in place whatever happens here
