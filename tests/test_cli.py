@@ -152,8 +152,9 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path, base_image):
 def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
     """Issues 29 and 36: a wrong store, a TIFF given as the store, a wrong array, a bad enumerated value, a misspelt
     option (with the closest one), a value of the wrong type, a 2D array, a one-slice stack, a missing spacing, a mask
-    array of the wrong shape or missing, an existing output: one line, exit 2, with neither torch nor Lightning imported
-    (they take seconds to load; benchmarks/error_latency.py)."""
+    array of the wrong shape or missing, an existing output, a value out of its range, a reference slice that is not
+    one, a missing anchors file: one line, exit 2, with neither torch nor Lightning imported (they take seconds to
+    load; benchmarks/error_latency.py)."""
     import tifffile
 
     write_zarr(np.zeros((3, 32, 32), np.uint8), tmp_path / "s.zarr")
@@ -178,7 +179,12 @@ def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
              "--data.root s.zarr --data.array bare": "array 'bare' has no 'spacing' attribute; give it as --data.spacing",
              f"{ok} --data.mask_array mask": "--data.mask_array 'mask' has shape (5, 5); it must be the stack's (3, 32, 32)",
              f"{ok} --data.mask_array nope": "array 'nope' not found in 's.zarr' (arrays there: ",
-             "--data.root s.zarr --data.array images/50-4-4": "output 'images/registered/50-4-4' already exists in 's.zarr'"}
+             "--data.root s.zarr --data.array images/50-4-4": "output 'images/registered/50-4-4' already exists in 's.zarr'",
+             f"{ok} --solve.neighbours 0": "--solve.neighbours must be >= 1, got 0",
+             f"{ok} --pyramid.levels 2 --pyramid.steps [100,0]": "--pyramid.steps must be >= 1, got [100, 0]",
+             f"{ok} --data.min_contrast 1.5": "--data.min_contrast must be in [0, 1), got 1.5",
+             f"{ok} --solve.reference 3": "--solve.reference 3 is not a slice of this stack (3 slices: 0..2)",
+             f"{ok} --solve.anchors nope.json": "--solve.anchors 'nope.json': no such file"}
     code = ("import sys\nfrom sphero_lightning.commands.main import main\ntry:\n    main(['fit', *sys.argv[1:]])\n"
             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n")
     for args, expect in cases.items():

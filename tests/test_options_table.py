@@ -94,3 +94,33 @@ def test_min_contrast_sets_what_counts_as_blank(tmp_path, base_image):
         statuses[threshold] = [e["status"] for e in log]
     assert statuses["0.05"][1] == statuses["0.05"][2] == "damaged_slice", statuses
     assert "damaged_slice" not in statuses["0.01"], statuses
+
+
+def test_every_range_is_checked_once_the_same_way_early_and_by_its_class():
+    """options.BOUNDS is the one home of the numeric options' ranges: the early check of the command line and the
+    class that takes the option (for Python callers and config files) reject the same value with the same line."""
+    from sphero_lightning.commands.precheck import check_option_values
+    from sphero_lightning.errors import SpheroError
+    from sphero_lightning.options import BOUNDS, GROUPS, fit_options
+    from sphero_lightning.training.callbacks import PairEarlyStopping, PyramidSchedule
+    from sphero_lightning.training.data import ZarrPairDataModule
+    from sphero_lightning.training.module import RegistrationModule
+    from sphero_lightning.training.volume import VolumeSolve
+    from sphero_lightning.training.writer import RegistrationWriter
+
+    classes = {"data": lambda **kw: ZarrPairDataModule(root="x.zarr", array="a", **kw), "model": RegistrationModule,
+               "solve": VolumeSolve, "pyramid": PyramidSchedule, "early_stopping": PairEarlyStopping,
+               "output": RegistrationWriter}
+    assert set(classes) == {g for g, _, _ in GROUPS}
+    assert set(BOUNDS) <= set(fit_options())
+    for key, bound in BOUNDS.items():
+        group, name = key.split(".")
+        bad = bound.high if bound.high is not None else (bound.low if bound.open_low else bound.low - 1)
+        bad = int(bad) if fit_options()[key].kind == "int" else float(bad)
+        expect = bound.message(key, bad)
+        with pytest.raises(SpheroError) as early:
+            check_option_values({f"--{key}": str(bad)})
+        assert str(early.value) == expect
+        with pytest.raises(SpheroError) as late:
+            classes[group](**{name: bad})
+        assert str(late.value) == expect, key

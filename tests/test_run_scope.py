@@ -127,26 +127,30 @@ def test_finished_blocks_are_freed_without_the_cycle_collector(small_stack, monk
         gc.enable()
 
 
-def _peak_mb(code: str, cwd: Path) -> float:
-    """Peak RSS (MB) of a fresh process running ``code``: its own high-water mark (VmHWM; wait4's ru_maxrss would
-    count this test process's memory at the fork too)."""
+def _peak_mb(code: str, cwd: Path, env: dict[str, str] | None = None) -> float:
+    """Peak RSS (MB) of a fresh process running ``code`` (with ``env`` added to the environment): its own high-water
+    mark (VmHWM; wait4's ru_maxrss would count this test process's memory at the fork too)."""
     hwm = ("import atexit\natexit.register(lambda: print('VmHWM', [ln.split()[1] for ln in open('/proc/self/status') "
            "if ln.startswith('VmHWM')][0], flush=True))\n")
-    r = subprocess.run([sys.executable, "-c", hwm + code], cwd=cwd, capture_output=True, text=True, check=False)
+    r = subprocess.run([sys.executable, "-c", hwm + code], cwd=cwd, capture_output=True, text=True, check=False,
+                       env={**os.environ, **(env or {})})
     assert r.returncode == 0, r.stderr[-2000:]
     return int(next(ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("VmHWM"))) / 1024
 
 
 def test_peak_memory_does_not_grow_with_the_depth_of_the_stack(tmp_path):
     """register_stack on a Zarr array (read where it is, not copied), 8 and 48 slices of a continuous 256 px volume
-    in blocks of 8 pairs, each in a fresh process: measured +10 MB (was +62 MB, a block's working memory per block)."""
+    in blocks of 8 pairs, each in a fresh process: measured +10 MB (was +62 MB, a block's working memory per block).
+    Both on the torch evaluation: the deeper stack would otherwise take the compiled one (core/kernels.py), whose
+    compiler's one-off ~80 MB does not depend on the depth (benchmarks/memory_depth.py compares 100 and 1000 slices,
+    both compiled)."""
     peaks = []
     for n in (8, 48):
         root = tmp_path / f"c{n}.zarr"
         write_zarr(continuous_volume(n, 256, seed=0).stack, root)
         peaks.append(_peak_mb("import zarr\nfrom sphero_lightning import register_stack\n"
                               f"register_stack(zarr.open_array({str(root)!r}, path='images/50-4-4', mode='r'), "
-                              "options={'data.pairs_per_block': 8})", tmp_path))
+                              "options={'data.pairs_per_block': 8})", tmp_path, env={"SPHERO_KERNELS": "torch"}))
     assert peaks[1] - peaks[0] < 30, peaks
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SpheroError
-from ..options import LINKED, closest, fit_options, known
+from ..options import BOUNDS, LINKED, closest, fit_options, known
 from ..storage.checks import check_stack
 
 #: The enumerated options and their values, as the options' own ``Literal`` s declare them.
@@ -111,18 +111,33 @@ def check_option_names(argv: list[str]) -> None:
 
 
 def check_option_values(values: dict[str, str]) -> None:
-    """Each value given on the command line is of its option's type, or one of its choices."""
+    """Each value given on the command line is of its option's type, or one of its choices, and in its range
+    (:data:`~sphero_lightning.options.BOUNDS`; a per-level list item by item)."""
     options = fit_options()
     for flag, text in values.items():
         option = options.get(flag[2:])
-        if option is None or option.kind == "other":
+        if option is None:
             continue
-        try:
-            option.parse(text)
-        except ValueError as exc:
-            if option.kind == "choice":
-                raise SpheroError(f"invalid value {text!r} for {option.key} (choose one of: {', '.join(option.choices or ())})") from None
-            raise SpheroError(f"invalid value {text!r} for --{option.key} (expected {exc})") from None
+        if option.kind == "other":
+            value = _literal(text)  # a list of numbers (per level), or a number, or what the full parser reads
+        else:
+            try:
+                value = option.parse(text)
+            except ValueError as exc:
+                if option.kind == "choice":
+                    raise SpheroError(f"invalid value {text!r} for {option.key} (choose one of: {', '.join(option.choices or ())})") from None
+                raise SpheroError(f"invalid value {text!r} for --{option.key} (expected {exc})") from None
+        bound = BOUNDS.get(option.key)
+        if bound is not None and not bound.holds(value):
+            raise SpheroError(bound.message(option.key, value))
+
+
+def _literal(text: str) -> Any:
+    """``text`` as JSON (``[4, 2, 1]``, ``2``), or None where it is not."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _check_array(store: Path, root: str, array: str, values: dict[str, str], config: bool) -> None:
@@ -155,6 +170,9 @@ def _check_array(store: Path, root: str, array: str, values: dict[str, str], con
         if isinstance(m, list) and tuple(m) not in (tuple(shape), tuple(shape[1:])):
             raise SpheroError(f"--data.mask_array {mask!r} has shape {tuple(m)}; it must be the stack's {tuple(shape)} or one "
                               f"slice's {tuple(shape[1:])} (non-zero = use)")
+    reference = values.get("--solve.reference")
+    if reference is not None and isinstance(shape, list) and reference.lstrip("-").isdigit() and int(reference) >= shape[0]:
+        raise SpheroError(f"--solve.reference {reference} is not a slice of this stack ({shape[0]} slices: 0..{shape[0] - 1})")
     _check_output(store, root, values, spacing)
 
 
@@ -181,6 +199,9 @@ def check_fit_arguments(argv: list[str]) -> None:
     check_option_names(argv)
     values = _values(argv)
     check_option_values(values)
+    anchors = values.get("--solve.anchors")
+    if anchors is not None and anchors.lower() not in ("null", "none") and not Path(anchors).is_file():
+        raise SpheroError(f"--solve.anchors {anchors!r}: no such file")
     root = values.get("--data.root")
     if root is None or "://" in root or root.lower().endswith(".zip"):
         return  # from a config file, a URL or a zipped store: the full parser's

@@ -355,7 +355,10 @@ class BlockFit:
         blk, lv, obj = self.block, self.levels[self.block.level], self.objective
         theta = obj.matrices(self.solver.x)
         with torch.no_grad():
-            ncc_before = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_moving, obj.pair_ncc_identity).tolist()
+            # NCC at the identity: the compiled pass over the coefficients where the fit uses it, else the images
+            by_kernel = obj.compiled and obj.uses_fast_ncc and self.slices.device.type == "cpu"
+            ncc_before = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs if by_kernel else self.level_moving,
+                                            obj.pair_ncc_identity_compiled if by_kernel else obj.pair_ncc_identity).tolist()
             if obj.loss == "ncc" and not obj.loss_kwargs:
                 ncc_after = (1 - (self.solver.f - obj.penalty(self.solver.x))).tolist()
             else:

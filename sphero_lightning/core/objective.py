@@ -99,6 +99,9 @@ class PairObjective:
         self.shape = shape
         #: Pixels evaluated in one pass (pairs x pixels per pair); bounds the memory of an evaluation.
         self.max_pixels_per_pass = 1 << 20
+        #: Whether the default objective's evaluations on the CPU take the compiled pass of :mod:`.kernels` (set by
+        #: the fit, once: :func:`~.kernels.worth`); it keeps no per-pixel temporaries, so every row goes in one pass.
+        self.compiled = False
 
     @property
     def n_params(self) -> int:
@@ -194,6 +197,14 @@ class PairObjective:
         if masks is not None:
             weight = weight * masks[0] * masks[1]
         return (1 - ncc_loss(fixed, moving, weight)).to(p.dtype)
+
+    def pair_ncc_identity_compiled(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
+                                   masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """:meth:`pair_ncc_identity` by the compiled pass over the moving slices' coefficients ``coeffs`` (at the
+        identity the B-spline interpolant returns the slices: the same NCC to rounding, without the torch passes)."""
+        theta = self.matrices(torch.zeros_like(p)).to(fixed.dtype)
+        loss, _ = ncc_and_gradient(theta, fixed, coeffs, masks=masks, compiled=True)
+        return (1 - loss).to(p.dtype)
 
     def level_stack(self, slices: torch.Tensor, factor: float) -> torch.Tensor:
         """``slices`` (``(N, 1, H, W)``, grey values about [0, 1]) at one level: downscaled, pre-smoothed."""
@@ -350,7 +361,8 @@ class PairObjective:
         gradient as dense sums (:func:`~.fastncc.ncc_and_gradient`); what a fit on a GPU runs (no wait per step).
         """
         h, w = fixed.shape[-2:]
-        per = max(1, self.max_pixels_per_pass // (h * w))
+        one_pass = self.compiled and self.uses_fast_ncc and not dense and fixed.device.type == "cpu"
+        per = max(1, len(p) if one_pass else self.max_pixels_per_pass // (h * w))
         per = -(-len(p) // -(-len(p) // per))  # equal passes (8 pairs in 2 passes: 4 + 4, not 7 + 1)
         losses, grads, hess = [], [], []
         if isinstance(curvature, torch.Tensor):
@@ -373,7 +385,7 @@ class PairObjective:
                     fc = fixed_coeffs[c0:c0 + per] if fixed_coeffs is not None else bspline_prefilter(fixed[c0:c0 + per])
                 mom: dict[str, torch.Tensor] | None = {} if curv else None
                 lc, g_theta = ncc_and_gradient(theta.detach().to(fixed.dtype), fixed[c0:c0 + per], coeffs[c0:c0 + per],
-                                               fixed_coeffs=fc, curvature=mom, masks=mk, dense=dense)
+                                               fixed_coeffs=fc, curvature=mom, masks=mk, dense=dense, compiled=self.compiled)
                 total = (theta * g_theta).sum()
                 if self.regularization:
                     pen = self.penalty(pc)

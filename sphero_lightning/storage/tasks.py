@@ -1,21 +1,22 @@
-"""Running many independent tasks through dask: threads on this machine, or a dask cluster by address.
+"""Running many independent tasks: threads on this machine, or a dask cluster by address.
 
 Every bulk loop over slices or chunks (writing the registered stack, ``sphero apply``, ``sphero ingest``, the
 damaged-slice scan) runs here, with one progress display. Tasks are small functions of small arguments (array
 paths, a few matrices); their results are small too, so memory holds only the tasks in flight.
 
-``scheduler``: ``"threads"`` (dask's threaded scheduler with ``num_workers`` threads), ``"synchronous"`` (one
+``scheduler``: ``"threads"`` (a pool of ``num_workers`` threads of our own, tasks in order), ``"synchronous"`` (one
 after the other, in this thread: for debugging), or the address of a dask distributed scheduler
 (``tcp://host:8786``; e.g. a dask-jobqueue cluster's ``cluster.scheduler_address``), whose workers run the tasks.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 from ..errors import SpheroError
@@ -75,16 +76,16 @@ class LineProgress:
             self._line()
 
 
-def progress_bar(total: float, desc: str, unit: str, initial: float = 0) -> Any:
-    """tqdm's bar on a terminal or in a notebook; elsewhere (a log file, a pipe) :class:`LineProgress`.
-    ``SPHERO_PROGRESS=bar`` or ``lines`` chooses."""
+def progress_bar(total: float, desc: str, unit: str, initial: float = 0, mininterval: float = 0.1) -> Any:
+    """tqdm's bar on a terminal or in a notebook (redrawn at most every ``mininterval`` s); elsewhere (a log file, a
+    pipe) :class:`LineProgress`. ``SPHERO_PROGRESS=bar`` or ``lines`` chooses."""
     choice = os.environ.get("SPHERO_PROGRESS", "").strip().lower()
     interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
     if choice == "lines" or (choice != "bar" and not interactive):
         return LineProgress(total, desc, unit, initial)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=0.1)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=mininterval)
 
 
 def _bar(progress: bool, desc: str, total: float, unit: str) -> Any:
@@ -112,31 +113,38 @@ def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], *, scheduler: str =
 
 def _run_local(fn: Callable[..., Any], args: Sequence[tuple], scheduler: str, num_workers: int, bar: Any,
                weights: list[float]) -> list:
-    import dask
-    from dask.callbacks import Callback
-
-    def call(i: int) -> Any:  # arguments stay out of the graph: dask would read tuples and lists in it as tasks
-        return fn(*args[i])
-
-    names = [f"sphero-task-{i}" for i in range(len(args))]
-    graph = {name: (call, i) for i, name in enumerate(names)}
-    weight = dict(zip(names, weights))
-
-    class Progress(Callback):
-        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-            if bar is not None and key in weight:
-                bar.update(weight[key])
-
-    from dask.threaded import get as threaded_get
-
-    with Progress():
-        if scheduler == "synchronous":
-            return list(dask.get(graph, names))
-        # our own pool, shut down when done (dask would keep its threads for the life of the process): a thread that
-        # ran torch keeps an OpenMP thread team, and once a process holds more such threads than it has cores, GNU
-        # OpenMP stops spinning between parallel regions; every later fit in the process ran 2.5x slower
-        with ThreadPoolExecutor(max(1, int(num_workers)), thread_name_prefix="sphero-write") as pool:
-            return list(threaded_get(graph, names, pool=pool))
+    """The tasks on this machine, in order, at most ``num_workers`` at a time (and as many more queued: memory stays a
+    few tasks' worth), on a pool of our own shut down when done (a pool that outlived the run kept threads that ran
+    torch, each with an OpenMP thread team; once a process holds more such threads than it has cores, GNU OpenMP stops
+    spinning between parallel regions and every later fit in the process ran 2.5x slower). No dask: importing it
+    costs a fresh process ~0.3 s, and this needs none of it."""
+    results: list[Any] = [None] * len(args)
+    if scheduler == "synchronous":
+        for i, a in enumerate(args):
+            results[i] = fn(*a)
+            if bar is not None:
+                bar.update(weights[i])
+        return results
+    workers = max(1, int(num_workers))
+    order = iter(range(len(args)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="sphero-write") as pool:
+        pending = {pool.submit(fn, *args[i]): i for i in itertools.islice(order, 2 * workers)}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = pending.pop(future)
+                    results[i] = future.result()  # the first failure is raised here
+                    if bar is not None:
+                        bar.update(weights[i])
+                    nxt = next(order, None)
+                    if nxt is not None:
+                        pending[pool.submit(fn, *args[nxt])] = nxt
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return results
 
 
 def _run_distributed(fn: Callable[..., Any], args: Sequence[tuple], address: str, bar: Any, weights: list[float]) -> list:

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ProgressBar
 
 from ..core.fit import SMALL_RUN, StoppingRule  # noqa: F401 - SMALL_RUN: named in the docstring
 from ..errors import SpheroError
+from ..options import check_bounds
 from .module import RegistrationModule
 from .state import Level
 
@@ -56,24 +57,15 @@ class PyramidSchedule(L.Callback):
 
     def __init__(self, levels: int = 4, factors: float | list[float] = 2.0, steps: int | list[int] = 100,
                  learning_rate: float | list[float] | None = None, finest_max_pixels: int = 1 << 22) -> None:
-        if levels < 1:
-            raise SpheroError(f"pyramid levels must be >= 1, got {levels}")
+        check_bounds("pyramid", levels=levels, factors=factors, steps=steps, finest_max_pixels=finest_max_pixels)
         if isinstance(factors, (list, tuple)):
             fac = _per_level(factors, levels, "pyramid factors")
         else:
-            if factors < 1:
-                raise SpheroError(f"pyramid factor must be >= 1, got {factors}")
             fac = [float(factors) ** (levels - 1 - i) for i in range(levels)]
-        if any(f < 1 for f in fac):
-            raise SpheroError(f"pyramid factors must be >= 1, got {fac}")
         if any(fine > coarse for coarse, fine in itertools.pairwise(fac)):
             raise SpheroError(f"pyramid factors go from coarse to fine, each at most the one before (e.g. [4, 2, 1]); "
                               f"got {[float(f) for f in fac]}")
         st = [int(s) for s in _per_level(steps, levels, "pyramid steps")]
-        if any(s < 1 for s in st):
-            raise SpheroError(f"pyramid steps must be >= 1, got {st}")
-        if finest_max_pixels < 64:
-            raise SpheroError(f"pyramid finest_max_pixels must be >= 64, got {finest_max_pixels}")
         self.factors, self.steps, self.learning_rate = fac, st, learning_rate
         self.n_levels, self.finest_max_pixels = levels, int(finest_max_pixels)
         self.base = 1.0  # the power of 2 every factor is multiplied by for large slices (set at setup)
@@ -163,16 +155,9 @@ class PairEarlyStopping(L.Callback):
     def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7,
                  step_tol_px: float | list[float] = 0.003, coarse_step_tol_px: float = 0.01,
                  newton_step_tol_px: float = 0.02) -> None:
-        if window < 1:
-            raise SpheroError(f"early stopping window must be >= 1, got {window}")
-        tols = step_tol_px if isinstance(step_tol_px, (list, tuple)) else [step_tol_px]
-        if any(t < 0 for t in tols):
-            raise SpheroError(f"early stopping step_tol_px must be >= 0, got {step_tol_px}")
-        if coarse_step_tol_px < 0:
-            raise SpheroError(f"early stopping coarse_step_tol_px must be >= 0, got {coarse_step_tol_px}")
+        check_bounds("early_stopping", window=window, step_tol_px=step_tol_px, coarse_step_tol_px=coarse_step_tol_px,
+                     newton_step_tol_px=newton_step_tol_px)
         self.coarse_step_tol_px = coarse_step_tol_px
-        if newton_step_tol_px < 0:
-            raise SpheroError(f"early stopping newton_step_tol_px must be >= 0, got {newton_step_tol_px}")
         self.enabled, self.window, self.tol, self.step_tol_px = enabled, window, tol, step_tol_px
         self.newton_step_tol_px = newton_step_tol_px
         self.rule: StoppingRule | None = None  # the rule itself (core.fit), made at setup for the pyramid's levels
@@ -246,7 +231,7 @@ class PairProgressBar(ProgressBar):
             at = {z: q for q, z in enumerate(getattr(trainer.datamodule, "good", []))}
             self.consecutive = sum(1 for i, j in pl_module.pair_slices if i in at and j in at and at[j] - at[i] == 1)
             self.over, self.bridges = pl_module.n_pairs - self.consecutive, 0
-            self.bar = progress_bar(pl_module.n_pairs, self._desc(), "pair", initial=done)
+            self.bar = progress_bar(pl_module.n_pairs, self._desc(), "pair", initial=done, mininterval=self.mininterval)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: RegistrationModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.bar is None or pl_module.block is None or pl_module.block.done:

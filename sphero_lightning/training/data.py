@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from ..core.masks import Destripe, StaticMode, StaticPatterns, combined_destripe, find_static_patterns, to_tensor
 from ..core.pairs import block_layout, blocks, pair_graph
 from ..errors import SpheroError
+from ..options import check_bounds
 from ..storage.checks import check_stack
 from ..storage.slices import (
     damaged_slices,
@@ -126,17 +127,12 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
         self.overwrite, self.check_slices, self.min_contrast, self.resume = overwrite, check_slices, min_contrast, resume
         self.output_root = str(output_root) if output_root is not None else None
-        if memory_budget_gb is not None and memory_budget_gb <= 0:
-            raise SpheroError(f"--data.memory_budget_gb must be > 0, got {memory_budget_gb}")
+        check_bounds("data", memory_budget_gb=memory_budget_gb, min_contrast=min_contrast, pairs_per_block=pairs_per_block,
+                     max_pairs=max_pairs)
+        check_bounds("solve", neighbours=neighbours)
         self.memory_budget_gb = memory_budget_gb
         self.memory_budget = int(memory_budget_gb * 2**30) if memory_budget_gb is not None else \
             min(DEFAULT_BUDGET, available_memory() // 4)
-        if not 0 <= min_contrast < 1:
-            raise SpheroError(f"--data.min_contrast must be in [0, 1), got {min_contrast}")
-        if pairs_per_block < 1:
-            raise SpheroError(f"--data.pairs_per_block must be >= 1, got {pairs_per_block}")
-        if max_pairs is not None and max_pairs < 1:
-            raise SpheroError(f"--data.max_pairs must be >= 1 (or null for all pairs), got {max_pairs}")
         self._arr: zarr.Array | None = None
         self.ignore_value, self.mask_array, self.destripe = ignore_value, mask_array, destripe
         if destripe not in ("none", "vertical", "horizontal", "both"):
@@ -155,8 +151,6 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.reads = ReadTimes()  # the block reader's seconds, of the last fit (the reader's own until it is closed)
         self.intensity: tuple[float, float] | None = None  # the stack's grey-value range (set at setup)
         self.validate()
-        if neighbours < 1:
-            raise SpheroError(f"--solve.neighbours must be >= 1, got {neighbours}")
         self.neighbours, self.coarse_factor = int(neighbours), float(coarse_factor)
         self.set_damaged({})
 

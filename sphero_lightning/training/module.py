@@ -18,9 +18,11 @@ import torch
 import torch.distributed as dist
 
 from ..core.fit import BlockFit, BlockState, FitSettings, Ranks
+from ..core.kernels import worth
 from ..core.masks import loss_images
 from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation
 from ..errors import SpheroError
+from ..options import check_bounds
 from ..storage.journal import Journal
 from ..threads import release_memory
 from .report import log_level_end, log_run_settings
@@ -117,8 +119,7 @@ class RegistrationModule(L.LightningModule):
                                   ("interpolation", interpolation, LossInterpolation), ("curvature", curvature, Curvature)):
             if value not in get_args(kind):  # jsonargparse checks the command line; this, Python callers
                 raise SpheroError(f"unknown {name} {value!r}; choose one of {', '.join(get_args(kind))}")
-        if pairs_per_block < 1:
-            raise SpheroError(f"pairs_per_block must be >= 1, got {pairs_per_block}")
+        check_bounds("model", pairs_per_block=pairs_per_block, smoothing=smoothing)
         # Lightning would log only these to TensorBoard; on_fit_start logs the whole run's settings instead.
         self.save_hyperparameters(logger=False)
         self.automatic_optimization = False
@@ -174,6 +175,9 @@ class RegistrationModule(L.LightningModule):
         if self.world > 1 and self.trainer.is_global_zero:  # several processes: say so (two on one CPU share its cores)
             print(f"sphero: {self.world} processes ({type(self.trainer.strategy).__name__}, {self.device.type}), "
                   f"{torch.get_num_threads()} torch thread(s) each; every block is split between them", file=sys.stderr)
+        # the compiled evaluation where the fit is big enough to gain from it: decided once, the same for every block
+        finest = self.levels[-1].factor if self.levels else 1.0
+        self.objective.compiled = worth(self.n_pairs, round(self.shape[0] / finest) * round(self.shape[1] / finest))
         # float64: the solver works in float64 and the trial point must be evaluated exactly.
         self.delta = torch.nn.Parameter(torch.zeros(rows, self.objective.basis.shape[0], dtype=torch.float64))
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..core.volume import Priors
 from ..errors import SpheroError
+from ..options import check_bounds
 
 
 class VolumeSolve(L.Callback):
@@ -47,16 +48,8 @@ class VolumeSolve(L.Callback):
 
     def __init__(self, neighbours: int = 2, coarse_factor: float = 4.0, reference: int = 0, detrend: int | None = None,
                  highpass: float | None = None, anchors: str | None = None) -> None:
-        if neighbours < 1:
-            raise SpheroError(f"--solve.neighbours must be >= 1, got {neighbours}")
-        if coarse_factor < 1:
-            raise SpheroError(f"--solve.coarse_factor must be >= 1 (1: pairs further apart fitted at full resolution), got {coarse_factor}")
-        if reference < 0:
-            raise SpheroError(f"--solve.reference must be a slice index >= 0, got {reference}")
-        if detrend is not None and detrend < 0:
-            raise SpheroError(f"--solve.detrend must be a polynomial degree >= 0, got {detrend}")
-        if highpass is not None and highpass <= 0:
-            raise SpheroError(f"--solve.highpass must be a number of slices > 0, got {highpass}")
+        check_bounds("solve", neighbours=neighbours, coarse_factor=coarse_factor, reference=reference, detrend=detrend,
+                     highpass=highpass)
         self.neighbours, self.coarse_factor, self.reference = int(neighbours), float(coarse_factor), int(reference)
         self.detrend, self.highpass, self.anchors = detrend, highpass, anchors
         self._anchor_tmats = _read_anchors(anchors) if anchors else {}

@@ -25,6 +25,7 @@ from ..core.frames import FIRST_KEY, pixel_matrices
 from ..core.transforms import normalized_to_pixel
 from ..core.volume import compose_volume
 from ..errors import SpheroError
+from ..options import check_bounds
 from ..report.drift import accumulation_warning
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
@@ -255,13 +256,8 @@ class RegistrationWriter(L.Callback):
                  num_workers: int = 4, scheduler: str = "threads", levels: int | None = None) -> None:
         if interpolation not in get_args(OutputInterpolation):
             raise SpheroError(f"unknown output interpolation {interpolation!r}; choose one of {', '.join(get_args(OutputInterpolation))}")
-        if crop_safety_margin < 0:
-            raise SpheroError(f"crop_safety_margin must be >= 0, got {crop_safety_margin}")
-        if num_workers < 1:
-            raise SpheroError(f"output num_workers must be >= 1, got {num_workers}")
+        check_bounds("output", crop_safety_margin=crop_safety_margin, num_workers=num_workers, levels=levels)
         check_scheduler(scheduler, "--output.scheduler")
-        if levels is not None and levels < 1:
-            raise SpheroError(f"--output.levels must be >= 1 (1: the full resolution only), got {levels}")
         self.levels = levels
         probe = (1 << 20,) * 3
         output_layout((1, 1, 1), probe, chunks, shards)  # the shapes' own validity now; with the source's chunks at setup

@@ -1,0 +1,324 @@
+"""The compiled band kernels of :mod:`.kernels` (numba; imported only when a fit first needs them, so that a small
+fit, and every command that fits nothing, never loads numba). Module-level functions: numba caches them on disk.
+Each task of the parallel loop sums one band of :data:`BAND_ROWS` rows of one pair into its own row of ``out``
+(:data:`WIDTH` sums), so the result does not depend on the number of threads."""
+
+from __future__ import annotations
+
+import math
+
+import numba as _nb
+import numpy as np
+
+#: Rows of a pair summed together before they are added to the pair's total (one task of the parallel loop).
+BAND_ROWS = 32
+PAD = 2  # the B-spline coefficients' padding (interpolation.PAD)
+N_SUMS = 6  # S1, Sf, Sm, Sff, Smm, Sfm of the centred data
+N_MOM = 24  # gradient moments [u: w m, w f, w][d: x, y][j: yn, 1][i: xn, 1]
+N_RAMP = 48  # the weight's derivative times [d: x, y][q: 1, f, m, ff, mm, fm][j: yn, 1][i: xn, 1]
+N_CURV = 81  # curvature sums [k: 9 products][j: 1, yn, yn^2][i: 1, xn, xn^2]
+WIDTH = N_SUMS + N_MOM + N_RAMP + N_CURV
+
+_nb.config.THREADING_LAYER = "workqueue"  # no second OpenMP runtime beside torch's
+njit, prange = _nb.njit, _nb.prange
+
+#: Reassociation and fused multiply-adds (the sums vectorize), but NaN and inf keep their meaning.
+_FAST = {"contract", "reassoc", "nsz", "arcp"}
+
+
+@njit(inline="always", fastmath=_FAST)
+def tap_row(coeffs, p, y, ix, wx0, wx1, wx2, wx3, dx0, dx1, dx2, dx3):
+    """One row of the 4 x 4 taps: the weighted sum of its four coefficients and of their x derivatives' weights."""
+    a0 = coeffs[p, y, ix]
+    a1 = coeffs[p, y, ix + 1]
+    a2 = coeffs[p, y, ix + 2]
+    a3 = coeffs[p, y, ix + 3]
+    return wx0 * a0 + wx1 * a1 + wx2 * a2 + wx3 * a3, dx0 * a0 + dx1 * a1 + dx2 * a2 + dx3 * a3
+
+
+@njit(inline="always", fastmath=_FAST)
+def taps(p, px, py, coeffs, cm):
+    """The cubic B-spline interpolant of pair ``p``'s coefficients at ``(px, py)`` (pixels), less ``cm``, and its x and
+    y derivatives: the 4 x 4 taps with their weights and the weights' derivatives."""
+    X = px + PAD
+    Y = py + PAD
+    ixf = math.floor(X)
+    iyf = math.floor(Y)
+    tx = X - ixf
+    ty = Y - iyf
+    ix = int(ixf) - 1
+    iy = int(iyf) - 1
+    tx2 = tx * tx
+    ty2 = ty * ty
+    omx = 1.0 - tx
+    omy = 1.0 - ty
+    wx0 = omx * omx * omx * (1.0 / 6.0)
+    wx1 = 2.0 / 3.0 - tx2 + 0.5 * tx2 * tx
+    wx3 = tx2 * tx * (1.0 / 6.0)
+    wx2 = 1.0 - wx0 - wx1 - wx3
+    wy0 = omy * omy * omy * (1.0 / 6.0)
+    wy1 = 2.0 / 3.0 - ty2 + 0.5 * ty2 * ty
+    wy3 = ty2 * ty * (1.0 / 6.0)
+    wy2 = 1.0 - wy0 - wy1 - wy3
+    dx0 = -0.5 * omx * omx
+    dx1 = 1.5 * tx2 - 2.0 * tx
+    dx3 = 0.5 * tx2
+    dx2 = -(dx0 + dx1 + dx3)
+    dy0 = -0.5 * omy * omy
+    dy1 = 1.5 * ty2 - 2.0 * ty
+    dy3 = 0.5 * ty2
+    dy2 = -(dy0 + dy1 + dy3)
+    v0, e0 = tap_row(coeffs, p, iy, ix, wx0, wx1, wx2, wx3, dx0, dx1, dx2, dx3)
+    v1, e1 = tap_row(coeffs, p, iy + 1, ix, wx0, wx1, wx2, wx3, dx0, dx1, dx2, dx3)
+    v2, e2 = tap_row(coeffs, p, iy + 2, ix, wx0, wx1, wx2, wx3, dx0, dx1, dx2, dx3)
+    v3, e3 = tap_row(coeffs, p, iy + 3, ix, wx0, wx1, wx2, wx3, dx0, dx1, dx2, dx3)
+    mc = wy0 * v0 + wy1 * v1 + wy2 * v2 + wy3 * v3 - cm
+    gx = wy0 * e0 + wy1 * e1 + wy2 * e2 + wy3 * e3
+    gy = dy0 * v0 + dy1 * v1 + dy2 * v2 + dy3 * v3
+    return mc, gx, gy
+
+
+@njit(inline="always", fastmath=_FAST)
+def pixel(p, r, c, px, py, half_w, half_h, inv_ramp, masked, w, h, fixed, coeffs, fmask, mmask, fm, cm):
+    """One pixel: weight, weight derivative (x, y), centred moving value, its x and y derivatives, centred fixed
+    value; weight -1 where the pixel samples outside the moving slice (nothing counts)."""
+    ux = px - half_w
+    uy = py - half_h
+    dxm = half_w - abs(ux)
+    dym = half_h - abs(uy)
+    d = min(dxm, dym)
+    if d < 0.0:
+        return -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    wt = min(d * inv_ramp, 1.0)
+    fmv = 1.0
+    dwx = 0.0
+    dwy = 0.0
+    if masked:
+        fmv = fmask[p, r, c]
+        x0f = math.floor(px)
+        y0f = math.floor(py)
+        fx = px - x0f
+        fy = py - y0f
+        x0 = min(max(int(x0f), 0), w - 1)
+        y0 = min(max(int(y0f), 0), h - 1)
+        x1 = min(max(int(x0f) + 1, 0), w - 1)
+        y1 = min(max(int(y0f) + 1, 0), h - 1)
+        m00 = mmask[p, y0, x0]
+        m01 = mmask[p, y0, x1]
+        m10 = mmask[p, y1, x0]
+        m11 = mmask[p, y1, x1]
+        top = m00 + (m01 - m00) * fx
+        bottom = m10 + (m11 - m10) * fx
+        mv = top + (bottom - top) * fy
+        mvx = (m01 - m00) + ((m11 - m10) - (m01 - m00)) * fy
+        mvy = bottom - top
+        inner = wt * fmv
+        if (mvx != 0.0 or mvy != 0.0) and inner > 0.0:  # the moving mask's boundary
+            dwx = inner * mvx
+            dwy = inner * mvy
+        wt = inner * mv
+        fmv = fmv * mv
+    if d * inv_ramp <= 1.0 and fmv > 0.0:  # the inside weight's ramp along the border
+        if dxm <= dym:
+            dwx += (1.0 if ux <= 0.0 else -1.0) * fmv * inv_ramp
+        else:
+            dwy += (1.0 if uy <= 0.0 else -1.0) * fmv * inv_ramp
+    mc, gx, gy = taps(p, px, py, coeffs, cm)
+    return wt, dwx, dwy, mc, gx, gy, fixed[p, r, c] - fm
+
+@njit(inline="always")
+def inside_range(a, b0, lo, hi, w):
+    """Columns ``c`` (half-open, one column inside each end to spare rounding) with ``lo < a c + b0 < hi``."""
+    if a > 0.0:
+        c0 = (lo - b0) / a
+        c1 = (hi - b0) / a
+    elif a < 0.0:
+        c0 = (hi - b0) / a
+        c1 = (lo - b0) / a
+    elif lo < b0 < hi:
+        return 0, w
+    else:
+        return 0, 0
+    first = max(0, math.ceil(c0) + 1)
+    last = min(w, math.floor(c1))
+    return first, max(first, last)
+
+@njit(inline="always", fastmath=_FAST)
+def interior(p, r, c, px, py, fixed, coeffs, fm, cm):
+    """:func:`pixel` where the pixel lies further inside the moving slice than the ramp and nothing is masked:
+    weight 1, no weight derivative, no branch (the bulk of a slice; the loop vectorizes)."""
+    mc, gx, gy = taps(p, px, py, coeffs, cm)
+    return mc, gx, gy, fixed[p, r, c] - fm
+
+@njit(inline="always")
+def pixel_map(theta, p, w, h):
+    """Pair ``p``'s sampling position in pixels, ``px = cx0 xn + cx1 yn + cx2`` and ``py = cy0 xn + cy1 yn + cy2``, from
+    its normalized matrix ``theta[p]`` (``xn``, ``yn``: the pixel centre in [-1, 1])."""
+    return ((w / 2.0) * theta[p, 0, 0], (w / 2.0) * theta[p, 0, 1], (w / 2.0) * theta[p, 0, 2] + (w - 1) / 2.0,
+            (h / 2.0) * theta[p, 1, 0], (h / 2.0) * theta[p, 1, 1], (h / 2.0) * theta[p, 1, 2] + (h - 1) / 2.0)
+
+
+@njit(inline="always")
+def ramp_sums(acc, dwx, dwy, f, mc, xn, yn):
+    """Where the weight has a derivative (a thin border and mask boundaries): its moments, per sum it enters."""
+    for k in range(2):
+        dw = dwx if k == 0 else dwy
+        if dw == 0.0:
+            continue
+        for q in range(6):
+            pq = 1.0 if q == 0 else (f if q == 1 else (mc if q == 2 else (f * f if q == 3 else (
+                mc * mc if q == 4 else f * mc))))
+            base = N_SUMS + N_MOM + (k * 6 + q) * 4
+            v = dw * pq
+            acc[base] += v * yn * xn
+            acc[base + 1] += v * yn
+            acc[base + 2] += v * xn
+            acc[base + 3] += v
+
+@njit(cache=True, parallel=True, fastmath=_FAST, nogil=True)
+def bands(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, out):
+    """Loss and gradient sums (no curvature): ``out[p, band]`` of every pair and band of rows."""
+    b, h, w = fixed.shape
+    nband = (h + BAND_ROWS - 1) // BAND_ROWS
+    half_w = (w - 1) / 2.0
+    half_h = (h - 1) / 2.0
+    inv_ramp = 1.0 / ramp
+    masked = fmask.shape[0] > 0
+    for task in prange(b * nband):
+        p = task // nband
+        acc = out[p, task % nband]
+        r_lo = (task % nband) * BAND_ROWS
+        cx0, cx1, cx2, cy0, cy1, cy2 = pixel_map(theta, p, w, h)
+        fm = fmean[p]
+        cm = cmean[p]
+        for r in range(r_lo, min(h, r_lo + BAND_ROWS)):
+            yn = (2.0 * r + 1.0) / h - 1.0
+            rx = cx1 * yn + cx2
+            ry = cy1 * yn + cy2
+            s0 = s1 = s2 = s3 = s4 = s5 = 0.0
+            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m8 = m9 = m10 = m11 = 0.0
+            # the columns further inside than the ramp (px and py are linear in c): the branch-free loop
+            lo, hi = 0, 0
+            if not masked:
+                ax = 2.0 * cx0 / w
+                ay = 2.0 * cy0 / w
+                x_lo, x_hi = inside_range(ax, rx - cx0 + cx0 / w, ramp, (w - 1) - ramp, w)
+                y_lo, y_hi = inside_range(ay, ry - cy0 + cy0 / w, ramp, (h - 1) - ramp, w)
+                lo = max(x_lo, y_lo)
+                hi = max(lo, min(x_hi, y_hi))
+            for c in range(lo, hi):
+                xn = (2.0 * c + 1.0) / w - 1.0
+                mc, gx, gy, f = interior(p, r, c, cx0 * xn + rx, cy0 * xn + ry, fixed, coeffs, fm, cm)
+                s0 += 1.0
+                s1 += f
+                s2 += mc
+                s3 += f * f
+                s4 += mc * mc
+                s5 += f * mc
+                m0 += mc * gx * xn
+                m1 += mc * gx
+                m2 += mc * gy * xn
+                m3 += mc * gy
+                m4 += f * gx * xn
+                m5 += f * gx
+                m6 += f * gy * xn
+                m7 += f * gy
+                m8 += gx * xn
+                m9 += gx
+                m10 += gy * xn
+                m11 += gy
+            for k in range(w - (hi - lo)):  # the other columns: [0, lo) and [hi, w)
+                c = k if k < lo else k + (hi - lo)
+                xn = (2.0 * c + 1.0) / w - 1.0
+                wt, dwx, dwy, mc, gx, gy, f = pixel(p, r, c, cx0 * xn + rx, cy0 * xn + ry, half_w, half_h, inv_ramp,
+                                                    masked, w, h, fixed, coeffs, fmask, mmask, fm, cm)
+                if wt < 0.0:
+                    continue
+                wm = wt * mc
+                wf = wt * f
+                s0 += wt
+                s1 += wf
+                s2 += wm
+                s3 += wf * f
+                s4 += wm * mc
+                s5 += wf * mc
+                m0 += wm * gx * xn
+                m1 += wm * gx
+                m2 += wm * gy * xn
+                m3 += wm * gy
+                m4 += wf * gx * xn
+                m5 += wf * gx
+                m6 += wf * gy * xn
+                m7 += wf * gy
+                m8 += wt * gx * xn
+                m9 += wt * gx
+                m10 += wt * gy * xn
+                m11 += wt * gy
+                if dwx != 0.0 or dwy != 0.0:
+                    ramp_sums(acc, dwx, dwy, f, mc, xn, yn)
+            acc[0] += s0
+            acc[1] += s1
+            acc[2] += s2
+            acc[3] += s3
+            acc[4] += s4
+            acc[5] += s5
+            # [u][d] x (yn xn, yn, xn, 1)
+            for k, (sx, s1_) in enumerate(((m0, m1), (m2, m3), (m4, m5), (m6, m7), (m8, m9), (m10, m11))):
+                base = N_SUMS + 4 * k
+                acc[base] += yn * sx
+                acc[base + 1] += yn * s1_
+                acc[base + 2] += sx
+                acc[base + 3] += s1_
+
+@njit(cache=True, parallel=True, fastmath=_FAST, nogil=True)
+def curvature(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, fcoeffs, want, out):
+    """The Gauss-Newton curvature's sums of the pairs ``want`` (one pass, beside :func:`bands`)."""
+    b, h, w = fixed.shape
+    nband = (h + BAND_ROWS - 1) // BAND_ROWS
+    half_w = (w - 1) / 2.0
+    half_h = (h - 1) / 2.0
+    inv_ramp = 1.0 / ramp
+    masked = fmask.shape[0] > 0
+    for task in prange(b * nband):
+        p = task // nband
+        if not want[p]:
+            continue
+        acc = out[p, task % nband]
+        row = np.zeros((9, 3))
+        r_lo = (task % nband) * BAND_ROWS
+        cx0, cx1, cx2, cy0, cy1, cy2 = pixel_map(theta, p, w, h)
+        fm = fmean[p]
+        cm = cmean[p]
+        for r in range(r_lo, min(h, r_lo + BAND_ROWS)):
+            yn = (2.0 * r + 1.0) / h - 1.0
+            rx = cx1 * yn + cx2
+            ry = cy1 * yn + cy2
+            # sum over the row of [k: gx', gy', gx' mx, gx' my, gy' mx, gy' my, gx' gx', gx' gy', gy' gy'] times
+            # [i: 1, xn, xn^2], where g' is the weighted fixed slice's derivative
+            row[:] = 0.0
+            for c in range(w):
+                xn = (2.0 * c + 1.0) / w - 1.0
+                wt, _dwx, _dwy, _mc, gx, gy, _f = pixel(p, r, c, cx0 * xn + rx, cy0 * xn + ry, half_w, half_h, inv_ramp,
+                                                    masked, w, h, fixed, coeffs, fmask, mmask, fm, cm)
+                if wt <= 0.0:
+                    continue
+                # the fixed slice's interpolant derivatives at the pixel centres: central differences of its
+                # coefficients, halved
+                gfx = 0.5 * (fcoeffs[p, PAD + r, PAD + c + 1] - fcoeffs[p, PAD + r, PAD + c - 1])
+                gfy = 0.5 * (fcoeffs[p, PAD + r + 1, PAD + c] - fcoeffs[p, PAD + r - 1, PAD + c])
+                wgx = gfx * wt
+                wgy = gfy * wt
+                products = (wgx, wgy, wgx * gx, wgx * gy, wgy * gx, wgy * gy, wgx * gfx, wgx * gfy, wgy * gfy)
+                xx = xn * xn
+                for k in range(9):
+                    v = products[k]
+                    row[k, 0] += v
+                    row[k, 1] += v * xn
+                    row[k, 2] += v * xx
+            y2 = yn * yn
+            for k in range(9):
+                for i in range(3):
+                    base = N_SUMS + N_MOM + N_RAMP + 9 * k + i
+                    acc[base] += row[k, i]
+                    acc[base + 3] += yn * row[k, i]
+                    acc[base + 6] += y2 * row[k, i]
