@@ -116,7 +116,7 @@ def test_pyramid_factors_wrong_list_is_one_line_error(tmp_path, base_image):
     s = make_stack(base_image, 3, (64, 64), seed=42)
     root = _stack(tmp_path, s)
     for factors, expect in (("[4,1]", "pyramid factors has 2 entries but there are 3 pyramid levels"),
-                            ("[4,0.5,1]", "pyramid factors must be >= 1"),
+                            ("[4,0.5,1]", "--pyramid.factors must be >= 1, got [4, 0.5, 1]"),
                             ("[1,2,4]", "pyramid factors go from coarse to fine")):
         err = _fails(root, *LEVELS3, "--pyramid.factors", factors)
         lines = err.strip().splitlines()
