@@ -132,7 +132,7 @@ def pairwise_px(composed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def pair_ncc(stack: np.ndarray, composed: np.ndarray) -> float:
     """Mean NCC of consecutive slices after warping each by its composed transform (bilinear), over the valid overlap."""
-    from sphero_lightning.core.interpolation import warp
+    from sphero_lightning.core.warping import warp
 
     shape = stack.shape[1:]
     every = np.concatenate([np.eye(3)[None, :2], np.asarray(composed)])

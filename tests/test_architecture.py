@@ -161,3 +161,10 @@ def test_doctests_pass():
             if result.failed:
                 failed[name] = result.failed
     assert not failed, failed
+
+
+def test_every_core_module_that_defines_a_convention_shows_it_in_an_example():
+    """Issue 38: the frames, the solve, the volume, the crop and the interpolation each state their convention in a
+    runnable example (test_doctests_pass runs them), not only in prose."""
+    for name in ("transforms", "frames", "solve", "volume", "crop", "interpolation", "warping"):
+        assert ">>>" in (PKG / "core" / f"{name}.py").read_text(), name

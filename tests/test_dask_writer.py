@@ -18,8 +18,8 @@ from conftest import CONFIG, fit
 
 from sphero_lightning.commands.apply import apply_registration
 from sphero_lightning.core import windows
-from sphero_lightning.core.interpolation import warp
 from sphero_lightning.core.synthetic import em_like_image, make_stack
+from sphero_lightning.core.warping import warp
 from sphero_lightning.storage.stacks import write_zarr
 from sphero_lightning.storage.writing import to_dtype, warp_stack
 

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample, downscale, inside_weight, warp
+from sphero_lightning.core.interpolation import bspline_prefilter, bspline_sample, downscale, inside_weight
+from sphero_lightning.core.warping import warp
 
 
 def _smooth(h=40, w=50, dtype=torch.float64):

@@ -66,8 +66,8 @@ def test_writer_strips_chunks_and_threads_do_not_change_the_output(tmp_path, mon
     import torch
 
     from sphero_lightning.core import windows
-    from sphero_lightning.core.interpolation import warp
     from sphero_lightning.core.synthetic import em_like_image
+    from sphero_lightning.core.warping import warp
     from sphero_lightning.storage import writing as output
 
     monkeypatch.setattr(windows, "CANVAS_FILL", float("nan"))  # a read outside a task's region would show

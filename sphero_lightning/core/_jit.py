@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import numba as _nb
-import numpy as np
 
 #: Rows of a pair summed together before they are added to the pair's total (one task of the parallel loop).
 BAND_ROWS = 32
@@ -143,6 +142,18 @@ def inside_range(a, b0, lo, hi, w):
     last = min(w, math.floor(c1))
     return first, max(first, last)
 
+@njit(inline="always")
+def interior_columns(cx0, cy0, rx, ry, ramp, w, h, masked):
+    """The columns ``[lo, hi)`` of a row whose pixels sample further inside the moving slice than the ramp (none
+    with masks): there the weight is 1 and has no derivative."""
+    if masked:
+        return 0, 0
+    x_lo, x_hi = inside_range(2.0 * cx0 / w, rx - cx0 + cx0 / w, ramp, (w - 1) - ramp, w)
+    y_lo, y_hi = inside_range(2.0 * cy0 / w, ry - cy0 + cy0 / w, ramp, (h - 1) - ramp, w)
+    lo = max(x_lo, y_lo)
+    return lo, max(lo, min(x_hi, y_hi))
+
+
 @njit(inline="always", fastmath=_FAST)
 def interior(p, r, c, px, py, fixed, coeffs, fm, cm):
     """:func:`pixel` where the pixel lies further inside the moving slice than the ramp and nothing is masked:
@@ -198,14 +209,7 @@ def bands(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, out):
             s0 = s1 = s2 = s3 = s4 = s5 = 0.0
             m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m8 = m9 = m10 = m11 = 0.0
             # the columns further inside than the ramp (px and py are linear in c): the branch-free loop
-            lo, hi = 0, 0
-            if not masked:
-                ax = 2.0 * cx0 / w
-                ay = 2.0 * cy0 / w
-                x_lo, x_hi = inside_range(ax, rx - cx0 + cx0 / w, ramp, (w - 1) - ramp, w)
-                y_lo, y_hi = inside_range(ay, ry - cy0 + cy0 / w, ramp, (h - 1) - ramp, w)
-                lo = max(x_lo, y_lo)
-                hi = max(lo, min(x_hi, y_hi))
+            lo, hi = interior_columns(cx0, cy0, rx, ry, ramp, w, h, masked)
             for c in range(lo, hi):
                 xn = (2.0 * c + 1.0) / w - 1.0
                 mc, gx, gy, f = interior(p, r, c, cx0 * xn + rx, cy0 * xn + ry, fixed, coeffs, fm, cm)
@@ -284,7 +288,6 @@ def curvature(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, fcoeffs, w
         if not want[p]:
             continue
         acc = out[p, task % nband]
-        row = np.zeros((9, 3))
         r_lo = (task % nband) * BAND_ROWS
         cx0, cx1, cx2, cy0, cy1, cy2 = pixel_map(theta, p, w, h)
         fm = fmean[p]
@@ -295,30 +298,71 @@ def curvature(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, fcoeffs, w
             ry = cy1 * yn + cy2
             # sum over the row of [k: gx', gy', gx' mx, gx' my, gy' mx, gy' my, gx' gx', gx' gy', gy' gy'] times
             # [i: 1, xn, xn^2], where g' is the weighted fixed slice's derivative
-            row[:] = 0.0
+            k0 = k1 = k2 = k3 = k4 = k5 = k6 = k7 = k8 = 0.0
+            x0 = x1 = x2 = x3 = x4 = x5 = x6 = x7 = x8 = 0.0
+            q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = q8 = 0.0
+            lo, hi = interior_columns(cx0, cy0, rx, ry, ramp, w, h, masked)
             for c in range(w):
                 xn = (2.0 * c + 1.0) / w - 1.0
-                wt, _dwx, _dwy, _mc, gx, gy, _f = pixel(p, r, c, cx0 * xn + rx, cy0 * xn + ry, half_w, half_h, inv_ramp,
-                                                    masked, w, h, fixed, coeffs, fmask, mmask, fm, cm)
-                if wt <= 0.0:
-                    continue
+                if lo <= c < hi:  # weight 1: the branch-free sample
+                    wt = 1.0
+                    _mc, gx, gy, _f = interior(p, r, c, cx0 * xn + rx, cy0 * xn + ry, fixed, coeffs, fm, cm)
+                else:
+                    wt, _dwx, _dwy, _mc, gx, gy, _f = pixel(p, r, c, cx0 * xn + rx, cy0 * xn + ry, half_w, half_h,
+                                                            inv_ramp, masked, w, h, fixed, coeffs, fmask, mmask, fm, cm)
+                    if wt <= 0.0:
+                        continue
                 # the fixed slice's interpolant derivatives at the pixel centres: central differences of its
                 # coefficients, halved
                 gfx = 0.5 * (fcoeffs[p, PAD + r, PAD + c + 1] - fcoeffs[p, PAD + r, PAD + c - 1])
                 gfy = 0.5 * (fcoeffs[p, PAD + r + 1, PAD + c] - fcoeffs[p, PAD + r - 1, PAD + c])
                 wgx = gfx * wt
                 wgy = gfy * wt
-                products = (wgx, wgy, wgx * gx, wgx * gy, wgy * gx, wgy * gy, wgx * gfx, wgx * gfy, wgy * gfy)
                 xx = xn * xn
-                for k in range(9):
-                    v = products[k]
-                    row[k, 0] += v
-                    row[k, 1] += v * xn
-                    row[k, 2] += v * xx
+                k0 += wgx
+                x0 += wgx * xn
+                q0 += wgx * xx
+                k1 += wgy
+                x1 += wgy * xn
+                q1 += wgy * xx
+                v = wgx * gx
+                k2 += v
+                x2 += v * xn
+                q2 += v * xx
+                v = wgx * gy
+                k3 += v
+                x3 += v * xn
+                q3 += v * xx
+                v = wgy * gx
+                k4 += v
+                x4 += v * xn
+                q4 += v * xx
+                v = wgy * gy
+                k5 += v
+                x5 += v * xn
+                q5 += v * xx
+                v = wgx * gfx
+                k6 += v
+                x6 += v * xn
+                q6 += v * xx
+                v = wgx * gfy
+                k7 += v
+                x7 += v * xn
+                q7 += v * xx
+                v = wgy * gfy
+                k8 += v
+                x8 += v * xn
+                q8 += v * xx
             y2 = yn * yn
-            for k in range(9):
-                for i in range(3):
-                    base = N_SUMS + N_MOM + N_RAMP + 9 * k + i
-                    acc[base] += row[k, i]
-                    acc[base + 3] += yn * row[k, i]
-                    acc[base + 6] += y2 * row[k, i]
+            for k, (v0, v1, v2) in enumerate(((k0, x0, q0), (k1, x1, q1), (k2, x2, q2), (k3, x3, q3), (k4, x4, q4),
+                                              (k5, x5, q5), (k6, x6, q6), (k7, x7, q7), (k8, x8, q8))):
+                base = N_SUMS + N_MOM + N_RAMP + 9 * k
+                acc[base] += v0
+                acc[base + 1] += v1
+                acc[base + 2] += v2
+                acc[base + 3] += yn * v0
+                acc[base + 4] += yn * v1
+                acc[base + 5] += yn * v2
+                acc[base + 6] += y2 * v0
+                acc[base + 7] += y2 * v1
+                acc[base + 8] += y2 * v2

@@ -48,6 +48,9 @@ NEWTON_TRUST_NCC = 0.8
 MAX_STEP_PX = 1.0
 #: Consecutive evaluations with a proposed step below the tolerance after which a level ends even unconfirmed.
 SMALL_RUN = 3
+#: Step tolerance (px of the level) of a pair whose last level is coarser than the finest (``--solve.coarse_factor``):
+#: its answer only tests cycles (inconsistent: >= solve.MIN_CYCLE_PX) and a stand-in is refitted at full resolution.
+EARLY_STOP_TOL_PX = 0.05
 
 
 def reads_state(steps: int) -> bool:
@@ -154,6 +157,8 @@ class StoppingRule:
         tol = self.tols[blk.level]
         # rows whose level started from a trusted Newton model: a looser step rule
         tol = torch.where(solver.trusted, max(tol, self.newton_step_tol_px), tol)
+        if blk.level < len(self.tols) - 1:  # rows that end at a level coarser than the finest
+            tol = torch.where(fit.row_last < len(self.tols) - 1, torch.clamp(tol, min=EARLY_STOP_TOL_PX), tol)
         small = solver.evaluated & (step < tol)
         self.small_run = torch.where(small, self.small_run + 1, torch.zeros_like(self.small_run))
         # a short proposed step ends the level only where the model that proposed it is confirmed (or the steps have
@@ -185,12 +190,10 @@ class BlockFit:
     settings, ranks, index :
         :class:`FitSettings`; :class:`Ranks`; the block's number (for the stopping rule's bookkeeping).
     sync_free : bool, optional
-        Never read the device's state on the host inside a level but at :func:`reads_state` 's steps: every row
-        active at the last read (or the level's start) is evaluated at every step (a converged row's result is discarded by the
-        solver's masks), the solver's and the objective's branches are masked per row, and whether every pair has
-        converged is asked at those steps only. The same transforms (to rounding) at the cost of evaluating converged
-        rows until the next read; what a GPU needs (every host read waits for the device to drain). Default: on when
-        ``slices`` are not on the CPU, where a read costs nothing and skipping converged rows saves their arithmetic.
+        Read the device's state on the host only at :func:`reads_state` 's steps of a level: rows active at the last
+        read are evaluated at every step (masked per row), and whether every pair has converged is asked then only.
+        The same transforms (to rounding), evaluating converged rows until the next read; what a GPU needs (a host
+        read waits for the device). Default: on where ``slices`` are not on the CPU.
     """
 
     def __init__(self, objective: PairObjective, levels: list[Level], slices: torch.Tensor, fixed: torch.Tensor,

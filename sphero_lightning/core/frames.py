@@ -5,6 +5,15 @@ Frames: *normalized* coordinates are torch's ``affine_grid`` convention (``align
 ``[-1, 1]`` across the slice, pixel centres at ``(2 i + 1) / n - 1``; *pixel* coordinates are pixel indices,
 ``x = (W x_n + W - 1) / 2``. The torch versions for batches (``normalized_to_pixel`` and friends) are in
 :mod:`~sphero_lightning.core.transforms`.
+
+Two composed transforms (slices 1 and 2, normalized) as the pixel tmats users export (slice 0: the identity), and
+what one of them does:
+
+>>> tm = pixel_matrices([[[1, 0, 0.1], [0, 1, 0]], [[1, 0, 0.2], [0, 1, 0]]], (100, 200))
+>>> tm.shape, tm[2, 0].tolist()
+((3, 3, 3), [1.0, 0.0, 20.0])
+>>> decompose(tm[1], (100, 200))
+{'dx_px': 10.0, 'dy_px': 0.0, 'rotation_deg': 0.0, 'scale_x': 1.0, 'scale_y': 1.0, 'shear': 0.0}
 """
 
 from __future__ import annotations

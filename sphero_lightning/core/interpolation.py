@@ -10,6 +10,13 @@ Sampling uses the four-bilinear-lookups form of the cubic B-spline (Sigg & Hadwi
 ch. 20): because every B-spline weight is positive, a 4 x 4 neighbourhood folds into 2 x 2 bilinear
 taps at shifted positions. That is one ``grid_sample`` call on four times the points, runs on any
 device, and autograd through it gives the exact spline derivative with respect to the positions.
+
+The interpolant passes through the samples (pixel-index positions ``0..W-1``; :mod:`.warping` warps whole slices):
+
+>>> img = torch.arange(30.0).reshape(1, 1, 5, 6)
+>>> ys, xs = torch.meshgrid(torch.arange(5.0), torch.arange(6.0), indexing="ij")
+>>> bool(torch.allclose(bspline_sample(bspline_prefilter(img), xs[None], ys[None]), img, atol=1e-4))
+True
 """
 
 from __future__ import annotations
@@ -34,16 +41,15 @@ def _prefilter_kernel(radius: int, dtype: torch.dtype, device: torch.device) -> 
     return h.to(dtype=dtype, device=device)
 
 
-#: Up to this many pixels along an axis, separable filters run as one dense matrix product per axis
-#: (exact, and far faster on a CPU than a one-channel convolution); longer axes use a banded product.
+#: Up to this many pixels along an axis, separable filters are one dense matrix product per axis (exact, faster on a CPU
+#: than a one-channel convolution or the banded product longer axes use).
 DENSE_MAX = 768
 _BAND = 64
 _MATRICES: dict[tuple, torch.Tensor] = {}
 
 
 def drop_device_matrices() -> int:
-    """Forget the cached filter matrices that live on a device other than the CPU (a run's end: device memory is the
-    caller's again); returns how many were dropped. CPU ones stay (small, and the next run in the process reuses them)."""
+    """Forget the cached filter matrices on a device other than the CPU (a run's end); returns how many. CPU ones stay."""
     gone = [key for key, m in _MATRICES.items() if m.device.type != "cpu"]
     for key in gone:
         del _MATRICES[key]
@@ -354,95 +360,3 @@ def downscale(images: torch.Tensor, factor: float) -> torch.Tensor:
     h, w = images.shape[-2:]
     size = (max(8, round(h / factor)), max(8, round(w / factor)))
     return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-
-def window_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None,
-                      offset: tuple[int, int], full_shape: tuple[int, int] | None) -> torch.Tensor:
-    """Normalized source positions ``(B, h, w, 2)`` sampled by each pixel of an output window."""
-    full = full_shape or src_shape
-    oh, ow = out_shape or full
-    # Pixel centres of the window in the full frame's normalized coordinates.
-    ys = (2 * (torch.arange(oh, dtype=theta.dtype, device=theta.device) + offset[0]) + 1) / full[0] - 1
-    xs = (2 * (torch.arange(ow, dtype=theta.dtype, device=theta.device) + offset[1]) + 1) / full[1] - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    pts = torch.stack([gx, gy, torch.ones_like(gx)], -1)  # (h, w, 3)
-    return torch.einsum("bij,hwj->bhwi", theta, pts)
-
-
-def nearest_index(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None = None,
-                  offset: tuple[int, int] = (0, 0), full_shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column ``(B, h, w)`` of the source pixel nearest to each output pixel (clamped to the slice).
-
-    Nearest-neighbour resampling as an index lookup keeps any value exactly (label ids of any integer type).
-    """
-    hh, ww = src_shape
-    src = window_positions(theta.double(), src_shape, out_shape, offset, full_shape)
-    ix = torch.round(((src[..., 0] + 1) * ww - 1) / 2).long().clamp(0, ww - 1)
-    iy = torch.round(((src[..., 1] + 1) * hh - 1) / 2).long().clamp(0, hh - 1)
-    return iy, ix
-
-
-def warp_coefficients(coeffs: torch.Tensor, theta: torch.Tensor, src_shape: tuple[int, int],
-                      out_shape: tuple[int, int] | None = None, offset: tuple[int, int] = (0, 0),
-                      full_shape: tuple[int, int] | None = None) -> torch.Tensor:
-    """:func:`warp` in ``bspline`` mode from precomputed :func:`bspline_prefilter` coefficients of ``src_shape``
-    images (prefilter once, then sample any number of windows)."""
-    px, py = window_pixel_positions(theta, src_shape, out_shape, offset, full_shape)
-    return bspline_sample(coeffs, px, py)
-
-
-def window_pixel_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tuple[int, int] | None = None,
-                           offset: tuple[int, int] = (0, 0), full_shape: tuple[int, int] | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source positions ``(px, py)``, each ``(B, h, w)`` in pixel-index units (``theta``'s dtype), sampled by an
-    output window. Each is a per-column plus a per-row term, summed in float64 and rounded once (as
-    :func:`window_positions`, without its ``(B, h, w, 2)`` grid)."""
-    hh, ww = src_shape
-    full = full_shape or src_shape
-    oh, ow = out_shape or full
-    th = theta.to(torch.float64)
-    ys = (2 * (torch.arange(oh, dtype=torch.float64, device=theta.device) + offset[0]) + 1) / full[0] - 1
-    xs = (2 * (torch.arange(ow, dtype=torch.float64, device=theta.device) + offset[1]) + 1) / full[1] - 1
-    out = []
-    for row, size in ((th[:, 0], ww), (th[:, 1], hh)):
-        # pixel = (size / 2) (a xs + b ys + c + 1) - 1/2
-        col = (size / 2) * row[:, 0, None] * xs  # (B, w)
-        per_row = (size / 2) * (row[:, 1, None] * ys + row[:, 2, None] + 1) - 0.5  # (B, h)
-        out.append((per_row[:, :, None] + col[:, None, :]).to(theta.dtype))
-    return out[0], out[1]
-
-
-def warp(image: torch.Tensor, theta: torch.Tensor, out_shape: tuple[int, int] | None = None, mode: str = "bspline",
-         offset: tuple[int, int] = (0, 0), full_shape: tuple[int, int] | None = None) -> torch.Tensor:
-    """Warp images with normalized affine matrices.
-
-    Parameters
-    ----------
-    image : torch.Tensor
-        ``(B, C, H, W)`` floating point (any dtype for ``nearest``).
-    theta : torch.Tensor
-        ``(B, 2, 3)`` normalized matrices (output position -> source position).
-    out_shape : (h, w), optional
-        Size of the output window; default the full image.
-    mode : {"bspline", "bicubic", "bilinear", "nearest"}
-        Interpolation. ``bspline`` is the prefiltered cubic B-spline.
-    offset : (row, col)
-        Top-left pixel of the output window inside the full output frame (for cropped output).
-    full_shape : (H, W), optional
-        The full output frame the matrices refer to; default ``image``'s size.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B, C, h, w)``; positions outside the source take the nearest border value.
-    """
-    hh, ww = image.shape[-2:]
-    if mode == "nearest":
-        iy, ix = nearest_index(theta, (hh, ww), out_shape, offset, full_shape)
-        flat = image.reshape(*image.shape[:2], hh * ww)
-        idx = (iy * ww + ix).reshape(image.shape[0], 1, -1).expand(-1, image.shape[1], -1)
-        return flat.gather(2, idx).reshape(*image.shape[:2], *iy.shape[-2:])
-    if mode == "bspline":
-        return warp_coefficients(bspline_prefilter(image), theta, (hh, ww), out_shape, offset, full_shape)
-    src = window_positions(theta, (hh, ww), out_shape, offset, full_shape)
-    return F.grid_sample(image, src.to(image.dtype), mode=mode, padding_mode="border", align_corners=False)

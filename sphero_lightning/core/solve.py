@@ -25,6 +25,17 @@ The algebra: with ``C_k = [L_k | t_k]`` (2 x 2 linear part, translation) and ``A
 ``v_j - a v_i = r`` (``r = b`` for the translation column, else 0), all three with the same matrix. The mean squared
 displacement over the slice of a residual ``E`` is ``sum_c m_c |E_c|^2`` with ``m = (var x, var y, 1)`` of the
 pixel centres, so one banded normal matrix serves all three columns. Its band is as wide as the longest pair.
+
+Three slices, their consecutive pairs and the pair over the middle one, all consistent: the solve returns the
+chain (slice 0, the reference, the identity; normalized matrices, ``C_j = A_ij C_i``):
+
+>>> a = np.array([[1.0, 0.0, 0.1], [0.0, 1.0, 0.0]])
+>>> two = np.array([[1.0, 0.0, 0.2], [0.0, 1.0, 0.0]])
+>>> r = solve(3, [(0, 1), (1, 2), (0, 2)], np.stack([a, a, two]), np.ones(3), (100, 200))
+>>> np.round(r.composed[:, 0, 2], 6).tolist(), r.unregistered
+([0.0, 0.1, 0.2], [])
+>>> to_centered(a, (100, 200))[0].tolist()  # 0.1 normalized = 10 px of a 200 px wide slice
+[1.0, 0.0, 10.0]
 """
 
 from __future__ import annotations

@@ -14,6 +14,19 @@ translation in units of ``L = max(H, W) / 2`` pixels, rotation in radians, per-a
 deviation (scale = 1 + ds) and horizontal shear. All are dimensionless and move the image edge by
 about the same amount per unit, which keeps the optimisation well conditioned and the values
 independent of the pyramid level.
+
+A shift of 0.1 in normalized units is 10 pixels on a 200 px wide slice, in the pixel-index and centred frames
+alike (no rotation); chained pairwise transforms add up:
+
+>>> theta = params_to_normalized(torch.tensor([[0.1, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64), (100, 200))
+>>> theta[0].tolist()
+[[1.0, 0.0, 0.1], [0.0, 1.0, 0.0]]
+>>> normalized_to_pixel(theta, (100, 200))[0, 0].tolist(), normalized_to_centered(theta, (100, 200))[0, 0].tolist()
+([1.0, 0.0, 10.0], [1.0, 0.0, 10.0])
+>>> torch.allclose(pixel_to_normalized(normalized_to_pixel(theta, (100, 200)), (100, 200)), theta)
+True
+>>> compose(torch.cat([theta, theta]))[:, 0, 2].tolist()  # slice 2 sampled 0.2 to the right of slice 0
+[0.1, 0.2]
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import zarr
 
-from ..core.interpolation import DENSE_MAX, nearest_index, warp, warp_coefficients
+from ..core.interpolation import DENSE_MAX
+from ..core.warping import nearest_index, warp, warp_coefficients
 from ..core.windows import bspline_window, corner_positions, sample_bounds, window_canvas
 from ..errors import SpheroError
 from .pyramid import level_shapes, reduce2
@@ -355,7 +356,7 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
 
     ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped), or of every
     slice ``0..n`` (the output takes another slice's frame; a slice whose transform is the identity is only cropped).
-    ``mode`` is a :func:`~sphero_lightning.core.interpolation.warp` mode; ``nearest`` keeps integer values exact
+    ``mode`` is a :func:`~sphero_lightning.core.warping.warp` mode; ``nearest`` keeps integer values exact
     (labels), the others round and clip to ``src``'s dtype. Tasks go round-robin to the ranks; with ``written``
     (flags from :func:`open_partial`), tasks already flagged are skipped and the others flag themselves when done.
     ``scheduler``: see :mod:`~sphero_lightning.storage.tasks` (with an address, ``src``, ``out`` and ``written``

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..core.interpolation import warp
+from ..core.warping import warp
 from ..report.reslice import overlay
 
 #: Run results shown next to the hyperparameters in TensorBoard's HPARAMS tab (set by :func:`log_panels`).
