@@ -168,3 +168,31 @@ def test_every_core_module_that_defines_a_convention_shows_it_in_an_example():
     runnable example (test_doctests_pass runs them), not only in prose."""
     for name in ("transforms", "frames", "solve", "volume", "crop", "interpolation", "warping"):
         assert ">>>" in (PKG / "core" / f"{name}.py").read_text(), name
+
+
+def test_pair_statuses_are_set_and_read_only_through_the_core_type():
+    """Issue 38: a pair's status is a core.records.PairStatus wherever the package sets or compares one (a string
+    literal spelt in one module and read in another drifted apart silently)."""
+    from sphero_lightning.core.records import PairStatus
+
+    values = {s.value for s in PairStatus}
+
+    def literal(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value in values
+
+    bad = []
+    for p in PKG.rglob("*.py"):
+        if p.name == "records.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            hits = []
+            if isinstance(node, ast.Compare) and "status" in ast.unparse(node):
+                hits = [n for n in [node.left, *node.comparators] if literal(n) or
+                        (isinstance(n, (ast.Tuple, ast.Set, ast.List)) and any(literal(e) for e in n.elts))]
+            elif isinstance(node, ast.Assign) and any("status" in ast.unparse(t) for t in node.targets):
+                hits = [node.value] if literal(node.value) else []
+            elif isinstance(node, ast.Dict):
+                hits = [v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "status"
+                        and literal(v)]
+            bad += [f"{p.relative_to(PKG)}:{node.lineno}" for _ in hits]
+    assert not bad, bad

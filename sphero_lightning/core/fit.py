@@ -9,13 +9,12 @@ active. :func:`fit_block` runs all of it; the Lightning layer drives the same pi
 steps, the pyramid callback moves levels, the early-stopping callback applies the rule), with :class:`Ranks` doing
 what several processes need (each fills its own rows; losses, gradients and curvatures are summed over processes).
 
->>> import torch
->>> from sphero_lightning.core.objective import PairObjective
+>>> import torch; from sphero_lightning.core.objective import PairObjective
 >>> from sphero_lightning.core.synthetic import em_like_image
 >>> img = torch.from_numpy(em_like_image(96, seed=0) / 255.0).float()[None, None]
 >>> slices = torch.cat([img[..., 8:72, 8:72], img[..., 8:72, 6:70]])  # the second slice's content 2 px to the right
->>> obj = PairObjective("translation", shape=(64, 64))
->>> out = fit_block(obj, [Level(2.0, 50, 1e-2), Level(1.0, 50, 1e-2)], slices, torch.tensor([0]), torch.tensor([1]))
+>>> out = fit_block(PairObjective("translation", shape=(64, 64)), [Level(2.0, 50, 1e-2), Level(1.0, 50, 1e-2)],
+...                 slices, torch.tensor([0]), torch.tensor([1]))
 >>> round(out[0]["matrix"][0][2] * 32, 1)  # the translation in pixels (normalized units are half a slice width)
 2.0
 """
@@ -32,6 +31,7 @@ import torch
 from .initialization import consecutive_phase_correlation
 from .masks import kept_fraction, pair_masks
 from .objective import PairObjective, take
+from .records import PairStatus
 from .solvers import BatchSolver, make_solver
 
 #: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC); below it a pair barely
@@ -375,7 +375,7 @@ class BlockFit:
             self.results[pair] = {
                 "pair_index": pair, "matrix": matrices[row],
                 "final_loss": f, "num_steps_taken": steps[row],
-                "steps_per_level": per_level[row], "status": "ok" if math.isfinite(f) else "failed",
+                "steps_per_level": per_level[row], "status": PairStatus.OK if math.isfinite(f) else PairStatus.FAILED,
                 "finest_factor": lv.factor, "ncc_before": ncc_before[row], "ncc_after": ncc_after[row],
                 **({"mask_kept": kept[row]} if self.masks is not None else {})}
 

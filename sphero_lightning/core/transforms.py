@@ -37,6 +37,7 @@ import torch
 
 from ..errors import SpheroError
 from .frames import decompose, fill_between
+from .records import PairStatus
 
 #: Names of the six full parameters, in order.
 PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")
@@ -276,7 +277,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
         pairwise[i] = (hom[i + 1] @ torch.linalg.inv(hom[i]))[:2]
         bad = [z for z in (i, i + 1) if z in damaged]
         bridge = next((r for r in fitted if r["slice_indices"][0] <= i and r["slice_indices"][1] >= i + 1), None)
-        entry: dict[str, Any] = {"pair_index": i, "slice_indices": [i, i + 1], "status": "damaged_slice",
+        entry: dict[str, Any] = {"pair_index": i, "slice_indices": [i, i + 1], "status": PairStatus.DAMAGED_SLICE,
                                  "damaged_slices": {str(z): damaged[z] for z in bad}, "final_loss": None,
                                  "num_steps_taken": 0, "steps_per_level": [], "ncc_before": None, "ncc_after": None}
         if bridge is not None:

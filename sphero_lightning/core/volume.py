@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .frames import fill_between
+from .records import PairStatus
 from .solve import Diagnosis, diagnose, solve, to_centered, to_normalized
 from .transforms import chain_with_gaps, homogeneous
 
@@ -227,10 +228,10 @@ def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[in
             if (i, j) not in flagged_pairs and j == i + 1:
                 pairwise[i] = chain_pairwise[i]
         if (i, j) in diag.bad_pairs:
-            entry["status"] = "no_true_answer"
+            entry["status"] = PairStatus.NO_TRUE_ANSWER
         bad = [z for z in (i, j) if z in unreg]
         if bad:
-            entry["status"] = "unregistered"
+            entry["status"] = PairStatus.UNREGISTERED
             entry["unregistered_slices"] = bad
     record = summary | {"unregistered": result.unregistered, "kept_despite": [list(p) for p in kept],
                         "pairs": _pair_record(fitted, weights, result.residual_px)}
@@ -246,7 +247,7 @@ def _weights(fitted: list[dict[str, Any]], good: list[int], diag: Diagnosis) -> 
     w, flagged = [], []
     for q, r in enumerate(fitted):
         i, j = r["slice_indices"]
-        finite = bool(np.all(np.isfinite(np.asarray(r["matrix"], dtype=np.float64)))) and r.get("status") != "failed"
+        finite = bool(np.all(np.isfinite(np.asarray(r["matrix"], dtype=np.float64)))) and r.get("status") != PairStatus.FAILED
         if not finite:
             w.append(0.0)
         elif (i, j) in bad or i in foreign or j in foreign:
@@ -305,7 +306,7 @@ def _full_ncc(fitted: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
     out = {}
     for r in fitted:
         ncc = r.get("ncc_after")
-        if r.get("finest_factor", 1.0) <= full and ncc is not None and np.isfinite(ncc) and r.get("status") != "failed":
+        if r.get("finest_factor", 1.0) <= full and ncc is not None and np.isfinite(ncc) and r.get("status") != PairStatus.FAILED:
             out[tuple(r["slice_indices"])] = float(ncc)
     return out
 

@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 
 from ..core.frames import decompose, pixel_matrices
+from ..core.records import UNTRUSTED, PairStatus
 from ..errors import SpheroError
 from .charts import COLORS, Panel, Series, panels_svg, svg_uri
 from .drift import accumulation_warning
@@ -98,10 +99,10 @@ def flagged_pairs(log: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]
     out = []
     for e in log:
         why = [w for w, hit in (("QC outlier", e.get("qc") == "outlier"),
-                                ("low correlation", e.get("status") == "low_correlation"),
-                                ("failed", e.get("status") == "failed"),
-                                ("next to a slice no neighbour agrees with", e.get("status") == "unregistered"),
-                                ("no true answer (cycle check)", e.get("status") == "no_true_answer")) if hit]
+                                ("low correlation", e.get("status") == PairStatus.LOW_CORRELATION),
+                                ("failed", e.get("status") == PairStatus.FAILED),
+                                ("next to a slice no neighbour agrees with", e.get("status") == PairStatus.UNREGISTERED),
+                                ("no true answer (cycle check)", e.get("status") == PairStatus.NO_TRUE_ANSWER)) if hit]
         if why:
             out.append((e, ", ".join(why)))
     return out
@@ -122,8 +123,8 @@ def curves_figure(log: list[dict[str, Any]], tmats: np.ndarray, shape: tuple[int
                   f"NCC {label}", COLORS[k], marker) for k, (key, label, marker) in
            enumerate((("ncc_before", "before", "o"), ("ncc_after", "after", "s")))]
     for status, marker, color, label in (("outlier", "x", "red", "QC outlier"),
-                                         ("low_correlation", "^", "darkorange", "low_correlation"),
-                                         ("failed", "^", "darkorange", "failed")):
+                                         (PairStatus.LOW_CORRELATION, "^", "darkorange", "low_correlation"),
+                                         (PairStatus.FAILED, "^", "darkorange", "failed")):
         hits = [e for e in log if (e.get("qc") if status == "outlier" else e.get("status")) == status]
         if hits:
             ncc.append(Series(np.array([e["slice_indices"][1] for e in hits], dtype=float),
@@ -259,7 +260,7 @@ def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[st
             ("mean NCC before", f"{np.mean(ncc['ncc_before']):.4f}" if ncc["ncc_before"] else "n/a"),
             ("mean NCC after", f"{np.mean(ncc['ncc_after']):.4f}" if ncc["ncc_after"] else "n/a"),
             ("QC outliers", sum(e.get("qc") == "outlier" for e in log)),
-            ("low correlation / failed", sum(e.get("status") in ("low_correlation", "failed") for e in log)),
+            ("low correlation / failed", sum(e.get("status") in UNTRUSTED for e in log)),
             ("damaged slices", ", ".join(f"{z} ({why})" for z, why in sorted(damaged.items())) or "none"),
             *_mask_rows(log, masks), *volume]
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import zarr
 
+from ..core.records import PairStatus
 from ..core.warping import warp
 from ..report.reslice import overlay
 
@@ -65,11 +66,11 @@ def mark_untrusted(log: list[dict[str, Any]]) -> None:
     """Set ``status: low_correlation`` on fitted pairs whose NCC after fitting is below :data:`MIN_TRUSTED_NCC`
     (or not finite): a result that cannot be trusted is never marked ``ok``."""
     for e in log:
-        if e.get("status") != "ok":
+        if e.get("status") != PairStatus.OK:
             continue
         ncc = e.get("ncc_after")
         if ncc is not None and not (math.isfinite(ncc) and ncc >= MIN_TRUSTED_NCC):
-            e["status"] = "low_correlation"
+            e["status"] = PairStatus.LOW_CORRELATION
 
 
 def trainer_record(trainer: L.Trainer) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .._version import __version__
 from ..core.crop import crop_box
 from ..core.frames import FIRST_KEY, pixel_matrices
+from ..core.records import PairStatus
 from ..core.transforms import normalized_to_pixel
 from ..core.volume import compose_volume
 from ..errors import SpheroError
@@ -162,7 +163,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
                                      {**(volume.settings() if volume is not None else {}), "crop_borders": writer.crop_borders})
         if drift:
             say(notes, f"warning: {drift}", kind="accumulation")
-        poor = [e for e in log if e.get("status") == "low_correlation"]
+        poor = [e for e in log if e.get("status") == PairStatus.LOW_CORRELATION]
         if poor:
             listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (NCC {e['ncc_after']:.3f})" for e in poor[:20])
             say(notes, f"warning: {len(poor)} pair(s) barely correlate after fitting (NCC < {MIN_TRUSTED_NCC}); their "
