@@ -115,3 +115,22 @@ def test_a_fit_on_the_compiled_pass_gives_the_torch_fit_s_transforms_and_records
         assert np.abs(np.asarray(a["matrix"]) - np.asarray(b["matrix"])).max() * 64 < 1e-4, (a["matrix"], b["matrix"])
         assert abs(a["ncc_before"] - b["ncc_before"]) < 1e-5 and abs(a["ncc_after"] - b["ncc_after"]) < 1e-5
         assert a["ncc_after"] > a["ncc_before"] + 0.05
+
+
+@pytest.mark.parametrize("shape", [(3, 96, 112), (2, 9, 8), (1, 3, 5), (2, 30, 25)])
+def test_the_compiled_prefilter_gives_the_dense_inverse_s_coefficients(shape):
+    """The recursive B-spline prefilter (long lines: the causal start over a horizon; short ones: in closed form)
+    gives the torch path's exact inverse of the [1 4 1] / 6 filter, mirrored borders included, to float32 rounding."""
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(7))
+    ref = bspline_prefilter(x[:, None])[:, 0].numpy()
+    got = kernels.bspline_prefilter(x.numpy())
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 4e-6 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape", [(3, 96, 112), (1, 3, 5)])
+def test_the_compiled_blur_gives_the_torch_blur(shape):
+    from sphero_lightning.core.interpolation import gaussian_blur, gaussian_kernel
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(8))
+    ref = gaussian_blur(x[:, None], 0.7)[:, 0].numpy()
+    assert np.abs(kernels.gaussian_blur(x.numpy(), gaussian_kernel(0.7).double().numpy()) - ref).max() < 1e-6

@@ -366,3 +366,4 @@ def curvature(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, fcoeffs, w
                 acc[base + 6] += y2 * v0
                 acc[base + 7] += y2 * v1
                 acc[base + 8] += y2 * v2
+

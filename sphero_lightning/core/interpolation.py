@@ -56,7 +56,7 @@ def drop_device_matrices() -> int:
     return len(gone)
 
 
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
+def gaussian_kernel(sigma: float) -> torch.Tensor:
     r = max(1, math.ceil(3 * sigma))
     k = torch.arange(-r, r + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (k / sigma) ** 2)
@@ -94,7 +94,7 @@ def _axis_matrix(kind: str, n: int, sigma: float, dtype: torch.dtype, device: to
             rows = _mirror(torch.arange(-PAD, n + PAD), n)
             m = coef[rows]
         else:
-            k = _gaussian_kernel(sigma)
+            k = gaussian_kernel(sigma)
             r = (len(k) - 1) // 2
             m = torch.zeros(n, n, dtype=torch.float64)
             idx = torch.arange(n)
@@ -148,7 +148,7 @@ def _separable(x: torch.Tensor, kind: str, sigma: float = 0.0) -> torch.Tensor:
             y = _fir_last(t, _prefilter_kernel(min(_RADIUS, n - 1), torch.float64, "cpu"), "reflect")
             y = F.pad(y.reshape(-1, 1, n), (PAD, PAD), mode="reflect").reshape(*t.shape[:-1], n + 2 * PAD)
         else:
-            y = _fir_last(t, _gaussian_kernel(sigma), "replicate")
+            y = _fir_last(t, gaussian_kernel(sigma), "replicate")
         out = y if axis == -1 else y.transpose(-1, -2)
     return out.contiguous()
 

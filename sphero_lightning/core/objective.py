@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SpheroError
+from . import kernels
 from .fastncc import ncc_and_gradient
 from .interpolation import (
     PAD,
@@ -23,6 +24,7 @@ from .interpolation import (
     bspline_sample,
     downscale,
     gaussian_blur,
+    gaussian_kernel,
     inside_weight,
     sample_positions,
     upsample2,
@@ -209,6 +211,9 @@ class PairObjective:
     def level_stack(self, slices: torch.Tensor, factor: float) -> torch.Tensor:
         """``slices`` (``(N, 1, H, W)``, grey values about [0, 1]) at one level: downscaled, pre-smoothed."""
         imgs = downscale(slices, factor)
+        if self.smoothing > 0 and self.compiled and imgs.device.type == "cpu" and imgs.dtype == torch.float32:
+            kernel = gaussian_kernel(self.smoothing).double().numpy()
+            return torch.from_numpy(kernels.gaussian_blur(imgs[:, 0].numpy(), kernel)).unsqueeze(1)
         if self.smoothing > 0:
             imgs = gaussian_blur(imgs, self.smoothing)
         return imgs
@@ -423,7 +428,10 @@ class PairObjective:
             fixed = torch.arange(len(imgs) - 1, device=imgs.device)
             moving = fixed + 1
         if self.uses_fast_ncc:
-            c = bspline_prefilter(imgs)
+            if self.compiled and imgs.device.type == "cpu" and imgs.dtype == torch.float32:  # the recursive filter
+                c = torch.from_numpy(kernels.bspline_prefilter(imgs[:, 0].numpy())).unsqueeze(1)
+            else:
+                c = bspline_prefilter(imgs)
             return take(c, fixed), take(c, moving)
         return None, self.moving_coeffs(take(imgs, moving))
 

@@ -1,0 +1,150 @@
+"""The compiled filters of a level's images (numba; loaded with :mod:`._jit`, only by fits that use the compiled
+evaluation): the cubic B-spline prefilter as its recursive filter and the Gaussian pre-smoothing as a separable
+filter, the same values as :mod:`.interpolation` 's dense matrix products to float32 rounding with a fraction of
+their arithmetic. One task per slice."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._jit import PAD, njit, prange
+
+#: The cubic B-spline prefilter's pole, and the causal initialisation's horizon (|pole|^k below 1e-13 beyond it).
+POLE = math.sqrt(3.0) - 2.0
+HORIZON = 23
+
+
+@njit(inline="always")
+def _iir_line(line, n):
+    """Cubic B-spline coefficients of ``line[:n]`` in place (float64; whole-sample mirror boundaries): the causal and
+    anti-causal recursions of Unser (1999), gain 6; exact for the mirror-extended line (to |pole|^HORIZON)."""
+    z = POLE
+    if n == 1:
+        return
+    if n > HORIZON:  # the causal start: sum of z^k s[k] (the terms beyond the horizon are below rounding)
+        c0 = 0.0
+        zk = 1.0
+        for k in range(HORIZON):
+            c0 += zk * line[k]
+            zk *= z
+    else:  # short lines: the mirror-periodic sum in closed form
+        zn = z ** (n - 1)
+        iz = 1.0 / z
+        z2n = zn * zn * iz
+        c0 = line[0] + zn * line[n - 1]
+        zk = z
+        for k in range(1, n - 1):
+            c0 += (zk + z2n) * line[k]
+            zk *= z
+            z2n *= iz
+        c0 /= 1.0 - zn * zn
+    line[0] = c0
+    for k in range(1, n):
+        line[k] += z * line[k - 1]
+    line[n - 1] = (z / (z * z - 1.0)) * (line[n - 1] + z * line[n - 2])
+    for k in range(n - 2, -1, -1):
+        line[k] = z * (line[k + 1] - line[k])
+    for k in range(n):
+        line[k] *= 6.0
+
+
+@njit(inline="always")
+def _iir_columns(tmp, h, w):
+    """:func:`_iir_line` down every column of ``tmp[:h, :w]`` at once (row by row: contiguous, vectorized)."""
+    z = POLE
+    if h == 1:
+        return
+    c0 = np.zeros(w)
+    if h > HORIZON:
+        zk = 1.0
+        for k in range(HORIZON):
+            for c in range(w):
+                c0[c] += zk * tmp[k, c]
+            zk *= z
+    else:
+        zn = z ** (h - 1)
+        iz = 1.0 / z
+        z2n = zn * zn * iz
+        for c in range(w):
+            c0[c] = tmp[0, c] + zn * tmp[h - 1, c]
+        zk = z
+        for k in range(1, h - 1):
+            for c in range(w):
+                c0[c] += (zk + z2n) * tmp[k, c]
+            zk *= z
+            z2n *= iz
+        for c in range(w):
+            c0[c] /= 1.0 - zn * zn
+    for c in range(w):
+        tmp[0, c] = c0[c]
+    for r in range(1, h):
+        for c in range(w):
+            tmp[r, c] += z * tmp[r - 1, c]
+    a = z / (z * z - 1.0)
+    for c in range(w):
+        tmp[h - 1, c] = a * (tmp[h - 1, c] + z * tmp[h - 2, c])
+    for r in range(h - 2, -1, -1):
+        for c in range(w):
+            tmp[r, c] = z * (tmp[r + 1, c] - tmp[r, c])
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def prefilter(x, out):
+    """``out[p]`` ``(h + 2 PAD, w + 2 PAD)``: the cubic B-spline coefficients of ``x[p]`` ``(h, w)`` along both axes
+    (:func:`_iir_line`), with ``PAD`` mirrored coefficients on every side (:func:`.interpolation.bspline_prefilter`)."""
+    b, h, w = x.shape
+    for p in prange(b):
+        tmp = np.empty((h, w))
+        line = np.empty(w)
+        for r in range(h):
+            for c in range(w):
+                line[c] = x[p, r, c]
+            _iir_line(line, w)
+            for c in range(w):
+                tmp[r, c] = line[c]
+        _iir_columns(tmp, h, w)
+        for r in range(h + 2 * PAD):
+            rr = _mirror(r - PAD, h)
+            for c in range(PAD):
+                out[p, r, c] = 6.0 * tmp[rr, _mirror(c - PAD, w)]
+                out[p, r, w + PAD + c] = 6.0 * tmp[rr, _mirror(w + c, w)]
+            for c in range(w):
+                out[p, r, c + PAD] = 6.0 * tmp[rr, c]
+
+
+@njit(inline="always")
+def _mirror(i, n):
+    """Whole-sample mirror of an index into ``0..n - 1``."""
+    if n == 1:
+        return 0
+    period = 2 * n - 2
+    i = i % period
+    return period - i if i >= n else i
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def blur(x, kernel, out):
+    """``out[p]``: ``x[p]`` ``(h, w)`` filtered by the symmetric ``kernel`` (odd length) along both axes, replicated
+    border (:func:`.interpolation.gaussian_blur`); sums in float64."""
+    b, h, w = x.shape
+    r = len(kernel) // 2
+    for p in prange(b):
+        tmp = np.empty((h, w))
+        for y in range(h):
+            for c in range(w):
+                acc = 0.0
+                for o in range(-r, r + 1):
+                    acc += kernel[o + r] * x[p, y, min(max(c + o, 0), w - 1)]
+                tmp[y, c] = acc
+        row = np.empty(w)
+        for y in range(h):
+            row[:] = 0.0
+            for o in range(-r, r + 1):
+                yy = min(max(y + o, 0), h - 1)
+                k = kernel[o + r]
+                for c in range(w):
+                    row[c] += k * tmp[yy, c]
+            for c in range(w):
+                out[p, y, c] = row[c]
