@@ -124,3 +124,12 @@ def test_every_range_is_checked_once_the_same_way_early_and_by_its_class():
         with pytest.raises(SpheroError) as late:
             classes[group](**{name: bad})
         assert str(late.value) == expect, key
+
+
+def test_every_default_lies_in_its_range():
+    """The one home's ranges and the classes' defaults (what configs/reg.yaml writes out) agree."""
+    from sphero_lightning.options import BOUNDS, REQUIRED, fit_options
+
+    for key, bound in BOUNDS.items():
+        default = fit_options()[key].default
+        assert default is REQUIRED or bound.holds(default), (key, default)

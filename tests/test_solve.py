@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sphero_lightning.core.pairs import block_layout, blocks, pair_graph
+from sphero_lightning.core.records import fitted_pair
 from sphero_lightning.core.solve import _banded_solve, diagnose, solve, to_centered, to_normalized
 from sphero_lightning.core.transforms import chain_with_gaps
 from sphero_lightning.core.volume import Priors, bridge_pairs, compose_volume, project_to_family, remove_drift
@@ -34,7 +35,7 @@ def _truth(n: int, seed: int = 1) -> np.ndarray:
 
 def _fitted(truth: np.ndarray, neighbours: int, bad: set[int] = frozenset(), noise: float = 1e-4, seed: int = 2,
             wrong: set[tuple[int, int]] = frozenset(), coarse: float = 1.0) -> list[dict]:
-    """Fitted pairs as the module records them: each pair's exact transform plus noise; a pair touching a ``bad``
+    """Fitted pairs as the fit records them (core.records.fitted_pair): each pair's exact transform plus noise; a pair touching a ``bad``
     slice, or in ``wrong``, gets a random transform (no true answer) and a poor NCC, as a foreign section's pairs have;
     pairs further apart fitted down to the factor ``coarse``."""
     rng = np.random.default_rng(seed)
@@ -46,9 +47,15 @@ def _fitted(truth: np.ndarray, neighbours: int, bad: set[int] = frozenset(), noi
             a = (_hom(truth[j]) @ np.linalg.inv(_hom(truth[i])))[:2]
             a = a + np.concatenate([rng.normal(0, noise * 1e-2, (2, 2)), rng.normal(0, noise, (2, 1))], 1)
             ncc = 0.8 if j - i == 1 else 0.6
-        out.append({"slice_indices": [i, j], "matrix": to_normalized(a, SHAPE).tolist(), "ncc_after": ncc,
-                    "status": "ok", "final_loss": 1 - ncc, "finest_factor": 1.0 if j - i == 1 else coarse})
+        out.append(fitted_pair(len(out), (i, j), to_normalized(a, SHAPE).tolist(), final_loss=1 - ncc, ncc_after=ncc,
+                               finest_factor=1.0 if j - i == 1 else coarse))
     return out
+
+
+def _exact(truth: np.ndarray, i: int, j: int, ncc: float, pair_index: int = -1) -> dict:
+    """The record of pair ``(i, j)`` fitted exactly (at full resolution)."""
+    a = (_hom(truth[j]) @ np.linalg.inv(_hom(truth[i])))[:2]
+    return fitted_pair(pair_index, (i, j), to_normalized(a, SHAPE).tolist(), final_loss=1 - ncc, ncc_after=ncc)
 
 
 def _errors(composed: torch.Tensor | np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -169,8 +176,7 @@ def test_coarse_stand_ins_are_fitted_again_at_full_resolution():
     truth = _truth(40)
     fitted = _fitted(truth, 2, bad={20}, coarse=4.0)
     assert bridge_pairs(40, fitted, {}, SHAPE) == [(19, 21)]
-    refit = {"slice_indices": [19, 21], "matrix": to_normalized((_hom(truth[21]) @ np.linalg.inv(_hom(truth[19])))[:2], SHAPE).tolist(),
-             "ncc_after": 0.6, "status": "ok", "finest_factor": 1.0}
+    refit = _exact(truth, 19, 21, ncc=0.6)
     coarse_bridge = next(f for f in fitted if f["slice_indices"] == [19, 21])
     coarse_bridge["matrix"] = (np.asarray(coarse_bridge["matrix"]) + np.array([[0, 0, 0.002], [0, 0, 0]])).tolist()  # 0.4 px off
     composed, _, _, _ = compose_volume(40, fitted + [refit], {}, SHAPE, neighbours=2)
@@ -188,8 +194,7 @@ def test_two_foreign_slices_in_a_row_need_a_bridge():
     assert record["kept_despite"]
     bridges = bridge_pairs(40, fitted, {}, SHAPE)
     assert bridges == [(19, 22), (18, 22)]
-    extra = [{"slice_indices": [i, j], "matrix": to_normalized((_hom(truth[j]) @ np.linalg.inv(_hom(truth[i])))[:2], SHAPE).tolist(),
-              "ncc_after": 0.5, "status": "ok", "finest_factor": 1.0} for i, j in bridges]
+    extra = [_exact(truth, i, j, ncc=0.5) for i, j in bridges]
     composed, _, _, record = compose_volume(40, fitted + extra, {}, SHAPE, neighbours=2)
     assert not record["kept_despite"] and record["unregistered"] == [20, 21]
     assert _errors(composed, truth)[[z for z in range(40) if z not in bad]].max() < 0.01
@@ -201,8 +206,7 @@ def test_one_neighbour_is_the_chain_bit_for_bit():
     fitted = _fitted(truth, 1, noise=1e-3)
     damaged = {5: "blank"}
     kept = [f for f in fitted if 5 not in f["slice_indices"]]
-    bridge = {"slice_indices": [4, 6], "matrix": to_normalized((_hom(truth[6]) @ np.linalg.inv(_hom(truth[4])))[:2], SHAPE).tolist(),
-              "ncc_after": 0.7, "status": "ok"}
+    bridge = _exact(truth, 4, 6, ncc=0.7)
     ordered = kept[:4] + [bridge] + kept[4:]
     c1, p1, log1 = chain_with_gaps(12, ordered, damaged)
     c2, p2, log2, record = compose_volume(12, ordered, damaged, SHAPE, neighbours=1)

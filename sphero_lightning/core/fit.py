@@ -31,7 +31,7 @@ import torch
 from .initialization import consecutive_phase_correlation
 from .masks import kept_fraction, pair_masks
 from .objective import PairObjective, take
-from .records import PairStatus
+from .records import PairRecord, fitted_pair
 from .solvers import BatchSolver, make_solver
 
 #: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC); below it a pair barely
@@ -220,7 +220,7 @@ class BlockFit:
         if n_local and len(fixed) != n_local:
             raise RuntimeError(f"block {index}: got {len(fixed)} pairs of slices for {n_local} pairs")
         self.solver: BatchSolver | None = None
-        self.results: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, PairRecord] = {}
         self._level0 = None  # level-0 images, kept when the initialisation computes them
         self.level_masks = pair_masks(masks, levels[0].factor / self.base, objective.smoothing, fixed, moving)
         self.x = self._initial_params(n_rows)
@@ -353,7 +353,6 @@ class BlockFit:
         overlap before (identity) and after, at this level's images, whatever the loss; every process calls this (it
         sums over them). With the ncc loss the solver already knows NCC at its last evaluated point; the pair has moved
         since by less than step_tol_px (a change of NCC of the order of 1e-7), so no extra resampling is spent on it."""
-        import math
 
         blk, lv, obj = self.block, self.levels[self.block.level], self.objective
         theta = obj.matrices(self.solver.x)
@@ -372,12 +371,10 @@ class BlockFit:
         per_level = torch.stack(blk.level_counts, 1).tolist()
         for row in torch.nonzero(rows).flatten().tolist():
             pair, f = blk.pairs[row], losses[row]
-            self.results[pair] = {
-                "pair_index": pair, "matrix": matrices[row],
-                "final_loss": f, "num_steps_taken": steps[row],
-                "steps_per_level": per_level[row], "status": PairStatus.OK if math.isfinite(f) else PairStatus.FAILED,
-                "finest_factor": lv.factor, "ncc_before": ncc_before[row], "ncc_after": ncc_after[row],
-                **({"mask_kept": kept[row]} if self.masks is not None else {})}
+            self.results[pair] = fitted_pair(  # slice_indices: the caller's (the block knows positions only)
+                pair, (), matrices[row], final_loss=f, num_steps_taken=steps[row], steps_per_level=per_level[row],
+                finest_factor=lv.factor, ncc_before=ncc_before[row], ncc_after=ncc_after[row],
+                mask_kept=kept[row] if self.masks is not None else None)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> torch.Tensor:
@@ -430,9 +427,9 @@ class BlockFit:
 def fit_block(objective: PairObjective, levels: list[Level], slices: torch.Tensor, fixed: torch.Tensor,
               moving: torch.Tensor, pairs: list[int] | None = None, stop_factor: list[float] | None = None,
               masks: torch.Tensor | None = None, settings: FitSettings | None = None,
-              stopping: StoppingRule | None = None, sync_free: bool | None = None) -> dict[int, dict[str, Any]]:
+              stopping: StoppingRule | None = None, sync_free: bool | None = None) -> dict[int, PairRecord]:
     """Fit one block of pairs coarse to fine without Lightning; the results per pair (as the output's log records
-    them, less ``slice_indices``). ``pairs`` default ``0..P-1``; ``stop_factor`` default 1 for every pair;
+    them; ``slice_indices`` empty: the block knows positions only). ``pairs`` default ``0..P-1``; ``stop_factor`` default 1 for every pair;
     ``stopping`` default the options' defaults (``--early_stopping.*``); ``sync_free``: see :class:`BlockFit`."""
     pairs = list(range(len(fixed))) if pairs is None else pairs
     stop_factor = [1.0] * len(pairs) if stop_factor is None else stop_factor

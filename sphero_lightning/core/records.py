@@ -1,6 +1,8 @@
-"""What a fitted pair's record says of it: its status, the one set of values every module sets and reads.
+"""A fitted pair's record: its keys (:class:`PairRecord`, one place to learn them), the constructor every producer
+uses (:func:`fitted_pair`), and its status (:class:`PairStatus`, the one set of values every module sets and reads).
 
-The values are the output's (``registration_log[*].status`` in the Zarr attributes, ``sphero export``'s CSV): a
+A record is a plain dict at run time (it goes into the journal and the output's ``registration_log`` as JSON), typed
+here for the reader and the type checker. The status values are the output's (``registration_log[*].status`` in the Zarr attributes, ``sphero export``'s CSV): a
 :class:`PairStatus` is a ``str`` and is written as its value, so records built with it and records read back from a
 store compare equal.
 
@@ -10,11 +12,21 @@ store compare equal.
 '{"status": "no_true_answer"}'
 >>> PairStatus.LOW_CORRELATION in UNTRUSTED, PairStatus.OK in UNTRUSTED
 (True, False)
+
+A record as a test makes one (the fields a fit fills; the volume, the QC and the writer add theirs later):
+
+>>> r = fitted_pair(3, (3, 4), [[1.0, 0.0, 0.01], [0.0, 1.0, 0.0]], final_loss=0.2, ncc_after=0.8)
+>>> str(r["status"]), r["slice_indices"], r["finest_factor"]
+('ok', [3, 4], 1.0)
+>>> str(fitted_pair(0, (0, 2), [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], final_loss=float("nan"))["status"])
+'failed'
 """
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
+from typing import Any, NotRequired, TypedDict
 
 
 class PairStatus(StrEnum):
@@ -36,3 +48,48 @@ class PairStatus(StrEnum):
 
 #: The statuses of a result that cannot be trusted as fitted.
 UNTRUSTED = frozenset({PairStatus.LOW_CORRELATION, PairStatus.FAILED})
+
+
+class PairRecord(TypedDict):
+    """One pair's record: what the fit fills (:func:`fitted_pair`) and what later stages add (``NotRequired``)."""
+
+    #: The pair's number in the run (its order in the pair graph).
+    pair_index: int
+    #: ``[fixed, moving]`` slice numbers in the stack.
+    slice_indices: list[int]
+    #: ``(2, 3)`` normalized matrix (output position -> position sampled in the moving slice; ``C_j = A C_i``).
+    matrix: list[list[float]]
+    #: The loss at the end (NCC loss ``1 - NCC`` plus the scale and shear penalty for the default objective).
+    final_loss: float | None
+    num_steps_taken: int
+    steps_per_level: list[int]
+    status: PairStatus
+    #: The resolution the pair was last fitted at (1: full; 4: pairs further apart, ``--solve.coarse_factor``).
+    finest_factor: float
+    ncc_before: float | None
+    ncc_after: float | None
+    #: Fraction of the loss's pixels the masks kept (with masks only).
+    mask_kept: NotRequired[float]
+    #: The QC's verdict and robust z-score of the loss (training.report.flag_outliers).
+    qc: NotRequired[str]
+    qc_z: NotRequired[float | None]
+    #: The solve's residual (px) and the slices a foreign slice left unregistered (core.volume).
+    solve_residual_px: NotRequired[float]
+    unregistered_slices: NotRequired[list[int]]
+    #: A damaged slice's entry: why each slice was left out, and the pair that bridges it.
+    damaged_slices: NotRequired[dict[str, str]]
+    bridged_by: NotRequired[dict[str, Any]]
+
+
+def fitted_pair(pair_index: int, slice_indices: tuple[int, int] | list[int], matrix: list[list[float]], *,
+                final_loss: float, ncc_before: float | None = None, ncc_after: float | None = None,
+                num_steps_taken: int = 0, steps_per_level: list[int] | None = None, finest_factor: float = 1.0,
+                mask_kept: float | None = None) -> PairRecord:
+    """The record of a fitted pair: ``ok``, or ``failed`` where the loss is not finite."""
+    record = PairRecord(pair_index=int(pair_index), slice_indices=[int(z) for z in slice_indices], matrix=matrix,
+                        final_loss=final_loss, num_steps_taken=num_steps_taken, steps_per_level=steps_per_level or [],
+                        status=PairStatus.OK if math.isfinite(final_loss) else PairStatus.FAILED,
+                        finest_factor=float(finest_factor), ncc_before=ncc_before, ncc_after=ncc_after)
+    if mask_kept is not None:
+        record["mask_kept"] = mask_kept
+    return record

@@ -272,7 +272,7 @@ class RegistrationModule(L.LightningModule):
     def _take_results(self) -> None:
         for pair, r in self.fit.results.items():
             self.results[pair] = {"pair_index": pair, "slice_indices": list(self.pair_slices[pair]),
-                                  **{k: v for k, v in r.items() if k != "pair_index"}}
+                                  **{k: v for k, v in r.items() if k not in ("pair_index", "slice_indices")}}
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self) -> None:
