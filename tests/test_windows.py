@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sphero_lightning.core import interpolation as interp
-from sphero_lightning.core import windows
+from sphero_lightning.core import warping, windows
 
 
 @pytest.mark.parametrize("shape", [(100, 120), (1100, 1300), (500, 1000), (1000, 500)])
@@ -55,7 +55,7 @@ def test_sampling_a_window_canvas_equals_the_whole_slice(shape, monkeypatch):
     whole = interp.bspline_prefilter(x[None, None])
     for out_shape, offset in (((40, 50), (37, 51)), ((h - 20, w - 30), (10, 15)), ((1, 7), (h - 1, 0))):
         canvas = windows.bspline_window(lambda a, b, c, d: x[a:b, c:d], theta, (h, w), out_shape, offset)
-        got = interp.warp_coefficients(canvas, theta, (h, w), out_shape, offset, (h, w))
-        ref = interp.warp_coefficients(whole, theta, (h, w), out_shape, offset, (h, w))
+        got = warping.warp_coefficients(canvas, theta, (h, w), out_shape, offset, (h, w))
+        ref = warping.warp_coefficients(whole, theta, (h, w), out_shape, offset, (h, w))
         assert torch.isfinite(got).all()
         assert torch.equal(got, ref)
