@@ -35,13 +35,30 @@ def isbi_base() -> np.ndarray:
     return load_isbi_slice(ISBI_PATH, 0)
 
 
+def fit_argv(root: Path, *extra: str, array: str = "images/50-4-4", config: bool = False, logs: Path | None = None,
+             levels: int | None = None) -> list[str]:
+    """The one ``sphero fit`` command line of the tests: ``root``'s ``array`` on the CPU without the progress bar;
+    ``configs/reg.yaml`` with ``config``; TensorBoard into ``logs``, or no logger where ``logs`` is None; ``levels``
+    pyramid levels (default the option's); then ``extra``."""
+    args = ["fit", *(["--config", CONFIG] if config else []), "--data.root", str(root), "--data.array", array,
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.logger", "false"] if logs is None else ["--trainer.logger.init_args.save_dir", str(logs)]
+    args += ["--pyramid.levels", str(levels)] if levels is not None else []
+    return [*args, *extra]
+
+
+def run_fit(argv: list[str]) -> str:
+    """``sphero fit`` in-process with ``argv`` (:func:`fit_argv`); what it printed on stderr."""
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        main(argv)
+    return buf.getvalue()
+
+
 def fit(root: Path, *extra: str, array: str = "images/50-4-4", logs: Path | None = None) -> None:
-    """Run ``sphero fit`` in-process on ``root`` with the project config."""
-    args = ["fit", "--config", CONFIG, "--data.root", str(root), "--data.array", array,
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(logs or root.parent / "logs"), *extra]
-    with contextlib.redirect_stderr(io.StringIO()):
-        main(args)
+    """Run ``sphero fit`` in-process on ``root`` with the project config, TensorBoard into ``logs`` (default beside
+    ``root``)."""
+    run_fit(fit_argv(root, *extra, array=array, config=True, logs=logs or root.parent / "logs"))
 
 
 def register_synthetic(tmp_path: Path, base: np.ndarray, *extra: str, n: int = 8, shape=(256, 256), **kw) -> tuple[float, zarr.Array]:

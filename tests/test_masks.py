@@ -4,8 +4,6 @@ with known truth (no real data needed)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
@@ -15,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import fit_argv, run_fit
 
 from sphero_lightning.api import register_stack
-from sphero_lightning.commands.main import main
 from sphero_lightning.core.masks import destripe, level_mask, static_patterns
 from sphero_lightning.core.objective import PairObjective
 from sphero_lightning.core.synthetic import composed_error, em_like_image, make_stack, render
@@ -31,16 +29,13 @@ DISK = ((60, 100), 22)  # centre (y, x), radius
 
 
 def _args(root, *extra):
-    return ["fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--pyramid.levels", "3", *extra]
+    return fit_argv(root, *extra, levels=3)
 
 
 def _fit(root, *extra) -> tuple[np.ndarray, dict, str]:
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        main(_args(root, *extra))
+    err = run_fit(_args(root, *extra))
     attrs = dict(zarr.open_array(str(root), path=OUT, mode="r").attrs)
-    return np.asarray(attrs["composed_transforms"]), attrs, buf.getvalue()
+    return np.asarray(attrs["composed_transforms"]), attrs, err
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import CONFIG
+from conftest import fit_argv, run_fit
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import composed_error, make_stack, render, truth_composed
@@ -42,17 +42,12 @@ def _stack(tmp_path, s, name="s.zarr", stack=None):
 
 
 def _args(root, *extra: str) -> list[str]:
-    return ["fit", "--config", CONFIG, "--data.root", str(root), "--data.array", "images/50-4-4",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(root.parent / f"logs-{root.stem}"), *extra]
+    return fit_argv(root, *extra, config=True, logs=root.parent / f"logs-{root.stem}")
 
 
 def _fit(root, *extra: str) -> str:
     """``sphero fit`` in-process; returns what it printed on stderr."""
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        main(_args(root, *extra))
-    return buf.getvalue()
+    return run_fit(_args(root, *extra))
 
 
 def _fails(root, *extra: str) -> str:

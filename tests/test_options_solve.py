@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import fit_argv, run_fit
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.frames import FIRST_KEY, composed_of_all
@@ -27,15 +28,11 @@ SHAPE = (128, 128)
 
 
 def _args(root, *extra):
-    return ["fit", "--data.root", str(root), "--data.array", "images/50-4-4", "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--pyramid.levels", "3", *extra]
+    return fit_argv(root, *extra, levels=3)
 
 
 def _fit(root, *extra) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        main(_args(root, *extra))
-    return buf.getvalue()
+    return run_fit(_args(root, *extra))
 
 
 @pytest.fixture(scope="module")

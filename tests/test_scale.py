@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 import zarr
-from conftest import CONFIG
+from conftest import fit_argv, run_fit
 
-from sphero_lightning.commands.main import main
 from sphero_lightning.core.synthetic import make_stack
 from sphero_lightning.errors import SpheroError
 from sphero_lightning.storage.stacks import write_zarr
@@ -19,13 +15,7 @@ from sphero_lightning.training.writer import RegistrationWriter
 
 
 def _fit(root, *extra) -> str:
-    args = ["fit", "--config", CONFIG, "--data.root", str(root), "--data.array", "images/50-4-4",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(root.parent / "logs"), "--pyramid.levels", "3", *extra]
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        main(args)
-    return buf.getvalue()
+    return run_fit(fit_argv(root, *extra, config=True, logs=root.parent / "logs", levels=3))
 
 
 def test_sharded_tiled_parallel_output_equals_the_default(tmp_path, base_image):
