@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from sphero_lightning.core.frames import to_centered, to_normalized
 from sphero_lightning.core.pairs import block_layout, blocks, pair_graph
 from sphero_lightning.core.records import fitted_pair
-from sphero_lightning.core.solve import _banded_solve, diagnose, solve, to_centered, to_normalized
+from sphero_lightning.core.solve import _banded_solve, diagnose, solve
 from sphero_lightning.core.transforms import chain_with_gaps
 from sphero_lightning.core.volume import Priors, bridge_pairs, compose_volume, project_to_family, remove_drift
 

@@ -1,5 +1,7 @@
 """Coordinate frames with numpy only (``sphero export`` imports no torch): normalized matrices to pixel ``tmats``
-(pystackreg's convention) and their decomposition into displacement, rotation, scale and shear.
+(pystackreg's convention), centred-pixel matrices (``u = x_pixel - (W - 1) / 2``: where the volume solve does its
+algebra, a residual being a displacement in pixels), and a pixel matrix's decomposition into displacement, rotation,
+scale and shear.
 
 Frames: *normalized* coordinates are torch's ``affine_grid`` convention (``align_corners=False``): x and y run over
 ``[-1, 1]`` across the slice, pixel centres at ``(2 i + 1) / n - 1``; *pixel* coordinates are pixel indices,
@@ -14,6 +16,8 @@ what one of them does:
 ((3, 3, 3), [1.0, 0.0, 20.0])
 >>> decompose(tm[1], (100, 200))
 {'dx_px': 10.0, 'dy_px': 0.0, 'rotation_deg': 0.0, 'scale_x': 1.0, 'scale_y': 1.0, 'shear': 0.0}
+>>> to_centered(np.array([[1.0, 0.0, 0.1], [0.0, 1.0, 0.0]]), (100, 200))[0].tolist()
+[1.0, 0.0, 10.0]
 """
 
 from __future__ import annotations
@@ -87,4 +91,24 @@ def fill_between(known: dict[int, np.ndarray], n: int, default: np.ndarray) -> n
             out[z] = (1 - t) * known[lo] + t * known[hi]
         else:
             out[z] = known[before[-1]] if before else (known[after[0]] if after else default)
+    return out
+
+
+def to_centered(theta: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``(..., 2, 3)`` normalized matrices to centered-pixel ones (``u = x_pixel - (W - 1) / 2``)."""
+    h, w = shape
+    d = np.array([2.0 / w, 2.0 / h])
+    out = np.array(theta, dtype=np.float64, copy=True)
+    out[..., :2] = out[..., :2] * d[None, :] / d[:, None]  # D^-1 L D
+    out[..., 2] = out[..., 2] / d
+    return out
+
+
+def to_normalized(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`to_centered`."""
+    h, w = shape
+    d = np.array([2.0 / w, 2.0 / h])
+    out = np.array(a, dtype=np.float64, copy=True)
+    out[..., :2] = out[..., :2] * d[:, None] / d[None, :]
+    out[..., 2] = out[..., 2] * d
     return out

@@ -18,7 +18,7 @@ ties to the reference) is *unregistered*: it gets the transform interpolated bet
 slice, and is listed.
 
 Numpy only (no torch): transforms are given and returned as normalized ``(2, 3)`` matrices (torch's ``affine_grid``
-convention) and solved in centered pixels, where a residual is a displacement in pixels.
+convention) and solved in centered pixels (:func:`~.frames.to_centered`), where a residual is a displacement in pixels.
 
 The algebra: with ``C_k = [L_k | t_k]`` (2 x 2 linear part, translation) and ``A = [a | b]``,
 ``C_j - A C_i = [L_j - a L_i | t_j - a t_i - b]``: each of the three columns of ``C`` is its own linear problem
@@ -34,8 +34,6 @@ chain (slice 0, the reference, the identity; normalized matrices, ``C_j = A_ij C
 >>> r = solve(3, [(0, 1), (1, 2), (0, 2)], np.stack([a, a, two]), np.ones(3), (100, 200))
 >>> np.round(r.composed[:, 0, 2], 6).tolist(), r.unregistered
 ([0.0, 0.1, 0.2], [])
->>> to_centered(a, (100, 200))[0].tolist()  # 0.1 normalized = 10 px of a 200 px wide slice
-[1.0, 0.0, 10.0]
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .frames import fill_between
+from .frames import fill_between, to_centered, to_normalized
 
 #: A cycle of three consecutive slices is inconsistent when its error exceeds this many robust standard deviations of
 #: the stack's cycle errors, and at least MIN_CYCLE_PX pixels (where every pair agrees to hundredths of a pixel).
@@ -91,26 +89,6 @@ class Diagnosis:
     @property
     def clean(self) -> bool:
         return not (self.foreign or self.bad_pairs or self.bad_bridges)
-
-
-def to_centered(theta: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``(..., 2, 3)`` normalized matrices to centered-pixel ones (``u = x_pixel - (W - 1) / 2``)."""
-    h, w = shape
-    d = np.array([2.0 / w, 2.0 / h])
-    out = np.array(theta, dtype=np.float64, copy=True)
-    out[..., :2] = out[..., :2] * d[None, :] / d[:, None]  # D^-1 L D
-    out[..., 2] = out[..., 2] / d
-    return out
-
-
-def to_normalized(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of :func:`to_centered`."""
-    h, w = shape
-    d = np.array([2.0 / w, 2.0 / h])
-    out = np.array(a, dtype=np.float64, copy=True)
-    out[..., :2] = out[..., :2] * d[:, None] / d[None, :]
-    out[..., 2] = out[..., 2] * d
-    return out
 
 
 def _banded_solve(diag: list[np.ndarray], off: dict[tuple[int, int], np.ndarray], rhs: np.ndarray, band: int) -> np.ndarray:

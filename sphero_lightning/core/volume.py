@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .frames import fill_between
+from .frames import fill_between, to_centered, to_normalized
 from .records import PairStatus
-from .solve import Diagnosis, diagnose, solve, to_centered, to_normalized
+from .solve import Diagnosis, diagnose, solve
 from .transforms import chain_with_gaps, homogeneous
 
 #: Weight of a pair with no true answer (:func:`~.solve.diagnose`): enough to keep the stack in one piece where nothing
