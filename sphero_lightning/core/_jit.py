@@ -169,6 +169,18 @@ def pixel_map(theta, p, w, h):
             (h / 2.0) * theta[p, 1, 0], (h / 2.0) * theta[p, 1, 1], (h / 2.0) * theta[p, 1, 2] + (h - 1) / 2.0)
 
 
+@njit(inline="always", fastmath=_FAST)
+def add_pixel(s, wt, mc, f, gx, gy, xn):
+    """A row's 18 running sums of :func:`bands` with one more pixel of weight ``wt`` (1 inside the ramp, where the
+    products by it fold away): S1, Sf, Sm, Sff, Smm, Sfm, then [u: w m, w f, w][d: x, y][i: xn, 1] of u times d."""
+    wm = wt * mc
+    wf = wt * f
+    return (s[0] + wt, s[1] + wf, s[2] + wm, s[3] + wf * f, s[4] + wm * mc, s[5] + wf * mc,
+            s[6] + wm * gx * xn, s[7] + wm * gx, s[8] + wm * gy * xn, s[9] + wm * gy,
+            s[10] + wf * gx * xn, s[11] + wf * gx, s[12] + wf * gy * xn, s[13] + wf * gy,
+            s[14] + wt * gx * xn, s[15] + wt * gx, s[16] + wt * gy * xn, s[17] + wt * gy)
+
+
 @njit(inline="always")
 def ramp_sums(acc, dwx, dwy, f, mc, xn, yn):
     """Where the weight has a derivative (a thin border and mask boundaries): its moments, per sum it enters."""
@@ -206,31 +218,13 @@ def bands(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, out):
             yn = (2.0 * r + 1.0) / h - 1.0
             rx = cx1 * yn + cx2
             ry = cy1 * yn + cy2
-            s0 = s1 = s2 = s3 = s4 = s5 = 0.0
-            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m8 = m9 = m10 = m11 = 0.0
+            sums = (0.0,) * 18  # S1, Sf, Sm, Sff, Smm, Sfm, then the gradient's moments m0..m11 of the row
             # the columns further inside than the ramp (px and py are linear in c): the branch-free loop
             lo, hi = interior_columns(cx0, cy0, rx, ry, ramp, w, h, masked)
             for c in range(lo, hi):
                 xn = (2.0 * c + 1.0) / w - 1.0
                 mc, gx, gy, f = interior(p, r, c, cx0 * xn + rx, cy0 * xn + ry, fixed, coeffs, fm, cm)
-                s0 += 1.0
-                s1 += f
-                s2 += mc
-                s3 += f * f
-                s4 += mc * mc
-                s5 += f * mc
-                m0 += mc * gx * xn
-                m1 += mc * gx
-                m2 += mc * gy * xn
-                m3 += mc * gy
-                m4 += f * gx * xn
-                m5 += f * gx
-                m6 += f * gy * xn
-                m7 += f * gy
-                m8 += gx * xn
-                m9 += gx
-                m10 += gy * xn
-                m11 += gy
+                sums = add_pixel(sums, 1.0, mc, f, gx, gy, xn)
             for k in range(w - (hi - lo)):  # the other columns: [0, lo) and [hi, w)
                 c = k if k < lo else k + (hi - lo)
                 xn = (2.0 * c + 1.0) / w - 1.0
@@ -238,36 +232,14 @@ def bands(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, out):
                                                     masked, w, h, fixed, coeffs, fmask, mmask, fm, cm)
                 if wt < 0.0:
                     continue
-                wm = wt * mc
-                wf = wt * f
-                s0 += wt
-                s1 += wf
-                s2 += wm
-                s3 += wf * f
-                s4 += wm * mc
-                s5 += wf * mc
-                m0 += wm * gx * xn
-                m1 += wm * gx
-                m2 += wm * gy * xn
-                m3 += wm * gy
-                m4 += wf * gx * xn
-                m5 += wf * gx
-                m6 += wf * gy * xn
-                m7 += wf * gy
-                m8 += wt * gx * xn
-                m9 += wt * gx
-                m10 += wt * gy * xn
-                m11 += wt * gy
+                sums = add_pixel(sums, wt, mc, f, gx, gy, xn)
                 if dwx != 0.0 or dwy != 0.0:
                     ramp_sums(acc, dwx, dwy, f, mc, xn, yn)
-            acc[0] += s0
-            acc[1] += s1
-            acc[2] += s2
-            acc[3] += s3
-            acc[4] += s4
-            acc[5] += s5
+            for k in range(N_SUMS):
+                acc[k] += sums[k]
             # [u][d] x (yn xn, yn, xn, 1)
-            for k, (sx, s1_) in enumerate(((m0, m1), (m2, m3), (m4, m5), (m6, m7), (m8, m9), (m10, m11))):
+            for k in range(6):
+                sx, s1_ = sums[N_SUMS + 2 * k], sums[N_SUMS + 2 * k + 1]
                 base = N_SUMS + 4 * k
                 acc[base] += yn * sx
                 acc[base + 1] += yn * s1_

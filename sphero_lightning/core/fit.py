@@ -358,7 +358,7 @@ class BlockFit:
         theta = obj.matrices(self.solver.x)
         with torch.no_grad():
             # NCC at the identity: the compiled pass over the coefficients where the fit uses it, else the images
-            by_kernel = obj.compiled and obj.uses_fast_ncc and self.slices.device.type == "cpu"
+            by_kernel = obj.uses_fast_ncc and obj.runs_compiled(self.level_fixed)
             ncc_before = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs if by_kernel else self.level_moving,
                                             obj.pair_ncc_identity_compiled if by_kernel else obj.pair_ncc_identity).tolist()
             if obj.loss == "ncc" and not obj.loss_kwargs:

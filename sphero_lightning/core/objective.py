@@ -200,6 +200,11 @@ class PairObjective:
             weight = weight * masks[0] * masks[1]
         return (1 - ncc_loss(fixed, moving, weight)).to(p.dtype)
 
+    def runs_compiled(self, t: torch.Tensor) -> bool:
+        """Whether work on ``t`` takes the compiled CPU path: the fit chose it (:attr:`compiled`), and ``t`` is float32
+        on the CPU."""
+        return self.compiled and t.device.type == "cpu" and t.dtype == torch.float32
+
     def pair_ncc_identity_compiled(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
                                    masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """:meth:`pair_ncc_identity` by the compiled pass over the moving slices' coefficients ``coeffs`` (at the
@@ -211,7 +216,7 @@ class PairObjective:
     def level_stack(self, slices: torch.Tensor, factor: float) -> torch.Tensor:
         """``slices`` (``(N, 1, H, W)``, grey values about [0, 1]) at one level: downscaled, pre-smoothed."""
         imgs = downscale(slices, factor)
-        if self.smoothing > 0 and self.compiled and imgs.device.type == "cpu" and imgs.dtype == torch.float32:
+        if self.smoothing > 0 and self.runs_compiled(imgs):
             kernel = gaussian_kernel(self.smoothing).double().numpy()
             return torch.from_numpy(kernels.gaussian_blur(imgs[:, 0].numpy(), kernel)).unsqueeze(1)
         if self.smoothing > 0:
@@ -366,7 +371,7 @@ class PairObjective:
         gradient as dense sums (:func:`~.fastncc.ncc_and_gradient`); what a fit on a GPU runs (no wait per step).
         """
         h, w = fixed.shape[-2:]
-        one_pass = self.compiled and self.uses_fast_ncc and not dense and fixed.device.type == "cpu"
+        one_pass = self.runs_compiled(fixed) and self.uses_fast_ncc and not dense
         per = max(1, len(p) if one_pass else self.max_pixels_per_pass // (h * w))
         per = -(-len(p) // -(-len(p) // per))  # equal passes (8 pairs in 2 passes: 4 + 4, not 7 + 1)
         losses, grads, hess = [], [], []
@@ -428,7 +433,7 @@ class PairObjective:
             fixed = torch.arange(len(imgs) - 1, device=imgs.device)
             moving = fixed + 1
         if self.uses_fast_ncc:
-            if self.compiled and imgs.device.type == "cpu" and imgs.dtype == torch.float32:  # the recursive filter
+            if self.runs_compiled(imgs):  # the recursive filter
                 c = torch.from_numpy(kernels.bspline_prefilter(imgs[:, 0].numpy())).unsqueeze(1)
             else:
                 c = bspline_prefilter(imgs)
