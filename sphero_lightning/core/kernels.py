@@ -73,44 +73,50 @@ def ncc_sums(theta: np.ndarray, fixed: np.ndarray, coeffs: np.ndarray, fmean: np
     ``ramp`` ``(B, 2, 6, 2, 2)`` (the weight's derivative d times [q: 1, f, m, ff, mm, fm][j][i]) and ``curv``
     ``(B, 9, 3, 3)`` (the curvature's sums [k][j: 1, yn, yn^2][i: 1, xn, xn^2]; zero for the pairs not wanted)."""
     jit = _kernels()
-    bands, curvature, nb = jit.bands, jit.curvature, jit._nb
-    fresh = not bands.signatures  # first call in this process: loaded from numba's cache, or compiled (once a machine)
-    t0 = time.perf_counter()
     b, h, _ = fixed.shape
     out = np.zeros((b, -(-h // jit.BAND_ROWS), jit.WIDTH), dtype=np.float64)
     empty = np.zeros((0, 1, 1), dtype=np.float32)
     fmask = empty if fmask is None else fmask
     mmask = empty if mmask is None else mmask
-    nb.set_num_threads(max(1, min(threads, nb.config.NUMBA_NUM_THREADS)))
-    bands(theta, fixed, coeffs, fmean, cmean, float(ramp), fmask, mmask, out)
+    _call(jit.bands, threads, theta, fixed, coeffs, fmean, cmean, float(ramp), fmask, mmask, out)
     if want is not None and fcoeffs is not None and want.any():
-        fresh = fresh or not curvature.signatures
-        curvature(theta, fixed, coeffs, fmean, cmean, float(ramp), fmask, mmask, fcoeffs, want, out)
-    if fresh and time.perf_counter() - t0 > 3.0:
-        print(f"sphero: compiled the evaluation kernels for this machine in {time.perf_counter() - t0:.0f} s (once: numba "
-              "keeps them in its cache)", file=sys.stderr)
+        _call(jit.curvature, threads, theta, fixed, coeffs, fmean, cmean, float(ramp), fmask, mmask, fcoeffs, want, out)
     total = out.sum(1)
     n0, n1, n2 = jit.N_SUMS, jit.N_SUMS + jit.N_MOM, jit.N_SUMS + jit.N_MOM + jit.N_RAMP
     return (total[:, :n0], total[:, n0:n1].reshape(b, 3, 2, 2, 2), total[:, n1:n2].reshape(b, 2, 6, 2, 2),
             total[:, n2:].reshape(b, 9, 3, 3))
 
 
-def bspline_prefilter(images: np.ndarray) -> np.ndarray:
-    """:func:`~.interpolation.bspline_prefilter` of ``(B, h, w)`` float32 images by the compiled recursive filter:
-    ``(B, h + 4, w + 4)`` float32, the same coefficients to float32 rounding (the torch path multiplies by the
-    filter's dense inverse, ~5x the arithmetic at 512 px)."""
+def bspline_prefilter(images: np.ndarray, threads: int = 1) -> np.ndarray:
+    """:func:`~.interpolation.bspline_prefilter` of ``(B, h, w)`` float32 images by the compiled recursive filter on
+    ``threads`` threads: ``(B, h + 4, w + 4)`` float32, the same coefficients to float32 rounding (the torch path
+    multiplies by the filter's dense inverse, ~5x the arithmetic at 512 px)."""
     from . import _jit_filters as jit
 
     out = np.empty((images.shape[0], images.shape[1] + 2 * jit.PAD, images.shape[2] + 2 * jit.PAD), dtype=np.float32)
-    jit.prefilter(np.ascontiguousarray(images, dtype=np.float32), out)
+    _call(jit.prefilter, threads, np.ascontiguousarray(images, dtype=np.float32), out)
     return out
 
 
-def gaussian_blur(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+def gaussian_blur(images: np.ndarray, kernel: np.ndarray, threads: int = 1) -> np.ndarray:
     """:func:`~.interpolation.gaussian_blur` of ``(B, h, w)`` float32 images with the 1-D ``kernel`` (float64), by the
-    compiled separable filter: the same values to float32 rounding, without the dense matrix product."""
+    compiled separable filter on ``threads`` threads: the same values to float32 rounding, without the dense matrix
+    product."""
     from . import _jit_filters as jit
 
     out = np.empty(images.shape, dtype=np.float32)
-    jit.blur(np.ascontiguousarray(images, dtype=np.float32), np.ascontiguousarray(kernel, dtype=np.float64), out)
+    _call(jit.blur, threads, np.ascontiguousarray(images, dtype=np.float32), np.ascontiguousarray(kernel, dtype=np.float64), out)
     return out
+
+
+def _call(kernel: Any, threads: int, *args: Any) -> None:
+    """``kernel(*args)`` on ``threads`` threads (the run's share of the cores, as torch has it). Its first call in a
+    process loads it from numba's cache, or compiles it (once a machine, seconds): a compile says so in one line."""
+    nb = _kernels()._nb
+    nb.set_num_threads(max(1, min(threads, nb.config.NUMBA_NUM_THREADS)))
+    fresh = not kernel.signatures
+    t0 = time.perf_counter()
+    kernel(*args)
+    if fresh and time.perf_counter() - t0 > 3.0:
+        print(f"sphero: compiled {kernel.__name__} for this machine in {time.perf_counter() - t0:.0f} s (once: numba "
+              "keeps it in its cache)", file=sys.stderr)

@@ -218,7 +218,7 @@ class PairObjective:
         imgs = downscale(slices, factor)
         if self.smoothing > 0 and self.runs_compiled(imgs):
             kernel = gaussian_kernel(self.smoothing).double().numpy()
-            return torch.from_numpy(kernels.gaussian_blur(imgs[:, 0].numpy(), kernel)).unsqueeze(1)
+            return torch.from_numpy(kernels.gaussian_blur(imgs[:, 0].numpy(), kernel, torch.get_num_threads())).unsqueeze(1)
         if self.smoothing > 0:
             imgs = gaussian_blur(imgs, self.smoothing)
         return imgs
@@ -434,7 +434,7 @@ class PairObjective:
             moving = fixed + 1
         if self.uses_fast_ncc:
             if self.runs_compiled(imgs):  # the recursive filter
-                c = torch.from_numpy(kernels.bspline_prefilter(imgs[:, 0].numpy())).unsqueeze(1)
+                c = torch.from_numpy(kernels.bspline_prefilter(imgs[:, 0].numpy(), torch.get_num_threads())).unsqueeze(1)
             else:
                 c = bspline_prefilter(imgs)
             return take(c, fixed), take(c, moving)
