@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import fit
 
 from sphero_lightning import Registration, register_stack, warp_stack
 from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.errors import SpheroError
 from sphero_lightning.storage.stacks import write_zarr
+from tests.conftest import fit
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

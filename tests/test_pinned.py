@@ -22,11 +22,10 @@ import numpy as np
 import zarr
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import fit
-
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.conftest
 from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.storage.stacks import write_zarr
+from tests.conftest import fit
 
 PINNED = Path(__file__).resolve().parent / "data" / "pinned.json"
 #: name: (make_stack arguments, extra sphero fit arguments)

@@ -53,3 +53,14 @@ def test_readme_main_command_needs_no_config_file():
     text = README.read_text()
     assert "sphero fit --data.root stack.zarr --data.array images/50-4-4" in text
     assert "--config configs/reg.yaml --data.root" not in text  # a path that exists only in the checkout
+
+
+def test_every_test_file_the_docs_name_exists():
+    """The README, docs/, benchmarks/ and the package's docstrings name test files (``tests/<layer>/test_<module>.py``,
+    and ``::test_name`` in docs/options.md): each one is there, so a moved or renamed test file fails here."""
+    repo = README.parent
+    texts = [README, *(repo / "docs").glob("*.md"), *(repo / "benchmarks").rglob("*.py"), *(repo / "sphero_lightning").rglob("*.py")]
+    named = {m for p in texts for m in re.findall(r"\btests/(?:\w+/)*test_\w+\.py", p.read_text())}
+    assert len(named) > 10, named
+    missing = sorted(n for n in named if not (repo / n).is_file())
+    assert not missing, f"test files named in the docs that do not exist: {missing}"

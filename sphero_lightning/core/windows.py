@@ -13,7 +13,7 @@ output does not depend on the chunking:
   that sampling uses the very same normalised positions as on the whole slice. Only the window's pages are
   ever touched (the rest of the allocation stays virtual), so memory follows the window, not the slice.
 
-``tests/test_windows.py`` checks both against the whole-slice computation with ``torch.equal``, with the rest of
+``tests/core/test_windows.py`` checks both against the whole-slice computation with ``torch.equal``, with the rest of
 the canvas filled with NaN (any read outside the window would show).
 """
 
