@@ -21,7 +21,7 @@ def stack(base_image):
     return make_stack(base_image, 6, (128, 160), seed=7)
 
 
-def test_ingest_fit_apply_labels(tmp_path, stack, capsys):
+def test_ingest_fit_apply_labels(tmp_path, stack):
     tif = tmp_path / "stack.tif"
     tifffile.imwrite(tif, stack.stack)
     root = tmp_path / "s.zarr"

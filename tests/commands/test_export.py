@@ -10,7 +10,7 @@ from sphero_lightning.storage.stacks import write_zarr
 from tests.conftest import OUT, assert_one_line_error, fit, run_cli, sphero
 
 
-def test_exported_tmats_reproduce_the_output_with_pystackreg(tmp_path, base_image, capsys):
+def test_exported_tmats_reproduce_the_output_with_pystackreg(tmp_path, base_image):
     """pystackreg's transform_stack with our pixel matrices gives our registered output (inside the crop), and the
     matrices (``export --tmats`` and ``composed_transforms_pixel``) are the normalized ``composed_transforms`` in pixel
     indices."""

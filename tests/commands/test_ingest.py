@@ -66,7 +66,7 @@ def test_ingest_writes_ome_metadata_viewers_find(tmp_path, base_image):
     assert any(isinstance(spec, Multiscales) for spec in nodes[0].specs)
 
 
-def test_ingest_folder_in_natural_order(tmp_path, stack, capsys):
+def test_ingest_folder_in_natural_order(tmp_path, stack):
     folder = tmp_path / "slices"
     folder.mkdir()
     for i, im in enumerate(stack.stack):
@@ -85,7 +85,7 @@ def test_ingest_folder_in_natural_order(tmp_path, stack, capsys):
     ("mixed", "every slice must have the same size"),
     ("exists", "already exists"),
 ])
-def test_ingest_user_errors(tmp_path, stack, capsys, case, message):
+def test_ingest_user_errors(tmp_path, stack, case, message):
     src = tmp_path / "slices"
     src.mkdir()
     for i, im in enumerate(stack.stack[:3]):
