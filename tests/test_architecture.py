@@ -17,7 +17,7 @@ ALLOWED = {
     "training": {"errors", "threads", "options", "core", "storage", "report", "_version"},
     "commands": {"errors", "threads", "options", "core", "storage", "training", "report", "_version"},
     "api": {"errors", "threads", "options", "core", "storage", "training", "report", "_version"},
-    "options": {"errors"},  # reads the classes' source files, imports none of them (errors: its checks raise SpheroError)
+    "options": {"errors", "core"},  # reads the classes' source files, imports none of them; core.settings: the defaults, ranges
 }
 
 
@@ -196,3 +196,73 @@ def test_pair_statuses_are_set_and_read_only_through_the_core_type():
                         and literal(v)]
             bad += [f"{p.relative_to(PKG)}:{node.lineno}" for _ in hits]
     assert not bad, bad
+
+
+#: Parameters named like an option that take a value of their own, and why.
+OWN_DEFAULTS = {
+    ("commands/apply.py", "apply_registration", "interpolation"): "'auto': the interpolation the registration recorded",
+    ("core/objective.py", "evaluate", "curvature"): "a switch (compute the Gauss-Newton curvature), not the option",
+}
+
+
+def test_every_option_default_and_choice_is_defined_once():
+    """Issue 38: every option's default and choices have one home, core/settings.py; the command line (LightningCLI
+    reads the classes' signatures), the early checks and ``--help`` (options.fit_options reads the same source),
+    the Python API (register_stack builds the same classes), configs/reg.yaml and every core or storage function that
+    takes the same setting say what it says. Catches a default changed in one place and not in another."""
+    import dataclasses
+    import inspect
+    import typing
+    from importlib import import_module
+
+    import yaml
+
+    from sphero_lightning.core import settings
+    from sphero_lightning.options import GROUPS, LINKED, REQUIRED, fit_options
+
+    # choices: a Literal alias is written only in core/settings.py
+    aliases = [f"{p.relative_to(PKG)}:{n.lineno}" for p in PKG.rglob("*.py") if p.name != "settings.py"
+               for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.Assign, ast.AnnAssign)) and
+               isinstance(n.value, ast.Subscript) and ast.unparse(n.value.value).endswith("Literal")]
+    assert not aliases, f"Literal choices defined outside core/settings.py: {aliases}"
+    options = fit_options()
+    config = yaml.safe_load((PKG.parent / "configs" / "reg.yaml").read_text())
+    for group, rel, cls_name in GROUPS:
+        home = settings.DEFAULTS[group]
+        fields = {f.name: getattr(home, f.name) for f in dataclasses.fields(home)}
+        cls = getattr(import_module("sphero_lightning." + rel.removesuffix(".py").replace("/", ".")), cls_name)
+        signature = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        own = {k.split(".", 1)[1] for k, o in options.items() if k.startswith(group + ".") and k not in LINKED
+               and o.default is not REQUIRED}
+        assert own == set(fields), (group, own ^ set(fields))
+        for name, value in fields.items():
+            key = f"{group}.{name}"
+            assert options[key].default == value, (key, "early checks / --help", options[key].default, value)
+            assert signature[name] == value, (key, f"{cls_name} (the command line)", signature[name], value)
+            cfg = config[group].get(name, value)
+            assert cfg == value or (value is None and cfg == {}), (key, "configs/reg.yaml", cfg, value)
+            choices = typing.get_args(typing.get_type_hints(type(home))[name])
+            if options[key].choices is not None:
+                assert tuple(options[key].choices) == tuple(choices), (key, options[key].choices, choices)
+    # the source: the classes' defaults name their home; no function repeats a setting's value as a literal
+    names = {f.name for g in settings.DEFAULTS.values() for f in dataclasses.fields(g)}
+    literal = []
+    for p in PKG.rglob("*.py"):
+        rel = str(p.relative_to(PKG))
+        if rel == "core/settings.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            pos = a.posonlyargs + a.args
+            given = list(zip(pos[len(pos) - len(a.defaults):], a.defaults)) + \
+                [(k, d) for k, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+            for arg, default in given:
+                if arg.arg in names and isinstance(default, ast.Constant) and default.value is not None \
+                        and (rel, node.name, arg.arg) not in OWN_DEFAULTS:
+                    literal.append(f"{rel}:{node.lineno} {node.name}({arg.arg}={default.value!r})")
+    assert not literal, f"a setting's default written as a literal instead of core.settings's: {literal}"
+    from sphero_lightning.api import register_stack
+
+    assert inspect.signature(register_stack).parameters["transformation"].default == settings.MODEL.transformation

@@ -32,6 +32,7 @@ from .initialization import consecutive_phase_correlation
 from .masks import kept_fraction, pair_masks
 from .objective import PairObjective, take
 from .records import PairRecord, fitted_pair
+from .settings import EARLY_STOPPING, MODEL
 from .solvers import BatchSolver, make_solver
 
 #: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC); below it a pair barely
@@ -100,10 +101,10 @@ class BlockState:
 class FitSettings:
     """How a block is fitted (the module's options of the same names)."""
 
-    optimizer: str = "bfgs"
-    curvature: str = "gauss_newton"
-    init_std: float = 0.0
-    init_translation: str = "phase"
+    optimizer: str = MODEL.optimizer
+    curvature: str = MODEL.curvature
+    init_std: float = MODEL.init_std
+    init_translation: str = MODEL.init_translation
 
 
 class Ranks:
@@ -132,8 +133,8 @@ class StoppingRule:
     carries the options and documents the rule): the loss flat over ``window`` accepted iterates, or a confirmed
     proposed step shorter than the level's tolerance (``tols``: pixels of each level)."""
 
-    def __init__(self, tols: list[float], window: int = 15, tol: float = 1e-7, newton_step_tol_px: float = 0.02,
-                 enabled: bool = True) -> None:
+    def __init__(self, tols: list[float], window: int = EARLY_STOPPING.window, tol: float = EARLY_STOPPING.tol,
+                 newton_step_tol_px: float = EARLY_STOPPING.newton_step_tol_px, enabled: bool = EARLY_STOPPING.enabled) -> None:
         self.tols, self.window, self.tol, self.newton_step_tol_px, self.enabled = tols, window, tol, newton_step_tol_px, enabled
         self._key: tuple[int, int, int] | None = None
 

@@ -17,17 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .interpolation import downscale
+from .settings import Destripe, StaticMode
 
-Destripe = Literal["none", "vertical", "horizontal", "both"]
-#: ``--data.static_patterns``: what is done with patterns fixed in every slice (:func:`find_static_patterns`).
-StaticMode = Literal["leave_out", "keep"]
 #: Pixels of each level a mask is eroded by beyond the smoothing's reach (the B-spline prefilter's tail).
 MARGIN = 2
 def _erode(m: torch.Tensor, r: int) -> torch.Tensor:

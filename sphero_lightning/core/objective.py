@@ -10,7 +10,7 @@ are ``(B, 1, h, w)`` float tensors; the moving ones are passed as what the loss 
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,9 @@ from .interpolation import (
 )
 from .losses import get_loss, ncc_loss
 from .masks import sample_mask_autograd
+from .settings import MODEL, Loss, LossInterpolation, Transformation
 from .transforms import corner_displacement, family_basis, params_to_normalized
 
-Transformation = Literal["translation", "rigid", "similarity", "affine"]
-Loss = Literal["ncc", "mse", "mae", "ssim"]
-#: Interpolation of the moving slice inside the loss.
-LossInterpolation = Literal["bspline", "bspline2x", "bicubic"]
 INTERPOLATIONS = get_args(LossInterpolation)
 
 
@@ -85,9 +82,10 @@ class PairObjective:
     (torch.Size([2]), torch.Size([2, 3]))
     """
 
-    def __init__(self, transformation: Transformation = "rigid", scaling: bool = True, shear: bool = True,
-                 loss: Loss = "ncc", loss_kwargs: dict[str, Any] | None = None, regularization: float = 0.5,
-                 smoothing: float = 0.7, interpolation: LossInterpolation = "bspline",
+    def __init__(self, transformation: Transformation = MODEL.transformation, scaling: bool = MODEL.scaling,
+                 shear: bool = MODEL.shear, loss: Loss = MODEL.loss, loss_kwargs: dict[str, Any] | None = MODEL.loss_kwargs,
+                 regularization: float = MODEL.regularization, smoothing: float = MODEL.smoothing,
+                 interpolation: LossInterpolation = MODEL.interpolation,
                  shape: tuple[int, int] | None = None) -> None:
         if interpolation not in INTERPOLATIONS:
             raise SpheroError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")

@@ -12,8 +12,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from .settings import SOLVE
 
-def pair_graph(good: list[int], neighbours: int = 1) -> list[tuple[int, int]]:
+
+def pair_graph(good: list[int], neighbours: int = SOLVE.neighbours) -> list[tuple[int, int]]:
     """``(fixed, moving)`` pairs of the usable slices ``good`` (ascending), each slice registered to the ``neighbours``
     usable slices before it.
 
@@ -67,7 +69,7 @@ class StackPairs:
     segments: list[int] = field(default_factory=lambda: [0])
 
     @classmethod
-    def of(cls, good: list[int], neighbours: int = 1, coarse_factor: float = 1.0) -> StackPairs:
+    def of(cls, good: list[int], neighbours: int = SOLVE.neighbours, coarse_factor: float = SOLVE.coarse_factor) -> StackPairs:
         """The pairs of the usable slices ``good`` (:func:`pair_graph`), pairs further apart stopping at ``coarse_factor``."""
         pairs = pair_graph(good, neighbours)
         at = {z: q for q, z in enumerate(good)}

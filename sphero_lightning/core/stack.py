@@ -31,10 +31,11 @@ import torch
 from .crop import crop_box
 from .fit import FitSettings, Level, StoppingRule, fit_block
 from .kernels import worth
-from .masks import Destripe, block_images, to_tensor
+from .masks import block_images, to_tensor
 from .objective import PairObjective
 from .pairs import StackPairs, block_layout
 from .records import PairRecord, flag_outliers, in_stack, mark_untrusted
+from .settings import DATA, EARLY_STOPPING, MODEL, OUTPUT, PYRAMID, SOLVE, Destripe
 from .transforms import normalized_to_pixel
 from .volume import Priors, bridge_pairs, compose_volume
 
@@ -44,9 +45,9 @@ ADAM_LR = [1e-3, 1e-3, 5e-4, 1e-4]
 MAX_BRIDGE_ROUNDS = 2
 
 
-def pyramid_levels(levels: int = 4, factors: list[float] | float = 2.0, steps: list[int] | int = 100,
-                   learning_rate: list[float] | float | None = None, optimizer: str = "bfgs", base: float = 1.0
-                   ) -> list[Level]:
+def pyramid_levels(levels: int = PYRAMID.levels, factors: list[float] | float = PYRAMID.factors,
+                   steps: list[int] | int = PYRAMID.steps, learning_rate: list[float] | float | None = PYRAMID.learning_rate,
+                   optimizer: str = MODEL.optimizer, base: float = 1.0) -> list[Level]:
     """The pyramid's levels, coarse to fine (``--pyramid.*``): factors ``[f**(levels-1), ..., f, 1]`` from a number
     (or the list given), times ``base`` (a power of 2 for large slices); the step budget and the learning rate per
     level (one value or one per level; default 0.01 for bfgs, the reference's Adam rates for adam).
@@ -87,8 +88,10 @@ def per_level(value: float | list[float], levels: int, name: str) -> list[float]
     return [float(value)] * levels
 
 
-def stopping_rule(levels: int, step_tol_px: float | list[float] = 0.003, coarse_step_tol_px: float = 0.01,
-                  window: int = 15, tol: float = 1e-7, newton_step_tol_px: float = 0.02, enabled: bool = True) -> StoppingRule:
+def stopping_rule(levels: int, step_tol_px: float | list[float] = EARLY_STOPPING.step_tol_px,
+                  coarse_step_tol_px: float = EARLY_STOPPING.coarse_step_tol_px, window: int = EARLY_STOPPING.window,
+                  tol: float = EARLY_STOPPING.tol, newton_step_tol_px: float = EARLY_STOPPING.newton_step_tol_px,
+                  enabled: bool = EARLY_STOPPING.enabled) -> StoppingRule:
     """The early-stopping rule of ``levels`` pyramid levels (``--early_stopping.*``): ``step_tol_px`` at the finest
     level and ``coarse_step_tol_px`` at the others, or ``step_tol_px`` as a list, one per level.
 
@@ -125,9 +128,9 @@ class VolumeResult:
 
 
 def compose_stack(n_slices: int, fitted: list[PairRecord], damaged: dict[int, str], shape: tuple[int, int],
-                  neighbours: int = 1, reference: int = 0, priors: Priors | None = None,
-                  family: tuple[str, bool, bool] = ("affine", True, True), crop_borders: bool = True,
-                  margin: int = 0) -> VolumeResult:
+                  neighbours: int = SOLVE.neighbours, reference: int = SOLVE.reference, priors: Priors | None = None,
+                  family: tuple[str, bool, bool] = ("affine", True, True), crop_borders: bool = OUTPUT.crop_borders,
+                  margin: int = OUTPUT.crop_safety_margin) -> VolumeResult:
     """The composed transforms (:func:`~.volume.compose_volume`), untrusted pairs marked
     (:func:`~.records.mark_untrusted`), and the crop box (:func:`~.crop.crop_box`; the whole slice without
     ``crop_borders``)."""
@@ -160,9 +163,11 @@ SliceReader = Callable[[list[int]], Any]
 
 def fit_stack(read: SliceReader, n_slices: int, shape: tuple[int, int], objective: PairObjective, levels: list[Level],
               stopping: StoppingRule, *, intensity: tuple[float, float], settings: FitSettings | None = None,
-              damaged: Mapping[int, str] | None = None, neighbours: int = 2, coarse_factor: float = 4.0,
-              pairs_per_block: int = 32, destripe: Destripe = "none", reference: int = 0, priors: Priors | None = None,
-              crop_borders: bool = True, margin: int = 0, done: Mapping[int, PairRecord] | None = None,
+              damaged: Mapping[int, str] | None = None, neighbours: int = SOLVE.neighbours,
+              coarse_factor: float = SOLVE.coarse_factor, pairs_per_block: int = DATA.pairs_per_block,
+              destripe: Destripe = DATA.destripe, reference: int = SOLVE.reference, priors: Priors | None = None,
+              crop_borders: bool = OUTPUT.crop_borders, margin: int = OUTPUT.crop_safety_margin,
+              done: Mapping[int, PairRecord] | None = None,
               on_block: Callable[[dict[int, PairRecord]], None] | None = None) -> StackResult:
     """Register a stack of ``n_slices`` slices of ``shape`` read by ``read`` (:data:`SliceReader`), as ``sphero fit``
     does with the same settings: the pairs of the usable slices (``damaged`` left out and bridged), block by block

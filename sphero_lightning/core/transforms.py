@@ -38,6 +38,7 @@ import torch
 from ..errors import SpheroError
 from .frames import decompose, fill_between
 from .records import PairStatus
+from .settings import MODEL
 
 #: Names of the six full parameters, in order.
 PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")
@@ -47,7 +48,7 @@ PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")
 FAMILIES = ("translation", "rigid", "similarity", "affine")
 
 
-def family_basis(transformation: str, scaling: bool = True, shear: bool = True) -> torch.Tensor:
+def family_basis(transformation: str, scaling: bool = MODEL.scaling, shear: bool = MODEL.shear) -> torch.Tensor:
     """Linear map from the free parameters of a family to the full 6-vector.
 
     Parameters

@@ -23,6 +23,7 @@ import torch
 
 from .frames import fill_between, to_centered, to_normalized
 from .records import PairStatus
+from .settings import MODEL, SOLVE
 from .solve import Diagnosis, diagnose, solve
 from .transforms import chain_with_gaps, homogeneous
 
@@ -75,8 +76,8 @@ class Priors:
         return self.detrend is not None or self.highpass is not None or bool(self.anchors)
 
 
-def project_to_family(composed: np.ndarray, shape: tuple[int, int], transformation: str = "affine", scaling: bool = True,
-                      shear: bool = True) -> np.ndarray:
+def project_to_family(composed: np.ndarray, shape: tuple[int, int], transformation: str, scaling: bool = MODEL.scaling,
+                      shear: bool = MODEL.shear) -> np.ndarray:
     """The nearest transforms of the family (``(n, 2, 3)`` normalized in and out): a weighted average of rigid
     transforms is not rigid. In centered pixels the linear part ``A = R [[sx, k sy], [0, sy]]`` keeps its rotation and
     only what the family fits: rigid drops scale and shear (the polar rotation), similarity keeps one scale (the mean
@@ -153,7 +154,7 @@ def _correct(c: np.ndarray, trend: np.ndarray, reference: int) -> np.ndarray:
 
 
 def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str], shape: tuple[int, int],
-                   neighbours: int = 1, reference: int = 0, priors: Priors | None = None,
+                   neighbours: int = SOLVE.neighbours, reference: int = SOLVE.reference, priors: Priors | None = None,
                    family: tuple[str, bool, bool] = ("affine", True, True)
                    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]], dict[str, Any] | None]:
     """Composed transforms of every slice, the consecutive pairs' transforms and log, and the solve's record.

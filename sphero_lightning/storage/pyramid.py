@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..core.settings import OUTPUT
 from .store import create_array, move_into_place, open_group, spacing_name
 from .tasks import run_tasks
 
@@ -119,8 +120,8 @@ def place_levels(root: str | Path, group_path: str, name: str, levels: int,
     return names[1:]
 
 
-def write_levels(root: str | Path, group_path: str, name: str, levels: int, *, num_workers: int = 4,
-                 progress: bool = False, compression_level: int = 3, nearest: bool = False) -> list[str]:
+def write_levels(root: str | Path, group_path: str, name: str, levels: int, *, num_workers: int = OUTPUT.num_workers,
+                 progress: bool = False, compression_level: int = OUTPUT.compression_level, nearest: bool = False) -> list[str]:
     """Write levels ``1 .. levels - 1`` of the array ``group_path/name`` beside it; returns their names. Named by
     their spacing where the array is (``50-4-4`` -> ``50-8-8``, ``50-16-16``), else ``<name>-2x``, ``<name>-4x``.
     ``nearest`` (label images): each level keeps every other pixel (the top-left of each 2 x 2 block) instead of the

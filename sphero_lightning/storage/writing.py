@@ -34,6 +34,7 @@ import torch
 import zarr
 
 from ..core.interpolation import DENSE_MAX
+from ..core.settings import OUTPUT
 from ..core.warping import nearest_index, warp, warp_coefficients
 from ..core.windows import bspline_window, corner_positions, sample_bounds, window_canvas
 from ..errors import SpheroError
@@ -350,7 +351,7 @@ class WriteResult:
 
 def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed: torch.Tensor, box: list[int], mode: str, *,
                written: zarr.Array | ArrayRef | None = None, device: torch.device | str = "cpu", rank: int = 0,
-               world: int = 1, progress: bool = False, num_workers: int = 4, scheduler: str = "threads",
+               world: int = 1, progress: bool = False, num_workers: int = OUTPUT.num_workers, scheduler: str = OUTPUT.scheduler,
                levels: Sequence[zarr.Array | ArrayRef] = (), nearest: bool = False, fill: float = 0.0) -> WriteResult:
     """Warp every slice of ``src`` once into the cropped ``out``: one dask task per row of shards (or chunks) of ``out``.
 

@@ -11,9 +11,9 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
 from ..core.fit import SMALL_RUN, StoppingRule  # noqa: F401 - SMALL_RUN: named in the docstring
+from ..core.settings import EARLY_STOPPING, PYRAMID, check_bounds
 from ..core.stack import large_slice_base, pyramid_levels, stopping_rule
 from ..errors import SpheroError
-from ..options import check_bounds
 from .module import RegistrationModule
 from .state import Level
 
@@ -44,8 +44,10 @@ class PyramidSchedule(L.Callback):
         area; reading and writing stay full resolution. The run says what it chose.
     """
 
-    def __init__(self, levels: int = 4, factors: float | list[float] = 2.0, steps: int | list[int] = 100,
-                 learning_rate: float | list[float] | None = None, finest_max_pixels: int = 1 << 22) -> None:
+    def __init__(self, levels: int = PYRAMID.levels, factors: float | list[float] = PYRAMID.factors,
+                 steps: int | list[int] = PYRAMID.steps,
+                 learning_rate: float | list[float] | None = PYRAMID.learning_rate,
+                 finest_max_pixels: int = PYRAMID.finest_max_pixels) -> None:
         check_bounds("pyramid", levels=levels, factors=factors, steps=steps, finest_max_pixels=finest_max_pixels)
         given = pyramid_levels(levels, factors, steps)  # the factors and steps per level (their lengths checked)
         fac = [lv.factor for lv in given]
@@ -132,9 +134,10 @@ class PairEarlyStopping(L.Callback):
         The same for pairs whose level started from a trusted Gauss-Newton model (slices matching at NCC >= 0.8).
     """
 
-    def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7,
-                 step_tol_px: float | list[float] = 0.003, coarse_step_tol_px: float = 0.01,
-                 newton_step_tol_px: float = 0.02) -> None:
+    def __init__(self, enabled: bool = EARLY_STOPPING.enabled, window: int = EARLY_STOPPING.window,
+                 tol: float = EARLY_STOPPING.tol, step_tol_px: float | list[float] = EARLY_STOPPING.step_tol_px,
+                 coarse_step_tol_px: float = EARLY_STOPPING.coarse_step_tol_px,
+                 newton_step_tol_px: float = EARLY_STOPPING.newton_step_tol_px) -> None:
         check_bounds("early_stopping", window=window, step_tol_px=step_tol_px, coarse_step_tol_px=coarse_step_tol_px,
                      newton_step_tol_px=newton_step_tol_px)
         self.coarse_step_tol_px = coarse_step_tol_px

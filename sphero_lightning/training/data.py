@@ -15,10 +15,10 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from ..core.masks import Destripe, StaticMode, StaticPatterns, combined_destripe, find_static_patterns, to_tensor
+from ..core.masks import StaticPatterns, combined_destripe, find_static_patterns, to_tensor
 from ..core.pairs import StackPairs, block_layout
+from ..core.settings import DATA, SOLVE, Destripe, StaticMode, check_bounds
 from ..errors import SpheroError
-from ..options import check_bounds
 from ..storage.checks import check_stack
 from ..storage.slices import (
     damaged_slices,
@@ -116,12 +116,14 @@ class ZarrPairDataModule(L.LightningDataModule):
         one line; ``keep`` uses it and says which option would handle it. Not looked for with a mask array.
     """
 
-    def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
-                 pairs_per_block: int = 32, spacing: list[float] | None = None, overwrite: bool = False,
-                 check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True,
-                 output_root: str | None = None, memory_budget_gb: float | None = None, neighbours: int = 1,
-                 coarse_factor: float = 1.0, ignore_value: float | None = None, mask_array: str | None = None,
-                 destripe: Destripe = "none", static_patterns: StaticMode = "leave_out") -> None:
+    def __init__(self, root: str, array: str, dst_group: str = DATA.dst_group, max_pairs: int | None = DATA.max_pairs,
+                 pairs_per_block: int = DATA.pairs_per_block, spacing: list[float] | None = DATA.spacing,
+                 overwrite: bool = DATA.overwrite, check_slices: bool = DATA.check_slices,
+                 min_contrast: float = DATA.min_contrast, resume: bool = DATA.resume,
+                 output_root: str | None = DATA.output_root, memory_budget_gb: float | None = DATA.memory_budget_gb,
+                 neighbours: int = SOLVE.neighbours, coarse_factor: float = SOLVE.coarse_factor,
+                 ignore_value: float | None = DATA.ignore_value, mask_array: str | None = DATA.mask_array,
+                 destripe: Destripe = DATA.destripe, static_patterns: StaticMode = DATA.static_patterns) -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing

@@ -20,15 +20,25 @@ import torch.distributed as dist
 from ..core.fit import BlockFit, BlockState, FitSettings, Ranks
 from ..core.kernels import worth
 from ..core.masks import block_images
-from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation
+from ..core.objective import PairObjective
 from ..core.records import in_stack
+from ..core.settings import (
+    DATA,
+    MODEL,
+    Curvature,
+    InitTranslation,
+    Loss,
+    LossInterpolation,
+    Optimizer,
+    Transformation,
+    check_bounds,
+)
 from ..errors import SpheroError
-from ..options import check_bounds
 from ..storage.journal import Journal
 from ..threads import release_memory
 from .report import log_level_end, log_run_settings
 from .scope import current_run
-from .state import Curvature, InitTranslation, Level, Optimizer
+from .state import Level
 
 
 @dataclass
@@ -98,22 +108,13 @@ class RegistrationModule(L.LightningModule):
     #: :class:`~sphero_lightning.core.fit.BlockFit`'s ``sync_free`` (None: on where the slices are not on the CPU)
     sync_free: bool | None = None
 
-    def __init__(
-        self,
-        transformation: Transformation = "rigid",
-        scaling: bool = True,
-        shear: bool = True,
-        loss: Loss = "ncc",
-        loss_kwargs: dict[str, Any] | None = None,
-        optimizer: Optimizer = "bfgs",
-        regularization: float = 0.5,
-        init_std: float = 0.0,
-        init_translation: InitTranslation = "phase",
-        smoothing: float = 0.7,
-        interpolation: LossInterpolation = "bspline",
-        curvature: Curvature = "gauss_newton",
-        pairs_per_block: int = 32,
-    ) -> None:
+    def __init__(self, transformation: Transformation = MODEL.transformation, scaling: bool = MODEL.scaling,
+                 shear: bool = MODEL.shear, loss: Loss = MODEL.loss,
+                 loss_kwargs: dict[str, Any] | None = MODEL.loss_kwargs, optimizer: Optimizer = MODEL.optimizer,
+                 regularization: float = MODEL.regularization, init_std: float = MODEL.init_std,
+                 init_translation: InitTranslation = MODEL.init_translation, smoothing: float = MODEL.smoothing,
+                 interpolation: LossInterpolation = MODEL.interpolation, curvature: Curvature = MODEL.curvature,
+                 pairs_per_block: int = DATA.pairs_per_block) -> None:
         super().__init__()
         for name, value, kind in (("transformation", transformation, Transformation), ("loss", loss, Loss),
                                   ("optimizer", optimizer, Optimizer), ("init_translation", init_translation, InitTranslation),

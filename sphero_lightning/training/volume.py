@@ -9,10 +9,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 
+from ..core.settings import SOLVE, check_bounds
 from ..core.stack import MAX_BRIDGE_ROUNDS
 from ..core.volume import Priors
 from ..errors import SpheroError
-from ..options import check_bounds
 
 
 class VolumeSolve(L.Callback):
@@ -47,8 +47,9 @@ class VolumeSolve(L.Callback):
         bends to meet them. Assumes they are right.
     """
 
-    def __init__(self, neighbours: int = 2, coarse_factor: float = 4.0, reference: int = 0, detrend: int | None = None,
-                 highpass: float | None = None, anchors: str | None = None) -> None:
+    def __init__(self, neighbours: int = SOLVE.neighbours, coarse_factor: float = SOLVE.coarse_factor,
+                 reference: int = SOLVE.reference, detrend: int | None = SOLVE.detrend,
+                 highpass: float | None = SOLVE.highpass, anchors: str | None = SOLVE.anchors) -> None:
         check_bounds("solve", neighbours=neighbours, coarse_factor=coarse_factor, reference=reference, detrend=detrend,
                      highpass=highpass)
         self.neighbours, self.coarse_factor, self.reference = int(neighbours), float(coarse_factor), int(reference)

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import lightning as L
 import numpy as np
@@ -21,9 +21,9 @@ import torch.distributed as dist
 from .._version import __version__
 from ..core.frames import FIRST_KEY, pixel_matrices
 from ..core.records import MIN_TRUSTED_NCC, PairStatus, flag_outliers
+from ..core.settings import OUTPUT, OutputInterpolation, check_bounds
 from ..core.stack import VolumeResult, compose_stack
 from ..errors import SpheroError
-from ..options import check_bounds
 from ..report.drift import accumulation_warning
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
@@ -41,17 +41,14 @@ from .module import RegistrationModule
 from .report import RunTimes, log_panels, say, trainer_record
 from .volume import VolumeSolve
 
-#: How the writer resamples slices for the output (``--output.interpolation``).
-OutputInterpolation = Literal["bspline", "bicubic", "bilinear"]
-
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-def compose_result(dm: Any, module: RegistrationModule, volume: VolumeSolve | None, crop_borders: bool = True,
-                   margin: int = 0) -> VolumeResult:
+def compose_result(dm: Any, module: RegistrationModule, volume: VolumeSolve | None,
+                   crop_borders: bool = OUTPUT.crop_borders, margin: int = OUTPUT.crop_safety_margin) -> VolumeResult:
     """The fitted pairs of ``module`` over the stack of ``dm`` as a volume (:func:`~..core.stack.compose_stack`, with
     the ``--solve.*`` settings of ``volume``): what the writer writes and the Python API returns."""
     shape = dm.slice_shape
@@ -240,9 +237,11 @@ class RegistrationWriter(L.Callback):
         they can reach. Each task writes one shard (or chunk); a write that was interrupted resumes where it stopped.
     """
 
-    def __init__(self, crop_borders: bool = True, crop_safety_margin: int = 0, interpolation: OutputInterpolation = "bspline",
-                 compression_level: int = 3, chunks: list[int] | None = None, shards: list[int] | None = None,
-                 num_workers: int = 4, scheduler: str = "threads", levels: int | None = None) -> None:
+    def __init__(self, crop_borders: bool = OUTPUT.crop_borders, crop_safety_margin: int = OUTPUT.crop_safety_margin,
+                 interpolation: OutputInterpolation = OUTPUT.interpolation,
+                 compression_level: int = OUTPUT.compression_level, chunks: list[int] | None = OUTPUT.chunks,
+                 shards: list[int] | None = OUTPUT.shards, num_workers: int = OUTPUT.num_workers,
+                 scheduler: str = OUTPUT.scheduler, levels: int | None = OUTPUT.levels) -> None:
         if interpolation not in get_args(OutputInterpolation):
             raise SpheroError(f"unknown output interpolation {interpolation!r}; choose one of {', '.join(get_args(OutputInterpolation))}")
         check_bounds("output", crop_safety_margin=crop_safety_margin, num_workers=num_workers, levels=levels)
