@@ -16,14 +16,12 @@ from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from .._version import __version__
 from ..core.crop import crop_box
-from ..core.frames import FIRST_KEY, pixel_matrices
+from ..core.frames import FIRST_KEY, Affine, Frame, pixel_matrices
 from ..core.records import PairStatus
-from ..core.transforms import normalized_to_pixel
 from ..core.volume import compose_volume
 from ..errors import SpheroError
 from ..options import check_bounds
@@ -67,10 +65,11 @@ def compose_result(dm: Any, module: RegistrationModule, volume: VolumeSolve | No
         family=(module.hparams.transformation, module.hparams.scaling, module.hparams.shear))
     mark_untrusted(log)
     first = composed[0]  # slice 0's: the identity, unless the output takes another slice's frame (--solve.reference)
-    own_frame = bool(torch.equal(first, torch.eye(3, dtype=first.dtype)[:2]))
+    own_frame = Affine(first, Frame.NORMALIZED, shape).is_identity()
     composed = composed[1:] if own_frame else composed  # what is warped (every slice's where slice 0 moves too)
     later = composed if own_frame else composed[1:]  # slices 1..n: the output's composed_transforms
-    box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, margin) if crop_borders else [0, shape[0], 0, shape[1]]
+    pixel = Affine(composed, Frame.NORMALIZED, shape).to(Frame.PIXEL).matrix.numpy()
+    box = crop_box(pixel, shape, margin) if crop_borders else [0, shape[0], 0, shape[1]]
     return fitted, composed, pairwise_m, log, solved, first, own_frame, later, box
 
 
