@@ -266,20 +266,3 @@ def test_frame_conversions_and_the_identity_test_live_in_the_frame_type():
     home = {what.split(":")[0] for _, what in frame_telltales(ast.parse((PKG / FRAME_HOME).read_text()))}
     assert home == {"centre", "to normalized", "scale", "identity"}, home  # the patterns still find what they look for
 
-
-def test_the_frame_type_converts_and_tests_the_identity_for_numpy_and_torch():
-    import numpy as np
-    import torch
-
-    from sphero_lightning.core.frames import Affine, Frame
-
-    theta = np.array([[[0.9, 0.1, 0.05], [-0.2, 1.1, -0.1]]])
-    for m in (theta, torch.from_numpy(theta)):
-        a = Affine(m, Frame.NORMALIZED, (30, 50))
-        for frame in Frame:
-            back = a.to(frame).to(Frame.NORMALIZED).matrix
-            assert type(back) is type(m) and np.allclose(np.asarray(back), theta), frame
-        assert not a.is_identity() and a.is_identity(tol=0.2)
-        assert Affine(m[:, :, :] * 0 + np.eye(3)[:2], Frame.CENTRED, (30, 50)).is_identity()
-    assert np.allclose(Affine(torch.from_numpy(theta), Frame.NORMALIZED, (30, 50)).to(Frame.PIXEL).matrix.numpy(),
-                       Affine(theta, Frame.NORMALIZED, (30, 50)).to(Frame.PIXEL).matrix)
