@@ -17,9 +17,9 @@ import pytest
 import zarr
 
 from sphero_lightning.commands.main import main
+from sphero_lightning.core.records import flag_outliers
 from sphero_lightning.core.synthetic import composed_error, make_stack
 from sphero_lightning.storage.stacks import pixel_error_of_output, write_zarr
-from sphero_lightning.training.report import flag_outliers
 
 OUT = "images/registered/50-4-4"
 

@@ -14,9 +14,9 @@ from conftest import CONFIG, fit
 
 from sphero_lightning.commands.main import main
 from sphero_lightning.core.objective import PairObjective
+from sphero_lightning.core.records import flag_outliers
 from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.storage.stacks import write_zarr
-from sphero_lightning.training.report import flag_outliers
 
 
 def _fit_with_progress_bar(root, logs, *extra: str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -68,6 +68,14 @@ def loss_images(slices: Iterable[torch.Tensor], factor: float, masks: torch.Tens
     if direction != "none":
         images = destripe(images, direction, (block[:, :1] > 0.999).float())
     return images, block
+
+
+def block_images(slices: Iterable[torch.Tensor], offset: Any, scale: Any, factor: float, masks: torch.Tensor | None,
+                 direction: Destripe) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`loss_images` of a block's slices as read (``(H, W)`` each, from :func:`to_tensor`: compact values with
+    their ``offset`` and ``scale``): grey values to about [0, 1] by the stack's own range, one slice at a time."""
+    offset, scale = torch.as_tensor(offset).float(), torch.as_tensor(scale).float()
+    return loss_images(((s[None, None].float() - offset) / scale for s in slices), factor, masks, direction)
 
 
 def pair_masks(block_masks: torch.Tensor | None, factor: float, smoothing: float, fixed: torch.Tensor,

@@ -99,6 +99,7 @@ class PairObjective:
         self.loss_fn = get_loss(loss)
         self.loss_kwargs = dict(loss_kwargs or {})
         self.basis = family_basis(transformation, scaling, shear)  # (n_free, 6)
+        self.family = (transformation, scaling, shear)  # as given: the volume projects onto it (core.volume)
         self.shape = shape
         #: Pixels evaluated in one pass (pairs x pixels per pair); bounds the memory of an evaluation.
         self.max_pixels_per_pass = 1 << 20

@@ -11,22 +11,11 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
 from ..core.fit import SMALL_RUN, StoppingRule  # noqa: F401 - SMALL_RUN: named in the docstring
+from ..core.stack import large_slice_base, pyramid_levels, stopping_rule
 from ..errors import SpheroError
 from ..options import check_bounds
 from .module import RegistrationModule
 from .state import Level
-
-
-def _per_level(value: float | list[float], levels: int, name: str) -> list[float]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != levels:
-            raise SpheroError(f"{name} has {len(value)} entries but there are {levels} pyramid levels; give one value or {levels}")
-        return [float(v) for v in value]
-    return [float(value)] * levels
-
-
-#: Learning rates of the reference pipeline (Adam), per level from coarse to fine.
-ADAM_LR = [1e-3, 1e-3, 5e-4, 1e-4]
 
 
 class PyramidSchedule(L.Callback):
@@ -58,31 +47,22 @@ class PyramidSchedule(L.Callback):
     def __init__(self, levels: int = 4, factors: float | list[float] = 2.0, steps: int | list[int] = 100,
                  learning_rate: float | list[float] | None = None, finest_max_pixels: int = 1 << 22) -> None:
         check_bounds("pyramid", levels=levels, factors=factors, steps=steps, finest_max_pixels=finest_max_pixels)
-        if isinstance(factors, (list, tuple)):
-            fac = _per_level(factors, levels, "pyramid factors")
-        else:
-            fac = [float(factors) ** (levels - 1 - i) for i in range(levels)]
+        given = pyramid_levels(levels, factors, steps)  # the factors and steps per level (their lengths checked)
+        fac = [lv.factor for lv in given]
         if any(fine > coarse for coarse, fine in itertools.pairwise(fac)):
             raise SpheroError(f"pyramid factors go from coarse to fine, each at most the one before (e.g. [4, 2, 1]); "
                               f"got {[float(f) for f in fac]}")
-        st = [int(s) for s in _per_level(steps, levels, "pyramid steps")]
+        st = [lv.steps for lv in given]
         self.factors, self.steps, self.learning_rate = fac, st, learning_rate
         self.n_levels, self.finest_max_pixels = levels, int(finest_max_pixels)
         self.base = 1.0  # the power of 2 every factor is multiplied by for large slices (set at setup)
 
     def levels_for(self, optimizer: str) -> list[Level]:
-        lr = self.learning_rate
-        if lr is None:
-            lr = ADAM_LR[-self.n_levels:] if optimizer == "adam" and self.n_levels <= 4 else (1e-3 if optimizer == "adam" else 1e-2)
-        lrs = _per_level(lr, self.n_levels, "learning_rate")
-        return [Level(f * self.base, s, r) for f, s, r in zip(self.factors, self.steps, lrs)]
+        return pyramid_levels(self.n_levels, self.factors, self.steps, self.learning_rate, optimizer, self.base)
 
     def base_factor(self, shape: tuple[int, int]) -> float:
         """The smallest power of 2 that brings the finest level of ``shape`` slices under ``finest_max_pixels``."""
-        base, (h, w) = 1.0, shape
-        while (h / (base * min(self.factors))) * (w / (base * min(self.factors))) > self.finest_max_pixels:
-            base *= 2
-        return base
+        return large_slice_base(shape, min(self.factors), self.finest_max_pixels)
 
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -168,11 +148,8 @@ class PairEarlyStopping(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         pyramid = next((cb for cb in trainer.callbacks if isinstance(cb, PyramidSchedule)), None)
         levels = pyramid.n_levels if pyramid is not None else len(pl_module.levels)
-        if isinstance(self.step_tol_px, (list, tuple)):
-            tols = _per_level(self.step_tol_px, levels, "early_stopping.step_tol_px")
-        else:
-            tols = [float(self.coarse_step_tol_px)] * (levels - 1) + [float(self.step_tol_px)]
-        self.rule = StoppingRule(tols, self.window, self.tol, self.newton_step_tol_px, self.enabled)
+        self.rule = stopping_rule(levels, self.step_tol_px, self.coarse_step_tol_px, self.window, self.tol,
+                                  self.newton_step_tol_px, self.enabled)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change a pair's result (for the progress journal)."""

@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from ..core.fit import BlockFit, BlockState, FitSettings, Ranks
 from ..core.kernels import worth
-from ..core.masks import loss_images
+from ..core.masks import block_images
 from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation
+from ..core.records import in_stack
 from ..errors import SpheroError
 from ..options import check_bounds
 from ..storage.journal import Journal
@@ -215,9 +216,8 @@ class RegistrationModule(L.LightningModule):
         """Receive this rank's slices of the current block and set up its fit (:class:`~..core.fit.BlockFit`)."""
         # grey values to about [0, 1] by the stack's own range (data.to_tensor), at the finest level's resolution one
         # slice at a time; what the loss leaves out (data.ignore_value, data.mask_array) and sees (data.destripe)
-        slices, masks = loss_images(
-            ((s[None, None].float() - batch["offset"].float()) / batch["scale"].float() for s in batch["slices"]),
-            self.levels[-1].factor, batch.get("masks"), batch.get("destripe", "none"))
+        slices, masks = block_images(batch["slices"], batch["offset"], batch["scale"], self.levels[-1].factor,
+                                     batch.get("masks"), batch.get("destripe", "none"))
         pairs = self.block_pairs(self.current_epoch)
         hp = self.hparams
         self.fit = BlockFit(self.objective, self.levels, slices, batch["fixed"], batch["moving"], pairs,
@@ -271,8 +271,7 @@ class RegistrationModule(L.LightningModule):
 
     def _take_results(self) -> None:
         for pair, r in self.fit.results.items():
-            self.results[pair] = {"pair_index": pair, "slice_indices": list(self.pair_slices[pair]),
-                                  **{k: v for k, v in r.items() if k not in ("pair_index", "slice_indices")}}
+            self.results[pair] = in_stack(r, pair, self.pair_slices[pair])
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 
+from ..core.stack import MAX_BRIDGE_ROUNDS
 from ..core.volume import Priors
 from ..errors import SpheroError
 from ..options import check_bounds
@@ -75,7 +76,7 @@ class VolumeSolve(L.Callback):
             raise SpheroError(f"--solve.anchors names slice(s) {bad} outside this stack ({n} slices: 0..{n - 1})")
 
     #: Rounds of bridging pairs at most (each after the pairs before it are fitted).
-    max_rounds = 2
+    max_rounds = MAX_BRIDGE_ROUNDS
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rounds = 0

@@ -19,10 +19,9 @@ import numpy as np
 import torch.distributed as dist
 
 from .._version import __version__
-from ..core.crop import crop_box
-from ..core.frames import FIRST_KEY, Affine, Frame, pixel_matrices
-from ..core.records import PairStatus
-from ..core.volume import compose_volume
+from ..core.frames import FIRST_KEY, pixel_matrices
+from ..core.records import MIN_TRUSTED_NCC, PairStatus, flag_outliers
+from ..core.stack import VolumeResult, compose_stack
 from ..errors import SpheroError
 from ..options import check_bounds
 from ..report.drift import accumulation_warning
@@ -39,7 +38,7 @@ from ..storage.writing import (
     warp_stack,
 )
 from .module import RegistrationModule
-from .report import MIN_TRUSTED_NCC, RunTimes, flag_outliers, log_panels, mark_untrusted, say, trainer_record
+from .report import RunTimes, log_panels, say, trainer_record
 from .volume import VolumeSolve
 
 #: How the writer resamples slices for the output (``--output.interpolation``).
@@ -52,25 +51,14 @@ def _barrier() -> None:
 
 
 def compose_result(dm: Any, module: RegistrationModule, volume: VolumeSolve | None, crop_borders: bool = True,
-                   margin: int = 0) -> tuple[Any, ...]:
-    """From the fitted pairs to the volume (:func:`~..core.volume.compose_volume`) and its crop box; what the writer
-    writes and the Python API returns: ``(fitted, composed (warped), pairwise, log, solved, first, own_frame, later,
-    box)``, ``later`` the composed transforms of slices 1..n."""
+                   margin: int = 0) -> VolumeResult:
+    """The fitted pairs of ``module`` over the stack of ``dm`` as a volume (:func:`~..core.stack.compose_stack`, with
+    the ``--solve.*`` settings of ``volume``): what the writer writes and the Python API returns."""
     shape = dm.slice_shape
-    fitted = [module.results[p] for p in range(dm.n_pairs)]
-    composed, pairwise_m, log, solved = compose_volume(
-        dm.n_slices, fitted, dm.damaged, shape, neighbours=dm.neighbours,
-        reference=volume.reference if volume is not None else 0,
-        priors=volume.priors(shape) if volume is not None else None,
-        family=(module.hparams.transformation, module.hparams.scaling, module.hparams.shear))
-    mark_untrusted(log)
-    first = composed[0]  # slice 0's: the identity, unless the output takes another slice's frame (--solve.reference)
-    own_frame = Affine(first, Frame.NORMALIZED, shape).is_identity()
-    composed = composed[1:] if own_frame else composed  # what is warped (every slice's where slice 0 moves too)
-    later = composed if own_frame else composed[1:]  # slices 1..n: the output's composed_transforms
-    pixel = Affine(composed, Frame.NORMALIZED, shape).to(Frame.PIXEL).matrix.numpy()
-    box = crop_box(pixel, shape, margin) if crop_borders else [0, shape[0], 0, shape[1]]
-    return fitted, composed, pairwise_m, log, solved, first, own_frame, later, box
+    return compose_stack(dm.n_slices, [module.results[p] for p in range(dm.n_pairs)], dm.damaged, shape,
+                         neighbours=dm.neighbours, reference=volume.reference if volume is not None else 0,
+                         priors=volume.priors(shape) if volume is not None else None,
+                         family=module.objective.family, crop_borders=crop_borders, margin=margin)
 
 
 def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter,
@@ -84,8 +72,9 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     if missing:
         raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
     volume = next((cb for cb in trainer.callbacks if isinstance(cb, VolumeSolve)), None)
-    fitted, composed, pairwise_m, log, solved, first, own_frame, later, box = compose_result(
-        dm, module, volume, writer.crop_borders, writer.crop_safety_margin)
+    vol = compose_result(dm, module, volume, writer.crop_borders, writer.crop_safety_margin)
+    fitted, composed, log, solved, first, own_frame, later, box = (
+        vol.fitted, vol.composed, vol.log, vol.solved, vol.first, vol.own_frame, vol.later, vol.box)
     up, down, left, right = box
     out_shape = (n + 1, down - up, right - left)
 
@@ -173,7 +162,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "inputs": [dm.array],
             "source_root": str(dm.root) if is_url(dm.root) else str(Path(dm.root).resolve()),
             "processing": processing,
-            "pairwise_transforms": pairwise_m.tolist(),
+            "pairwise_transforms": vol.pairwise.tolist(),
             "composed_transforms": later.tolist(),
             "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),
             **({} if own_frame else {FIRST_KEY: first.tolist()}),
