@@ -202,6 +202,7 @@ def test_pair_statuses_are_set_and_read_only_through_the_core_type():
 OWN_DEFAULTS = {
     ("commands/apply.py", "apply_registration", "interpolation"): "'auto': the interpolation the registration recorded",
     ("core/objective.py", "evaluate", "curvature"): "a switch (compute the Gauss-Newton curvature), not the option",
+    ("core/frames.py", "is_identity", "tol"): "a matrix entry's tolerance (0: exact), not the loss's flatness",
 }
 
 
@@ -266,3 +267,73 @@ def test_every_option_default_and_choice_is_defined_once():
     from sphero_lightning.api import register_stack
 
     assert inspect.signature(register_stack).parameters["transformation"].default == settings.MODEL.transformation
+
+
+#: The frame type's module (core.frames: ``Frame``, ``Affine``, the point conversions): the only one that spells out a
+#: conversion between coordinate frames or tests a matrix for the identity.
+FRAME_HOME = "core/frames.py"
+#: Loops that write a frame's formula into their own arithmetic, and why they may.
+FRAME_FORMULA_EXEMPT = {
+    "core/_jit.py": "numba kernels: a compiled loop cannot call the frame type (pixel_map: normalized -> pixel rows)",
+    "core/interpolation.py:axis_taps": "the B-spline taps' normalized positions, computed in place for speed",
+}
+EYE = re.compile(r"^(\w+\.)*eye\b")  # an operand that is an identity matrix: eye, np.eye(3)[:2], torch.eye(...)
+
+
+def _is_const(node: ast.AST, *values: float) -> bool:
+    return isinstance(node, ast.Constant) and not isinstance(node.value, bool) and node.value in values
+
+
+def frame_telltales(tree: ast.AST) -> list[tuple[int, str]]:
+    """``(line, what)`` of every expression that converts between frames or tests for the identity: ``(X - 1) / 2``
+    (the pixel frame's centre, also inside ``((x + 1) * W - 1) / 2``), ``(2 * x + 1) / W`` (pixel -> normalized),
+    ``2 / W`` (the normalized frame's scale), and an (array_)equal / allclose / isclose / ``==`` with an ``eye``."""
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            left, right = node.left, node.right
+            if _is_const(right, 2, 2.0) and isinstance(left, ast.BinOp) and isinstance(left.op, ast.Sub) \
+                    and _is_const(left.right, 1, 1.0):
+                hits.append((node.lineno, f"centre: {ast.unparse(node)}"))
+            elif isinstance(left, ast.BinOp) and isinstance(left.op, ast.Add) and _is_const(left.right, 1, 1.0) \
+                    and isinstance(left.left, ast.BinOp) and isinstance(left.left.op, ast.Mult) \
+                    and _is_const(left.left.left, 2, 2.0):
+                hits.append((node.lineno, f"to normalized: {ast.unparse(node)}"))
+            elif _is_const(left, 2, 2.0) and not isinstance(right, ast.Constant):
+                hits.append((node.lineno, f"scale: {ast.unparse(node)}"))
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in {"equal", "array_equal", "array_equiv", "allclose", "isclose"} and \
+                    any(EYE.search(ast.unparse(a)) for a in node.args):
+                hits.append((node.lineno, f"identity: {ast.unparse(node)}"))
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops) and \
+                any(EYE.search(ast.unparse(a)) for a in [node.left, *node.comparators]):
+            hits.append((node.lineno, f"identity: {ast.unparse(node)}"))
+    return hits
+
+
+def _function_at(tree: ast.AST, line: int) -> str:
+    """The innermost function around ``line`` ("" at module level)."""
+    around = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and n.lineno <= line <= (n.end_lineno or 0)]
+    return min(around, key=lambda n: (n.end_lineno or 0) - n.lineno).name if around else ""
+
+
+def test_frame_conversions_and_the_identity_test_live_in_the_frame_type():
+    """Issue 38: a conversion between the normalized, centred and pixel frames (a matrix's or a point's) and the test
+    for the identity (slice 0's transform) are written once, in core.frames (``Affine.to``, ``Affine.is_identity``,
+    ``pixel_centre``, ``pixel_coords``, ``normalized_coords``); every other module calls them, except the loops in
+    FRAME_FORMULA_EXEMPT. The same formula written in several modules drifted apart before (align_corners
+    conventions, ``(W - 1) / 2`` against ``W / 2``)."""
+    bad = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = str(p.relative_to(PKG))
+        if rel == FRAME_HOME or rel in FRAME_FORMULA_EXEMPT:
+            continue
+        tree = ast.parse(p.read_text())
+        bad += [f"{rel}:{line}: {what}" for line, what in frame_telltales(tree)
+                if f"{rel}:{_function_at(tree, line)}" not in FRAME_FORMULA_EXEMPT]
+    assert not bad, bad
+    home = {what.split(":")[0] for _, what in frame_telltales(ast.parse((PKG / FRAME_HOME).read_text()))}
+    assert home == {"centre", "to normalized", "scale", "identity"}, home  # the patterns still find what they look for
+

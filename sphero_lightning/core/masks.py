@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .frames import normalized_coords
 from .interpolation import downscale
 from .settings import Destripe, StaticMode
 
@@ -123,7 +124,7 @@ def sample_mask(mask: torch.Tensor, px: torch.Tensor, py: torch.Tensor
 def sample_mask_autograd(mask: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     """:func:`sample_mask`'s value through ``grid_sample`` (differentiable in the positions, for the autograd losses)."""
     h, w = mask.shape[-2:]
-    grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], -1).to(mask.dtype)
+    grid = torch.stack([normalized_coords(px, w), normalized_coords(py, h)], -1).to(mask.dtype)
     return F.grid_sample(mask.unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
 
 

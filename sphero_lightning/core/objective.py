@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..errors import SpheroError
 from . import kernels
 from .fastncc import ncc_and_gradient
+from .frames import normalized_coords, pixel_coords
 from .interpolation import (
     PAD,
     bspline_prefilter,
@@ -149,8 +150,8 @@ class PairObjective:
         else:
             grid = F.affine_grid(theta, [theta.shape[0], 1, *size], align_corners=False)
             warped = F.grid_sample(coeffs, grid, mode="bicubic", padding_mode="border", align_corners=False)
-            px = ((grid[..., 0] + 1) * size[1] - 1) / 2
-            py = ((grid[..., 1] + 1) * size[0] - 1) / 2
+            px = pixel_coords(grid[..., 0], size[1])
+            py = pixel_coords(grid[..., 1], size[0])
         weight = inside_weight(px, py, size)
         if masks is not None:
             weight = weight * masks[0][:, 0] * sample_mask_autograd(masks[1][:, 0], px, py)
@@ -255,8 +256,8 @@ class PairObjective:
         """
         f, m, wt = fixed[:, 0].float(), warped[:, 0].float(), weight[:, 0].float()
         h, w = f.shape[-2:]
-        xs = (2 * torch.arange(w, dtype=f.dtype, device=f.device) + 1) / w - 1
-        ys = (2 * torch.arange(h, dtype=f.dtype, device=f.device) + 1) / h - 1
+        xs = normalized_coords(torch.arange(w, dtype=f.dtype, device=f.device), w)
+        ys = normalized_coords(torch.arange(h, dtype=f.dtype, device=f.device), h)
         xq = torch.stack([torch.ones_like(xs), xs, xs * xs], 1)  # (w, 3)
         yq = torch.stack([torch.ones_like(ys), ys, ys * ys], 1)  # (h, 3)
 

@@ -30,13 +30,13 @@ import torch
 
 from .crop import crop_box
 from .fit import FitSettings, Level, StoppingRule, fit_block
+from .frames import Affine, Frame
 from .kernels import worth
 from .masks import block_images, to_tensor
 from .objective import PairObjective
 from .pairs import StackPairs, block_layout
 from .records import PairRecord, flag_outliers, in_stack, mark_untrusted
 from .settings import DATA, EARLY_STOPPING, MODEL, OUTPUT, PYRAMID, SOLVE, Destripe
-from .transforms import normalized_to_pixel
 from .volume import Priors, bridge_pairs, compose_volume
 
 #: Learning rates of the reference pipeline (Adam), per level from coarse to fine.
@@ -138,10 +138,11 @@ def compose_stack(n_slices: int, fitted: list[PairRecord], damaged: dict[int, st
                                                      reference=reference, priors=priors, family=family)
     mark_untrusted(log)
     first = composed[0]  # slice 0's: the identity, unless the output takes another slice's frame (--solve.reference)
-    own_frame = bool(torch.equal(first, torch.eye(3, dtype=first.dtype)[:2]))
+    own_frame = Affine(first, Frame.NORMALIZED, shape).is_identity()
     composed = composed[1:] if own_frame else composed  # what is warped (every slice's where slice 0 moves too)
     later = composed if own_frame else composed[1:]
-    box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, margin) if crop_borders else [0, shape[0], 0, shape[1]]
+    pixel = Affine(composed, Frame.NORMALIZED, shape).to(Frame.PIXEL).matrix.numpy()
+    box = crop_box(pixel, shape, margin) if crop_borders else [0, shape[0], 0, shape[1]]
     return VolumeResult(fitted, composed, pairwise, log, solved, first, own_frame, later, box)
 
 

@@ -10,6 +10,19 @@ user chose. What the writer stores and the report shows of it.
   ``detrend`` removes a polynomial trend along z, ``highpass`` keeps only what changes faster than a window of slices.
   Both assume that the true alignment has no such slow component: a real slow tilt or drift of the sample is removed
   with the artefact.
+
+The convention: ``composed[k]`` (normalized, ``(2, 3)``) maps the output frame (the reference slice's, slice 0 by
+default, whose transform is the identity) to the position sampled in slice ``k``; two pairs shifted by 0.1 each
+(10 px on a 200 px wide slice) put slice 2 at 0.2 (20 px):
+
+>>> from sphero_lightning.core.frames import Affine, Frame
+>>> from sphero_lightning.core.records import fitted_pair
+>>> fits = [fitted_pair(z, (z, z + 1), [[1.0, 0.0, 0.1], [0.0, 1.0, 0.0]], final_loss=0.1, ncc_after=0.9) for z in (0, 1)]
+>>> composed, pairwise, log, record = compose_volume(3, fits, {}, (100, 200))
+>>> composed[:, 0, 2].tolist(), Affine(composed[0], Frame.NORMALIZED, (100, 200)).is_identity()
+([0.0, 0.1, 0.2], True)
+>>> Affine(composed, Frame.NORMALIZED, (100, 200)).to(Frame.PIXEL).matrix[:, 0, 2].tolist()
+[0.0, 10.0, 20.0]
 """
 
 from __future__ import annotations

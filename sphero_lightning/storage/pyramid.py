@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..core.frames import pixel_centre
 from ..core.settings import OUTPUT
 from .store import create_array, move_into_place, open_group, spacing_name
 from .tasks import run_tasks
@@ -94,7 +95,7 @@ def level_meta(name: str, spacing: list[float], crop_box: list[int], k: int, nea
     level = spacing_name(sp) if name == spacing_name(spacing) else f"{name}-{f}x"
     # the centre of level-k pixel 0 lies at full-resolution pixel (f - 1) / 2 of the cropped output (the mean of its
     # block), or at pixel 0 (nearest: the block's top-left pixel)
-    c = 0.0 if nearest else (f - 1) / 2
+    c = 0.0 if nearest else pixel_centre((f, f))[0]
     return level, {"spacing": sp, "multiscale_level": k, "downsampled_from": below,
                    "translation_nm": [0.0, (up + c) * spacing[1], (left + c) * spacing[2]]}
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import zarr
 
+from ..core.frames import Affine, Frame
 from ..core.interpolation import DENSE_MAX
 from ..core.settings import OUTPUT
 from ..core.warping import nearest_index, warp, warp_coefficients
@@ -380,7 +381,7 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     done = np.asarray(_array(written)[:]) if written is not None else np.zeros(len(units), np.uint8)
     theta = composed.detach().cpu().numpy()
     if len(theta) == s.shape[0]:  # every slice's: slice 0 as the others (cropped only where it is the identity)
-        theta = theta[1:] if np.array_equal(theta[0], np.eye(3)[:2]) else theta
+        theta = theta[1:] if Affine(theta[0], Frame.NORMALIZED, tuple(s.shape[1:])).is_identity() else theta
     job = WarpJob(src, out, written, (up, down, left, right), mode, str(device) if not is_distributed(scheduler) else "cpu",
                   levels, nearest, float(fill))
     todo = [i for i in range(rank, len(units), world) if not done[i]]

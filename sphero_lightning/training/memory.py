@@ -94,7 +94,6 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     from importlib import import_module
 
     import lightning as L
-    import torch
 
     from ..core.frames import FIRST_KEY, pixel_matrices
     from ..core.records import flag_outliers
@@ -142,4 +141,4 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
             "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),
             **({} if own_frame else {FIRST_KEY: first.tolist()}), "registration_log": vol.log, "crop_box": vol.box,
             **({"volume_solve": vol.solved} if vol.solved is not None else {}), "settings": settings,
-            "first_is_identity": bool(torch.equal(first, torch.eye(3, dtype=first.dtype)[:2]))}
+            "first_is_identity": own_frame}

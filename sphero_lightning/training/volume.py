@@ -114,9 +114,9 @@ class VolumeSolve(L.Callback):
     def priors(self, shape: tuple[int, int]) -> Priors:
         import torch
 
-        from ..core.transforms import pixel_to_normalized
+        from ..core.frames import Affine, Frame
 
-        anchors = {z: pixel_to_normalized(torch.tensor(m, dtype=torch.float64)[None], shape)[0].numpy()
+        anchors = {z: Affine(torch.tensor(m, dtype=torch.float64)[None], Frame.PIXEL, shape).to(Frame.NORMALIZED).matrix[0].numpy()
                    for z, m in self._anchor_tmats.items()}
         return Priors(detrend=self.detrend, highpass=self.highpass, anchors=anchors or None)
 
