@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .core.records import PairRecord
 from .core.settings import MODEL, OUTPUT
 from .errors import SpheroError
 from .storage.checks import check_stack
@@ -63,7 +64,7 @@ class Registration:
     composed: np.ndarray
     tmats: np.ndarray
     crop_box: list[int]
-    log: list[dict[str, Any]]
+    log: list[PairRecord]
     shape: tuple[int, int]
     settings: dict[str, Any] = field(default_factory=dict)
     first: np.ndarray = field(default_factory=lambda: np.eye(3)[:2].copy())

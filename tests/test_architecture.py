@@ -337,3 +337,20 @@ def test_frame_conversions_and_the_identity_test_live_in_the_frame_type():
     home = {what.split(":")[0] for _, what in frame_telltales(ast.parse((PKG / FRAME_HOME).read_text()))}
     assert home == {"centre", "to normalized", "scale", "identity"}, home  # the patterns still find what they look for
 
+
+
+def test_pair_records_are_typed_as_the_core_type():
+    """Issue 38: a pair's record is a core.records.PairRecord wherever the package names one (``fitted``, ``log``,
+    ``entry``, ``results``): its keys are learnt from one TypedDict, not from the module that happened to fill it."""
+    names = {"fitted", "log", "entry", "results", "record"}
+    bad = []
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            target, ann = None, None
+            if isinstance(node, ast.arg) and node.annotation is not None:
+                target, ann = node.arg, node.annotation
+            elif isinstance(node, ast.AnnAssign):
+                target, ann = ast.unparse(node.target).removeprefix("self."), node.annotation
+            if target in names and re.search(r"\bdict\b(?!\[str, ?str\])", ast.unparse(ann)) and "PairRecord" not in ast.unparse(ann):
+                bad.append(f"{p.relative_to(PKG)}:{node.lineno} {target}: {ast.unparse(ann)}")
+    assert not bad, bad

@@ -113,7 +113,7 @@ def in_stack(record: PairRecord, pair_index: int, slice_indices: tuple[int, int]
 MIN_TRUSTED_NCC = 0.1
 
 
-def mark_untrusted(log: list[dict[str, Any]]) -> None:
+def mark_untrusted(log: list[PairRecord]) -> None:
     """Set ``status: low_correlation`` on fitted pairs whose NCC after fitting is below :data:`MIN_TRUSTED_NCC`
     (or not finite): a result that cannot be trusted is never marked ``ok``."""
     for e in log:
@@ -132,7 +132,7 @@ QC_MIN_PAIRS = 5
 QC_MIN_SPREAD = 0.05
 
 
-def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dict[str, Any]]:
+def flag_outliers(log: list[PairRecord], threshold: float = 3.5) -> list[PairRecord]:
     """Mark pairs whose final loss is an outlier along the stack (robust z-score above ``threshold``).
 
     ``z = 0.6745 (loss - median) / max(MAD, QC_MIN_SPREAD * median)`` over the registered pairs; only high

@@ -119,7 +119,7 @@ class VolumeResult:
     fitted: list[PairRecord]
     composed: torch.Tensor
     pairwise: torch.Tensor
-    log: list[dict[str, Any]]
+    log: list[PairRecord]
     solved: dict[str, Any] | None
     first: torch.Tensor
     own_frame: bool

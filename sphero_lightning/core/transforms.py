@@ -38,7 +38,7 @@ import torch
 
 from ..errors import SpheroError
 from .frames import Affine, Frame, decompose, fill_between, homogeneous, pixel_centre
-from .records import PairStatus
+from .records import PairRecord, PairStatus
 from .settings import MODEL
 
 #: Names of the six full parameters, in order.
@@ -207,7 +207,7 @@ def describe(theta: torch.Tensor, shape: tuple[int, int]) -> list[dict[str, floa
     return [decompose(m, shape) for m in normalized_to_pixel(theta.double(), shape).numpy()]
 
 
-def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str]
+def chain_with_gaps(n_slices: int, fitted: list[PairRecord], damaged: dict[int, str]
                     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
     """Transforms to slice 0 of every slice, pairwise transforms of consecutive slices, the log.
 
@@ -239,7 +239,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
     by_pair = {tuple(r["slice_indices"]): r for r in fitted}
     hom = homogeneous(composed)
     pairwise = torch.zeros(max(0, n_slices - 1), 2, 3, dtype=torch.float64)
-    log: list[dict[str, Any]] = []
+    log: list[PairRecord] = []
     for i in range(n_slices - 1):
         r = by_pair.get((i, i + 1))
         if r is not None:
@@ -250,7 +250,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
         pairwise[i] = (hom[i + 1] @ torch.linalg.inv(hom[i]))[:2]
         bad = [z for z in (i, i + 1) if z in damaged]
         bridge = next((r for r in fitted if r["slice_indices"][0] <= i and r["slice_indices"][1] >= i + 1), None)
-        entry: dict[str, Any] = {"pair_index": i, "slice_indices": [i, i + 1], "status": PairStatus.DAMAGED_SLICE,
+        entry: PairRecord = {"pair_index": i, "slice_indices": [i, i + 1], "status": PairStatus.DAMAGED_SLICE,
                                  "damaged_slices": {str(z): damaged[z] for z in bad}, "final_loss": None,
                                  "num_steps_taken": 0, "steps_per_level": [], "ncc_before": None, "ncc_after": None}
         if bridge is not None:

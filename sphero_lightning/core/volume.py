@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .frames import fill_between, to_centered, to_normalized
-from .records import PairStatus
+from .records import PairRecord, PairStatus
 from .settings import MODEL, SOLVE
 from .solve import Diagnosis, diagnose, solve
 from .transforms import chain_with_gaps, homogeneous
@@ -166,7 +166,7 @@ def _correct(c: np.ndarray, trend: np.ndarray, reference: int) -> np.ndarray:
     return (t[reference] @ np.linalg.inv(t) @ hom)[:, :2]
 
 
-def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str], shape: tuple[int, int],
+def compose_volume(n_slices: int, fitted: list[PairRecord], damaged: dict[int, str], shape: tuple[int, int],
                    neighbours: int = SOLVE.neighbours, reference: int = SOLVE.reference, priors: Priors | None = None,
                    family: tuple[str, bool, bool] = ("affine", True, True)
                    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]], dict[str, Any] | None]:
@@ -252,7 +252,7 @@ def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[in
     return composed, pairwise, log, record
 
 
-def _weights(fitted: list[dict[str, Any]], good: list[int], diag: Diagnosis) -> tuple[np.ndarray, list[int]]:
+def _weights(fitted: list[PairRecord], good: list[int], diag: Diagnosis) -> tuple[np.ndarray, list[int]]:
     """Each pair's weight in the solve (1 consecutive, :data:`DISTANCE_WEIGHT` longer, :data:`LAST_RESORT` with no
     true answer, 0 for a failed fit) and the indices of those with no true answer."""
     pos = {z: q for q, z in enumerate(good)}
@@ -272,13 +272,13 @@ def _weights(fitted: list[dict[str, Any]], good: list[int], diag: Diagnosis) -> 
     return np.array(w), flagged
 
 
-def _pair_record(fitted: list[dict[str, Any]], weights: np.ndarray, residual: np.ndarray | None = None) -> list[dict[str, Any]]:
+def _pair_record(fitted: list[PairRecord], weights: np.ndarray, residual: np.ndarray | None = None) -> list[dict[str, Any]]:
     return [{"slice_indices": list(r["slice_indices"]), "matrix": r["matrix"], "ncc_after": r.get("ncc_after"),
              "status": r.get("status"), "finest_factor": r.get("finest_factor"), "weight": float(weights[q]),
              **({"residual_px": float(residual[q])} if residual is not None else {})} for q, r in enumerate(fitted)]
 
 
-def bridge_pairs(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str], shape: tuple[int, int]
+def bridge_pairs(n_slices: int, fitted: list[PairRecord], damaged: dict[int, str], shape: tuple[int, int]
                  ) -> list[tuple[int, int]]:
     """Pairs to fit (again) at full resolution because they stand in for pairs with no true answer: across each run
     of foreign slices ``a+1..b-1`` the pair ``(a, b)`` (and ``(a', b)``, ``a'`` the usable slice before ``a``, where no
@@ -314,7 +314,7 @@ def bridge_pairs(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int,
     return [p for p in dict.fromkeys(wanted) if p not in have_full]
 
 
-def _full_ncc(fitted: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
+def _full_ncc(fitted: list[PairRecord]) -> dict[tuple[int, int], float]:
     """NCC after fitting (over what the loss saw) of every pair fitted at the run's finest level."""
     full = min((r.get("finest_factor", 1.0) for r in fitted), default=1.0)
     out = {}
@@ -325,7 +325,7 @@ def _full_ncc(fitted: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
     return out
 
 
-def suspect_runs(fitted: list[dict[str, Any]], good: list[int]) -> list[list[int]]:
+def suspect_runs(fitted: list[PairRecord], good: list[int]) -> list[list[int]]:
     """Runs of consecutive usable slices (``good``) whose consecutive pairs both match far worse than the stack's
     typical consecutive pair (:data:`SUSPECT_Z`; at least 5 such pairs), each with a usable slice on either side.
 
@@ -358,7 +358,7 @@ def _around(run: list[int], good: list[int]) -> tuple[int, int]:
     return good[pos[0] - 1], good[pos[1] + 1]
 
 
-def foreign_by_bridge(fitted: list[dict[str, Any]], good: list[int]) -> list[int]:
+def foreign_by_bridge(fitted: list[PairRecord], good: list[int]) -> list[int]:
     """Suspects (:func:`suspect_runs`) that a bridge over their run, fitted at full resolution, outmatches by
     :data:`BRIDGE_MARGIN`: their neighbours agree with each other and not with them."""
     ncc = _full_ncc(fitted)
@@ -372,7 +372,7 @@ def foreign_by_bridge(fitted: list[dict[str, Any]], good: list[int]) -> list[int
     return out
 
 
-def finest_fits(fitted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def finest_fits(fitted: list[PairRecord]) -> list[PairRecord]:
     """One fit per pair of slices: the finest (a pair fitted coarsely, then again at full resolution as a stand-in)."""
     best: dict[tuple[int, int], dict[str, Any]] = {}
     for r in fitted:
@@ -382,7 +382,7 @@ def finest_fits(fitted: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in fitted if best[tuple(r["slice_indices"])] is r]
 
 
-def _chain_pair(entry: dict[str, Any], damaged: set[int]) -> bool:
+def _chain_pair(entry: PairRecord, damaged: set[int]) -> bool:
     """Whether a fitted pair joins two consecutive usable slices (only damaged slices between them)."""
     i, j = entry["slice_indices"]
     return all(z in damaged for z in range(i + 1, j))

@@ -94,28 +94,19 @@ class PyramidSchedule(L.Callback):
 class PairEarlyStopping(L.Callback):
     """Per-pair early stopping: a converged pair stops moving; the others go on.
 
-    A pair has converged at the current level when, over its last ``window`` accepted iterates, the
-    loss varied by less than ``tol`` (the reference pipeline's rule, ``stop_window`` and
-    ``stop_tol``), or when the step it is about to take moves every pixel by less than
-    ``step_tol_px`` at the finest level (pixels of the level) and ``coarse_step_tol_px`` at the coarser
-    ones (or ``step_tol_px`` as a list: one value per level, coarse to fine); a BFGS pair then takes that
-    last small step unevaluated (accurate to second order near the optimum). The step rule is what stops a
-    quasi-Newton fit promptly: near the optimum its loss changes fall below float32 resolution while its steps
-    shrink quadratically, and a line search that can no longer improve shrinks its step to nothing.
+    The rule (:class:`~..core.fit.StoppingRule`), per pair and level:
 
-    A short proposed step is only as good as the curvature model that proposed it: a model that overestimates
-    the curvature proposes short steps far from the optimum (the Gauss-Newton model does, 50x, on ssTEM sections
-    100 nm apart, NCC 0.1-0.2; a level then ended after one evaluation, up to 9 px short of its optimum, and the
-    finer levels stayed in the wrong basin). So a short step ends a level only where the solver has confirmed its
-    model (``BatchBFGS.confirmed``: the slope along the last accepted step fell by at least half), or after
-    :data:`SMALL_RUN` short proposals in a row (the loss's noise floor, where no step confirms anything; adam,
-    which has no model, always stops so). A pair whose level started from a Gauss-Newton model the solver trusts
-    (slices matching at NCC >= 0.8 at the level's first evaluation, where the model is the Hessian to within ~20 %)
-    is confirmed from the start and takes Newton steps whose error is a fraction of their length, so for it
-    ``newton_step_tol_px`` (default 0.02 px) applies: one evaluation per level on well-matching slices. The coarse
-    levels stop at ``coarse_step_tol_px`` (0.01 px of the level): on weakly matching pairs the finer level's loss
-    has several basins, and where a coarser level stops decides which one the pair ends in (measured on 348 real
-    pairs: ``benchmarks/convergence.py``, README "Convergence on real pairs").
+    * **flat loss**: over its last ``window`` accepted iterates the loss varied by less than ``tol`` (the reference
+      pipeline's ``stop_window``, ``stop_tol``): the pair is frozen at its best point;
+    * **short step**: the step its solver proposes moves no pixel more than the level's tolerance (pixels of the
+      level): ``step_tol_px`` at the finest level, ``coarse_step_tol_px`` at the coarser ones, ``newton_step_tol_px``
+      where the level started from a trusted Gauss-Newton model (slices matching at NCC >= 0.8), and at least
+      :data:`~..core.fit.EARLY_STOP_TOL_PX` for pairs that end at a coarser level (``--solve.coarse_factor``). The
+      level ends for the pair, which takes that last step unevaluated; the step counts only once the solver has
+      confirmed its curvature model (``BatchBFGS.confirmed``) or after :data:`SMALL_RUN` short proposals in a row.
+
+    Why each part is there, and what it was measured against (348 real pairs, ``benchmarks/convergence.py``):
+    docs/benchmarks.md, "Convergence on real pairs".
 
     Parameters
     ----------

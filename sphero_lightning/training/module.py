@@ -21,7 +21,7 @@ from ..core.fit import BlockFit, BlockState, FitSettings, Ranks
 from ..core.kernels import worth
 from ..core.masks import block_images
 from ..core.objective import PairObjective
-from ..core.records import in_stack
+from ..core.records import PairRecord, in_stack
 from ..core.settings import (
     DATA,
     MODEL,
@@ -130,7 +130,7 @@ class RegistrationModule(L.LightningModule):
         self.levels: list[Level] = [Level(1.0, 200, 1e-2)]
         self.delta: torch.nn.Parameter | None = None
         self.fit: BlockFit | None = None  # the block being fitted
-        self.results: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, PairRecord] = {}
         self.times = FitTimes()
         self.n_pairs = 0
         self.steps_run = 0  # training steps of this process (Lightning's logging step; global_step stays 0 without optimizers)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import zarr
 
+from ..core.records import PairRecord
 from ..core.warping import warp
 from ..report.reslice import overlay
 
@@ -81,7 +82,7 @@ def tensorboard_writer(trainer: L.Trainer) -> Any:
     return None if logger is None else logger.experiment
 
 
-def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]], log: list[dict[str, Any]], n_panels: int = 3) -> None:
+def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[PairRecord], log: list[PairRecord], n_panels: int = 3) -> None:
     """TensorBoard: per pair (x = pair index) the final loss, QC score and NCC before/after; overlays of a few
     pairs; the run's summary values of the HPARAMS tab (:data:`HPARAM_METRICS`)."""
     tb = tensorboard_writer(trainer)
