@@ -31,9 +31,9 @@ import torch
 from .initialization import consecutive_phase_correlation
 from .masks import kept_fraction, pair_masks
 from .objective import PairObjective, take
+from .optimizers import BatchSolver, make_solver
 from .records import PairRecord, fitted_pair
 from .settings import EARLY_STOPPING, MODEL
-from .solvers import BatchSolver, make_solver
 
 #: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC); below it a pair barely
 #: matches (``low_correlation`` in the output) and its slices' gradients say nothing about the loss's curvature.
@@ -41,7 +41,7 @@ NEWTON_MIN_NCC = 0.1
 #: ... and its model is trusted before any step only for pairs matching at least this well (NCC at the level's first
 #: evaluation): there it is the loss's Hessian to within ~20 %, so a short first step means the pair is at its optimum.
 #: Below, the model can overestimate the curvature many times over (50x seen on ssTEM sections 100 nm apart), and a
-#: short proposed step says nothing until a step has confirmed the model (solvers.BatchBFGS.confirmed).
+#: short proposed step says nothing until a step has confirmed the model (optimizers.BatchBFGS.confirmed).
 NEWTON_TRUST_NCC = 0.8
 #: Longest step (pixels of the level) below the coarsest pyramid level: the coarser level left the pair about that
 #: close to the finer level's optimum, and a longer step on a weakly matching pair can jump into another basin of the

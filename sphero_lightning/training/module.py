@@ -203,7 +203,7 @@ class RegistrationModule(L.LightningModule):
                              if old <= p < self.n_pairs and tuple(r["slice_indices"]) == tuple(self.pair_slices[p])})
         dm.skip({blk for blk in range(dm.n_blocks(self.world)) if all(p < 0 or p in self.results for p in self.block_pairs(blk))})
 
-    def configure_optimizers(self) -> None:  # optimisation is per pair and batched (solvers.py), from training_step
+    def configure_optimizers(self) -> None:  # optimisation is per pair and batched (optimizers.py), from training_step
         return None
 
     def block_pairs(self, block: int) -> list[int]:
