@@ -81,6 +81,10 @@ class Level:
     steps: int
     lr: float
 
+    def record(self) -> dict[str, float]:
+        """As the output and the API record it (``learning_rate`` by its option's name)."""
+        return {"factor": self.factor, "steps": self.steps, "learning_rate": self.lr}
+
 
 @dataclass
 class BlockState:

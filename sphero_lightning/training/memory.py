@@ -99,6 +99,7 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     from ..core.records import flag_outliers
     from .callbacks import PairEarlyStopping, PairProgressBar, PyramidSchedule
     from .module import RegistrationModule
+    from .report import fit_record
     from .state import PLAIN_TRAINER, quiet_lightning
     from .volume import VolumeSolve
     from .writer import RegistrationWriter, compose_result
@@ -131,11 +132,7 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     flag_outliers(vol.log)
     first, later, own_frame = vol.first, vol.later, vol.own_frame
     shape = dm.slice_shape
-    pyramid_levels = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in model.levels]
-    settings = {**model.record(),
-                "pyramid": pyramid_levels, "pairs_per_block": dm.pairs_per_block, "masks": dm.mask_settings,
-                "intensity_range": list(dm.intensity) if dm.intensity else None, "solve": solve.settings(),
-                "early_stopping": early.settings(), "crop_borders": output.crop_borders,
+    settings = {**fit_record(trainer, model), "crop_borders": output.crop_borders,
                 "crop_safety_margin": output.crop_safety_margin}
     return {"pairwise_transforms": vol.pairwise.tolist(), "composed_transforms": later.tolist(),
             "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),

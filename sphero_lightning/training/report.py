@@ -140,6 +140,19 @@ def report_page(trainer: L.Trainer, out_root: str | Path, output_path: str, src:
     return path
 
 
+def fit_record(trainer: L.Trainer, module: Any) -> dict[str, Any]:
+    """What the fit ran with, as the output's provenance (``processing[registration].parameters``) and the Python API's
+    ``settings`` record it: the model's settings (:meth:`~.module.RegistrationModule.record`), the pyramid's levels,
+    the blocks, the grey-value range, the masks, the ``--solve.*`` and ``--early_stopping.*`` settings, the machine."""
+    dm = trainer.datamodule
+    by_group = {getattr(cb, "config_group", None): cb for cb in trainer.callbacks}
+    solve, early = by_group.get("solve"), by_group.get("early_stopping")
+    return {**module.record(), "pyramid": [lv.record() for lv in module.levels], "max_pairs": dm.max_pairs,
+            "pairs_per_block": dm.pairs_per_block, "intensity_range": list(dm.intensity) if dm.intensity else None,
+            "masks": dm.mask_settings, "solve": solve.settings() if solve is not None else {"neighbours": dm.neighbours},
+            **({"early_stopping": early.settings()} if early is not None else {}), "trainer": trainer_record(trainer)}
+
+
 def run_settings(trainer: L.Trainer, module: Any) -> dict[str, Any]:
     """The settings of this run, by config group, for TensorBoard's HPARAMS tab and ``hparams.yaml``."""
     dm = trainer.datamodule

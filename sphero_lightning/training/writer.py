@@ -38,7 +38,7 @@ from ..storage.writing import (
     warp_stack,
 )
 from .module import RegistrationModule
-from .report import RunTimes, log_panels, say, trainer_record
+from .report import RunTimes, fit_record, log_panels, say
 from .volume import VolumeSolve
 
 
@@ -113,18 +113,11 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
 
     final = f"{group_path}/{name}"
     if rank == 0:
-        pyramid = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in module.levels]
         stamp = utc_now()
         processing = list(src.attrs.get("processing", []))
         processing.append({"step_name": "registration", "timestamp": stamp, "version": __version__,
-                           "parameters": {**module.record(),
-                                          "pyramid": pyramid, "max_pairs": dm.max_pairs,
-                                          "pairs_per_block": dm.pairs_per_block,
-                                          "output_interpolation": writer.interpolation,
-                                          "intensity_range": list(dm.intensity) if dm.intensity else None,
-                                          "masks": dm.mask_settings,
-                                          "solve": volume.settings() if volume is not None else {"neighbours": dm.neighbours},
-                                          "trainer": trainer_record(trainer)}})
+                           "parameters": {**fit_record(trainer, module),
+                                          "output_interpolation": writer.interpolation}})
         processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
                            "parameters": {"crop_box": box, "crop_borders": writer.crop_borders,
                                           "crop_safety_margin": writer.crop_safety_margin, "method": "exact"}})
