@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/)
 from _paths import ISBI_PATH
 
-from sphero_lightning.core.solvers import make_solver
+from sphero_lightning.core.optimizers import make_solver
 from sphero_lightning.core.synthetic import em_like_image, load_isbi_slice, make_stack
 from sphero_lightning.storage.stacks import write_zarr
 from sphero_lightning.training.cli import _PLAIN_DEFAULTS, SpheroCLI

@@ -17,7 +17,10 @@ Tools, each registering every consecutive pair (rigid) and chaining to slice 0:
   two neighbours): everything a user waits for.
 
 Seconds per pair: for the in-process tools the time of the stack over its pairs (no start-up to subtract); for the
-command (t(all slices) - t(8 slices)) / (pairs between them), start-up cancelled; medians of ``--repeats`` runs, the
+command (t(all slices) - t(8 slices)) / (pairs between them), start-up cancelled, and the same from 16 slices
+(``ours (command, 16 ->)``: a 384 px stack of 8 slices is under ``core.kernels.MIN_WORK`` and never loads numba, so
+the first figure also carries numba's one-off start, ~0.5 s in every fresh process that fits more; from 16 both runs
+load it and only the pairs' own cost remains); medians of ``--repeats`` runs, the
 tools alternating. Threads: pystackreg has one; OpenCV is set to ``--threads``; ours takes the cores it is given
 (``SPHERO_NUM_THREADS``, default all: the column says how many). Errors: on ``synthetic`` the mean and worst distance
 (px, mean displacement over the slice) of the composed transforms from the truth; on ``real`` the median distance of
@@ -176,7 +179,8 @@ def main() -> None:
         for name, (stack, truth) in stacks.items():
             shape = stack.shape[1:]
             n_pairs = len(stack) - 1
-            times: dict[str, list[float]] = {k: [] for k in ("pystackreg", "ecc", "ours (API)", "ours (command)")}
+            times: dict[str, list[float]] = {k: [] for k in ("pystackreg", "ecc", "ours (API)", "ours (command)",
+                                                              "ours (command, 16 ->)")}
             result: dict[str, np.ndarray] = {}
             for _ in range(a.repeats):
                 for tool, fn in (("pystackreg", run_pystackreg), ("ecc", run_ecc), ("ours (API)", run_api)):
@@ -184,8 +188,11 @@ def main() -> None:
                         result[tool], dt = fn(stack)
                     times[tool].append(dt / n_pairs)
                 _, t_small = run_command(stack[:8], work)
+                _, t_16 = run_command(stack[:16], work)
                 result["ours (command)"], t_all = run_command(stack, work)
+                result["ours (command, 16 ->)"] = result["ours (command)"]
                 times["ours (command)"].append((t_all - t_small) / (n_pairs - 7))
+                times["ours (command, 16 ->)"].append((t_all - t_16) / (n_pairs - 15))
             ref = statistics.median(times["pystackreg"])
             ours_pw = pairwise_px(result["ours (API)"], shape)
             print(f"\n## {name}: {len(stack)} slices of {shape[0]} x {shape[1]}")

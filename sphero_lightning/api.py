@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .core.records import PairRecord
+from .core.settings import MODEL, OUTPUT
 from .errors import SpheroError
 from .storage.checks import check_stack
 
@@ -62,7 +64,7 @@ class Registration:
     composed: np.ndarray
     tmats: np.ndarray
     crop_box: list[int]
-    log: list[dict[str, Any]]
+    log: list[PairRecord]
     shape: tuple[int, int]
     settings: dict[str, Any] = field(default_factory=dict)
     first: np.ndarray = field(default_factory=lambda: np.eye(3)[:2].copy())
@@ -88,7 +90,7 @@ def _device(device: Any) -> tuple[str, Any]:
     return {"cuda": "gpu"}.get(dev.type, dev.type), [dev.index or 0]
 
 
-def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = None, progress: bool = False,
+def register_stack(stack: Any, *, transformation: str = MODEL.transformation, device: Any = None, progress: bool = False,
                    options: Mapping[str, Any] | None = None, mask: Any = None) -> Registration:
     """Register every slice of ``stack`` to the one before it and chain the transforms to slice 0.
 
@@ -137,7 +139,7 @@ def register_stack(stack: Any, *, transformation: str = "rigid", device: Any = N
                         first=every[0] if FIRST_KEY in attrs else np.eye(3)[:2].copy(), solve=attrs.get("volume_solve"))
 
 
-def warp_stack(stack: Any, registration: Registration, *, crop: bool = True, interpolation: str = "bspline",
+def warp_stack(stack: Any, registration: Registration, *, crop: bool = OUTPUT.crop_borders, interpolation: str = OUTPUT.interpolation,
                device: Any = None) -> np.ndarray:
     """``stack`` aligned by ``registration``: every slice warped once into slice 0's frame, as ``sphero fit`` writes it.
 

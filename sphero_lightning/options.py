@@ -25,6 +25,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from .core.settings import BOUNDS, DEFAULTS, Bound, check_bounds  # noqa: F401 - the early checks' and the classes' one home
+
 PACKAGE = Path(__file__).resolve().parent
 #: ``sphero fit``'s option groups in the order a user needs them: the class each configures (file in the package, class).
 GROUPS = (("data", "training/data.py", "ZarrPairDataModule"),
@@ -33,8 +35,8 @@ GROUPS = (("data", "training/data.py", "ZarrPairDataModule"),
           ("pyramid", "training/callbacks.py", "PyramidSchedule"),
           ("early_stopping", "training/callbacks.py", "PairEarlyStopping"),
           ("output", "training/writer.py", "RegistrationWriter"))
-#: Where the ``Literal`` aliases of the options' choices are defined.
-ALIASES = ("core/objective.py", "core/masks.py", "training/state.py", "training/writer.py", "training/data.py")
+#: Where the ``Literal`` aliases of the options' choices are defined (their one home, with the defaults).
+ALIASES = ("core/settings.py",)
 #: Options set from another group's (linked by the CLI): not options of their own.
 LINKED = frozenset({"data.neighbours", "data.coarse_factor", "model.pairs_per_block"})
 #: Options of ``sphero fit`` outside the groups.
@@ -108,83 +110,6 @@ class Option:
 
 
 
-@dataclass(frozen=True)
-class Bound:
-    """The range of a numeric option: at least ``low`` (more than it where ``open_low``), below ``high`` where given;
-    ``note`` says what the values mean. A list value (per level) is checked item by item; None (off) passes."""
-
-    low: float
-    open_low: bool = False
-    high: float | None = None
-    note: str = ""
-
-    def message(self, key: str, value: Any) -> str:
-        rule = f"in [{self.low:g}, {self.high:g})" if self.high is not None else f"{'>' if self.open_low else '>='} {self.low:g}"
-        return f"--{key} must be {rule}{f' ({self.note})' if self.note else ''}, got {_shown(value)}"
-
-    def holds(self, value: Any) -> bool:
-        if value is None:
-            return True
-        if isinstance(value, (list, tuple)):
-            return all(self.holds(v) for v in value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return True  # not a number: the type check's to say
-        above = value > self.low if self.open_low else value >= self.low
-        return above and (self.high is None or value < self.high)
-
-
-def _shown(value: Any) -> str:
-    """A value as the user wrote it: ``1`` for 1.0, lists item by item."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-#: The one home of every numeric option's range: the early checks of the command line
-#: (:mod:`~sphero_lightning.commands.precheck`) and the classes that take the options (for Python callers and config
-#: files) both check against it, with the same message.
-BOUNDS: dict[str, Bound] = {
-    "data.min_contrast": Bound(0, high=1),
-    "data.pairs_per_block": Bound(1),
-    "data.max_pairs": Bound(1, note="or null for all pairs"),
-    "data.memory_budget_gb": Bound(0, open_low=True),
-    "model.pairs_per_block": Bound(1),
-    "model.smoothing": Bound(0, note="pixels"),
-    "solve.neighbours": Bound(1),
-    "solve.coarse_factor": Bound(1, note="1: pairs further apart fitted at full resolution"),
-    "solve.reference": Bound(0, note="a slice index"),
-    "solve.detrend": Bound(0, note="a polynomial degree"),
-    "solve.highpass": Bound(0, open_low=True, note="a number of slices"),
-    "pyramid.levels": Bound(1),
-    "pyramid.factors": Bound(1),
-    "pyramid.steps": Bound(1),
-    "pyramid.finest_max_pixels": Bound(64),
-    "early_stopping.window": Bound(1),
-    "early_stopping.step_tol_px": Bound(0),
-    "early_stopping.coarse_step_tol_px": Bound(0),
-    "early_stopping.newton_step_tol_px": Bound(0),
-    "output.crop_safety_margin": Bound(0),
-    "output.num_workers": Bound(1),
-    "output.levels": Bound(1, note="1: the full resolution only"),
-}
-
-
-def check_bounds(group: str, **values: Any) -> None:
-    """Raise :class:`~sphero_lightning.errors.SpheroError` for the first of ``values`` (``name=value`` of ``group``'s
-    options) outside its :data:`BOUNDS`.
-
-    >>> check_bounds("solve", neighbours=2, highpass=None)
-    >>> check_bounds("solve", neighbours=0)
-    Traceback (most recent call last):
-    ...
-    sphero_lightning.errors.SpheroError: --solve.neighbours must be >= 1, got 0
-    """
-    from .errors import SpheroError
-
-    for name, value in values.items():
-        bound = BOUNDS[f"{group}.{name}"]
-        if not bound.holds(value):
-            raise SpheroError(bound.message(f"{group}.{name}", value))
 
 def _parts(annotation: str) -> list[str]:
     return [p.strip() for p in annotation.replace("Optional[", "").rstrip("]").split("|")]
@@ -234,7 +159,10 @@ def _literals() -> dict[str, tuple[str, ...]]:
 
 
 def _constant(node: ast.expr) -> Any:
-    """A default's value: a literal, or arithmetic on literals (``1 << 22``); else its source text."""
+    """A default's value: a literal, arithmetic on literals (``1 << 22``), or a setting's one home
+    (``MODEL.smoothing``: :mod:`~sphero_lightning.core.settings`); else its source text."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id.lower() in DEFAULTS:
+        return getattr(DEFAULTS[node.value.id.lower()], node.attr)
     try:
         return ast.literal_eval(node)
     except ValueError:

@@ -17,7 +17,7 @@ ALLOWED = {
     "training": {"errors", "threads", "options", "core", "storage", "report", "_version"},
     "commands": {"errors", "threads", "options", "core", "storage", "training", "report", "_version"},
     "api": {"errors", "threads", "options", "core", "storage", "training", "report", "_version"},
-    "options": {"errors"},  # reads the classes' source files, imports none of them (errors: its checks raise SpheroError)
+    "options": {"errors", "core"},  # reads the classes' source files, imports none of them; core.settings: the defaults, ranges
 }
 
 
@@ -195,4 +195,162 @@ def test_pair_statuses_are_set_and_read_only_through_the_core_type():
                 hits = [v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "status"
                         and literal(v)]
             bad += [f"{p.relative_to(PKG)}:{node.lineno}" for _ in hits]
+    assert not bad, bad
+
+
+#: Parameters named like an option that take a value of their own, and why.
+OWN_DEFAULTS = {
+    ("commands/apply.py", "apply_registration", "interpolation"): "'auto': the interpolation the registration recorded",
+    ("core/objective.py", "evaluate", "curvature"): "a switch (compute the Gauss-Newton curvature), not the option",
+    ("core/frames.py", "is_identity", "tol"): "a matrix entry's tolerance (0: exact), not the loss's flatness",
+}
+
+
+def test_every_option_default_and_choice_is_defined_once():
+    """Issue 38: every option's default and choices have one home, core/settings.py; the command line (LightningCLI
+    reads the classes' signatures), the early checks and ``--help`` (options.fit_options reads the same source),
+    the Python API (register_stack builds the same classes), configs/reg.yaml and every core or storage function that
+    takes the same setting say what it says. Catches a default changed in one place and not in another."""
+    import dataclasses
+    import inspect
+    import typing
+    from importlib import import_module
+
+    import yaml
+
+    from sphero_lightning.core import settings
+    from sphero_lightning.options import GROUPS, LINKED, REQUIRED, fit_options
+
+    # choices: a Literal alias is written only in core/settings.py
+    aliases = [f"{p.relative_to(PKG)}:{n.lineno}" for p in PKG.rglob("*.py") if p.name != "settings.py"
+               for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.Assign, ast.AnnAssign)) and
+               isinstance(n.value, ast.Subscript) and ast.unparse(n.value.value).endswith("Literal")]
+    assert not aliases, f"Literal choices defined outside core/settings.py: {aliases}"
+    options = fit_options()
+    config = yaml.safe_load((PKG.parent / "configs" / "reg.yaml").read_text())
+    for group, rel, cls_name in GROUPS:
+        home = settings.DEFAULTS[group]
+        fields = {f.name: getattr(home, f.name) for f in dataclasses.fields(home)}
+        cls = getattr(import_module("sphero_lightning." + rel.removesuffix(".py").replace("/", ".")), cls_name)
+        signature = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        own = {k.split(".", 1)[1] for k, o in options.items() if k.startswith(group + ".") and k not in LINKED
+               and o.default is not REQUIRED}
+        assert own == set(fields), (group, own ^ set(fields))
+        for name, value in fields.items():
+            key = f"{group}.{name}"
+            assert options[key].default == value, (key, "early checks / --help", options[key].default, value)
+            assert signature[name] == value, (key, f"{cls_name} (the command line)", signature[name], value)
+            cfg = config[group].get(name, value)
+            assert cfg == value or (value is None and cfg == {}), (key, "configs/reg.yaml", cfg, value)
+            choices = typing.get_args(typing.get_type_hints(type(home))[name])
+            if options[key].choices is not None:
+                assert tuple(options[key].choices) == tuple(choices), (key, options[key].choices, choices)
+    # the source: the classes' defaults name their home; no function repeats a setting's value as a literal
+    names = {f.name for g in settings.DEFAULTS.values() for f in dataclasses.fields(g)}
+    literal = []
+    for p in PKG.rglob("*.py"):
+        rel = str(p.relative_to(PKG))
+        if rel == "core/settings.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            pos = a.posonlyargs + a.args
+            given = list(zip(pos[len(pos) - len(a.defaults):], a.defaults)) + \
+                [(k, d) for k, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+            for arg, default in given:
+                if arg.arg in names and isinstance(default, ast.Constant) and default.value is not None \
+                        and (rel, node.name, arg.arg) not in OWN_DEFAULTS:
+                    literal.append(f"{rel}:{node.lineno} {node.name}({arg.arg}={default.value!r})")
+    assert not literal, f"a setting's default written as a literal instead of core.settings's: {literal}"
+    from sphero_lightning.api import register_stack
+
+    assert inspect.signature(register_stack).parameters["transformation"].default == settings.MODEL.transformation
+
+
+#: The frame type's module (core.frames: ``Frame``, ``Affine``, the point conversions): the only one that spells out a
+#: conversion between coordinate frames or tests a matrix for the identity.
+FRAME_HOME = "core/frames.py"
+#: Loops that write a frame's formula into their own arithmetic, and why they may.
+FRAME_FORMULA_EXEMPT = {
+    "core/_jit.py": "numba kernels: a compiled loop cannot call the frame type (pixel_map: normalized -> pixel rows)",
+    "core/interpolation.py:axis_taps": "the B-spline taps' normalized positions, computed in place for speed",
+}
+EYE = re.compile(r"^(\w+\.)*eye\b")  # an operand that is an identity matrix: eye, np.eye(3)[:2], torch.eye(...)
+
+
+def _is_const(node: ast.AST, *values: float) -> bool:
+    return isinstance(node, ast.Constant) and not isinstance(node.value, bool) and node.value in values
+
+
+def frame_telltales(tree: ast.AST) -> list[tuple[int, str]]:
+    """``(line, what)`` of every expression that converts between frames or tests for the identity: ``(X - 1) / 2``
+    (the pixel frame's centre, also inside ``((x + 1) * W - 1) / 2``), ``(2 * x + 1) / W`` (pixel -> normalized),
+    ``2 / W`` (the normalized frame's scale), and an (array_)equal / allclose / isclose / ``==`` with an ``eye``."""
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            left, right = node.left, node.right
+            if _is_const(right, 2, 2.0) and isinstance(left, ast.BinOp) and isinstance(left.op, ast.Sub) \
+                    and _is_const(left.right, 1, 1.0):
+                hits.append((node.lineno, f"centre: {ast.unparse(node)}"))
+            elif isinstance(left, ast.BinOp) and isinstance(left.op, ast.Add) and _is_const(left.right, 1, 1.0) \
+                    and isinstance(left.left, ast.BinOp) and isinstance(left.left.op, ast.Mult) \
+                    and _is_const(left.left.left, 2, 2.0):
+                hits.append((node.lineno, f"to normalized: {ast.unparse(node)}"))
+            elif _is_const(left, 2, 2.0) and not isinstance(right, ast.Constant):
+                hits.append((node.lineno, f"scale: {ast.unparse(node)}"))
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in {"equal", "array_equal", "array_equiv", "allclose", "isclose"} and \
+                    any(EYE.search(ast.unparse(a)) for a in node.args):
+                hits.append((node.lineno, f"identity: {ast.unparse(node)}"))
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops) and \
+                any(EYE.search(ast.unparse(a)) for a in [node.left, *node.comparators]):
+            hits.append((node.lineno, f"identity: {ast.unparse(node)}"))
+    return hits
+
+
+def _function_at(tree: ast.AST, line: int) -> str:
+    """The innermost function around ``line`` ("" at module level)."""
+    around = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and n.lineno <= line <= (n.end_lineno or 0)]
+    return min(around, key=lambda n: (n.end_lineno or 0) - n.lineno).name if around else ""
+
+
+def test_frame_conversions_and_the_identity_test_live_in_the_frame_type():
+    """Issue 38: a conversion between the normalized, centred and pixel frames (a matrix's or a point's) and the test
+    for the identity (slice 0's transform) are written once, in core.frames (``Affine.to``, ``Affine.is_identity``,
+    ``pixel_centre``, ``pixel_coords``, ``normalized_coords``); every other module calls them, except the loops in
+    FRAME_FORMULA_EXEMPT. The same formula written in several modules drifted apart before (align_corners
+    conventions, ``(W - 1) / 2`` against ``W / 2``)."""
+    bad = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = str(p.relative_to(PKG))
+        if rel == FRAME_HOME or rel in FRAME_FORMULA_EXEMPT:
+            continue
+        tree = ast.parse(p.read_text())
+        bad += [f"{rel}:{line}: {what}" for line, what in frame_telltales(tree)
+                if f"{rel}:{_function_at(tree, line)}" not in FRAME_FORMULA_EXEMPT]
+    assert not bad, bad
+    home = {what.split(":")[0] for _, what in frame_telltales(ast.parse((PKG / FRAME_HOME).read_text()))}
+    assert home == {"centre", "to normalized", "scale", "identity"}, home  # the patterns still find what they look for
+
+
+
+def test_pair_records_are_typed_as_the_core_type():
+    """Issue 38: a pair's record is a core.records.PairRecord wherever the package names one (``fitted``, ``log``,
+    ``entry``, ``results``): its keys are learnt from one TypedDict, not from the module that happened to fill it."""
+    names = {"fitted", "log", "entry", "results", "record"}
+    bad = []
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            target, ann = None, None
+            if isinstance(node, ast.arg) and node.annotation is not None:
+                target, ann = node.arg, node.annotation
+            elif isinstance(node, ast.AnnAssign):
+                target, ann = ast.unparse(node.target).removeprefix("self."), node.annotation
+            if target in names and re.search(r"\bdict\b(?!\[str, ?str\])", ast.unparse(ann)) and "PairRecord" not in ast.unparse(ann):
+                bad.append(f"{p.relative_to(PKG)}:{node.lineno} {target}: {ast.unparse(ann)}")
     assert not bad, bad

@@ -20,6 +20,7 @@ import zarr
 
 from .._version import __version__
 from ..core.frames import composed_of_all
+from ..core.settings import DATA, OUTPUT
 from ..errors import SpheroError
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import (
@@ -45,7 +46,8 @@ def _is_labels(path: str, arr: zarr.Array) -> bool:
 
 
 def apply_registration(root: str, array: str, transforms: str, dst: str | None = None, interpolation: str = "auto",
-                       overwrite: bool = False, progress: bool = True, num_workers: int = 4, scheduler: str = "threads",
+                       overwrite: bool = DATA.overwrite, progress: bool = True, num_workers: int = OUTPUT.num_workers,
+                       scheduler: str = OUTPUT.scheduler,
                        levels: int | None = None) -> str:
     """Warp and crop ``array`` with the registration at ``transforms``; returns the output path. ``scheduler`` and
     ``num_workers``: as ``--output.scheduler`` / ``--output.num_workers`` of ``sphero fit``. An interrupted run of the

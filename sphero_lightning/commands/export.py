@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.frames import composed_of_all, decompose, pixel_matrices
+from ..core.records import PairRecord
 from ..errors import SpheroError
 from ..storage.store import open_registration
 
@@ -28,7 +29,7 @@ CSV_FIELDS = ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "
 
 
 
-def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: list[dict]) -> None:
+def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: list[PairRecord]) -> None:
     status = {int(e["slice_indices"][1]): e.get("status", "") for e in log}
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)

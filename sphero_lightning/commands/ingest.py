@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from .._version import __version__
+from ..core.settings import DATA
 from ..errors import SpheroError
 from ..storage.store import (
     check_writable,
@@ -150,7 +151,7 @@ def png_slices(folder: Path, files: list[Path]) -> tuple[int, tuple[int, int], n
 
 
 def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str | None = None,
-           chunks: tuple[int, int] | None = None, overwrite: bool = False, progress: bool = True,
+           chunks: tuple[int, int] | None = None, overwrite: bool = DATA.overwrite, progress: bool = True,
            workers: int = 4, zarr_format: int | None = None, include: str | None = None) -> str:
     """Write TIFF slices to ``<root>/<array>``; returns the array path. See the module docstring.
 

@@ -1,1 +1,1 @@
-"""Lightning-free, storage-free numerics: coordinates and transforms, resampling, losses, solvers, the pair objective, initialisation, crop, synthetic test stacks."""
+"""Lightning-free, storage-free numerics: coordinates and transforms, resampling, losses, the per-pair optimizers, the pair objective, initialisation, crop, synthetic test stacks."""

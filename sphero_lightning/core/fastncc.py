@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import kernels
+from .frames import normalized_coords, pixel_centre
 from .interpolation import PAD, axis_taps, sample_taps
 from .masks import sample_mask
 
@@ -118,12 +119,13 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
     th = theta.to(torch.float64)
     # pixel position = (size / 2) (theta @ [xn, yn, 1] + 1) - 1/2, xn = (2 X + 1) / w - 1; in float64, rounded once
     # (positions summed in float32 moved gradients of poorly matching pairs by ~0.3 %)
-    xn = (2 * torch.arange(w, device=dev, dtype=torch.float64) + 1) / w - 1
-    yn = (2 * torch.arange(h, device=dev, dtype=torch.float64) + 1) / h - 1
+    xn = normalized_coords(torch.arange(w, device=dev, dtype=torch.float64), w)
+    yn = normalized_coords(torch.arange(h, device=dev, dtype=torch.float64), h)
+    half_w, half_h = pixel_centre((h, w))
     cx = (w / 2) * th[:, 0]  # (B, 3): coefficients of xn, yn, 1
     cy = (h / 2) * th[:, 1]
-    cx[:, 2] += (w - 1) / 2
-    cy[:, 2] += (h - 1) / 2
+    cx[:, 2] += half_w
+    cy[:, 2] += half_h
     xcol = (cx[:, 0, None] * xn).view(b, 1, w)  # the xn term of px, per column
     ycol = (cy[:, 0, None] * xn).view(b, 1, w)
     xrow = (cx[:, 1, None] * yn + cx[:, 2, None]).view(b, h, 1)  # the yn and constant terms, per row
@@ -151,7 +153,6 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
     ramp_pix = []  # (pair, row, col, d weight / d px, d weight / d py, f, m) of the pixels on the weight's ramp
     # dense: [x or y][1, f, m, f f, m m, f m][pair, j, i] moments of d weight / d pos times each product
     ramp_mom = torch.zeros(2, 6, b, 2, 2, dtype=torch.float64, device=dev) if dense else None
-    half_w, half_h = (w - 1) / 2, (h - 1) / 2
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
         px = (xrow[:, r0:r1] + xcol).to(dt)

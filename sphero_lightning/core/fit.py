@@ -31,8 +31,9 @@ import torch
 from .initialization import consecutive_phase_correlation
 from .masks import kept_fraction, pair_masks
 from .objective import PairObjective, take
+from .optimizers import BatchSolver, make_solver
 from .records import PairRecord, fitted_pair
-from .solvers import BatchSolver, make_solver
+from .settings import EARLY_STOPPING, MODEL
 
 #: A level starts from the Gauss-Newton model only for pairs matching at least this well (NCC); below it a pair barely
 #: matches (``low_correlation`` in the output) and its slices' gradients say nothing about the loss's curvature.
@@ -40,7 +41,7 @@ NEWTON_MIN_NCC = 0.1
 #: ... and its model is trusted before any step only for pairs matching at least this well (NCC at the level's first
 #: evaluation): there it is the loss's Hessian to within ~20 %, so a short first step means the pair is at its optimum.
 #: Below, the model can overestimate the curvature many times over (50x seen on ssTEM sections 100 nm apart), and a
-#: short proposed step says nothing until a step has confirmed the model (solvers.BatchBFGS.confirmed).
+#: short proposed step says nothing until a step has confirmed the model (optimizers.BatchBFGS.confirmed).
 NEWTON_TRUST_NCC = 0.8
 #: Longest step (pixels of the level) below the coarsest pyramid level: the coarser level left the pair about that
 #: close to the finer level's optimum, and a longer step on a weakly matching pair can jump into another basin of the
@@ -80,6 +81,10 @@ class Level:
     steps: int
     lr: float
 
+    def record(self) -> dict[str, float]:
+        """As the output and the API record it (``learning_rate`` by its option's name)."""
+        return {"factor": self.factor, "steps": self.steps, "learning_rate": self.lr}
+
 
 @dataclass
 class BlockState:
@@ -100,10 +105,10 @@ class BlockState:
 class FitSettings:
     """How a block is fitted (the module's options of the same names)."""
 
-    optimizer: str = "bfgs"
-    curvature: str = "gauss_newton"
-    init_std: float = 0.0
-    init_translation: str = "phase"
+    optimizer: str = MODEL.optimizer
+    curvature: str = MODEL.curvature
+    init_std: float = MODEL.init_std
+    init_translation: str = MODEL.init_translation
 
 
 class Ranks:
@@ -132,8 +137,8 @@ class StoppingRule:
     carries the options and documents the rule): the loss flat over ``window`` accepted iterates, or a confirmed
     proposed step shorter than the level's tolerance (``tols``: pixels of each level)."""
 
-    def __init__(self, tols: list[float], window: int = 15, tol: float = 1e-7, newton_step_tol_px: float = 0.02,
-                 enabled: bool = True) -> None:
+    def __init__(self, tols: list[float], window: int = EARLY_STOPPING.window, tol: float = EARLY_STOPPING.tol,
+                 newton_step_tol_px: float = EARLY_STOPPING.newton_step_tol_px, enabled: bool = EARLY_STOPPING.enabled) -> None:
         self.tols, self.window, self.tol, self.newton_step_tol_px, self.enabled = tols, window, tol, newton_step_tol_px, enabled
         self._key: tuple[int, int, int] | None = None
 

@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .frames import normalized_coords, pixel_coords
+
 #: Pole of the cubic B-spline prefilter.
 _POLE = math.sqrt(3.0) - 2.0
 #: Half-length of the truncated prefilter; |pole|**16 < 1e-9.
@@ -271,9 +273,8 @@ def bspline_sample(coeffs: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> 
     hy0, hy1, gy0, gy1 = _taps(py + PAD)
     xs = torch.stack([hx0, hx1, hx0, hx1], 1)  # (B, 4, h, w)
     ys = torch.stack([hy0, hy0, hy1, hy1], 1)
-    # pixel index -> normalized, align_corners=False
-    gx = (2 * xs + 1) / ww - 1
-    gy = (2 * ys + 1) / hh - 1
+    gx = normalized_coords(xs, ww)
+    gy = normalized_coords(ys, hh)
     oh, ow = px.shape[-2:]
     grid = torch.stack([gx, gy], -1).reshape(b, 4 * oh, ow, 2)
     taps = F.grid_sample(coeffs, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -327,8 +328,8 @@ def sample_positions(theta: torch.Tensor, out_shape: tuple[int, int], src_shape:
     b = theta.shape[0]
     grid = F.affine_grid(theta, [b, 1, *out_shape], align_corners=False)
     hh, ww = src_shape
-    px = ((grid[..., 0] + 1) * ww - 1) / 2
-    py = ((grid[..., 1] + 1) * hh - 1) / 2
+    px = pixel_coords(grid[..., 0], ww)
+    py = pixel_coords(grid[..., 1], hh)
     return px, py
 
 

@@ -17,17 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .frames import normalized_coords
 from .interpolation import downscale
+from .settings import Destripe, StaticMode
 
-Destripe = Literal["none", "vertical", "horizontal", "both"]
-#: ``--data.static_patterns``: what is done with patterns fixed in every slice (:func:`find_static_patterns`).
-StaticMode = Literal["leave_out", "keep"]
 #: Pixels of each level a mask is eroded by beyond the smoothing's reach (the B-spline prefilter's tail).
 MARGIN = 2
 def _erode(m: torch.Tensor, r: int) -> torch.Tensor:
@@ -67,6 +66,14 @@ def loss_images(slices: Iterable[torch.Tensor], factor: float, masks: torch.Tens
     if direction != "none":
         images = destripe(images, direction, (block[:, :1] > 0.999).float())
     return images, block
+
+
+def block_images(slices: Iterable[torch.Tensor], offset: Any, scale: Any, factor: float, masks: torch.Tensor | None,
+                 direction: Destripe) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`loss_images` of a block's slices as read (``(H, W)`` each, from :func:`to_tensor`: compact values with
+    their ``offset`` and ``scale``): grey values to about [0, 1] by the stack's own range, one slice at a time."""
+    offset, scale = torch.as_tensor(offset).float(), torch.as_tensor(scale).float()
+    return loss_images(((s[None, None].float() - offset) / scale for s in slices), factor, masks, direction)
 
 
 def pair_masks(block_masks: torch.Tensor | None, factor: float, smoothing: float, fixed: torch.Tensor,
@@ -117,7 +124,7 @@ def sample_mask(mask: torch.Tensor, px: torch.Tensor, py: torch.Tensor
 def sample_mask_autograd(mask: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     """:func:`sample_mask`'s value through ``grid_sample`` (differentiable in the positions, for the autograd losses)."""
     h, w = mask.shape[-2:]
-    grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], -1).to(mask.dtype)
+    grid = torch.stack([normalized_coords(px, w), normalized_coords(py, h)], -1).to(mask.dtype)
     return F.grid_sample(mask.unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
 
 

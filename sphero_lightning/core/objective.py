@@ -10,7 +10,7 @@ are ``(B, 1, h, w)`` float tensors; the moving ones are passed as what the loss 
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..errors import SpheroError
 from . import kernels
 from .fastncc import ncc_and_gradient
+from .frames import normalized_coords, pixel_coords
 from .interpolation import (
     PAD,
     bspline_prefilter,
@@ -31,12 +32,9 @@ from .interpolation import (
 )
 from .losses import get_loss, ncc_loss
 from .masks import sample_mask_autograd
+from .settings import MODEL, Loss, LossInterpolation, Transformation
 from .transforms import corner_displacement, family_basis, params_to_normalized
 
-Transformation = Literal["translation", "rigid", "similarity", "affine"]
-Loss = Literal["ncc", "mse", "mae", "ssim"]
-#: Interpolation of the moving slice inside the loss.
-LossInterpolation = Literal["bspline", "bspline2x", "bicubic"]
 INTERPOLATIONS = get_args(LossInterpolation)
 
 
@@ -85,9 +83,10 @@ class PairObjective:
     (torch.Size([2]), torch.Size([2, 3]))
     """
 
-    def __init__(self, transformation: Transformation = "rigid", scaling: bool = True, shear: bool = True,
-                 loss: Loss = "ncc", loss_kwargs: dict[str, Any] | None = None, regularization: float = 0.5,
-                 smoothing: float = 0.7, interpolation: LossInterpolation = "bspline",
+    def __init__(self, transformation: Transformation = MODEL.transformation, scaling: bool = MODEL.scaling,
+                 shear: bool = MODEL.shear, loss: Loss = MODEL.loss, loss_kwargs: dict[str, Any] | None = MODEL.loss_kwargs,
+                 regularization: float = MODEL.regularization, smoothing: float = MODEL.smoothing,
+                 interpolation: LossInterpolation = MODEL.interpolation,
                  shape: tuple[int, int] | None = None) -> None:
         if interpolation not in INTERPOLATIONS:
             raise SpheroError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
@@ -98,6 +97,7 @@ class PairObjective:
         self.loss_fn = get_loss(loss)
         self.loss_kwargs = dict(loss_kwargs or {})
         self.basis = family_basis(transformation, scaling, shear)  # (n_free, 6)
+        self.family = (transformation, scaling, shear)  # as given: the volume projects onto it (core.volume)
         self.shape = shape
         #: Pixels evaluated in one pass (pairs x pixels per pair); bounds the memory of an evaluation.
         self.max_pixels_per_pass = 1 << 20
@@ -150,8 +150,8 @@ class PairObjective:
         else:
             grid = F.affine_grid(theta, [theta.shape[0], 1, *size], align_corners=False)
             warped = F.grid_sample(coeffs, grid, mode="bicubic", padding_mode="border", align_corners=False)
-            px = ((grid[..., 0] + 1) * size[1] - 1) / 2
-            py = ((grid[..., 1] + 1) * size[0] - 1) / 2
+            px = pixel_coords(grid[..., 0], size[1])
+            py = pixel_coords(grid[..., 1], size[0])
         weight = inside_weight(px, py, size)
         if masks is not None:
             weight = weight * masks[0][:, 0] * sample_mask_autograd(masks[1][:, 0], px, py)
@@ -256,8 +256,8 @@ class PairObjective:
         """
         f, m, wt = fixed[:, 0].float(), warped[:, 0].float(), weight[:, 0].float()
         h, w = f.shape[-2:]
-        xs = (2 * torch.arange(w, dtype=f.dtype, device=f.device) + 1) / w - 1
-        ys = (2 * torch.arange(h, dtype=f.dtype, device=f.device) + 1) / h - 1
+        xs = normalized_coords(torch.arange(w, dtype=f.dtype, device=f.device), w)
+        ys = normalized_coords(torch.arange(h, dtype=f.dtype, device=f.device), h)
         xq = torch.stack([torch.ones_like(xs), xs, xs * xs], 1)  # (w, 3)
         yq = torch.stack([torch.ones_like(ys), ys, ys * ys], 1)  # (h, 3)
 

@@ -10,9 +10,12 @@ them) and the chain's pairs keep their order.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
+
+from .settings import SOLVE
 
 
-def pair_graph(good: list[int], neighbours: int = 1) -> list[tuple[int, int]]:
+def pair_graph(good: list[int], neighbours: int = SOLVE.neighbours) -> list[tuple[int, int]]:
     """``(fixed, moving)`` pairs of the usable slices ``good`` (ascending), each slice registered to the ``neighbours``
     usable slices before it.
 
@@ -45,3 +48,39 @@ def blocks(n_pairs: int, segments: list[int], size: int) -> list[tuple[int, int]
     """
     bounds = [*segments, n_pairs]
     return [(lo + k, min(lo + k + size, hi)) for lo, hi in itertools.pairwise(bounds) for k in range(0, hi - lo, size)]
+
+
+@dataclass
+class StackPairs:
+    """Every pair a stack's fit has, in order: the pair graph of the usable slices, then the bridging pairs added once
+    those were fitted; per pair the multiple of the finest pyramid factor it is fitted down to (``stop``: 1 for
+    consecutive usable slices, ``coarse_factor`` for pairs further apart, 1 for bridges); ``segments``: the first pair
+    of each run that starts a block of its own.
+
+    >>> sp = StackPairs.of([0, 1, 2, 4], neighbours=2, coarse_factor=4.0)
+    >>> sp.pairs, sp.stop
+    ([(0, 1), (1, 2), (0, 2), (2, 4), (1, 4)], [1.0, 1.0, 4.0, 1.0, 4.0])
+    >>> sp.add([(0, 4)]); sp.blocks(4)
+    [(0, 4), (4, 5), (5, 6)]
+    """
+
+    pairs: list[tuple[int, int]]
+    stop: list[float]
+    segments: list[int] = field(default_factory=lambda: [0])
+
+    @classmethod
+    def of(cls, good: list[int], neighbours: int = SOLVE.neighbours, coarse_factor: float = SOLVE.coarse_factor) -> StackPairs:
+        """The pairs of the usable slices ``good`` (:func:`pair_graph`), pairs further apart stopping at ``coarse_factor``."""
+        pairs = pair_graph(good, neighbours)
+        at = {z: q for q, z in enumerate(good)}
+        return cls(pairs, [1.0 if at[j] - at[i] == 1 else float(coarse_factor) for i, j in pairs])
+
+    def add(self, pairs: list[tuple[int, int]]) -> None:
+        """Pairs fitted after the others (bridges, at full resolution): they start a block of their own."""
+        self.segments.append(len(self.pairs))
+        self.pairs.extend(pairs)
+        self.stop.extend([1.0] * len(pairs))
+
+    def blocks(self, size: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` pair indices of every block of ``size`` pairs (:func:`blocks`)."""
+        return blocks(len(self.pairs), self.segments, size)

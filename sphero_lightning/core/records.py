@@ -28,11 +28,13 @@ import math
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
 
+import numpy as np
+
 
 class PairStatus(StrEnum):
     """A fitted pair's status."""
 
-    #: Fitted, and matching well enough to trust (NCC after >= training.report.MIN_TRUSTED_NCC).
+    #: Fitted, and matching well enough to trust (NCC after >= :data:`MIN_TRUSTED_NCC`).
     OK = "ok"
     #: The fit ended with a non-finite loss.
     FAILED = "failed"
@@ -70,7 +72,7 @@ class PairRecord(TypedDict):
     ncc_after: float | None
     #: Fraction of the loss's pixels the masks kept (with masks only).
     mask_kept: NotRequired[float]
-    #: The QC's verdict and robust z-score of the loss (training.report.flag_outliers).
+    #: The QC's verdict and robust z-score of the loss (:func:`flag_outliers`).
     qc: NotRequired[str]
     qc_z: NotRequired[float | None]
     #: The solve's residual (px) and the slices a foreign slice left unregistered (core.volume).
@@ -93,3 +95,66 @@ def fitted_pair(pair_index: int, slice_indices: tuple[int, int] | list[int], mat
     if mask_kept is not None:
         record["mask_kept"] = mask_kept
     return record
+
+
+
+def in_stack(record: PairRecord, pair_index: int, slice_indices: tuple[int, int] | list[int]) -> PairRecord:
+    """A block's record (positions only) as the stack's pair ``pair_index`` of slices ``slice_indices``.
+
+    >>> r = in_stack(fitted_pair(0, (), [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], final_loss=0.1), 7, (6, 8))
+    >>> r["pair_index"], r["slice_indices"]
+    (7, [6, 8])
+    """
+    return {"pair_index": pair_index, "slice_indices": list(slice_indices),
+            **{k: v for k, v in record.items() if k not in ("pair_index", "slice_indices")}}
+
+#: A pair whose NCC after fitting is below this is marked ``low_correlation``, never ``ok``: its slices share too
+#: little structure for the transform to mean anything (consecutive real ssTEM sections: 0.2-0.4; FIB-SEM: ~0.9).
+MIN_TRUSTED_NCC = 0.1
+
+
+def mark_untrusted(log: list[PairRecord]) -> None:
+    """Set ``status: low_correlation`` on fitted pairs whose NCC after fitting is below :data:`MIN_TRUSTED_NCC`
+    (or not finite): a result that cannot be trusted is never marked ``ok``."""
+    for e in log:
+        if e.get("status") != PairStatus.OK:
+            continue
+        ncc = e.get("ncc_after")
+        if ncc is not None and not (math.isfinite(ncc) and ncc >= MIN_TRUSTED_NCC):
+            e["status"] = PairStatus.LOW_CORRELATION
+
+
+#: Fewest pairs for the along-the-stack QC: a median and MAD of fewer say nothing about outliers.
+QC_MIN_PAIRS = 5
+
+
+#: The spread below which differences in final loss are not outliers: this fraction of the median loss.
+QC_MIN_SPREAD = 0.05
+
+
+def flag_outliers(log: list[PairRecord], threshold: float = 3.5) -> list[PairRecord]:
+    """Mark pairs whose final loss is an outlier along the stack (robust z-score above ``threshold``).
+
+    ``z = 0.6745 (loss - median) / max(MAD, QC_MIN_SPREAD * median)`` over the registered pairs; only high
+    losses (poor matches) count. The floor keeps near-identical pairs (all losses within a few percent, as on
+    a short or very regular stack) from being flagged for differences that mean nothing. Sets ``qc`` (``"ok"``,
+    ``"outlier"``, or ``"not_assessed"`` with fewer than :data:`QC_MIN_PAIRS` pairs) and ``qc_z`` on every
+    registered entry; returns the outliers.
+    """
+    entries = [e for e in log if e.get("final_loss") is not None and math.isfinite(e["final_loss"])]
+    if len(entries) < QC_MIN_PAIRS:
+        for e in entries:
+            e["qc"], e["qc_z"] = "not_assessed", None
+        return []
+    losses = np.array([e["final_loss"] for e in entries])
+    med = float(np.median(losses))
+    mad = float(np.median(np.abs(losses - med)))
+    scale = max(mad, QC_MIN_SPREAD * abs(med), 1e-12)
+    out = []
+    for e, x in zip(entries, losses):
+        z = 0.6745 * (x - med) / scale
+        e["qc_z"] = round(float(z), 3)
+        e["qc"] = "outlier" if z > threshold else "ok"
+        if z > threshold:
+            out.append(e)
+    return out

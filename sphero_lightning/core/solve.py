@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .frames import fill_between, to_centered, to_normalized
+from .settings import SOLVE
 
 #: A cycle of three consecutive slices is inconsistent when its error exceeds this many robust standard deviations of
 #: the stack's cycle errors, and at least MIN_CYCLE_PX pixels (where every pair agrees to hundredths of a pixel).
@@ -252,7 +253,7 @@ def diagnose(pairs: list[tuple[int, int]], matrices: np.ndarray, good: list[int]
 
 
 def solve(n_slices: int, pairs: list[tuple[int, int]], matrices: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
-          reference: int = 0, anchors: dict[int, np.ndarray] | None = None, skip: set[int] | None = None,
+          reference: int = SOLVE.reference, anchors: dict[int, np.ndarray] | None = None, skip: set[int] | None = None,
           leave_out: set[int] | None = None) -> SolveResult:
     """Composed transforms of every slice by weighted least squares over the fitted pairs.
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .frames import Affine, Frame, homogeneous, pixel_centre
 from .interpolation import bspline_prefilter, bspline_sample
-from .transforms import centered_to_normalized, homogeneous, mean_displacement
+from .transforms import mean_displacement
 
 
 @dataclass
@@ -95,18 +96,19 @@ def render(base: np.ndarray, transforms: np.ndarray, shape: tuple[int, int], ove
     Point samples of a continuous model, averaged over the pixel area, involve no resampling of a
     discrete grid, so no phase-dependent interpolation kernel ends up in the truth.
     """
-    hb, wb = base.shape
     h, w = shape
     n = oversample
     coeffs = bspline_prefilter(torch.from_numpy(base.astype(np.float64))[None, None])
     sub = (np.arange(n) + 0.5) / n - 0.5  # sub-pixel offsets inside a pixel
-    ys = (np.arange(h)[:, None] + sub[None, :]).reshape(-1) - (h - 1) / 2
-    xs = (np.arange(w)[:, None] + sub[None, :]).reshape(-1) - (w - 1) / 2
+    cx, cy = pixel_centre(shape)
+    bx0, by0 = pixel_centre(base.shape)
+    ys = (np.arange(h)[:, None] + sub[None, :]).reshape(-1) - cy
+    xs = (np.arange(w)[:, None] + sub[None, :]).reshape(-1) - cx
     gy, gx = np.meshgrid(ys, xs, indexing="ij")
     out = []
     for t in transforms:
-        bx = t[0, 0] * gx + t[0, 1] * gy + t[0, 2] + (wb - 1) / 2
-        by = t[1, 0] * gx + t[1, 1] * gy + t[1, 2] + (hb - 1) / 2
+        bx = t[0, 0] * gx + t[0, 1] * gy + t[0, 2] + bx0
+        by = t[1, 0] * gx + t[1, 1] * gy + t[1, 2] + by0
         fine = bspline_sample(coeffs, torch.from_numpy(bx)[None], torch.from_numpy(by)[None])
         out.append(F.avg_pool2d(fine, n)[0, 0].numpy())
     return np.stack(out)
@@ -151,7 +153,7 @@ def truth_composed(tf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     base): output (slice 0) centered -> slice k centered = ``T_k^-1 T_0``, normalized, ``(n - 1, 2, 3)``."""
     hom = homogeneous(torch.from_numpy(tf))
     comp = torch.linalg.inv(hom[1:]) @ hom[0]
-    return centered_to_normalized(comp[:, :2], shape).numpy()
+    return Affine(comp[:, :2], Frame.CENTRED, shape).to(Frame.NORMALIZED).matrix.numpy()
 
 
 def _field(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:

@@ -1,12 +1,13 @@
 """Affine transforms: parameters, matrices, unit conversions, composition.
 
-Pure functions over batched tensors. Three coordinate conventions appear:
+Pure functions over batched tensors. Three coordinate frames appear, each defined, and converted between, in
+:mod:`~sphero_lightning.core.frames` (:class:`~.frames.Affine`; the ``*_to_*`` functions here are its torch
+shorthands, for ``(B, 2, 3)`` / ``(B, 3, 3)`` tensors):
 
-* **normalized** (torch's ``affine_grid``, ``align_corners=False``): ``x_n = (2 x_p + 1) / W - 1``,
-  so the image spans ``[-1, 1]`` edge to edge whatever its resolution. A ``(2, 3)`` matrix maps an
-  output position to the position sampled in the moving slice. Stored in the output attributes.
-* **centered pixels**: ``u = x_p - (W - 1) / 2``; isotropic, so a rotation here is a true rotation
-  even when ``H != W``. The parameters are built in this frame.
+* **normalized** (torch's ``affine_grid``, ``align_corners=False``): the image spans ``[-1, 1]`` edge to edge. A
+  ``(2, 3)`` matrix maps an output position to the position sampled in the moving slice; stored in the output.
+* **centered pixels**: isotropic, so a rotation here is a true rotation even when ``H != W``. The parameters are
+  built in this frame.
 * **pixel index** (Fiji/TurboReg/pystackreg style): ``x_p`` in ``0..W-1``; ``(3, 3)`` matrices.
 
 Parameters are the deviation from identity, ``q = [tx, ty, theta, dsx, dsy, k]``:
@@ -36,8 +37,9 @@ from typing import Any
 import torch
 
 from ..errors import SpheroError
-from .frames import decompose, fill_between
-from .records import PairStatus
+from .frames import Affine, Frame, decompose, fill_between, homogeneous, pixel_centre
+from .records import PairRecord, PairStatus
+from .settings import MODEL
 
 #: Names of the six full parameters, in order.
 PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")
@@ -47,7 +49,7 @@ PARAM_NAMES = ("tx", "ty", "theta", "dsx", "dsy", "shear")
 FAMILIES = ("translation", "rigid", "similarity", "affine")
 
 
-def family_basis(transformation: str, scaling: bool = True, shear: bool = True) -> torch.Tensor:
+def family_basis(transformation: str, scaling: bool = MODEL.scaling, shear: bool = MODEL.shear) -> torch.Tensor:
     """Linear map from the free parameters of a family to the full 6-vector.
 
     Parameters
@@ -111,40 +113,19 @@ def params_to_centered(q: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return torch.stack([row0, row1], -2)
 
 
-def _scale_matrix(shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """``diag(2/W, 2/H)``: centered pixels to normalized coordinates."""
-    h, w = shape
-    return torch.diag(torch.tensor([2.0 / w, 2.0 / h], dtype=like.dtype, device=like.device))
-
-
 def centered_to_normalized(a: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``(B, 2, 3)`` centered-pixel matrices to normalized ``affine_grid`` matrices."""
-    d = _scale_matrix(shape, a)
-    dinv = torch.linalg.inv(d)
-    lin = d @ a[..., :2] @ dinv
-    t = (d @ a[..., 2:]).squeeze(-1)
-    return torch.cat([lin, t.unsqueeze(-1)], -1)
+    """``(B, 2, 3)`` centered-pixel matrices to normalized ``affine_grid`` matrices (:class:`~.frames.Affine`)."""
+    return Affine(a, Frame.CENTRED, shape).to(Frame.NORMALIZED).matrix
 
 
 def normalized_to_centered(theta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Inverse of :func:`centered_to_normalized`."""
-    d = _scale_matrix(shape, theta)
-    dinv = torch.linalg.inv(d)
-    lin = dinv @ theta[..., :2] @ d
-    t = (dinv @ theta[..., 2:]).squeeze(-1)
-    return torch.cat([lin, t.unsqueeze(-1)], -1)
+    return Affine(theta, Frame.NORMALIZED, shape).to(Frame.CENTRED).matrix
 
 
 def params_to_normalized(q: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """``(B, 6)`` parameters to ``(B, 2, 3)`` normalized matrices (see :func:`params_to_centered`)."""
     return centered_to_normalized(params_to_centered(q, shape), shape)
-
-
-def homogeneous(a: torch.Tensor) -> torch.Tensor:
-    """``(..., 2, 3)`` to ``(..., 3, 3)`` by appending ``[0, 0, 1]``."""
-    last = torch.zeros(*a.shape[:-2], 1, 3, dtype=a.dtype, device=a.device)
-    last[..., 0, 2] = 1
-    return torch.cat([a, last], -2)
 
 
 def compose(pairwise: torch.Tensor) -> torch.Tensor:
@@ -172,21 +153,13 @@ def compose(pairwise: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_to_pixel(theta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Normalized ``(B, 2, 3)`` to pixel-index ``(B, 3, 3)`` matrices (``p_moving = M @ p_out``)."""
-    h, w = shape
-    a = homogeneous(normalized_to_centered(theta, shape))
-    shift = torch.eye(3, dtype=theta.dtype, device=theta.device)
-    shift[0, 2], shift[1, 2] = (w - 1) / 2, (h - 1) / 2
-    return shift @ a @ torch.linalg.inv(shift)
+    """Normalized ``(B, 2, 3)`` to pixel-index ``(B, 3, 3)`` matrices (``p_moving = M @ p_out``; :class:`~.frames.Affine`)."""
+    return Affine(theta, Frame.NORMALIZED, shape).to(Frame.PIXEL).matrix
 
 
 def pixel_to_normalized(m: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Inverse of :func:`normalized_to_pixel`."""
-    h, w = shape
-    shift = torch.eye(3, dtype=m.dtype, device=m.device)
-    shift[0, 2], shift[1, 2] = (w - 1) / 2, (h - 1) / 2
-    a = (torch.linalg.inv(shift) @ m @ shift)[..., :2, :]
-    return centered_to_normalized(a, shape)
+    return Affine(m, Frame.PIXEL, shape).to(Frame.NORMALIZED).matrix
 
 
 def corner_displacement(theta_a: torch.Tensor, theta_b: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -195,9 +168,8 @@ def corner_displacement(theta_a: torch.Tensor, theta_b: torch.Tensor, shape: tup
     For affine maps the largest displacement over a rectangle is reached at a corner, so this is
     the exact maximum over the whole slice. ``(B, 2, 3)`` normalized inputs, ``(B,)`` output.
     """
-    h, w = shape
     diff = normalized_to_centered(theta_a - theta_b, shape)  # linear in theta, so diff is exact
-    cx, cy = (w - 1) / 2, (h - 1) / 2
+    cx, cy = pixel_centre(shape)
     corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [-cx, cy, 1], [cx, cy, 1]], dtype=diff.dtype, device=diff.device)
     moved = torch.einsum("bij,cj->bci", diff, corners)
     return moved.norm(dim=-1).amax(-1)
@@ -211,11 +183,12 @@ def mean_displacement(theta_a: torch.Tensor, theta_b: torch.Tensor, shape: tuple
     """
     h, w = shape
     diff = normalized_to_centered((theta_a - theta_b).double(), shape)
-    xs = torch.arange(w, dtype=torch.float64, device=diff.device) - (w - 1) / 2
+    cx, cy = pixel_centre(shape)
+    xs = torch.arange(w, dtype=torch.float64, device=diff.device) - cx
     total = torch.zeros(diff.shape[0], dtype=torch.float64, device=diff.device)
     rows = max(1, (1 << 20) // w)
     for r0 in range(0, h, rows):
-        ys = torch.arange(r0, min(r0 + rows, h), dtype=torch.float64, device=diff.device) - (h - 1) / 2
+        ys = torch.arange(r0, min(r0 + rows, h), dtype=torch.float64, device=diff.device) - cy
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         pts = torch.stack([gx.flatten(), gy.flatten(), torch.ones(gx.numel(), dtype=torch.float64, device=diff.device)], -1)
         total += torch.einsum("bij,nj->bni", diff, pts).norm(dim=-1).sum(-1)
@@ -234,7 +207,7 @@ def describe(theta: torch.Tensor, shape: tuple[int, int]) -> list[dict[str, floa
     return [decompose(m, shape) for m in normalized_to_pixel(theta.double(), shape).numpy()]
 
 
-def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str]
+def chain_with_gaps(n_slices: int, fitted: list[PairRecord], damaged: dict[int, str]
                     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
     """Transforms to slice 0 of every slice, pairwise transforms of consecutive slices, the log.
 
@@ -266,7 +239,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
     by_pair = {tuple(r["slice_indices"]): r for r in fitted}
     hom = homogeneous(composed)
     pairwise = torch.zeros(max(0, n_slices - 1), 2, 3, dtype=torch.float64)
-    log: list[dict[str, Any]] = []
+    log: list[PairRecord] = []
     for i in range(n_slices - 1):
         r = by_pair.get((i, i + 1))
         if r is not None:
@@ -277,7 +250,7 @@ def chain_with_gaps(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[i
         pairwise[i] = (hom[i + 1] @ torch.linalg.inv(hom[i]))[:2]
         bad = [z for z in (i, i + 1) if z in damaged]
         bridge = next((r for r in fitted if r["slice_indices"][0] <= i and r["slice_indices"][1] >= i + 1), None)
-        entry: dict[str, Any] = {"pair_index": i, "slice_indices": [i, i + 1], "status": PairStatus.DAMAGED_SLICE,
+        entry: PairRecord = {"pair_index": i, "slice_indices": [i, i + 1], "status": PairStatus.DAMAGED_SLICE,
                                  "damaged_slices": {str(z): damaged[z] for z in bad}, "final_loss": None,
                                  "num_steps_taken": 0, "steps_per_level": [], "ncc_before": None, "ncc_after": None}
         if bridge is not None:

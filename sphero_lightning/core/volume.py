@@ -10,6 +10,19 @@ user chose. What the writer stores and the report shows of it.
   ``detrend`` removes a polynomial trend along z, ``highpass`` keeps only what changes faster than a window of slices.
   Both assume that the true alignment has no such slow component: a real slow tilt or drift of the sample is removed
   with the artefact.
+
+The convention: ``composed[k]`` (normalized, ``(2, 3)``) maps the output frame (the reference slice's, slice 0 by
+default, whose transform is the identity) to the position sampled in slice ``k``; two pairs shifted by 0.1 each
+(10 px on a 200 px wide slice) put slice 2 at 0.2 (20 px):
+
+>>> from sphero_lightning.core.frames import Affine, Frame
+>>> from sphero_lightning.core.records import fitted_pair
+>>> fits = [fitted_pair(z, (z, z + 1), [[1.0, 0.0, 0.1], [0.0, 1.0, 0.0]], final_loss=0.1, ncc_after=0.9) for z in (0, 1)]
+>>> composed, pairwise, log, record = compose_volume(3, fits, {}, (100, 200))
+>>> composed[:, 0, 2].tolist(), Affine(composed[0], Frame.NORMALIZED, (100, 200)).is_identity()
+([0.0, 0.1, 0.2], True)
+>>> Affine(composed, Frame.NORMALIZED, (100, 200)).to(Frame.PIXEL).matrix[:, 0, 2].tolist()
+[0.0, 10.0, 20.0]
 """
 
 from __future__ import annotations
@@ -22,7 +35,8 @@ import numpy as np
 import torch
 
 from .frames import fill_between, to_centered, to_normalized
-from .records import PairStatus
+from .records import PairRecord, PairStatus
+from .settings import MODEL, SOLVE
 from .solve import Diagnosis, diagnose, solve
 from .transforms import chain_with_gaps, homogeneous
 
@@ -75,8 +89,8 @@ class Priors:
         return self.detrend is not None or self.highpass is not None or bool(self.anchors)
 
 
-def project_to_family(composed: np.ndarray, shape: tuple[int, int], transformation: str = "affine", scaling: bool = True,
-                      shear: bool = True) -> np.ndarray:
+def project_to_family(composed: np.ndarray, shape: tuple[int, int], transformation: str, scaling: bool = MODEL.scaling,
+                      shear: bool = MODEL.shear) -> np.ndarray:
     """The nearest transforms of the family (``(n, 2, 3)`` normalized in and out): a weighted average of rigid
     transforms is not rigid. In centered pixels the linear part ``A = R [[sx, k sy], [0, sy]]`` keeps its rotation and
     only what the family fits: rigid drops scale and shear (the polar rotation), similarity keeps one scale (the mean
@@ -152,8 +166,8 @@ def _correct(c: np.ndarray, trend: np.ndarray, reference: int) -> np.ndarray:
     return (t[reference] @ np.linalg.inv(t) @ hom)[:, :2]
 
 
-def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str], shape: tuple[int, int],
-                   neighbours: int = 1, reference: int = 0, priors: Priors | None = None,
+def compose_volume(n_slices: int, fitted: list[PairRecord], damaged: dict[int, str], shape: tuple[int, int],
+                   neighbours: int = SOLVE.neighbours, reference: int = SOLVE.reference, priors: Priors | None = None,
                    family: tuple[str, bool, bool] = ("affine", True, True)
                    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]], dict[str, Any] | None]:
     """Composed transforms of every slice, the consecutive pairs' transforms and log, and the solve's record.
@@ -238,7 +252,7 @@ def compose_volume(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[in
     return composed, pairwise, log, record
 
 
-def _weights(fitted: list[dict[str, Any]], good: list[int], diag: Diagnosis) -> tuple[np.ndarray, list[int]]:
+def _weights(fitted: list[PairRecord], good: list[int], diag: Diagnosis) -> tuple[np.ndarray, list[int]]:
     """Each pair's weight in the solve (1 consecutive, :data:`DISTANCE_WEIGHT` longer, :data:`LAST_RESORT` with no
     true answer, 0 for a failed fit) and the indices of those with no true answer."""
     pos = {z: q for q, z in enumerate(good)}
@@ -258,13 +272,13 @@ def _weights(fitted: list[dict[str, Any]], good: list[int], diag: Diagnosis) -> 
     return np.array(w), flagged
 
 
-def _pair_record(fitted: list[dict[str, Any]], weights: np.ndarray, residual: np.ndarray | None = None) -> list[dict[str, Any]]:
+def _pair_record(fitted: list[PairRecord], weights: np.ndarray, residual: np.ndarray | None = None) -> list[dict[str, Any]]:
     return [{"slice_indices": list(r["slice_indices"]), "matrix": r["matrix"], "ncc_after": r.get("ncc_after"),
              "status": r.get("status"), "finest_factor": r.get("finest_factor"), "weight": float(weights[q]),
              **({"residual_px": float(residual[q])} if residual is not None else {})} for q, r in enumerate(fitted)]
 
 
-def bridge_pairs(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int, str], shape: tuple[int, int]
+def bridge_pairs(n_slices: int, fitted: list[PairRecord], damaged: dict[int, str], shape: tuple[int, int]
                  ) -> list[tuple[int, int]]:
     """Pairs to fit (again) at full resolution because they stand in for pairs with no true answer: across each run
     of foreign slices ``a+1..b-1`` the pair ``(a, b)`` (and ``(a', b)``, ``a'`` the usable slice before ``a``, where no
@@ -300,7 +314,7 @@ def bridge_pairs(n_slices: int, fitted: list[dict[str, Any]], damaged: dict[int,
     return [p for p in dict.fromkeys(wanted) if p not in have_full]
 
 
-def _full_ncc(fitted: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
+def _full_ncc(fitted: list[PairRecord]) -> dict[tuple[int, int], float]:
     """NCC after fitting (over what the loss saw) of every pair fitted at the run's finest level."""
     full = min((r.get("finest_factor", 1.0) for r in fitted), default=1.0)
     out = {}
@@ -311,7 +325,7 @@ def _full_ncc(fitted: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
     return out
 
 
-def suspect_runs(fitted: list[dict[str, Any]], good: list[int]) -> list[list[int]]:
+def suspect_runs(fitted: list[PairRecord], good: list[int]) -> list[list[int]]:
     """Runs of consecutive usable slices (``good``) whose consecutive pairs both match far worse than the stack's
     typical consecutive pair (:data:`SUSPECT_Z`; at least 5 such pairs), each with a usable slice on either side.
 
@@ -344,7 +358,7 @@ def _around(run: list[int], good: list[int]) -> tuple[int, int]:
     return good[pos[0] - 1], good[pos[1] + 1]
 
 
-def foreign_by_bridge(fitted: list[dict[str, Any]], good: list[int]) -> list[int]:
+def foreign_by_bridge(fitted: list[PairRecord], good: list[int]) -> list[int]:
     """Suspects (:func:`suspect_runs`) that a bridge over their run, fitted at full resolution, outmatches by
     :data:`BRIDGE_MARGIN`: their neighbours agree with each other and not with them."""
     ncc = _full_ncc(fitted)
@@ -358,7 +372,7 @@ def foreign_by_bridge(fitted: list[dict[str, Any]], good: list[int]) -> list[int
     return out
 
 
-def finest_fits(fitted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def finest_fits(fitted: list[PairRecord]) -> list[PairRecord]:
     """One fit per pair of slices: the finest (a pair fitted coarsely, then again at full resolution as a stand-in)."""
     best: dict[tuple[int, int], dict[str, Any]] = {}
     for r in fitted:
@@ -368,7 +382,7 @@ def finest_fits(fitted: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in fitted if best[tuple(r["slice_indices"])] is r]
 
 
-def _chain_pair(entry: dict[str, Any], damaged: set[int]) -> bool:
+def _chain_pair(entry: PairRecord, damaged: set[int]) -> bool:
     """Whether a fitted pair joins two consecutive usable slices (only damaged slices between them)."""
     i, j = entry["slice_indices"]
     return all(z in damaged for z in range(i + 1, j))

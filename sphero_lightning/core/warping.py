@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .frames import normalized_coords, pixel_coords
 from .interpolation import bspline_prefilter, bspline_sample
 
 
@@ -25,8 +26,8 @@ def window_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_shape:
     full = full_shape or src_shape
     oh, ow = out_shape or full
     # Pixel centres of the window in the full frame's normalized coordinates.
-    ys = (2 * (torch.arange(oh, dtype=theta.dtype, device=theta.device) + offset[0]) + 1) / full[0] - 1
-    xs = (2 * (torch.arange(ow, dtype=theta.dtype, device=theta.device) + offset[1]) + 1) / full[1] - 1
+    ys = normalized_coords(torch.arange(oh, dtype=theta.dtype, device=theta.device) + offset[0], full[0])
+    xs = normalized_coords(torch.arange(ow, dtype=theta.dtype, device=theta.device) + offset[1], full[1])
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     pts = torch.stack([gx, gy, torch.ones_like(gx)], -1)  # (h, w, 3)
     return torch.einsum("bij,hwj->bhwi", theta, pts)
@@ -40,8 +41,8 @@ def nearest_index(theta: torch.Tensor, src_shape: tuple[int, int], out_shape: tu
     """
     hh, ww = src_shape
     src = window_positions(theta.double(), src_shape, out_shape, offset, full_shape)
-    ix = torch.round(((src[..., 0] + 1) * ww - 1) / 2).long().clamp(0, ww - 1)
-    iy = torch.round(((src[..., 1] + 1) * hh - 1) / 2).long().clamp(0, hh - 1)
+    ix = torch.round(pixel_coords(src[..., 0], ww)).long().clamp(0, ww - 1)
+    iy = torch.round(pixel_coords(src[..., 1], hh)).long().clamp(0, hh - 1)
     return iy, ix
 
 
@@ -64,8 +65,8 @@ def window_pixel_positions(theta: torch.Tensor, src_shape: tuple[int, int], out_
     full = full_shape or src_shape
     oh, ow = out_shape or full
     th = theta.to(torch.float64)
-    ys = (2 * (torch.arange(oh, dtype=torch.float64, device=theta.device) + offset[0]) + 1) / full[0] - 1
-    xs = (2 * (torch.arange(ow, dtype=torch.float64, device=theta.device) + offset[1]) + 1) / full[1] - 1
+    ys = normalized_coords(torch.arange(oh, dtype=torch.float64, device=theta.device) + offset[0], full[0])
+    xs = normalized_coords(torch.arange(ow, dtype=torch.float64, device=theta.device) + offset[1], full[1])
     out = []
     for row, size in ((th[:, 0], ww), (th[:, 1], hh)):
         # pixel = (size / 2) (a xs + b ys + c + 1) - 1/2

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from .frames import normalized_coords, pixel_coords
 from .interpolation import (
     _BAND,
     _RADIUS,
@@ -170,9 +171,9 @@ def corner_positions(theta: torch.Tensor, full_shape: tuple[int, int], out_shape
     xs, ys = [], []
     for dy in (0, out_shape[0] - 1):
         for dx in (0, out_shape[1] - 1):
-            gx, gy = (2 * (offset[1] + dx) + 1) / ww - 1, (2 * (offset[0] + dy) + 1) / hh - 1
-            xs.append(((t[0][0] * gx + t[0][1] * gy + t[0][2] + 1) * ww - 1) / 2)
-            ys.append(((t[1][0] * gx + t[1][1] * gy + t[1][2] + 1) * hh - 1) / 2)
+            gx, gy = normalized_coords(offset[1] + dx, ww), normalized_coords(offset[0] + dy, hh)
+            xs.append(pixel_coords(t[0][0] * gx + t[0][1] * gy + t[0][2], ww))
+            ys.append(pixel_coords(t[1][0] * gx + t[1][1] * gy + t[1][2], hh))
     return torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..core.frames import pixel_centre
+
 
 def accumulation(tmats: np.ndarray, shape: tuple[int, int], box: list[int]) -> dict[str, float]:
     """How far the composed transforms (``(Z, 3, 3)`` pixel matrices, slice 0's first) travel along z: per quantity
@@ -17,7 +19,7 @@ def accumulation(tmats: np.ndarray, shape: tuple[int, int], box: list[int]) -> d
     share of the slice."""
     t = np.asarray(tmats, dtype=np.float64)
     h, w = shape
-    c = np.array([(w - 1) / 2, (h - 1) / 2, 1.0])
+    c = np.array([*pixel_centre(shape), 1.0])
     moved = t @ c
     series = {"rotation": np.degrees(np.arctan2(t[:, 1, 0], t[:, 0, 0])), "x": moved[:, 0] - c[0], "y": moved[:, 1] - c[1]}
     z = np.arange(len(t), dtype=np.float64)

@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from ..core.frames import decompose, pixel_matrices
-from ..core.records import UNTRUSTED, PairStatus
+from ..core.records import UNTRUSTED, PairRecord, PairStatus
 from ..errors import SpheroError
 from .charts import COLORS, Panel, Series, panels_svg, svg_uri
 from .drift import accumulation_warning
@@ -85,7 +85,7 @@ def _esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def damaged_slices(log: list[dict[str, Any]]) -> dict[int, str]:
+def damaged_slices(log: list[PairRecord]) -> dict[int, str]:
     """The slices left out as damaged, with the reason, from a ``registration_log``."""
     out: dict[int, str] = {}
     for e in log:
@@ -93,7 +93,7 @@ def damaged_slices(log: list[dict[str, Any]]) -> dict[int, str]:
     return out
 
 
-def flagged_pairs(log: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+def flagged_pairs(log: list[PairRecord]) -> list[tuple[PairRecord, str]]:
     """The pairs to look at first, with why: QC outliers, barely correlated pairs (``low_correlation``), failed
     pairs. Damaged slices are shown in the curves, not here."""
     out = []
@@ -113,7 +113,7 @@ def flagged_pairs(log: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]
 MIN_SPANS = (2.0, 0.2, 2e-3, 2e-3)
 
 
-def curves_figure(log: list[dict[str, Any]], tmats: np.ndarray, shape: tuple[int, int],
+def curves_figure(log: list[PairRecord], tmats: np.ndarray, shape: tuple[int, int],
                   solved: dict[str, Any] | None = None) -> str:
     """NCC per pair and the composed drift per slice along the stack, with the flagged pairs and damaged (and
     unregistered) slices marked; with the solve, each cycle's error and the threshold (SVG data URI)."""
@@ -247,7 +247,7 @@ _OVERLAYS = ('<p class="note">Overlays: fixed slice magenta, moving slice green;
              "source inside the crop box; after: the registered output.</p>")
 
 
-def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[str, Any] | None = None,
+def _summary(log: list[PairRecord], damaged: dict[int, str], solved: dict[str, Any] | None = None,
              masks: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     ncc = {k: [e[k] for e in log if e.get(k) is not None] for k in ("ncc_before", "ncc_after")}
     volume = [] if solved is None else [
@@ -265,7 +265,7 @@ def _summary(log: list[dict[str, Any]], damaged: dict[int, str], solved: dict[st
             *_mask_rows(log, masks), *volume]
 
 
-def _mask_rows(log: list[dict[str, Any]], masks: dict[str, Any] | None) -> list[tuple[str, Any]]:
+def _mask_rows(log: list[PairRecord], masks: dict[str, Any] | None) -> list[tuple[str, Any]]:
     """What the loss left out (data.ignore_value, data.mask_array, data.destripe, static patterns the guard found) and
     how much of each slice it used."""
     masks = dict(masks or {})
@@ -397,7 +397,7 @@ def _warning_box(notes: list[dict[str, Any]], nz: int) -> str:
     return f'<div class="warnings" id="warnings"><b>What the run said about the data and the result</b><ul>{"".join(items)}</ul></div>'
 
 
-def _pairs_section(out: zarr.Array, src: zarr.Array, box: list[int], log: list[dict[str, Any]],
+def _pairs_section(out: zarr.Array, src: zarr.Array, box: list[int], log: list[PairRecord],
                    flagged: list[tuple[dict[str, Any], str]]) -> str:
     """Before/after overlays of the flagged pairs, or of the first, middle and last pair where none is flagged."""
     if flagged:

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.records import PairRecord
+
 #: Bump when the journal's content changes meaning.
 VERSION = 2
 
@@ -72,11 +74,11 @@ class Journal:
             return False
         return True
 
-    def load(self) -> dict[int, dict[str, Any]]:
+    def load(self) -> dict[int, PairRecord]:
         """Finished pairs of an earlier run with the same settings (else empty)."""
         if not self._matches():
             return {}
-        results: dict[int, dict[str, Any]] = {}
+        results: dict[int, PairRecord] = {}
         for part in sorted(self.path.glob("pairs-*.json")):
             try:
                 results.update({int(k): v for k, v in json.loads(part.read_text()).items()})
@@ -94,7 +96,7 @@ class Journal:
             os.fsync(f.fileno())
         os.replace(tmp, target)
 
-    def save(self, results: dict[int, dict[str, Any]]) -> None:
+    def save(self, results: dict[int, PairRecord]) -> None:
         """Add the pairs of ``results`` not saved yet (one new file); start a fresh journal the first time."""
         if not getattr(self, "_started", False):
             if self.path.exists() and not self._matches(say=False):  # load() said so already

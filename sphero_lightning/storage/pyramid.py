@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..core.frames import pixel_centre
+from ..core.settings import OUTPUT
 from .store import create_array, move_into_place, open_group, spacing_name
 from .tasks import run_tasks
 
@@ -93,7 +95,7 @@ def level_meta(name: str, spacing: list[float], crop_box: list[int], k: int, nea
     level = spacing_name(sp) if name == spacing_name(spacing) else f"{name}-{f}x"
     # the centre of level-k pixel 0 lies at full-resolution pixel (f - 1) / 2 of the cropped output (the mean of its
     # block), or at pixel 0 (nearest: the block's top-left pixel)
-    c = 0.0 if nearest else (f - 1) / 2
+    c = 0.0 if nearest else pixel_centre((f, f))[0]
     return level, {"spacing": sp, "multiscale_level": k, "downsampled_from": below,
                    "translation_nm": [0.0, (up + c) * spacing[1], (left + c) * spacing[2]]}
 
@@ -119,8 +121,8 @@ def place_levels(root: str | Path, group_path: str, name: str, levels: int,
     return names[1:]
 
 
-def write_levels(root: str | Path, group_path: str, name: str, levels: int, *, num_workers: int = 4,
-                 progress: bool = False, compression_level: int = 3, nearest: bool = False) -> list[str]:
+def write_levels(root: str | Path, group_path: str, name: str, levels: int, *, num_workers: int = OUTPUT.num_workers,
+                 progress: bool = False, compression_level: int = OUTPUT.compression_level, nearest: bool = False) -> list[str]:
     """Write levels ``1 .. levels - 1`` of the array ``group_path/name`` beside it; returns their names. Named by
     their spacing where the array is (``50-4-4`` -> ``50-8-8``, ``50-16-16``), else ``<name>-2x``, ``<name>-4x``.
     ``nearest`` (label images): each level keeps every other pixel (the top-left of each 2 x 2 block) instead of the

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..core.settings import OUTPUT
 from ..errors import SpheroError
 
 #: Axis names of every array we write (OME-NGFF 0.5 requires them as the arrays' ``dimension_names``).
@@ -124,7 +125,7 @@ def parse_spacing(value: Any, where: str) -> list[float]:
 
 
 def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
-                 compression_level: int = 3, shards: tuple[int, ...] | None = None) -> zarr.Array:
+                 compression_level: int = OUTPUT.compression_level, shards: tuple[int, ...] | None = None) -> zarr.Array:
     """A new (overwritten) zstd-compressed array in ``group``'s own Zarr format."""
     if zarr_format(group) == 2:
         if shards is not None:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
+from ..core.settings import OUTPUT
 from ..errors import SpheroError
 
 #: Schedulers on this machine; anything else must be a distributed scheduler's address.
@@ -92,7 +93,7 @@ def _bar(progress: bool, desc: str, total: float, unit: str) -> Any:
     return progress_bar(total, desc, unit) if progress else None
 
 
-def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], *, scheduler: str = "threads", num_workers: int = 4,
+def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], *, scheduler: str = OUTPUT.scheduler, num_workers: int = OUTPUT.num_workers,
               progress: bool = False, desc: str = "", unit: str = "task", weights: Sequence[float] | None = None) -> list:
     """``[fn(*a) for a in args]``, in parallel; results in order. The progress bar advances by ``weights``
     (default 1 per task). The first task that fails stops the run and its exception is raised here."""

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 import zarr
 
+from ..core.frames import Affine, Frame
 from ..core.interpolation import DENSE_MAX
+from ..core.settings import OUTPUT
 from ..core.warping import nearest_index, warp, warp_coefficients
 from ..core.windows import bspline_window, corner_positions, sample_bounds, window_canvas
 from ..errors import SpheroError
@@ -350,7 +352,7 @@ class WriteResult:
 
 def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed: torch.Tensor, box: list[int], mode: str, *,
                written: zarr.Array | ArrayRef | None = None, device: torch.device | str = "cpu", rank: int = 0,
-               world: int = 1, progress: bool = False, num_workers: int = 4, scheduler: str = "threads",
+               world: int = 1, progress: bool = False, num_workers: int = OUTPUT.num_workers, scheduler: str = OUTPUT.scheduler,
                levels: Sequence[zarr.Array | ArrayRef] = (), nearest: bool = False, fill: float = 0.0) -> WriteResult:
     """Warp every slice of ``src`` once into the cropped ``out``: one dask task per row of shards (or chunks) of ``out``.
 
@@ -379,7 +381,7 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     done = np.asarray(_array(written)[:]) if written is not None else np.zeros(len(units), np.uint8)
     theta = composed.detach().cpu().numpy()
     if len(theta) == s.shape[0]:  # every slice's: slice 0 as the others (cropped only where it is the identity)
-        theta = theta[1:] if np.array_equal(theta[0], np.eye(3)[:2]) else theta
+        theta = theta[1:] if Affine(theta[0], Frame.NORMALIZED, tuple(s.shape[1:])).is_identity() else theta
     job = WarpJob(src, out, written, (up, down, left, right), mode, str(device) if not is_distributed(scheduler) else "cpu",
                   levels, nearest, float(fill))
     todo = [i for i in range(rank, len(units), world) if not done[i]]

@@ -11,22 +11,11 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
 from ..core.fit import SMALL_RUN, StoppingRule  # noqa: F401 - SMALL_RUN: named in the docstring
+from ..core.settings import EARLY_STOPPING, PYRAMID, check_bounds
+from ..core.stack import large_slice_base, pyramid_levels, stopping_rule
 from ..errors import SpheroError
-from ..options import check_bounds
 from .module import RegistrationModule
 from .state import Level
-
-
-def _per_level(value: float | list[float], levels: int, name: str) -> list[float]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != levels:
-            raise SpheroError(f"{name} has {len(value)} entries but there are {levels} pyramid levels; give one value or {levels}")
-        return [float(v) for v in value]
-    return [float(value)] * levels
-
-
-#: Learning rates of the reference pipeline (Adam), per level from coarse to fine.
-ADAM_LR = [1e-3, 1e-3, 5e-4, 1e-4]
 
 
 class PyramidSchedule(L.Callback):
@@ -55,34 +44,27 @@ class PyramidSchedule(L.Callback):
         area; reading and writing stay full resolution. The run says what it chose.
     """
 
-    def __init__(self, levels: int = 4, factors: float | list[float] = 2.0, steps: int | list[int] = 100,
-                 learning_rate: float | list[float] | None = None, finest_max_pixels: int = 1 << 22) -> None:
+    def __init__(self, levels: int = PYRAMID.levels, factors: float | list[float] = PYRAMID.factors,
+                 steps: int | list[int] = PYRAMID.steps,
+                 learning_rate: float | list[float] | None = PYRAMID.learning_rate,
+                 finest_max_pixels: int = PYRAMID.finest_max_pixels) -> None:
         check_bounds("pyramid", levels=levels, factors=factors, steps=steps, finest_max_pixels=finest_max_pixels)
-        if isinstance(factors, (list, tuple)):
-            fac = _per_level(factors, levels, "pyramid factors")
-        else:
-            fac = [float(factors) ** (levels - 1 - i) for i in range(levels)]
+        given = pyramid_levels(levels, factors, steps)  # the factors and steps per level (their lengths checked)
+        fac = [lv.factor for lv in given]
         if any(fine > coarse for coarse, fine in itertools.pairwise(fac)):
             raise SpheroError(f"pyramid factors go from coarse to fine, each at most the one before (e.g. [4, 2, 1]); "
                               f"got {[float(f) for f in fac]}")
-        st = [int(s) for s in _per_level(steps, levels, "pyramid steps")]
+        st = [lv.steps for lv in given]
         self.factors, self.steps, self.learning_rate = fac, st, learning_rate
         self.n_levels, self.finest_max_pixels = levels, int(finest_max_pixels)
         self.base = 1.0  # the power of 2 every factor is multiplied by for large slices (set at setup)
 
     def levels_for(self, optimizer: str) -> list[Level]:
-        lr = self.learning_rate
-        if lr is None:
-            lr = ADAM_LR[-self.n_levels:] if optimizer == "adam" and self.n_levels <= 4 else (1e-3 if optimizer == "adam" else 1e-2)
-        lrs = _per_level(lr, self.n_levels, "learning_rate")
-        return [Level(f * self.base, s, r) for f, s, r in zip(self.factors, self.steps, lrs)]
+        return pyramid_levels(self.n_levels, self.factors, self.steps, self.learning_rate, optimizer, self.base)
 
     def base_factor(self, shape: tuple[int, int]) -> float:
         """The smallest power of 2 that brings the finest level of ``shape`` slices under ``finest_max_pixels``."""
-        base, (h, w) = 1.0, shape
-        while (h / (base * min(self.factors))) * (w / (base * min(self.factors))) > self.finest_max_pixels:
-            base *= 2
-        return base
+        return large_slice_base(shape, min(self.factors), self.finest_max_pixels)
 
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -112,28 +94,19 @@ class PyramidSchedule(L.Callback):
 class PairEarlyStopping(L.Callback):
     """Per-pair early stopping: a converged pair stops moving; the others go on.
 
-    A pair has converged at the current level when, over its last ``window`` accepted iterates, the
-    loss varied by less than ``tol`` (the reference pipeline's rule, ``stop_window`` and
-    ``stop_tol``), or when the step it is about to take moves every pixel by less than
-    ``step_tol_px`` at the finest level (pixels of the level) and ``coarse_step_tol_px`` at the coarser
-    ones (or ``step_tol_px`` as a list: one value per level, coarse to fine); a BFGS pair then takes that
-    last small step unevaluated (accurate to second order near the optimum). The step rule is what stops a
-    quasi-Newton fit promptly: near the optimum its loss changes fall below float32 resolution while its steps
-    shrink quadratically, and a line search that can no longer improve shrinks its step to nothing.
+    The rule (:class:`~..core.fit.StoppingRule`), per pair and level:
 
-    A short proposed step is only as good as the curvature model that proposed it: a model that overestimates
-    the curvature proposes short steps far from the optimum (the Gauss-Newton model does, 50x, on ssTEM sections
-    100 nm apart, NCC 0.1-0.2; a level then ended after one evaluation, up to 9 px short of its optimum, and the
-    finer levels stayed in the wrong basin). So a short step ends a level only where the solver has confirmed its
-    model (``BatchBFGS.confirmed``: the slope along the last accepted step fell by at least half), or after
-    :data:`SMALL_RUN` short proposals in a row (the loss's noise floor, where no step confirms anything; adam,
-    which has no model, always stops so). A pair whose level started from a Gauss-Newton model the solver trusts
-    (slices matching at NCC >= 0.8 at the level's first evaluation, where the model is the Hessian to within ~20 %)
-    is confirmed from the start and takes Newton steps whose error is a fraction of their length, so for it
-    ``newton_step_tol_px`` (default 0.02 px) applies: one evaluation per level on well-matching slices. The coarse
-    levels stop at ``coarse_step_tol_px`` (0.01 px of the level): on weakly matching pairs the finer level's loss
-    has several basins, and where a coarser level stops decides which one the pair ends in (measured on 348 real
-    pairs: ``benchmarks/convergence.py``, README "Convergence on real pairs").
+    * **flat loss**: over its last ``window`` accepted iterates the loss varied by less than ``tol`` (the reference
+      pipeline's ``stop_window``, ``stop_tol``): the pair is frozen at its best point;
+    * **short step**: the step its solver proposes moves no pixel more than the level's tolerance (pixels of the
+      level): ``step_tol_px`` at the finest level, ``coarse_step_tol_px`` at the coarser ones, ``newton_step_tol_px``
+      where the level started from a trusted Gauss-Newton model (slices matching at NCC >= 0.8), and at least
+      :data:`~..core.fit.EARLY_STOP_TOL_PX` for pairs that end at a coarser level (``--solve.coarse_factor``). The
+      level ends for the pair, which takes that last step unevaluated; the step counts only once the solver has
+      confirmed its curvature model (``BatchBFGS.confirmed``) or after :data:`SMALL_RUN` short proposals in a row.
+
+    Why each part is there, and what it was measured against (348 real pairs, ``benchmarks/convergence.py``):
+    docs/benchmarks.md, "Convergence on real pairs".
 
     Parameters
     ----------
@@ -152,9 +125,10 @@ class PairEarlyStopping(L.Callback):
         The same for pairs whose level started from a trusted Gauss-Newton model (slices matching at NCC >= 0.8).
     """
 
-    def __init__(self, enabled: bool = True, window: int = 15, tol: float = 1e-7,
-                 step_tol_px: float | list[float] = 0.003, coarse_step_tol_px: float = 0.01,
-                 newton_step_tol_px: float = 0.02) -> None:
+    def __init__(self, enabled: bool = EARLY_STOPPING.enabled, window: int = EARLY_STOPPING.window,
+                 tol: float = EARLY_STOPPING.tol, step_tol_px: float | list[float] = EARLY_STOPPING.step_tol_px,
+                 coarse_step_tol_px: float = EARLY_STOPPING.coarse_step_tol_px,
+                 newton_step_tol_px: float = EARLY_STOPPING.newton_step_tol_px) -> None:
         check_bounds("early_stopping", window=window, step_tol_px=step_tol_px, coarse_step_tol_px=coarse_step_tol_px,
                      newton_step_tol_px=newton_step_tol_px)
         self.coarse_step_tol_px = coarse_step_tol_px
@@ -168,11 +142,8 @@ class PairEarlyStopping(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: RegistrationModule, stage: str) -> None:
         pyramid = next((cb for cb in trainer.callbacks if isinstance(cb, PyramidSchedule)), None)
         levels = pyramid.n_levels if pyramid is not None else len(pl_module.levels)
-        if isinstance(self.step_tol_px, (list, tuple)):
-            tols = _per_level(self.step_tol_px, levels, "early_stopping.step_tol_px")
-        else:
-            tols = [float(self.coarse_step_tol_px)] * (levels - 1) + [float(self.step_tol_px)]
-        self.rule = StoppingRule(tols, self.window, self.tol, self.newton_step_tol_px, self.enabled)
+        self.rule = stopping_rule(levels, self.step_tol_px, self.coarse_step_tol_px, self.window, self.tol,
+                                  self.newton_step_tol_px, self.enabled)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change a pair's result (for the progress journal)."""

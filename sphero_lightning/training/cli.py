@@ -178,7 +178,7 @@ def _run_cli(argv: list[str] | None, cli: SpheroCLI | None = None) -> SpheroCLI:
         seed_everything_default=0,
         save_config_callback=SaveConfigWithLogs,
         save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,  # the solvers are per pair (solvers.py): no --optimizer/--lr_scheduler
+        auto_configure_optimizers=False,  # the solvers are per pair (optimizers.py): no --optimizer/--lr_scheduler
         # Parse errors raise (one line from main) instead of printing the whole usage.
         parser_kwargs={"exit_on_error": False, "fit": {"default_env": False, "exit_on_error": False,
                                                        "description": FIT_DESCRIPTION}},

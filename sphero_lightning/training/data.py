@@ -15,10 +15,10 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from ..core.masks import Destripe, StaticMode, StaticPatterns, combined_destripe, find_static_patterns, to_tensor
-from ..core.pairs import block_layout, blocks, pair_graph
+from ..core.masks import StaticPatterns, combined_destripe, find_static_patterns, to_tensor
+from ..core.pairs import StackPairs, block_layout
+from ..core.settings import DATA, SOLVE, Destripe, StaticMode, check_bounds
 from ..errors import SpheroError
-from ..options import check_bounds
 from ..storage.checks import check_stack
 from ..storage.slices import (
     damaged_slices,
@@ -116,12 +116,14 @@ class ZarrPairDataModule(L.LightningDataModule):
         one line; ``keep`` uses it and says which option would handle it. Not looked for with a mask array.
     """
 
-    def __init__(self, root: str, array: str, dst_group: str = "images/registered", max_pairs: int | None = None,
-                 pairs_per_block: int = 32, spacing: list[float] | None = None, overwrite: bool = False,
-                 check_slices: bool = True, min_contrast: float = 0.05, resume: bool = True,
-                 output_root: str | None = None, memory_budget_gb: float | None = None, neighbours: int = 1,
-                 coarse_factor: float = 1.0, ignore_value: float | None = None, mask_array: str | None = None,
-                 destripe: Destripe = "none", static_patterns: StaticMode = "leave_out") -> None:
+    def __init__(self, root: str, array: str, dst_group: str = DATA.dst_group, max_pairs: int | None = DATA.max_pairs,
+                 pairs_per_block: int = DATA.pairs_per_block, spacing: list[float] | None = DATA.spacing,
+                 overwrite: bool = DATA.overwrite, check_slices: bool = DATA.check_slices,
+                 min_contrast: float = DATA.min_contrast, resume: bool = DATA.resume,
+                 output_root: str | None = DATA.output_root, memory_budget_gb: float | None = DATA.memory_budget_gb,
+                 neighbours: int = SOLVE.neighbours, coarse_factor: float = SOLVE.coarse_factor,
+                 ignore_value: float | None = DATA.ignore_value, mask_array: str | None = DATA.mask_array,
+                 destripe: Destripe = DATA.destripe, static_patterns: StaticMode = DATA.static_patterns) -> None:
         super().__init__()
         self.root, self.array, self.dst_group = root, array, dst_group.strip("/")
         self.max_pairs, self.pairs_per_block, self.spacing_override = max_pairs, pairs_per_block, spacing
@@ -307,21 +309,29 @@ class ZarrPairDataModule(L.LightningDataModule):
         found = self.static.stripes if self.static_mode == "leave_out" else ()
         return combined_destripe(self.destripe, found)
 
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """``(fixed, moving)`` slices of every pair (:class:`~..core.pairs.StackPairs`)."""
+        return self.graph.pairs
+
+    @property
+    def pair_stop(self) -> list[float]:
+        """Per pair, the multiple of the finest factor it is fitted down to."""
+        return self.graph.stop
+
     def add_pairs(self, pairs: list[tuple[int, int]]) -> None:
         """Pairs to fit after the others (bridges found once those were fitted): they start a block of their own."""
-        self.segments.append(len(self.pairs))
-        self.pairs.extend(pairs)
-        self.pair_stop.extend([1.0] * len(pairs))
+        self.graph.add(pairs)
 
     def skip(self, blocks: set[int]) -> None:  # blocks an earlier run finished (the journal's): nothing to read
         self.skip_blocks = set(blocks)
 
     def n_blocks(self, world: int) -> int:
-        return len(blocks(self.n_pairs, self.segments, self.pairs_per_block * world))
+        return len(self.graph.blocks(self.pairs_per_block * world))
 
     def block_range(self, block: int, world: int) -> tuple[int, int]:
         """``(start, stop)``: the pair indices of ``block`` across all ranks."""
-        every = blocks(self.n_pairs, self.segments, self.pairs_per_block * world)
+        every = self.graph.blocks(self.pairs_per_block * world)
         return every[block] if block < len(every) else (self.n_pairs, self.n_pairs)
 
     def rank_pairs(self, block: int, rank: int, world: int) -> range:
@@ -390,12 +400,9 @@ class ZarrPairDataModule(L.LightningDataModule):
     def set_damaged(self, damaged: dict[int, str]) -> None:
         self.damaged = dict(sorted(damaged.items()))
         self.good = [z for z in range(self.n_slices) if z not in self.damaged]
-        self.pairs = pair_graph(self.good, self.neighbours)
-        self.segments = [0]  # the first pair of each segment of pairs (blocks do not span two)
-        # the finest factor each pair is fitted to, as a multiple of the run's finest: consecutive pairs 1, pairs further
-        # apart --solve.coarse_factor (they tell which pairs have no true answer; the ones standing in are fitted again)
-        at = {z: q for q, z in enumerate(self.good)}
-        self.pair_stop = [1.0 if at[j] - at[i] == 1 else self.coarse_factor for i, j in self.pairs]
+        # the pairs, and the finest factor each is fitted to (pairs further apart: --solve.coarse_factor; they tell which
+        # pairs have no true answer, the ones standing in are fitted again)
+        self.graph = StackPairs.of(self.good, self.neighbours, self.coarse_factor)
         if len(self.good) < 2 and self.damaged:
             raise SpheroError(f"fewer than 2 usable slices: {len(self.damaged)} of {self.n_slices} are damaged "
                               f"(first: slice {next(iter(self.damaged))}, {next(iter(self.damaged.values()))}); "

@@ -94,12 +94,12 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     from importlib import import_module
 
     import lightning as L
-    import torch
 
     from ..core.frames import FIRST_KEY, pixel_matrices
+    from ..core.records import flag_outliers
     from .callbacks import PairEarlyStopping, PairProgressBar, PyramidSchedule
     from .module import RegistrationModule
-    from .report import flag_outliers
+    from .report import fit_record
     from .state import PLAIN_TRAINER, quiet_lightning
     from .volume import VolumeSolve
     from .writer import RegistrationWriter, compose_result
@@ -128,18 +128,14 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
             if trainer.interrupted:  # Lightning caught Ctrl-C and exits; a notebook gets its KeyboardInterrupt back
                 raise KeyboardInterrupt from None
             raise
-        _, _, pairwise, log, solved, first, own_frame, later, box = compose_result(
-            dm, model, solve, output.crop_borders, output.crop_safety_margin)
-    flag_outliers(log)
+        vol = compose_result(dm, model, solve, output.crop_borders, output.crop_safety_margin)
+    flag_outliers(vol.log)
+    first, later, own_frame = vol.first, vol.later, vol.own_frame
     shape = dm.slice_shape
-    pyramid_levels = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in model.levels]
-    settings = {**model.record(),
-                "pyramid": pyramid_levels, "pairs_per_block": dm.pairs_per_block, "masks": dm.mask_settings,
-                "intensity_range": list(dm.intensity) if dm.intensity else None, "solve": solve.settings(),
-                "early_stopping": early.settings(), "crop_borders": output.crop_borders,
+    settings = {**fit_record(trainer, model), "crop_borders": output.crop_borders,
                 "crop_safety_margin": output.crop_safety_margin}
-    return {"pairwise_transforms": pairwise.tolist(), "composed_transforms": later.tolist(),
+    return {"pairwise_transforms": vol.pairwise.tolist(), "composed_transforms": later.tolist(),
             "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),
-            **({} if own_frame else {FIRST_KEY: first.tolist()}), "registration_log": log, "crop_box": box,
-            **({"volume_solve": solved} if solved is not None else {}), "settings": settings,
-            "first_is_identity": bool(torch.equal(first, torch.eye(3, dtype=first.dtype)[:2]))}
+            **({} if own_frame else {FIRST_KEY: first.tolist()}), "registration_log": vol.log, "crop_box": vol.box,
+            **({"volume_solve": vol.solved} if vol.solved is not None else {}), "settings": settings,
+            "first_is_identity": own_frame}

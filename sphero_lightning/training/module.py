@@ -19,15 +19,26 @@ import torch.distributed as dist
 
 from ..core.fit import BlockFit, BlockState, FitSettings, Ranks
 from ..core.kernels import worth
-from ..core.masks import loss_images
-from ..core.objective import Loss, LossInterpolation, PairObjective, Transformation
+from ..core.masks import block_images
+from ..core.objective import PairObjective
+from ..core.records import PairRecord, in_stack
+from ..core.settings import (
+    DATA,
+    MODEL,
+    Curvature,
+    InitTranslation,
+    Loss,
+    LossInterpolation,
+    Optimizer,
+    Transformation,
+    check_bounds,
+)
 from ..errors import SpheroError
-from ..options import check_bounds
 from ..storage.journal import Journal
 from ..threads import release_memory
 from .report import log_level_end, log_run_settings
 from .scope import current_run
-from .state import Curvature, InitTranslation, Level, Optimizer
+from .state import Level
 
 
 @dataclass
@@ -97,22 +108,13 @@ class RegistrationModule(L.LightningModule):
     #: :class:`~sphero_lightning.core.fit.BlockFit`'s ``sync_free`` (None: on where the slices are not on the CPU)
     sync_free: bool | None = None
 
-    def __init__(
-        self,
-        transformation: Transformation = "rigid",
-        scaling: bool = True,
-        shear: bool = True,
-        loss: Loss = "ncc",
-        loss_kwargs: dict[str, Any] | None = None,
-        optimizer: Optimizer = "bfgs",
-        regularization: float = 0.5,
-        init_std: float = 0.0,
-        init_translation: InitTranslation = "phase",
-        smoothing: float = 0.7,
-        interpolation: LossInterpolation = "bspline",
-        curvature: Curvature = "gauss_newton",
-        pairs_per_block: int = 32,
-    ) -> None:
+    def __init__(self, transformation: Transformation = MODEL.transformation, scaling: bool = MODEL.scaling,
+                 shear: bool = MODEL.shear, loss: Loss = MODEL.loss,
+                 loss_kwargs: dict[str, Any] | None = MODEL.loss_kwargs, optimizer: Optimizer = MODEL.optimizer,
+                 regularization: float = MODEL.regularization, init_std: float = MODEL.init_std,
+                 init_translation: InitTranslation = MODEL.init_translation, smoothing: float = MODEL.smoothing,
+                 interpolation: LossInterpolation = MODEL.interpolation, curvature: Curvature = MODEL.curvature,
+                 pairs_per_block: int = DATA.pairs_per_block) -> None:
         super().__init__()
         for name, value, kind in (("transformation", transformation, Transformation), ("loss", loss, Loss),
                                   ("optimizer", optimizer, Optimizer), ("init_translation", init_translation, InitTranslation),
@@ -128,7 +130,7 @@ class RegistrationModule(L.LightningModule):
         self.levels: list[Level] = [Level(1.0, 200, 1e-2)]
         self.delta: torch.nn.Parameter | None = None
         self.fit: BlockFit | None = None  # the block being fitted
-        self.results: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, PairRecord] = {}
         self.times = FitTimes()
         self.n_pairs = 0
         self.steps_run = 0  # training steps of this process (Lightning's logging step; global_step stays 0 without optimizers)
@@ -201,7 +203,7 @@ class RegistrationModule(L.LightningModule):
                              if old <= p < self.n_pairs and tuple(r["slice_indices"]) == tuple(self.pair_slices[p])})
         dm.skip({blk for blk in range(dm.n_blocks(self.world)) if all(p < 0 or p in self.results for p in self.block_pairs(blk))})
 
-    def configure_optimizers(self) -> None:  # optimisation is per pair and batched (solvers.py), from training_step
+    def configure_optimizers(self) -> None:  # optimisation is per pair and batched (optimizers.py), from training_step
         return None
 
     def block_pairs(self, block: int) -> list[int]:
@@ -215,9 +217,8 @@ class RegistrationModule(L.LightningModule):
         """Receive this rank's slices of the current block and set up its fit (:class:`~..core.fit.BlockFit`)."""
         # grey values to about [0, 1] by the stack's own range (data.to_tensor), at the finest level's resolution one
         # slice at a time; what the loss leaves out (data.ignore_value, data.mask_array) and sees (data.destripe)
-        slices, masks = loss_images(
-            ((s[None, None].float() - batch["offset"].float()) / batch["scale"].float() for s in batch["slices"]),
-            self.levels[-1].factor, batch.get("masks"), batch.get("destripe", "none"))
+        slices, masks = block_images(batch["slices"], batch["offset"], batch["scale"], self.levels[-1].factor,
+                                     batch.get("masks"), batch.get("destripe", "none"))
         pairs = self.block_pairs(self.current_epoch)
         hp = self.hparams
         self.fit = BlockFit(self.objective, self.levels, slices, batch["fixed"], batch["moving"], pairs,
@@ -271,8 +272,7 @@ class RegistrationModule(L.LightningModule):
 
     def _take_results(self) -> None:
         for pair, r in self.fit.results.items():
-            self.results[pair] = {"pair_index": pair, "slice_indices": list(self.pair_slices[pair]),
-                                  **{k: v for k, v in r.items() if k not in ("pair_index", "slice_indices")}}
+            self.results[pair] = in_stack(r, pair, self.pair_slices[pair])
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..core.records import PairStatus
+from ..core.records import PairRecord
 from ..core.warping import warp
 from ..report.reslice import overlay
 
@@ -57,63 +56,11 @@ class RunTimes:
                 f"in the background), writing {self.write_s:.2f} s ({self.workers} threads){levels}")
 
 
-#: A pair whose NCC after fitting is below this is marked ``low_correlation``, never ``ok``: its slices share too
-#: little structure for the transform to mean anything (consecutive real ssTEM sections: 0.2-0.4; FIB-SEM: ~0.9).
-MIN_TRUSTED_NCC = 0.1
-
-
-def mark_untrusted(log: list[dict[str, Any]]) -> None:
-    """Set ``status: low_correlation`` on fitted pairs whose NCC after fitting is below :data:`MIN_TRUSTED_NCC`
-    (or not finite): a result that cannot be trusted is never marked ``ok``."""
-    for e in log:
-        if e.get("status") != PairStatus.OK:
-            continue
-        ncc = e.get("ncc_after")
-        if ncc is not None and not (math.isfinite(ncc) and ncc >= MIN_TRUSTED_NCC):
-            e["status"] = PairStatus.LOW_CORRELATION
-
-
 def trainer_record(trainer: L.Trainer) -> dict[str, Any]:
     """What the run ran on, for the provenance record."""
     return {"accelerator": trainer.strategy.root_device.type, "world_size": trainer.world_size,
             "num_nodes": trainer.num_nodes, "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision)}
-
-
-#: Fewest pairs for the along-the-stack QC: a median and MAD of fewer say nothing about outliers.
-QC_MIN_PAIRS = 5
-
-
-#: The spread below which differences in final loss are not outliers: this fraction of the median loss.
-QC_MIN_SPREAD = 0.05
-
-
-def flag_outliers(log: list[dict[str, Any]], threshold: float = 3.5) -> list[dict[str, Any]]:
-    """Mark pairs whose final loss is an outlier along the stack (robust z-score above ``threshold``).
-
-    ``z = 0.6745 (loss - median) / max(MAD, QC_MIN_SPREAD * median)`` over the registered pairs; only high
-    losses (poor matches) count. The floor keeps near-identical pairs (all losses within a few percent, as on
-    a short or very regular stack) from being flagged for differences that mean nothing. Sets ``qc`` (``"ok"``,
-    ``"outlier"``, or ``"not_assessed"`` with fewer than :data:`QC_MIN_PAIRS` pairs) and ``qc_z`` on every
-    registered entry; returns the outliers.
-    """
-    entries = [e for e in log if e.get("final_loss") is not None and math.isfinite(e["final_loss"])]
-    if len(entries) < QC_MIN_PAIRS:
-        for e in entries:
-            e["qc"], e["qc_z"] = "not_assessed", None
-        return []
-    losses = np.array([e["final_loss"] for e in entries])
-    med = float(np.median(losses))
-    mad = float(np.median(np.abs(losses - med)))
-    scale = max(mad, QC_MIN_SPREAD * abs(med), 1e-12)
-    out = []
-    for e, x in zip(entries, losses):
-        z = 0.6745 * (x - med) / scale
-        e["qc_z"] = round(float(z), 3)
-        e["qc"] = "outlier" if z > threshold else "ok"
-        if z > threshold:
-            out.append(e)
-    return out
 
 
 def log_level_end(trainer: L.Trainer | None, block: Any, losses: torch.Tensor) -> None:
@@ -135,7 +82,7 @@ def tensorboard_writer(trainer: L.Trainer) -> Any:
     return None if logger is None else logger.experiment
 
 
-def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[dict[str, Any]], log: list[dict[str, Any]], n_panels: int = 3) -> None:
+def log_panels(trainer: L.Trainer, src: zarr.Array, fitted: list[PairRecord], log: list[PairRecord], n_panels: int = 3) -> None:
     """TensorBoard: per pair (x = pair index) the final loss, QC score and NCC before/after; overlays of a few
     pairs; the run's summary values of the HPARAMS tab (:data:`HPARAM_METRICS`)."""
     tb = tensorboard_writer(trainer)
@@ -191,6 +138,19 @@ def report_page(trainer: L.Trainer, out_root: str | Path, output_path: str, src:
         for tag, picture in page.pictures.items():
             tb.add_image(f"reslices/{tag}", picture, dataformats="HW")
     return path
+
+
+def fit_record(trainer: L.Trainer, module: Any) -> dict[str, Any]:
+    """What the fit ran with, as the output's provenance (``processing[registration].parameters``) and the Python API's
+    ``settings`` record it: the model's settings (:meth:`~.module.RegistrationModule.record`), the pyramid's levels,
+    the blocks, the grey-value range, the masks, the ``--solve.*`` and ``--early_stopping.*`` settings, the machine."""
+    dm = trainer.datamodule
+    by_group = {getattr(cb, "config_group", None): cb for cb in trainer.callbacks}
+    solve, early = by_group.get("solve"), by_group.get("early_stopping")
+    return {**module.record(), "pyramid": [lv.record() for lv in module.levels], "max_pairs": dm.max_pairs,
+            "pairs_per_block": dm.pairs_per_block, "intensity_range": list(dm.intensity) if dm.intensity else None,
+            "masks": dm.mask_settings, "solve": solve.settings() if solve is not None else {"neighbours": dm.neighbours},
+            **({"early_stopping": early.settings()} if early is not None else {}), "trainer": trainer_record(trainer)}
 
 
 def run_settings(trainer: L.Trainer, module: Any) -> dict[str, Any]:

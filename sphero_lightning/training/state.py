@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Literal
 
 from ..core.fit import MAX_STEP_PX, NEWTON_MIN_NCC, NEWTON_TRUST_NCC, BlockState, Level  # noqa: F401 - their home is core.fit
 from ..options import GROUPS
-
-Optimizer = Literal["bfgs", "adam"]
-InitTranslation = Literal["phase", "none"]
-#: BFGS curvature model at the start of a level (see RegistrationModule).
-Curvature = Literal["gauss_newton", "carried"]
 
 #: ``sphero fit``'s option groups in the order a user needs them, and the class each configures (module, class name):
 #: :data:`~sphero_lightning.options.GROUPS` as importable names.

@@ -9,9 +9,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 
+from ..core.settings import SOLVE, check_bounds
+from ..core.stack import MAX_BRIDGE_ROUNDS
 from ..core.volume import Priors
 from ..errors import SpheroError
-from ..options import check_bounds
 
 
 class VolumeSolve(L.Callback):
@@ -46,8 +47,9 @@ class VolumeSolve(L.Callback):
         bends to meet them. Assumes they are right.
     """
 
-    def __init__(self, neighbours: int = 2, coarse_factor: float = 4.0, reference: int = 0, detrend: int | None = None,
-                 highpass: float | None = None, anchors: str | None = None) -> None:
+    def __init__(self, neighbours: int = SOLVE.neighbours, coarse_factor: float = SOLVE.coarse_factor,
+                 reference: int = SOLVE.reference, detrend: int | None = SOLVE.detrend,
+                 highpass: float | None = SOLVE.highpass, anchors: str | None = SOLVE.anchors) -> None:
         check_bounds("solve", neighbours=neighbours, coarse_factor=coarse_factor, reference=reference, detrend=detrend,
                      highpass=highpass)
         self.neighbours, self.coarse_factor, self.reference = int(neighbours), float(coarse_factor), int(reference)
@@ -75,7 +77,7 @@ class VolumeSolve(L.Callback):
             raise SpheroError(f"--solve.anchors names slice(s) {bad} outside this stack ({n} slices: 0..{n - 1})")
 
     #: Rounds of bridging pairs at most (each after the pairs before it are fitted).
-    max_rounds = 2
+    max_rounds = MAX_BRIDGE_ROUNDS
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rounds = 0
@@ -112,9 +114,9 @@ class VolumeSolve(L.Callback):
     def priors(self, shape: tuple[int, int]) -> Priors:
         import torch
 
-        from ..core.transforms import pixel_to_normalized
+        from ..core.frames import Affine, Frame
 
-        anchors = {z: pixel_to_normalized(torch.tensor(m, dtype=torch.float64)[None], shape)[0].numpy()
+        anchors = {z: Affine(torch.tensor(m, dtype=torch.float64)[None], Frame.PIXEL, shape).to(Frame.NORMALIZED).matrix[0].numpy()
                    for z, m in self._anchor_tmats.items()}
         return Priors(detrend=self.detrend, highpass=self.highpass, anchors=anchors or None)
 

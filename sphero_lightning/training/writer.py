@@ -12,21 +12,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import lightning as L
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from .._version import __version__
-from ..core.crop import crop_box
 from ..core.frames import FIRST_KEY, pixel_matrices
-from ..core.records import PairStatus
-from ..core.transforms import normalized_to_pixel
-from ..core.volume import compose_volume
+from ..core.records import MIN_TRUSTED_NCC, PairStatus, flag_outliers
+from ..core.settings import OUTPUT, OutputInterpolation, check_bounds
+from ..core.stack import VolumeResult, compose_stack
 from ..errors import SpheroError
-from ..options import check_bounds
 from ..report.drift import accumulation_warning
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
@@ -41,11 +38,8 @@ from ..storage.writing import (
     warp_stack,
 )
 from .module import RegistrationModule
-from .report import MIN_TRUSTED_NCC, RunTimes, flag_outliers, log_panels, mark_untrusted, say, trainer_record
+from .report import RunTimes, fit_record, log_panels, say
 from .volume import VolumeSolve
-
-#: How the writer resamples slices for the output (``--output.interpolation``).
-OutputInterpolation = Literal["bspline", "bicubic", "bilinear"]
 
 
 def _barrier() -> None:
@@ -53,25 +47,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def compose_result(dm: Any, module: RegistrationModule, volume: VolumeSolve | None, crop_borders: bool = True,
-                   margin: int = 0) -> tuple[Any, ...]:
-    """From the fitted pairs to the volume (:func:`~..core.volume.compose_volume`) and its crop box; what the writer
-    writes and the Python API returns: ``(fitted, composed (warped), pairwise, log, solved, first, own_frame, later,
-    box)``, ``later`` the composed transforms of slices 1..n."""
+def compose_result(dm: Any, module: RegistrationModule, volume: VolumeSolve | None,
+                   crop_borders: bool = OUTPUT.crop_borders, margin: int = OUTPUT.crop_safety_margin) -> VolumeResult:
+    """The fitted pairs of ``module`` over the stack of ``dm`` as a volume (:func:`~..core.stack.compose_stack`, with
+    the ``--solve.*`` settings of ``volume``): what the writer writes and the Python API returns."""
     shape = dm.slice_shape
-    fitted = [module.results[p] for p in range(dm.n_pairs)]
-    composed, pairwise_m, log, solved = compose_volume(
-        dm.n_slices, fitted, dm.damaged, shape, neighbours=dm.neighbours,
-        reference=volume.reference if volume is not None else 0,
-        priors=volume.priors(shape) if volume is not None else None,
-        family=(module.hparams.transformation, module.hparams.scaling, module.hparams.shear))
-    mark_untrusted(log)
-    first = composed[0]  # slice 0's: the identity, unless the output takes another slice's frame (--solve.reference)
-    own_frame = bool(torch.equal(first, torch.eye(3, dtype=first.dtype)[:2]))
-    composed = composed[1:] if own_frame else composed  # what is warped (every slice's where slice 0 moves too)
-    later = composed if own_frame else composed[1:]  # slices 1..n: the output's composed_transforms
-    box = crop_box(normalized_to_pixel(composed, shape).numpy(), shape, margin) if crop_borders else [0, shape[0], 0, shape[1]]
-    return fitted, composed, pairwise_m, log, solved, first, own_frame, later, box
+    return compose_stack(dm.n_slices, [module.results[p] for p in range(dm.n_pairs)], dm.damaged, shape,
+                         neighbours=dm.neighbours, reference=volume.reference if volume is not None else 0,
+                         priors=volume.priors(shape) if volume is not None else None,
+                         family=module.objective.family, crop_borders=crop_borders, margin=margin)
 
 
 def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: RegistrationWriter,
@@ -85,8 +69,9 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
     if missing:
         raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
     volume = next((cb for cb in trainer.callbacks if isinstance(cb, VolumeSolve)), None)
-    fitted, composed, pairwise_m, log, solved, first, own_frame, later, box = compose_result(
-        dm, module, volume, writer.crop_borders, writer.crop_safety_margin)
+    vol = compose_result(dm, module, volume, writer.crop_borders, writer.crop_safety_margin)
+    fitted, composed, log, solved, first, own_frame, later, box = (
+        vol.fitted, vol.composed, vol.log, vol.solved, vol.first, vol.own_frame, vol.later, vol.box)
     up, down, left, right = box
     out_shape = (n + 1, down - up, right - left)
 
@@ -128,18 +113,11 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
 
     final = f"{group_path}/{name}"
     if rank == 0:
-        pyramid = [{"factor": lv.factor, "steps": lv.steps, "learning_rate": lv.lr} for lv in module.levels]
         stamp = utc_now()
         processing = list(src.attrs.get("processing", []))
         processing.append({"step_name": "registration", "timestamp": stamp, "version": __version__,
-                           "parameters": {**module.record(),
-                                          "pyramid": pyramid, "max_pairs": dm.max_pairs,
-                                          "pairs_per_block": dm.pairs_per_block,
-                                          "output_interpolation": writer.interpolation,
-                                          "intensity_range": list(dm.intensity) if dm.intensity else None,
-                                          "masks": dm.mask_settings,
-                                          "solve": volume.settings() if volume is not None else {"neighbours": dm.neighbours},
-                                          "trainer": trainer_record(trainer)}})
+                           "parameters": {**fit_record(trainer, module),
+                                          "output_interpolation": writer.interpolation}})
         processing.append({"step_name": "border_crop", "timestamp": stamp, "version": __version__,
                            "parameters": {"crop_box": box, "crop_borders": writer.crop_borders,
                                           "crop_safety_margin": writer.crop_safety_margin, "method": "exact"}})
@@ -174,7 +152,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             "inputs": [dm.array],
             "source_root": str(dm.root) if is_url(dm.root) else str(Path(dm.root).resolve()),
             "processing": processing,
-            "pairwise_transforms": pairwise_m.tolist(),
+            "pairwise_transforms": vol.pairwise.tolist(),
             "composed_transforms": later.tolist(),
             "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),
             **({} if own_frame else {FIRST_KEY: first.tolist()}),
@@ -252,9 +230,11 @@ class RegistrationWriter(L.Callback):
         they can reach. Each task writes one shard (or chunk); a write that was interrupted resumes where it stopped.
     """
 
-    def __init__(self, crop_borders: bool = True, crop_safety_margin: int = 0, interpolation: OutputInterpolation = "bspline",
-                 compression_level: int = 3, chunks: list[int] | None = None, shards: list[int] | None = None,
-                 num_workers: int = 4, scheduler: str = "threads", levels: int | None = None) -> None:
+    def __init__(self, crop_borders: bool = OUTPUT.crop_borders, crop_safety_margin: int = OUTPUT.crop_safety_margin,
+                 interpolation: OutputInterpolation = OUTPUT.interpolation,
+                 compression_level: int = OUTPUT.compression_level, chunks: list[int] | None = OUTPUT.chunks,
+                 shards: list[int] | None = OUTPUT.shards, num_workers: int = OUTPUT.num_workers,
+                 scheduler: str = OUTPUT.scheduler, levels: int | None = OUTPUT.levels) -> None:
         if interpolation not in get_args(OutputInterpolation):
             raise SpheroError(f"unknown output interpolation {interpolation!r}; choose one of {', '.join(get_args(OutputInterpolation))}")
         check_bounds("output", crop_safety_margin=crop_safety_margin, num_workers=num_workers, levels=levels)

@@ -115,10 +115,17 @@ def test_the_early_checks_know_every_choice_of_the_options():
     from typing import get_args
 
     from sphero_lightning.commands.precheck import CHOICES
-    from sphero_lightning.core.masks import Destripe, StaticMode
-    from sphero_lightning.core.objective import Loss, LossInterpolation, Transformation
-    from sphero_lightning.training.state import Curvature, InitTranslation, Optimizer
-    from sphero_lightning.training.writer import OutputInterpolation
+    from sphero_lightning.core.settings import (
+        Curvature,
+        Destripe,
+        InitTranslation,
+        Loss,
+        LossInterpolation,
+        Optimizer,
+        OutputInterpolation,
+        StaticMode,
+        Transformation,
+    )
 
     own = {"--model.transformation": Transformation, "--model.loss": Loss, "--model.optimizer": Optimizer,
            "--model.init_translation": InitTranslation, "--model.interpolation": LossInterpolation,

@@ -1,9 +1,9 @@
 """core/fit.py: a block of pairs fitted by plain functions without Lightning equals the Lightning run bit for bit (issue
-27); with ``sync_free`` (issue 28) a block's levels read the device's state a bounded number of times, whatever the
-block size and however many steps a level takes, and give the same transforms as the default (compacted) fit. Host
-reads are counted on the CPU with a TorchDispatchMode on the operators that read a tensor on the host
-(``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``int()``, ``float()``, ``.tolist()``; ``aten.nonzero``:
-boolean indexing, ``nonzero``)."""
+27; the whole stack: test_stack.py); with ``sync_free`` (issue 28) a block's levels read the device's state a bounded
+number of times, whatever the block size and however many steps a level takes, and give the same transforms as the
+default (compacted) fit. Host reads are counted on the CPU with a TorchDispatchMode on the operators that read a
+tensor on the host (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``int()``, ``float()``, ``.tolist()``;
+``aten.nonzero``: boolean indexing, ``nonzero``)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from sphero_lightning.commands.main import main
 from sphero_lightning.core.fastncc import ncc_and_gradient
 from sphero_lightning.core.fit import BlockFit, Level, StoppingRule, fit_block, reads_state
 from sphero_lightning.core.interpolation import bspline_prefilter
-from sphero_lightning.core.masks import loss_images
+from sphero_lightning.core.masks import block_images, to_tensor
 from sphero_lightning.core.objective import PairObjective
-from sphero_lightning.core.pairs import block_layout, pair_graph
+from sphero_lightning.core.pairs import StackPairs, block_layout
+from sphero_lightning.core.stack import pyramid_levels, stopping_rule
 from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.storage.slices import intensity_range, slice_stats
 from sphero_lightning.storage.stacks import write_zarr
@@ -86,19 +87,17 @@ def test_a_block_fitted_without_lightning_equals_the_lightning_run(tmp_path, tra
     lightning = cli.model.results
 
     # the same block through core.fit: the data module's normalization and pairs (two neighbours, the default), the
-    # pyramid's levels, the early-stopping defaults
+    # pyramid's levels, the early-stopping defaults (core.stack's pieces, as the Lightning layer calls them)
     low, high = intensity_range(np.array([slice_stats(z) for z in s.stack]), list(range(7)))
-    raw = torch.from_numpy(s.stack)
-    slices, _ = loss_images(((z[None, None].float() - torch.tensor(low).float()) / torch.tensor(high - low).float()
-                                 for z in raw), 1.0, None, "none")
-    pairs = pair_graph(list(range(7)), 2)
+    data, offset, scale = to_tensor(s.stack, low, high)
+    slices, _ = block_images(data, offset, scale, 1.0, None, "none")
+    graph = StackPairs.of(list(range(7)), neighbours=2, coarse_factor=4.0)
+    pairs = graph.pairs
     order, fixed, moving = block_layout(pairs)
     assert order == list(range(7))
     obj = PairObjective(transformation, shape=(96, 96))
-    levels = [Level(4.0, 100, 1e-2), Level(2.0, 100, 1e-2), Level(1.0, 100, 1e-2)]
-    stop = [1.0 if j - i == 1 else 4.0 for i, j in pairs]
-    out = fit_block(obj, levels, slices, torch.tensor(fixed), torch.tensor(moving), stop_factor=stop,
-                    stopping=StoppingRule([0.01, 0.01, 0.003]))
+    out = fit_block(obj, pyramid_levels(3), slices, torch.tensor(fixed), torch.tensor(moving), stop_factor=graph.stop,
+                    stopping=stopping_rule(3))
     assert len(lightning) == len(out) == len(pairs) == 11
     for p, r in out.items():
         assert tuple(lightning[p]["slice_indices"]) == pairs[p]

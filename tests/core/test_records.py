@@ -1,13 +1,14 @@
-"""training/report.py: the QC of a run's pairs (robust z-scores of the final losses; outliers flagged)."""
+"""core/records.py: a pair record's QC (``flag_outliers``: robust z-scores of the final losses, outliers flagged; not
+assessed on short stacks), on records and end to end through ``sphero fit``."""
 
 from __future__ import annotations
 
 import numpy as np
 import zarr
 
+from sphero_lightning.core.records import flag_outliers
 from sphero_lightning.core.synthetic import em_like_image, make_stack
 from sphero_lightning.storage.stacks import write_zarr
-from sphero_lightning.training.report import flag_outliers
 from tests.conftest import fit
 
 

@@ -1,9 +1,9 @@
-"""core/solvers.py: BFGS per row, Adam, the Gauss-Newton curvature, the step rules."""
+"""core/optimizers.py: BFGS per row, Adam, the Gauss-Newton curvature, the step rules."""
 
 import pytest
 import torch
 
-from sphero_lightning.core.solvers import BatchAdam, BatchBFGS
+from sphero_lightning.core.optimizers import BatchAdam, BatchBFGS
 
 
 def _quadratic(x, centers, scales):
@@ -197,7 +197,7 @@ def test_a_model_that_overestimates_the_curvature_is_not_confirmed():
 def test_no_positive_curvature_along_a_step_lengthens_the_next():
     """On a slope with no curvature (a flat or concave stretch of a weakly matching pair's loss) BFGS cannot update its
     model; the step then grows by EXPAND each time instead of crawling at its first length."""
-    from sphero_lightning.core.solvers import EXPAND
+    from sphero_lightning.core.optimizers import EXPAND
 
     s = BatchBFGS(torch.zeros(1, 2), lr=1e-3)
     g = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
