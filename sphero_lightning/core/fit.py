@@ -39,9 +39,8 @@ from .settings import EARLY_STOPPING, MODEL
 #: matches (``low_correlation`` in the output) and its slices' gradients say nothing about the loss's curvature.
 NEWTON_MIN_NCC = 0.1
 #: ... and its model is trusted before any step only for pairs matching at least this well (NCC at the level's first
-#: evaluation): there it is the loss's Hessian to within ~20 %, so a short first step means the pair is at its optimum.
-#: Below, the model can overestimate the curvature many times over (50x seen on ssTEM sections 100 nm apart), and a
-#: short proposed step says nothing until a step has confirmed the model (optimizers.BatchBFGS.confirmed).
+#: evaluation: the loss's Hessian to within ~20 %); below, a short proposed step counts once a step has confirmed the
+#: model (optimizers.BatchBFGS.confirmed; docs/benchmarks.md, "Convergence on real pairs").
 NEWTON_TRUST_NCC = 0.8
 #: Longest step (pixels of the level) below the coarsest pyramid level: the coarser level left the pair about that
 #: close to the finer level's optimum, and a longer step on a weakly matching pair can jump into another basin of the
@@ -81,8 +80,7 @@ class Level:
     steps: int
     lr: float
 
-    def record(self) -> dict[str, float]:
-        """As the output and the API record it (``learning_rate`` by its option's name)."""
+    def record(self) -> dict[str, float]:  # as the output and the API record it
         return {"factor": self.factor, "steps": self.steps, "learning_rate": self.lr}
 
 
