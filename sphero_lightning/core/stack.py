@@ -23,14 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import SpheroError
 from .crop import crop_box
 from .fit import FitSettings, Level, StoppingRule, fit_block
-from .frames import Affine, Frame
+from .frames import FIRST_KEY, Affine, Frame, pixel_matrices
 from .kernels import worth
 from .masks import block_images, to_tensor
 from .objective import PairObjective
@@ -81,8 +83,6 @@ def per_level(value: float | list[float], levels: int, name: str) -> list[float]
     """One value per level: ``value`` repeated, or the list checked for length."""
     if isinstance(value, (list, tuple)):
         if len(value) != levels:
-            from ..errors import SpheroError
-
             raise SpheroError(f"{name} has {len(value)} entries but there are {levels} pyramid levels; give one value or {levels}")
         return [float(v) for v in value]
     return [float(value)] * levels
@@ -105,6 +105,14 @@ def stopping_rule(levels: int, step_tol_px: float | list[float] = EARLY_STOPPING
     return StoppingRule(tols, window, tol, newton_step_tol_px, enabled)
 
 
+def choose_evaluation(objective: PairObjective, n_pairs: int, finest: float) -> None:
+    """Set ``objective.compiled``: the compiled evaluation where a fit of ``n_pairs`` pairs of ``objective.shape``
+    slices at the finest factor ``finest`` is big enough to gain from it (:func:`~.kernels.worth`); decided once per
+    fit, the same for every block."""
+    h, w = objective.shape
+    objective.compiled = worth(n_pairs, round(h / finest) * round(w / finest))
+
+
 @dataclass
 class VolumeResult:
     """The volume from its pairs (:func:`compose_stack`): what the writer writes and the Python API returns.
@@ -114,7 +122,7 @@ class VolumeResult:
     transforms; ``log``: one record per consecutive pair (statuses and the solve's residuals); ``solved``: the solve's
     record (None for the plain chain); ``first``: slice 0's transform; ``own_frame``: whether it is the identity (the
     output in slice 0's frame); ``later``: the composed transforms of slices 1..n (the output's
-    ``composed_transforms``); ``box``: the crop ``[top, bottom, left, right]`` in pixels."""
+    ``composed_transforms``); ``box``: the crop ``[top, bottom, left, right]`` in pixels; ``shape``: the slices'."""
 
     fitted: list[PairRecord]
     composed: torch.Tensor
@@ -125,6 +133,19 @@ class VolumeResult:
     own_frame: bool
     later: torch.Tensor
     box: list[int]
+    shape: tuple[int, int]
+
+    @cached_property
+    def composed_pixel(self) -> np.ndarray:
+        """``(n, 3, 3)`` pixel matrices of slices 1..n to the output's frame (pystackreg's ``tmats``)."""
+        return pixel_matrices(self.later.numpy(), self.shape, None if self.own_frame else self.first.numpy())
+
+    def transforms(self) -> dict[str, Any]:
+        """The transforms and the log as the output's attributes and the Python API's result hold them."""
+        return {"pairwise_transforms": self.pairwise.tolist(), "composed_transforms": self.later.tolist(),
+                "composed_transforms_pixel": self.composed_pixel.tolist(),
+                **({} if self.own_frame else {FIRST_KEY: self.first.tolist()}), "registration_log": self.log,
+                "crop_box": self.box, **({"volume_solve": self.solved} if self.solved is not None else {})}
 
 
 def compose_stack(n_slices: int, fitted: list[PairRecord], damaged: dict[int, str], shape: tuple[int, int],
@@ -143,7 +164,7 @@ def compose_stack(n_slices: int, fitted: list[PairRecord], damaged: dict[int, st
     later = composed if own_frame else composed[1:]
     pixel = Affine(composed, Frame.NORMALIZED, shape).to(Frame.PIXEL).matrix.numpy()
     box = crop_box(pixel, shape, margin) if crop_borders else [0, shape[0], 0, shape[1]]
-    return VolumeResult(fitted, composed, pairwise, log, solved, first, own_frame, later, box)
+    return VolumeResult(fitted, composed, pairwise, log, solved, first, own_frame, later, box, tuple(shape))
 
 
 @dataclass
@@ -182,9 +203,7 @@ def fit_stack(read: SliceReader, n_slices: int, shape: tuple[int, int], objectiv
     good = [z for z in range(n_slices) if z not in damaged]
     pairs = StackPairs.of(good, neighbours, coarse_factor)
     objective.shape = tuple(shape)
-    finest = levels[-1].factor
-    # the compiled evaluation where the fit is big enough to gain from it: decided once, as the module does
-    objective.compiled = worth(len(pairs.pairs), round(shape[0] / finest) * round(shape[1] / finest))
+    choose_evaluation(objective, len(pairs.pairs), levels[-1].factor)
     results: dict[int, PairRecord] = {}
     known = dict(done or {})
     fitted_upto = 0

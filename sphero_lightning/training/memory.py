@@ -95,7 +95,6 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
 
     import lightning as L
 
-    from ..core.frames import FIRST_KEY, pixel_matrices
     from ..core.records import flag_outliers
     from .callbacks import PairEarlyStopping, PairProgressBar, PyramidSchedule
     from .module import RegistrationModule
@@ -130,12 +129,6 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
             raise
         vol = compose_result(dm, model, solve, output.crop_borders, output.crop_safety_margin)
     flag_outliers(vol.log)
-    first, later, own_frame = vol.first, vol.later, vol.own_frame
-    shape = dm.slice_shape
     settings = {**fit_record(trainer, model), "crop_borders": output.crop_borders,
                 "crop_safety_margin": output.crop_safety_margin}
-    return {"pairwise_transforms": vol.pairwise.tolist(), "composed_transforms": later.tolist(),
-            "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),
-            **({} if own_frame else {FIRST_KEY: first.tolist()}), "registration_log": vol.log, "crop_box": vol.box,
-            **({"volume_solve": vol.solved} if vol.solved is not None else {}), "settings": settings,
-            "first_is_identity": own_frame}
+    return {**vol.transforms(), "settings": settings, "first_is_identity": vol.own_frame}

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from ..core.fit import BlockFit, BlockState, FitSettings, Ranks
-from ..core.kernels import worth
 from ..core.masks import block_images
 from ..core.objective import PairObjective
 from ..core.records import PairRecord, in_stack
@@ -33,6 +32,7 @@ from ..core.settings import (
     Transformation,
     check_bounds,
 )
+from ..core.stack import choose_evaluation
 from ..errors import SpheroError
 from ..storage.journal import Journal
 from ..threads import release_memory
@@ -177,9 +177,7 @@ class RegistrationModule(L.LightningModule):
         if self.world > 1 and self.trainer.is_global_zero:  # several processes: say so (two on one CPU share its cores)
             print(f"sphero: {self.world} processes ({type(self.trainer.strategy).__name__}, {self.device.type}), "
                   f"{torch.get_num_threads()} torch thread(s) each; every block is split between them", file=sys.stderr)
-        # the compiled evaluation where the fit is big enough to gain from it: decided once, the same for every block
-        finest = self.levels[-1].factor if self.levels else 1.0
-        self.objective.compiled = worth(self.n_pairs, round(self.shape[0] / finest) * round(self.shape[1] / finest))
+        choose_evaluation(self.objective, self.n_pairs, self.levels[-1].factor if self.levels else 1.0)
         # float64: the solver works in float64 and the trial point must be evaluated exactly.
         self.delta = torch.nn.Parameter(torch.zeros(rows, self.objective.basis.shape[0], dtype=torch.float64))
 

@@ -19,7 +19,6 @@ import numpy as np
 import torch.distributed as dist
 
 from .._version import __version__
-from ..core.frames import FIRST_KEY, pixel_matrices
 from ..core.records import MIN_TRUSTED_NCC, PairStatus, flag_outliers
 from ..core.settings import OUTPUT, OutputInterpolation, check_bounds
 from ..core.stack import VolumeResult, compose_stack
@@ -70,8 +69,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         raise RuntimeError(f"{len(missing)} pairs were not registered (first: {missing[:5]}); output not written")
     volume = next((cb for cb in trainer.callbacks if isinstance(cb, VolumeSolve)), None)
     vol = compose_result(dm, module, volume, writer.crop_borders, writer.crop_safety_margin)
-    fitted, composed, log, solved, first, own_frame, later, box = (
-        vol.fitted, vol.composed, vol.log, vol.solved, vol.first, vol.own_frame, vol.later, vol.box)
+    composed, log, solved, box = vol.composed, vol.log, vol.solved, vol.box
     up, down, left, right = box
     out_shape = (n + 1, down - up, right - left)
 
@@ -137,7 +135,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             say(notes, f"warning: the stack would fall apart without pair(s) that disagree with the others, kept: "
                 f"{listing}; the slices after them may be misplaced (try --solve.neighbours {dm.neighbours + 1})",
                 {z for p in solved["kept_despite"] for z in p})
-        drift = accumulation_warning(pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()), shape, box,
+        drift = accumulation_warning(vol.composed_pixel, shape, box,
                                      {**(volume.settings() if volume is not None else {}), "crop_borders": writer.crop_borders})
         if drift:
             say(notes, f"warning: {drift}", kind="accumulation")
@@ -146,19 +144,13 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (NCC {e['ncc_after']:.3f})" for e in poor[:20])
             say(notes, f"warning: {len(poor)} pair(s) barely correlate after fitting (NCC < {MIN_TRUSTED_NCC}); their "
                 f"transforms cannot be trusted (status low_correlation): {listing}", {z for e in poor for z in e["slice_indices"]})
-        log_panels(trainer, src, fitted, log)
+        log_panels(trainer, src, vol.fitted, log)
         out.attrs.update({
             "spacing": dm.spacing,
             "inputs": [dm.array],
             "source_root": str(dm.root) if is_url(dm.root) else str(Path(dm.root).resolve()),
             "processing": processing,
-            "pairwise_transforms": vol.pairwise.tolist(),
-            "composed_transforms": later.tolist(),
-            "composed_transforms_pixel": pixel_matrices(later.numpy(), shape, None if own_frame else first.numpy()).tolist(),
-            **({} if own_frame else {FIRST_KEY: first.tolist()}),
-            "registration_log": log,
-            "crop_box": box,
-            **({"volume_solve": solved} if solved is not None else {}),
+            **vol.transforms(),
             "warnings": notes,
         })
         move_into_place(out_root, group_path, tmp_name, name)
