@@ -37,7 +37,7 @@ def tap_row(coeffs, p, y, ix, wx0, wx1, wx2, wx3, dx0, dx1, dx2, dx3):
 
 @njit(inline="always", fastmath=_FAST)
 def taps(p, px, py, coeffs, cm):
-    """The cubic B-spline interpolant of pair ``p``'s coefficients at ``(px, py)`` (pixels), less ``cm``, and its x and
+    """The cubic B-spline interpolant of coefficient image ``p`` at ``(px, py)`` (pixels), less ``cm``, and its x and
     y derivatives: the 4 x 4 taps with their weights and the weights' derivatives."""
     X = px + PAD
     Y = py + PAD
@@ -78,9 +78,10 @@ def taps(p, px, py, coeffs, cm):
 
 
 @njit(inline="always", fastmath=_FAST)
-def pixel(p, r, c, px, py, half_w, half_h, inv_ramp, masked, w, h, fixed, coeffs, fmask, mmask, fm, cm):
-    """One pixel: weight, weight derivative (x, y), centred moving value, its x and y derivatives, centred fixed
-    value; weight -1 where the pixel samples outside the moving slice (nothing counts)."""
+def pixel(p, fp, mp, r, c, px, py, half_w, half_h, inv_ramp, masked, w, h, fixed, coeffs, fmask, mmask, fm, cm):
+    """One pixel of pair ``p`` (fixed image ``fp``, moving coefficients ``mp``): weight, weight derivative (x, y),
+    centred moving value, its x and y derivatives, centred fixed value; weight -1 where the pixel samples outside the
+    moving slice (nothing counts)."""
     ux = px - half_w
     uy = py - half_h
     dxm = half_w - abs(ux)
@@ -122,8 +123,8 @@ def pixel(p, r, c, px, py, half_w, half_h, inv_ramp, masked, w, h, fixed, coeffs
             dwx += (1.0 if ux <= 0.0 else -1.0) * fmv * inv_ramp
         else:
             dwy += (1.0 if uy <= 0.0 else -1.0) * fmv * inv_ramp
-    mc, gx, gy = taps(p, px, py, coeffs, cm)
-    return wt, dwx, dwy, mc, gx, gy, fixed[p, r, c] - fm
+    mc, gx, gy = taps(mp, px, py, coeffs, cm)
+    return wt, dwx, dwy, mc, gx, gy, fixed[fp, r, c] - fm
 
 @njit(inline="always")
 def inside_range(a, b0, lo, hi, w):
@@ -155,11 +156,11 @@ def interior_columns(cx0, cy0, rx, ry, ramp, w, h, masked):
 
 
 @njit(inline="always", fastmath=_FAST)
-def interior(p, r, c, px, py, fixed, coeffs, fm, cm):
+def interior(fp, mp, r, c, px, py, fixed, coeffs, fm, cm):
     """:func:`pixel` where the pixel lies further inside the moving slice than the ramp and nothing is masked:
     weight 1, no weight derivative, no branch (the bulk of a slice; the loop vectorizes)."""
-    mc, gx, gy = taps(p, px, py, coeffs, cm)
-    return mc, gx, gy, fixed[p, r, c] - fm
+    mc, gx, gy = taps(mp, px, py, coeffs, cm)
+    return mc, gx, gy, fixed[fp, r, c] - fm
 
 @njit(inline="always")
 def pixel_map(theta, p, w, h):
@@ -198,144 +199,162 @@ def ramp_sums(acc, dwx, dwy, f, mc, xn, yn):
             acc[base + 2] += v * xn
             acc[base + 3] += v
 
-@njit(cache=True, parallel=True, fastmath=_FAST, nogil=True)
-def bands(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, out):
-    """Loss and gradient sums (no curvature): ``out[p, band]`` of every pair and band of rows."""
-    b, h, w = fixed.shape
-    nband = (h + BAND_ROWS - 1) // BAND_ROWS
-    half_w = (w - 1) / 2.0
-    half_h = (h - 1) / 2.0
-    inv_ramp = 1.0 / ramp
-    masked = fmask.shape[0] > 0
-    for task in prange(b * nband):
-        p = task // nband
-        acc = out[p, task % nband]
-        r_lo = (task % nband) * BAND_ROWS
-        cx0, cx1, cx2, cy0, cy1, cy2 = pixel_map(theta, p, w, h)
-        fm = fmean[p]
-        cm = cmean[p]
-        for r in range(r_lo, min(h, r_lo + BAND_ROWS)):
-            yn = (2.0 * r + 1.0) / h - 1.0
-            rx = cx1 * yn + cx2
-            ry = cy1 * yn + cy2
-            sums = (0.0,) * 18  # S1, Sf, Sm, Sff, Smm, Sfm, then the gradient's moments m0..m11 of the row
-            # the columns further inside than the ramp (px and py are linear in c): the branch-free loop
-            lo, hi = interior_columns(cx0, cy0, rx, ry, ramp, w, h, masked)
-            for c in range(lo, hi):
-                xn = (2.0 * c + 1.0) / w - 1.0
-                mc, gx, gy, f = interior(p, r, c, cx0 * xn + rx, cy0 * xn + ry, fixed, coeffs, fm, cm)
-                sums = add_pixel(sums, 1.0, mc, f, gx, gy, xn)
-            for k in range(w - (hi - lo)):  # the other columns: [0, lo) and [hi, w)
-                c = k if k < lo else k + (hi - lo)
-                xn = (2.0 * c + 1.0) / w - 1.0
-                wt, dwx, dwy, mc, gx, gy, f = pixel(p, r, c, cx0 * xn + rx, cy0 * xn + ry, half_w, half_h, inv_ramp,
-                                                    masked, w, h, fixed, coeffs, fmask, mmask, fm, cm)
-                if wt < 0.0:
-                    continue
-                sums = add_pixel(sums, wt, mc, f, gx, gy, xn)
-                if dwx != 0.0 or dwy != 0.0:
-                    ramp_sums(acc, dwx, dwy, f, mc, xn, yn)
-            for k in range(N_SUMS):
-                acc[k] += sums[k]
-            # [u][d] x (yn xn, yn, xn, 1)
-            for k in range(6):
-                sx, s1_ = sums[N_SUMS + 2 * k], sums[N_SUMS + 2 * k + 1]
-                base = N_SUMS + 4 * k
-                acc[base] += yn * sx
-                acc[base + 1] += yn * s1_
-                acc[base + 2] += sx
-                acc[base + 3] += s1_
+@njit(inline="always", fastmath=_FAST)
+def add_curvature(k, wt, gx, gy, gfx, gfy, xn):
+    """A row's 27 running sums of the Gauss-Newton curvature with one more pixel: [k: gx', gy', gx' mx, gx' my,
+    gy' mx, gy' my, gx' gx', gx' gy', gy' gy'] times [i: 1, xn, xn^2], where g' is the fixed slice's derivative
+    times the weight ``wt``."""
+    wgx = gfx * wt
+    wgy = gfy * wt
+    xx = xn * xn
+    v2 = wgx * gx
+    v3 = wgx * gy
+    v4 = wgy * gx
+    v5 = wgy * gy
+    v6 = wgx * gfx
+    v7 = wgx * gfy
+    v8 = wgy * gfy
+    return (k[0] + wgx, k[1] + wgx * xn, k[2] + wgx * xx, k[3] + wgy, k[4] + wgy * xn, k[5] + wgy * xx,
+            k[6] + v2, k[7] + v2 * xn, k[8] + v2 * xx, k[9] + v3, k[10] + v3 * xn, k[11] + v3 * xx,
+            k[12] + v4, k[13] + v4 * xn, k[14] + v4 * xx, k[15] + v5, k[16] + v5 * xn, k[17] + v5 * xx,
+            k[18] + v6, k[19] + v6 * xn, k[20] + v6 * xx, k[21] + v7, k[22] + v7 * xn, k[23] + v7 * xx,
+            k[24] + v8, k[25] + v8 * xn, k[26] + v8 * xx)
 
-@njit(cache=True, parallel=True, fastmath=_FAST, nogil=True)
-def curvature(theta, fixed, coeffs, fmean, cmean, ramp, fmask, mmask, fcoeffs, want, out):
-    """The Gauss-Newton curvature's sums of the pairs ``want`` (one pass, beside :func:`bands`)."""
-    b, h, w = fixed.shape
-    nband = (h + BAND_ROWS - 1) // BAND_ROWS
-    half_w = (w - 1) / 2.0
-    half_h = (h - 1) / 2.0
-    inv_ramp = 1.0 / ramp
-    masked = fmask.shape[0] > 0
-    for task in prange(b * nband):
-        p = task // nband
-        if not want[p]:
+
+@njit(inline="always")
+def fixed_derivatives(fcoeffs, fp, r, c):
+    """The fixed slice's interpolant derivatives at a pixel centre: central differences of its coefficients, halved."""
+    return (0.5 * (fcoeffs[fp, PAD + r, PAD + c + 1] - fcoeffs[fp, PAD + r, PAD + c - 1]),
+            0.5 * (fcoeffs[fp, PAD + r + 1, PAD + c] - fcoeffs[fp, PAD + r - 1, PAD + c]))
+
+
+@njit(inline="always", fastmath=_FAST)
+def band_row(acc, p, fp, mp, r, h, w, cx0, cx1, cx2, cy0, cy1, cy2, half_w, half_h, ramp, inv_ramp, masked, fixed, coeffs,
+             fmask, mmask, fm, cm, fcoeffs, curv):
+    """One row of pair ``p`` into its band's sums ``acc``: the loss's and the gradient's, and with ``curv`` (a constant
+    where it is inlined: the other branch is compiled away) the Gauss-Newton curvature's."""
+    yn = (2.0 * r + 1.0) / h - 1.0
+    rx = cx1 * yn + cx2
+    ry = cy1 * yn + cy2
+    sums = (0.0,) * 18  # S1, Sf, Sm, Sff, Smm, Sfm, then the gradient's moments m0..m11 of the row
+    ks = (0.0,) * 27
+    # the columns further inside than the ramp (px and py are linear in c): the branch-free loop
+    lo, hi = interior_columns(cx0, cy0, rx, ry, ramp, w, h, masked)
+    for c in range(lo, hi):
+        xn = (2.0 * c + 1.0) / w - 1.0
+        mc, gx, gy, f = interior(fp, mp, r, c, cx0 * xn + rx, cy0 * xn + ry, fixed, coeffs, fm, cm)
+        sums = add_pixel(sums, 1.0, mc, f, gx, gy, xn)
+        if curv:
+            gfx, gfy = fixed_derivatives(fcoeffs, fp, r, c)
+            ks = add_curvature(ks, 1.0, gx, gy, gfx, gfy, xn)
+    for k in range(w - (hi - lo)):  # the other columns: [0, lo) and [hi, w)
+        c = k if k < lo else k + (hi - lo)
+        xn = (2.0 * c + 1.0) / w - 1.0
+        wt, dwx, dwy, mc, gx, gy, f = pixel(p, fp, mp, r, c, cx0 * xn + rx, cy0 * xn + ry, half_w, half_h, inv_ramp,
+                                            masked, w, h, fixed, coeffs, fmask, mmask, fm, cm)
+        if wt < 0.0:
             continue
+        sums = add_pixel(sums, wt, mc, f, gx, gy, xn)
+        if dwx != 0.0 or dwy != 0.0:
+            ramp_sums(acc, dwx, dwy, f, mc, xn, yn)
+        if curv and wt > 0.0:
+            gfx, gfy = fixed_derivatives(fcoeffs, fp, r, c)
+            ks = add_curvature(ks, wt, gx, gy, gfx, gfy, xn)
+    for k in range(N_SUMS):
+        acc[k] += sums[k]
+    # [u][d] x (yn xn, yn, xn, 1)
+    for k in range(6):
+        sx, s1_ = sums[N_SUMS + 2 * k], sums[N_SUMS + 2 * k + 1]
+        base = N_SUMS + 4 * k
+        acc[base] += yn * sx
+        acc[base + 1] += yn * s1_
+        acc[base + 2] += sx
+        acc[base + 3] += s1_
+    if curv:  # [k][j: 1, yn, yn^2][i: 1, xn, xn^2]
+        y2 = yn * yn
+        for k in range(9):
+            v0, v1, v2 = ks[3 * k], ks[3 * k + 1], ks[3 * k + 2]
+            base = N_SUMS + N_MOM + N_RAMP + 9 * k
+            acc[base] += v0
+            acc[base + 1] += v1
+            acc[base + 2] += v2
+            acc[base + 3] += yn * v0
+            acc[base + 4] += yn * v1
+            acc[base + 5] += yn * v2
+            acc[base + 6] += y2 * v0
+            acc[base + 7] += y2 * v1
+            acc[base + 8] += y2 * v2
+
+
+@njit(cache=True, parallel=True, fastmath=_FAST, nogil=True)
+def bands(theta, fixed, coeffs, fidx, midx, fmean, cmean, ramp, fmask, mmask, fcoeffs, want, out):
+    """Loss and gradient sums ``out[p, band]`` of every pair and band of rows, and the Gauss-Newton curvature's sums of
+    the pairs ``want`` (their fixed slices' coefficients ``fcoeffs``), in the same pass over the pixels. Pair ``p``'s
+    fixed slice is ``fixed[fidx[p]]`` (and ``fcoeffs[fidx[p]]``), its moving slice's coefficients ``coeffs[midx[p]]``:
+    the slices of a block are not copied per pair."""
+    b = theta.shape[0]
+    h, w = fixed.shape[1], fixed.shape[2]
+    nband = (h + BAND_ROWS - 1) // BAND_ROWS
+    half_w = (w - 1) / 2.0
+    half_h = (h - 1) / 2.0
+    inv_ramp = 1.0 / ramp
+    masked = fmask.shape[0] > 0
+    for task in prange(b * nband):
+        p = task // nband
         acc = out[p, task % nband]
         r_lo = (task % nband) * BAND_ROWS
         cx0, cx1, cx2, cy0, cy1, cy2 = pixel_map(theta, p, w, h)
         fm = fmean[p]
         cm = cmean[p]
-        for r in range(r_lo, min(h, r_lo + BAND_ROWS)):
-            yn = (2.0 * r + 1.0) / h - 1.0
-            rx = cx1 * yn + cx2
-            ry = cy1 * yn + cy2
-            # sum over the row of [k: gx', gy', gx' mx, gx' my, gy' mx, gy' my, gx' gx', gx' gy', gy' gy'] times
-            # [i: 1, xn, xn^2], where g' is the weighted fixed slice's derivative
-            k0 = k1 = k2 = k3 = k4 = k5 = k6 = k7 = k8 = 0.0
-            x0 = x1 = x2 = x3 = x4 = x5 = x6 = x7 = x8 = 0.0
-            q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = q8 = 0.0
-            lo, hi = interior_columns(cx0, cy0, rx, ry, ramp, w, h, masked)
-            for c in range(w):
-                xn = (2.0 * c + 1.0) / w - 1.0
-                if lo <= c < hi:  # weight 1: the branch-free sample
-                    wt = 1.0
-                    _mc, gx, gy, _f = interior(p, r, c, cx0 * xn + rx, cy0 * xn + ry, fixed, coeffs, fm, cm)
-                else:
-                    wt, _dwx, _dwy, _mc, gx, gy, _f = pixel(p, r, c, cx0 * xn + rx, cy0 * xn + ry, half_w, half_h,
-                                                            inv_ramp, masked, w, h, fixed, coeffs, fmask, mmask, fm, cm)
-                    if wt <= 0.0:
-                        continue
-                # the fixed slice's interpolant derivatives at the pixel centres: central differences of its
-                # coefficients, halved
-                gfx = 0.5 * (fcoeffs[p, PAD + r, PAD + c + 1] - fcoeffs[p, PAD + r, PAD + c - 1])
-                gfy = 0.5 * (fcoeffs[p, PAD + r + 1, PAD + c] - fcoeffs[p, PAD + r - 1, PAD + c])
-                wgx = gfx * wt
-                wgy = gfy * wt
-                xx = xn * xn
-                k0 += wgx
-                x0 += wgx * xn
-                q0 += wgx * xx
-                k1 += wgy
-                x1 += wgy * xn
-                q1 += wgy * xx
-                v = wgx * gx
-                k2 += v
-                x2 += v * xn
-                q2 += v * xx
-                v = wgx * gy
-                k3 += v
-                x3 += v * xn
-                q3 += v * xx
-                v = wgy * gx
-                k4 += v
-                x4 += v * xn
-                q4 += v * xx
-                v = wgy * gy
-                k5 += v
-                x5 += v * xn
-                q5 += v * xx
-                v = wgx * gfx
-                k6 += v
-                x6 += v * xn
-                q6 += v * xx
-                v = wgx * gfy
-                k7 += v
-                x7 += v * xn
-                q7 += v * xx
-                v = wgy * gfy
-                k8 += v
-                x8 += v * xn
-                q8 += v * xx
-            y2 = yn * yn
-            for k, (v0, v1, v2) in enumerate(((k0, x0, q0), (k1, x1, q1), (k2, x2, q2), (k3, x3, q3), (k4, x4, q4),
-                                              (k5, x5, q5), (k6, x6, q6), (k7, x7, q7), (k8, x8, q8))):
-                base = N_SUMS + N_MOM + N_RAMP + 9 * k
-                acc[base] += v0
-                acc[base + 1] += v1
-                acc[base + 2] += v2
-                acc[base + 3] += yn * v0
-                acc[base + 4] += yn * v1
-                acc[base + 5] += yn * v2
-                acc[base + 6] += y2 * v0
-                acc[base + 7] += y2 * v1
-                acc[base + 8] += y2 * v2
+        fp = fidx[p]
+        mp = midx[p]
+        if want[p]:
+            for r in range(r_lo, min(h, r_lo + BAND_ROWS)):
+                band_row(acc, p, fp, mp, r, h, w, cx0, cx1, cx2, cy0, cy1, cy2, half_w, half_h, ramp, inv_ramp, masked, fixed,
+                         coeffs, fmask, mmask, fm, cm, fcoeffs, True)
+        else:
+            for r in range(r_lo, min(h, r_lo + BAND_ROWS)):
+                band_row(acc, p, fp, mp, r, h, w, cx0, cx1, cx2, cy0, cy1, cy2, half_w, half_h, ramp, inv_ramp, masked, fixed,
+                         coeffs, fmask, mmask, fm, cm, fcoeffs, False)
 
+
+@njit(cache=True, parallel=True, fastmath=_FAST, nogil=True)
+def identity_sums(fixed, moving, fidx, midx, ramp, fmask, mmask, out):
+    """The NCC's sums S1, Sf, Sm, Sff, Smm, Sfm ``out[p, band, :6]`` of every pair (slices ``fixed[fidx[p]]`` and
+    ``moving[midx[p]]``) at the identity: each pixel samples the moving slice at its own centre, where the interpolant
+    is the slice itself, so no taps; the inside weight is the distance to the nearest border over the ramp (0 on the
+    outermost pixels), times both masks."""
+    b = fidx.shape[0]
+    h, w = fixed.shape[1], fixed.shape[2]
+    nband = (h + BAND_ROWS - 1) // BAND_ROWS
+    inv_ramp = 1.0 / ramp
+    masked = fmask.shape[0] > 0
+    for task in prange(b * nband):
+        p = task // nband
+        acc = out[p, task % nband]
+        r_lo = (task % nband) * BAND_ROWS
+        fp = fidx[p]
+        mp = midx[p]
+        for r in range(r_lo, min(h, r_lo + BAND_ROWS)):
+            dy = min(r, h - 1 - r)
+            s0 = s1 = s2 = s3 = s4 = s5 = 0.0
+            for c in range(w):
+                wt = min(min(min(c, w - 1 - c), dy) * inv_ramp, 1.0)
+                if masked:
+                    wt *= fmask[p, r, c] * mmask[p, r, c]
+                f = fixed[fp, r, c]
+                m = moving[mp, r, c]
+                wf = wt * f
+                wm = wt * m
+                s0 += wt
+                s1 += wf
+                s2 += wm
+                s3 += wf * f
+                s4 += wm * m
+                s5 += wf * m
+            acc[0] += s0
+            acc[1] += s1
+            acc[2] += s2
+            acc[3] += s3
+            acc[4] += s4
+            acc[5] += s5

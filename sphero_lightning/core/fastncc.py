@@ -11,6 +11,8 @@ derivative weights of a pair share their sign too), and the gradient is a weight
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -20,6 +22,49 @@ from .interpolation import PAD, axis_taps, sample_taps
 from .masks import sample_mask
 
 _EPS = 1e-8
+
+
+class Rows:
+    """``base[index]`` without the copy: the rows of a block's slices (``base``, ``(N, 1, h, w)``) that a block's
+    pairs use, for the compiled pass, which reads each pair's slice through the index (a block's pairs at distances
+    1 and 2 use the same slices in orders no view can give; their copies cost a fit of 40 slices of 384 px a tenth of
+    its time). Indexing gives rows of rows; anything else takes :meth:`tensor`, the copy."""
+
+    def __init__(self, base: torch.Tensor, index: torch.Tensor) -> None:
+        self.base, self.index = base, index
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.index), *self.base.shape[1:]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: Any) -> Rows:
+        return Rows(self.base, self.index[rows])
+
+    def tensor(self) -> torch.Tensor:
+        return self.base[self.index]
+
+
+def plain(t: torch.Tensor | Rows | None) -> torch.Tensor | None:
+    """A tensor of the rows (a copy for :class:`Rows`)."""
+    return t.tensor() if isinstance(t, Rows) else t
+
+
+def _numpy_rows(t: torch.Tensor | Rows) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``(N, h, w)`` array a compiled kernel reads and the rows it reads (None: every row, in order)."""
+    if isinstance(t, Rows):
+        return _numpy(t.base[:, 0]), t.index.numpy()
+    return _numpy(t[:, 0]), None
 
 
 #: Pixels sampled per chunk in :func:`sample_with_gradient`. The temporaries of a chunk (tap positions 32 bytes a
@@ -113,6 +158,7 @@ def ncc_and_gradient(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Ten
     if (compiled and kernels.available() and not dense and fixed.device.type == "cpu" and fixed.dtype == torch.float32
             and coeffs.dtype == torch.float32):
         return _compiled(theta, fixed, coeffs, ramp, fixed_coeffs, curvature, masks)
+    fixed, coeffs, fixed_coeffs = plain(fixed), plain(coeffs), plain(fixed_coeffs)
     b = theta.shape[0]
     h, w = fixed.shape[-2:]
     dt, dev = fixed.dtype, fixed.device
@@ -268,10 +314,15 @@ def _compiled(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, ra
     # no centring: every sum is taken in float64 here (the torch path centres its float32 data for precision; NCC and
     # its gradient are the same function of the sums either way)
     zero = np.zeros(b)
+    (f, fidx), (c, midx) = _numpy_rows(fixed), _numpy_rows(coeffs)
+    if want:  # the fixed slices' coefficients are read through the fixed slices' rows
+        fc, fcidx = _numpy_rows(fixed_coeffs)
+        if (fcidx is None) != (fidx is None) or (fidx is not None and not np.array_equal(fcidx, fidx)):
+            f, fidx, fc = _numpy(plain(fixed)[:, 0]), None, _numpy(plain(fixed_coeffs)[:, 0])
     sums, mom, ramp_mom, cm = (torch.from_numpy(a) for a in kernels.ncc_sums(
-        _numpy(theta.to(torch.float64)), _numpy(fixed[:, 0]), _numpy(coeffs[:, 0]), zero, zero, ramp,
+        _numpy(theta.to(torch.float64)), f, c, zero, zero, ramp,
         None if masks is None else _numpy(masks[0][:, 0].float()), None if masks is None else _numpy(masks[1][:, 0].float()),
-        _numpy(fixed_coeffs[:, 0]) if want else None, np.full(b, want), torch.get_num_threads()))
+        fc if want else None, np.full(b, want), torch.get_num_threads(), fidx, midx))
     loss, a64 = _ncc_and_derivatives(sums)
     mm = 2 * a64[:, 4].view(b, 1, 1, 1) * mom[:, 0] + a64[:, 5].view(b, 1, 1, 1) * mom[:, 1] + a64[:, 2].view(b, 1, 1, 1) * mom[:, 2]
     mm = mm + torch.einsum("bq,bdqji->bdji", a64, ramp_mom)  # dL/dw through every sum, times d w / d pos
@@ -286,6 +337,20 @@ def _compiled(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, ra
         curvature.update(sums=sums, fixed_first=cm[:, :2], moving_first=mfirst,
                          cross=cm[:, 2:6].reshape(b, 2, 2, 3, 3), own=cm[:, [6, 7, 7, 8]].reshape(b, 2, 2, 3, 3))
     return loss, grad
+
+
+def ncc_at_identity(fixed: torch.Tensor, moving: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    ramp: float = 1.0) -> torch.Tensor:
+    """``(B,)`` NCC of ``(B, 1, h, w)`` float32 CPU slices at the identity by the compiled sums
+    (:func:`~.kernels.identity_sums`), over :func:`ncc_and_gradient` 's weight: what it gives at the identity to
+    rounding, without sampling (the interpolant is the slice itself at its pixel centres)."""
+    (f, fidx), (m, midx) = _numpy_rows(fixed), _numpy_rows(moving)
+    b = len(fixed)
+    sums = kernels.identity_sums(f, m, ramp, None if masks is None else _numpy(masks[0][:, 0].float()),
+                                 None if masks is None else _numpy(masks[1][:, 0].float()), torch.get_num_threads(),
+                                 np.arange(b) if fidx is None else fidx, np.arange(b) if midx is None else midx)
+    loss, _ = _ncc_and_derivatives(torch.from_numpy(sums))
+    return 1 - loss
 
 
 def _ncc_and_derivatives(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

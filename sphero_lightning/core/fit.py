@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .fastncc import Rows, plain
 from .initialization import consecutive_phase_correlation
 from .masks import kept_fraction, pair_masks
 from .objective import PairObjective, take
@@ -148,10 +149,9 @@ class StoppingRule:
         key = (blk.index, blk.level, id(solver))
         if key != self._key:
             self._key = key
-            rows = solver.x.shape[0]
-            self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=solver.x.device)
-            self.count = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
-            self.small_run = torch.zeros(rows, dtype=torch.long, device=solver.x.device)
+            rows, dev = solver.x.shape[0], solver.x.device
+            self.losses = torch.full((rows, self.window), float("inf"), dtype=torch.float64, device=dev)
+            self.count, self.small_run = (torch.zeros(rows, dtype=torch.long, device=dev) for _ in range(2))
         acc = blk.accepted
         self.losses = torch.where(acc.unsqueeze(-1), torch.cat([self.losses[:, 1:], solver.f.unsqueeze(-1)], 1), self.losses)
         self.count += acc.long()
@@ -206,9 +206,7 @@ class BlockFit:
         self.objective, self.levels, self.settings = objective, levels, settings or FitSettings()
         self.sync_free = slices.device.type != "cpu" if sync_free is None else bool(sync_free)
         self.slices, self.masks, self.fixed, self.moving = slices, masks, fixed, moving
-        self.base = levels[-1].factor
-        dev = slices.device
-        n_rows = len(pairs)
+        self.base, dev, n_rows = levels[-1].factor, slices.device, len(pairs)
         self.ranks = ranks or Ranks(rows=slice(0, n_rows))
         valid_host = torch.tensor([p >= 0 for p in pairs])  # known on the host: no device read needed for it
         valid = valid_host.to(dev)
@@ -228,7 +226,6 @@ class BlockFit:
         self.level_masks = pair_masks(masks, levels[0].factor / self.base, objective.smoothing, fixed, moving)
         self.x = self._initial_params(n_rows)
 
-    # ------------------------------------------------------------------ start
     def _initial_params(self, rows: int) -> torch.Tensor:
         """Identity (plus ``init_std`` noise), then the phase-correlation translation where it helps."""
         n, dev = self.objective.n_params, self.slices.device
@@ -249,8 +246,8 @@ class BlockFit:
             cand[:, :2] = est
             # keep the estimate only where it beats the starting point at the coarsest level
             imgs = self.objective.level_stack(self.slices, self.levels[0].factor / self.base)
-            self._level0 = imgs, *self.objective.level_coeffs(imgs, self.fixed, self.moving)
-            fixed, coeffs = take(imgs, self.fixed), self._level0[2]
+            self._level0 = imgs, *self.objective.level_coeffs(imgs, self.fixed, self.moving, rows=self.by_rows(imgs))
+            fixed, coeffs = take(imgs, self.fixed), plain(self._level0[2])
             with torch.no_grad():
                 keep = self.evaluate_rows(cand, fixed, coeffs) < self.evaluate_rows(x, fixed, coeffs)
             x = torch.where(keep.unsqueeze(-1), cand, x)
@@ -269,7 +266,6 @@ class BlockFit:
     def _masks(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # of the local pairs idx
         return None if self.level_masks is None else (self.level_masks[0][idx], self.level_masks[1][idx])
 
-    # ------------------------------------------------------------------ levels
     def start_level(self, level: int) -> None:
         """Move the block to pyramid ``level``: new images, fresh solver state, parameters kept."""
         blk, lv = self.block, self.levels[level]
@@ -279,9 +275,10 @@ class BlockFit:
             imgs, fixed_coeffs, coeffs = cached
         else:
             imgs = self.objective.level_stack(self.slices, lv.factor / self.base)
-            fixed_coeffs, coeffs = self.objective.level_coeffs(imgs, self.fixed, self.moving)
-        self.level_fixed, self.level_moving, self.level_coeffs = take(imgs, self.fixed), take(imgs, self.moving), coeffs
-        self.level_fixed_coeffs = fixed_coeffs
+            fixed_coeffs, coeffs = self.objective.level_coeffs(imgs, self.fixed, self.moving, rows=self.by_rows(imgs))
+        pick = Rows if self.by_rows(imgs) else take  # the compiled pass reads the block's slices through the rows
+        self.level_fixed, self.level_moving = pick(imgs, self.fixed), pick(imgs, self.moving)
+        self.level_coeffs, self.level_fixed_coeffs = coeffs, fixed_coeffs
         self.level_masks = pair_masks(self.masks, lv.factor / self.base, self.objective.smoothing, self.fixed, self.moving)
         self.level_shape = tuple(self.level_fixed.shape[-2:])
         previous = self.solver if level > 0 else None
@@ -306,6 +303,9 @@ class BlockFit:
                                   curvature_scale=scale, sync_free=self.sync_free, **trust)
         # sync-free: the rows evaluated at every step of this level (one host read a level)
         self.level_rows = torch.nonzero(active[self.ranks.rows] & self.local_valid).flatten() if self.sync_free else None
+
+    def by_rows(self, imgs: torch.Tensor) -> bool:  # a level's pair images as Rows of imgs (compiled: no copies)
+        return self.objective.uses_fast_ncc and self.objective.runs_compiled(imgs) and not self.sync_free
 
     @property
     def uses_gauss_newton(self) -> bool:
@@ -360,9 +360,9 @@ class BlockFit:
         blk, lv, obj = self.block, self.levels[self.block.level], self.objective
         theta = obj.matrices(self.solver.x)
         with torch.no_grad():
-            # NCC at the identity: the compiled pass over the coefficients where the fit uses it, else the images
+            # NCC at the identity, from the slices themselves: compiled where the fit is
             by_kernel = obj.uses_fast_ncc and obj.runs_compiled(self.level_fixed)
-            ncc_before = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_coeffs if by_kernel else self.level_moving,
+            ncc_before = self.evaluate_rows(self.solver.x, self.level_fixed, self.level_moving,
                                             obj.pair_ncc_identity_compiled if by_kernel else obj.pair_ncc_identity).tolist()
             if obj.loss == "ncc" and not obj.loss_kwargs:
                 ncc_after = (1 - (self.solver.f - obj.penalty(self.solver.x))).tolist()
@@ -379,7 +379,6 @@ class BlockFit:
                 finest_factor=lv.factor, ncc_before=ncc_before[row], ncc_after=ncc_after[row],
                 mask_kept=kept[row] if self.masks is not None else None)
 
-    # ------------------------------------------------------------------ one step
     def step(self) -> torch.Tensor:
         """One evaluation of every active pair of the block at its solver's trial point, then one solver update.
         Returns the mean loss of the rows that were active."""

@@ -8,7 +8,6 @@ content is smooth enough; phase correlation finds it directly, in one FFT per pa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .interpolation import downscale
 
@@ -63,18 +62,25 @@ def _spectra(images: torch.Tensor, max_size: int) -> tuple[torch.Tensor, tuple[i
     return torch.fft.rfft2(f), (hh, ww)
 
 
+def _box3(hh: int, ww: int, like: torch.Tensor) -> torch.Tensor:
+    """``(hh, ww // 2 + 1)``: the transfer function of the circular 3 x 3 mean on an ``(hh, ww)`` grid (rfft layout)."""
+    ky = torch.fft.fftfreq(hh, dtype=torch.float64, device=like.device)
+    kx = torch.fft.rfftfreq(ww, dtype=torch.float64, device=like.device)
+    box = ((1 + 2 * torch.cos(2 * torch.pi * ky)) / 3)[:, None] * ((1 + 2 * torch.cos(2 * torch.pi * kx)) / 3)[None, :]
+    return box.to(like.dtype)
+
+
 def _peak(moving: torch.Tensor, fixed: torch.Tensor, size: tuple[int, int], small: tuple[int, int]) -> torch.Tensor:
     """The translation (pixels of ``size``) from the spectra of moving and fixed images (``small`` pixels)."""
     h, w = size
     hh, ww = small
-    cross = moving * torch.conj(fixed)
-    cross = cross / cross.abs().clamp_min(1e-12)
-    corr = torch.fft.irfft2(cross, s=(hh, ww))
-    # A light blur makes the peak robust to noise and to the small rotations that smear it.
-    # (a 3 x 3 mean, as sums of shifted views: avg_pool2d's one-channel path took 27 ms for 32 pairs of 256 x 256)
-    p = F.pad(corr.unsqueeze(1), (1, 1, 1, 1), mode="circular")[:, 0]
-    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
-    corr = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]) / 9
+    # the cross-power spectrum, each frequency scaled to unit magnitude (in its real and imaginary parts: complex abs
+    # and division took twice the time)
+    parts = torch.view_as_real(moving * torch.conj(fixed))
+    parts = parts * (parts * parts).sum(-1, keepdim=True).clamp_min(1e-24).rsqrt()
+    # A light blur makes the peak robust to noise and to the small rotations that smear it: a circular 3 x 3 mean, as
+    # its transfer function times the spectrum (shifted sums of the correlation took 10 ms for 32 pairs of 256 x 256)
+    corr = torch.fft.irfft2(torch.view_as_complex(parts) * _box3(hh, ww, parts), s=(hh, ww))
     b = corr.shape[0]
     flat = corr.reshape(b, -1).argmax(-1)
     py, px = flat // ww, flat % ww

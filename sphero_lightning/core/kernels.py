@@ -4,7 +4,7 @@
 (tap positions, tap values, weights, products: about 65 ns per pixel of a 512 x 512 pair on this project's 2-core
 CPU). Here each pixel is visited once: its position, the inside weight and the masks, the 4 x 4 cubic B-spline taps
 with both derivatives, the NCC's moment sums and the gradient's moments, all in registers and summed in float64; at a
-level's first evaluation a second kernel adds the Gauss-Newton curvature's sums. The same loss and gradient to
+level's first evaluation the same pass adds the Gauss-Newton curvature's sums (one set of taps for both). The same loss and gradient to
 rounding (positions in float64 here, float32 there: ~1e-7 of the loss, ~1e-5 of the gradient); the sums go in fixed
 bands of rows, so the result does not depend on the number of threads.
 
@@ -63,28 +63,53 @@ def _kernels() -> Any:
 
 def ncc_sums(theta: np.ndarray, fixed: np.ndarray, coeffs: np.ndarray, fmean: np.ndarray, cmean: np.ndarray, ramp: float,
              fmask: np.ndarray | None, mmask: np.ndarray | None, fcoeffs: np.ndarray | None, want: np.ndarray | None,
-             threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             threads: int, fidx: np.ndarray | None = None, midx: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The sums of each pair (see the module's description): ``theta`` ``(B, 2, 3)`` float64, ``fixed`` ``(B, h, w)``
     and ``coeffs`` / ``fcoeffs`` ``(B, h + 4, w + 4)`` float32, masks ``(B, h, w)`` float32 or None, ``want`` ``(B,)``
-    bool: the pairs whose curvature sums are wanted (``fcoeffs`` given; None: none).
+    bool: the pairs whose curvature sums are wanted (``fcoeffs`` given; None: none). With ``fidx`` and ``midx``
+    (``(B,)`` int64), pair ``p`` reads ``fixed[fidx[p]]``, ``fcoeffs[fidx[p]]`` and ``coeffs[midx[p]]`` (a block's slices,
+    not a copy per pair); without, pair ``p`` reads row ``p`` of each.
 
     Returns ``sums`` ``(B, 6)`` (S1, Sf, Sm, Sff, Smm, Sfm of the centred data), ``mom`` ``(B, 3, 2, 2, 2)`` (the
     gradient's moments: [u: w m, w f, w][d: x, y][j: yn, 1][i: xn, 1] of u times the interpolant's derivative d),
     ``ramp`` ``(B, 2, 6, 2, 2)`` (the weight's derivative d times [q: 1, f, m, ff, mm, fm][j][i]) and ``curv``
     ``(B, 9, 3, 3)`` (the curvature's sums [k][j: 1, yn, yn^2][i: 1, xn, xn^2]; zero for the pairs not wanted)."""
     jit = _kernels()
-    b, h, _ = fixed.shape
+    b, h = theta.shape[0], fixed.shape[1]
+    fidx, midx = _rows(fidx, b), _rows(midx, b)
     out = np.zeros((b, -(-h // jit.BAND_ROWS), jit.WIDTH), dtype=np.float64)
     empty = np.zeros((0, 1, 1), dtype=np.float32)
     fmask = empty if fmask is None else fmask
     mmask = empty if mmask is None else mmask
-    _call(jit.bands, threads, theta, fixed, coeffs, fmean, cmean, float(ramp), fmask, mmask, out)
-    if want is not None and fcoeffs is not None and want.any():
-        _call(jit.curvature, threads, theta, fixed, coeffs, fmean, cmean, float(ramp), fmask, mmask, fcoeffs, want, out)
+    if want is None or fcoeffs is None:  # no curvature wanted: nothing reads the fixed slices' coefficients
+        want, fcoeffs = np.zeros(b, dtype=np.bool_), np.zeros((0, 1, 1), dtype=np.float32)
+    _call(jit.bands, threads, theta, fixed, coeffs, fidx, midx, fmean, cmean, float(ramp), fmask, mmask, fcoeffs,
+          np.ascontiguousarray(want, dtype=np.bool_), out)
     total = out.sum(1)
     n0, n1, n2 = jit.N_SUMS, jit.N_SUMS + jit.N_MOM, jit.N_SUMS + jit.N_MOM + jit.N_RAMP
     return (total[:, :n0], total[:, n0:n1].reshape(b, 3, 2, 2, 2), total[:, n1:n2].reshape(b, 2, 6, 2, 2),
             total[:, n2:].reshape(b, 9, 3, 3))
+
+
+def identity_sums(fixed: np.ndarray, moving: np.ndarray, ramp: float, fmask: np.ndarray | None, mmask: np.ndarray | None,
+                  threads: int, fidx: np.ndarray | None = None, midx: np.ndarray | None = None) -> np.ndarray:
+    """``(B, 6)``: the NCC's sums (S1, Sf, Sm, Sff, Smm, Sfm) of each pair of ``(B, h, w)`` float32 slices at the
+    identity, the slices themselves in place of the interpolant (:func:`ncc_sums` at the identity to rounding, in a
+    fraction of its time); ``fidx``, ``midx``: as :func:`ncc_sums` 's (``B`` their length)."""
+    jit = _kernels()
+    b, h = len(fidx) if fidx is not None else fixed.shape[0], fixed.shape[1]
+    fidx, midx = _rows(fidx, b), _rows(midx, b)
+    out = np.zeros((b, -(-h // jit.BAND_ROWS), 6), dtype=np.float64)
+    empty = np.zeros((0, 1, 1), dtype=np.float32)
+    _call(jit.identity_sums, threads, fixed, moving, fidx, midx, float(ramp), empty if fmask is None else fmask,
+          empty if mmask is None else mmask, out)
+    return out.sum(1)
+
+
+def _rows(index: np.ndarray | None, b: int) -> np.ndarray:
+    """The rows ``index`` (int64), or ``0 .. b - 1``."""
+    return np.arange(b, dtype=np.int64) if index is None else np.ascontiguousarray(index, dtype=np.int64)
 
 
 def bspline_prefilter(images: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -106,6 +131,32 @@ def gaussian_blur(images: np.ndarray, kernel: np.ndarray, threads: int = 1) -> n
 
     out = np.empty(images.shape, dtype=np.float32)
     _call(jit.blur, threads, np.ascontiguousarray(images, dtype=np.float32), np.ascontiguousarray(kernel, dtype=np.float64), out)
+    return out
+
+
+def warp_slice(image: np.ndarray | None, theta: np.ndarray, offset: tuple[int, int], out_shape: tuple[int, int],
+               dtype: Any, coeffs: np.ndarray | None = None) -> np.ndarray:
+    """One output window of a B-spline warp on the calling thread (the writer's tasks run on threads of their own):
+    ``image`` (the whole ``(H, W)`` slice, float32) prefiltered by the recursive filter, or its padded ``coeffs``
+    (``(H + 4, W + 4)``, e.g. a window's canvas) given, sampled at the source positions of the output pixels ``offset
+    ..`` ``out_shape`` of the slice's frame under the normalized ``theta`` (``(2, 3)``), rounded and clipped to an
+    integer ``dtype`` (a float one keeps the values). What :func:`~.warping.warp` gives in ``bspline`` mode to float32
+    rounding (the interpolant's 16 taps summed in float64 here)."""
+    from . import _jit_filters as jit
+    from .frames import Affine, Frame
+
+    if coeffs is None:
+        coeffs = np.empty((image.shape[0] + 2 * jit.PAD, image.shape[1] + 2 * jit.PAD), dtype=np.float32)
+        jit.prefilter_slice(np.ascontiguousarray(image, dtype=np.float32), coeffs)
+    shape = (coeffs.shape[0] - 2 * jit.PAD, coeffs.shape[1] - 2 * jit.PAD)
+    # output pixel (x, y) of the slice's frame -> the source pixel it samples
+    pixel = Affine(np.asarray(theta, dtype=np.float64), Frame.NORMALIZED, shape).to(Frame.PIXEL).matrix
+    m = np.array([pixel[0, 0], pixel[0, 1], pixel[0, 2], pixel[1, 0], pixel[1, 1], pixel[1, 2]])
+    out = np.empty(out_shape, dtype=dtype)
+    integer = np.issubdtype(out.dtype, np.integer)
+    info = np.iinfo(out.dtype) if integer else None
+    jit.sample_window(coeffs, m, offset[0], offset[1], float(info.min if integer else 0), float(info.max if integer else 0),
+                      integer, out)
     return out
 
 

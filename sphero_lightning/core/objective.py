@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import SpheroError
 from . import kernels
-from .fastncc import ncc_and_gradient
+from .fastncc import Rows, ncc_and_gradient, ncc_at_identity
 from .frames import normalized_coords, pixel_coords
 from .interpolation import (
     PAD,
@@ -205,13 +205,11 @@ class PairObjective:
         on the CPU."""
         return self.compiled and t.device.type == "cpu" and t.dtype == torch.float32
 
-    def pair_ncc_identity_compiled(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
+    def pair_ncc_identity_compiled(self, p: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
                                    masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """:meth:`pair_ncc_identity` by the compiled pass over the moving slices' coefficients ``coeffs`` (at the
-        identity the B-spline interpolant returns the slices: the same NCC to rounding, without the torch passes)."""
-        theta = self.matrices(torch.zeros_like(p)).to(fixed.dtype)
-        loss, _ = ncc_and_gradient(theta, fixed, coeffs, masks=masks, compiled=True)
-        return (1 - loss).to(p.dtype)
+        """:meth:`pair_ncc_identity` by the compiled sums over the slices (:func:`~.kernels.identity_sums`: one pass,
+        no taps; the same NCC to rounding)."""
+        return ncc_at_identity(fixed, moving, masks).to(p.dtype)
 
     def level_stack(self, slices: torch.Tensor, factor: float) -> torch.Tensor:
         """``slices`` (``(N, 1, H, W)``, grey values about [0, 1]) at one level: downscaled, pre-smoothed."""
@@ -423,12 +421,12 @@ class PairObjective:
                 hess.append(hc)
         return torch.cat(losses), torch.cat(grads), (torch.cat(hess) if curvature else None)
 
-    def level_coeffs(self, imgs: torch.Tensor, fixed: torch.Tensor | None = None, moving: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def level_coeffs(self, imgs: torch.Tensor, fixed: torch.Tensor | None = None, moving: torch.Tensor | None = None,
+                     rows: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
         """What one level's evaluations sample from, for slices ``imgs`` (``(N + 1, 1, h, w)``): the fixed slices'
         B-spline coefficients (what the default objective's curvature is made of; None for the others, which do
         not use them) and :meth:`moving_coeffs`. One prefilter of all N + 1 slices gives both. Pairs are consecutive
-        slices, or those at positions ``fixed`` and ``moving`` of ``imgs`` (:func:`take`)."""
+        slices, or those at positions ``fixed`` and ``moving`` of ``imgs`` (:func:`take`; ``rows``: :class:`.Rows`)."""
         if fixed is None or moving is None:
             fixed = torch.arange(len(imgs) - 1, device=imgs.device)
             moving = fixed + 1
@@ -437,7 +435,8 @@ class PairObjective:
                 c = torch.from_numpy(kernels.bspline_prefilter(imgs[:, 0].numpy(), torch.get_num_threads())).unsqueeze(1)
             else:
                 c = bspline_prefilter(imgs)
-            return take(c, fixed), take(c, moving)
+            pick = Rows if rows else take
+            return pick(c, fixed), pick(c, moving)
         return None, self.moving_coeffs(take(imgs, moving))
 
     @property

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import zarr
 
+from ..core import kernels
 from ..core.frames import Affine, Frame
 from ..core.interpolation import DENSE_MAX
 from ..core.settings import OUTPUT
@@ -125,6 +126,20 @@ class WarpJob:
     levels: tuple[zarr.Array | ArrayRef, ...] = ()  # levels 1.. written in the same pass (:func:`level_arrays`)
     nearest: bool = False  # levels keep each 2 x 2 block's top-left pixel (labels), not its mean
     fill: float = 0.0  # what NaN and inf pixels are interpolated as (:func:`warp_window`)
+    compiled: bool = False  # B-spline windows by the compiled warp (:func:`compiled_warp`)
+
+
+#: Source dtypes the compiled warp writes (those warped in float32, float16 aside: numba has no float16 arrays).
+_COMPILED_DTYPES = tuple(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "float32"))
+
+
+def compiled_warp(mode: str, device: torch.device | str, n_slices: int, shape: tuple[int, int], dtype: Any) -> bool:
+    """Whether a write warps by the compiled kernels (``core.kernels.warp_slice``: the recursive prefilter and the
+    16 taps in one pass, on each task's own thread) instead of torch's: B-spline windows on the CPU of a stack large
+    enough to be worth numba's start (:func:`~sphero_lightning.core.kernels.worth`, as the fit decides), in float32.
+    Decided once per write from the stack alone: the same output bytes whichever command writes it."""
+    return (mode == "bspline" and torch.device(device).type == "cpu" and np.dtype(dtype) in _COMPILED_DTYPES
+            and kernels.worth(n_slices, shape[0] * shape[1]))
 
 
 def unit_shape(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int]
@@ -161,7 +176,8 @@ def output_units(out_shape: tuple[int, int, int], unit: tuple[int, int, int], fu
 
 
 def warp_window(src: zarr.Array, z: int, theta: torch.Tensor | None, box: tuple[int, int, int, int],
-                window: tuple[int, int, int, int], mode: str, device: str, fill: float = 0.0) -> np.ndarray:
+                window: tuple[int, int, int, int], mode: str, device: str, fill: float = 0.0, compiled: bool = False
+                ) -> np.ndarray:
     """Output rows ``window[0]:window[1]`` and columns ``window[2]:window[3]`` (inside the crop ``box``) of slice ``z``,
     reading only the source region they sample; ``theta`` ``(1, 2, 3)`` (``None`` for the reference slice 0).
     Equal to warping the whole slice and cutting the window out, bit for bit. NaN and inf pixels of a float slice
@@ -193,27 +209,13 @@ def warp_window(src: zarr.Array, z: int, theta: torch.Tensor | None, box: tuple[
                 x = np.where(bad, np.asarray(fill, dtype=x.dtype), x)
         return torch.from_numpy(x).to(device)
 
-    if mode == "bspline":
-        coeffs = bspline_window(read, th, full, out_shape, offset)
-    else:  # bicubic / bilinear sample the slice itself: a canvas of the slice's size holding the region they read
-        px, py = corner_positions(th, full, out_shape, offset)
-        (a, b), (c, d) = sample_bounds(py, full[0]), sample_bounds(px, full[1])
-        image = window_canvas(read(a, b, c, d), full, (a, c))
-    # each strip rounded and clipped to an integer dtype's range in torch (as to_dtype: round half to even, the same
-    # bytes; numpy's rint and clip of a whole 8192^2 slice took 1.1 s), written straight into the output's dtype
-    res = np.empty(out_shape, dtype=src.dtype)
-    info = np.iinfo(src.dtype) if np.issubdtype(src.dtype, np.integer) else None
-    rows = max(1, _STRIP_PIXELS // max(1, out_shape[1]))  # strips of rows: bounded temporaries
-    for r0 in range(0, out_shape[0], rows):
-        r1 = min(r0 + rows, out_shape[0])
-        strip = {"out_shape": (r1 - r0, out_shape[1]), "offset": (offset[0] + r0, offset[1]), "full_shape": full}
-        if mode == "bspline":
-            values = warp_coefficients(coeffs, th, full, **strip)[0, 0]
-        else:
-            values = warp(image, th, mode=mode, **strip)[0, 0]
-        if info is not None:
-            values = values.round_().clamp_(info.min, info.max)
-        res[r0:r1] = values.cpu().numpy()
+    if mode == "bspline" and compiled:  # the whole slice prefiltered where its axes are (the exact prefilter's)
+        whole = max(full) <= DENSE_MAX
+        res = kernels.warp_slice(read(0, full[0], 0, full[1]).numpy() if whole else None, theta[0].double().numpy(),
+                                 offset, out_shape, src.dtype,
+                                 None if whole else bspline_window(read, th, full, out_shape, offset)[0, 0].numpy())
+    else:
+        res = _torch_window(read, th, full, out_shape, offset, mode, src.dtype)
     if holes:  # where the non-finite pixels land: NaN again
         iy, ix = nearest_index(theta, full, out_shape, offset, full)
         y0, x0 = int(iy.min()), int(ix.min())
@@ -258,6 +260,33 @@ def store_levels(job: WarpJob, block: np.ndarray, z0: int, y0: int, x0: int) -> 
                             x0 >> k:(x0 >> k) + block.shape[2]] = block
 
 
+def _torch_window(read: Any, th: torch.Tensor, full: tuple[int, int], out_shape: tuple[int, int],
+                  offset: tuple[int, int], mode: str, dtype: Any) -> np.ndarray:
+    """:func:`warp_window` 's warp by torch (``read(y0, y1, x0, x1)``: source samples as a tensor)."""
+    if mode == "bspline":
+        coeffs = bspline_window(read, th, full, out_shape, offset)
+    else:  # bicubic / bilinear sample the slice itself: a canvas of the slice's size holding the region they read
+        px, py = corner_positions(th, full, out_shape, offset)
+        (a, b), (c, d) = sample_bounds(py, full[0]), sample_bounds(px, full[1])
+        image = window_canvas(read(a, b, c, d), full, (a, c))
+    # each strip rounded and clipped to an integer dtype's range in torch (as to_dtype: round half to even, the same
+    # bytes; numpy's rint and clip of a whole 8192^2 slice took 1.1 s), written straight into the output's dtype
+    res = np.empty(out_shape, dtype=dtype)
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    rows = max(1, _STRIP_PIXELS // max(1, out_shape[1]))  # strips of rows: bounded temporaries
+    for r0 in range(0, out_shape[0], rows):
+        r1 = min(r0 + rows, out_shape[0])
+        strip = {"out_shape": (r1 - r0, out_shape[1]), "offset": (offset[0] + r0, offset[1]), "full_shape": full}
+        if mode == "bspline":
+            values = warp_coefficients(coeffs, th, full, **strip)[0, 0]
+        else:
+            values = warp(image, th, mode=mode, **strip)[0, 0]
+        if info is not None:
+            values = values.round_().clamp_(info.min, info.max)
+        res[r0:r1] = values.cpu().numpy()
+    return res
+
+
 def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, int], thetas: np.ndarray | None,
                shift: int = 1) -> tuple[int, float, float]:
     """One task: warp the output box ``unit`` (``thetas``: its slices' matrices, row ``k`` for slice ``z0 + k``,
@@ -271,7 +300,8 @@ def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, in
         for z in range(z0, z1):
             row = z - z0 - (1 if z0 == 0 and shift else 0)
             theta = None if (z == 0 and shift) else torch.from_numpy(thetas[row][None])
-            block[z - z0] = warp_window(src, z, theta, job.box, (y0, y1, x0, x1), job.mode, job.device, job.fill)
+            block[z - z0] = warp_window(src, z, theta, job.box, (y0, y1, x0, x1), job.mode, job.device, job.fill,
+                                        job.compiled)
     out[z0:z1, y0:y1, x0:x1] = block
     t1 = time.perf_counter()
     store_levels(job, block, z0, y0, x0)
@@ -383,7 +413,8 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     if len(theta) == s.shape[0]:  # every slice's: slice 0 as the others (cropped only where it is the identity)
         theta = theta[1:] if Affine(theta[0], Frame.NORMALIZED, tuple(s.shape[1:])).is_identity() else theta
     job = WarpJob(src, out, written, (up, down, left, right), mode, str(device) if not is_distributed(scheduler) else "cpu",
-                  levels, nearest, float(fill))
+                  levels, nearest, float(fill),
+                  not is_distributed(scheduler) and compiled_warp(mode, device, s.shape[0], tuple(s.shape[1:]), s.dtype))
     todo = [i for i in range(rank, len(units), world) if not done[i]]
     shift = 0 if len(theta) == s.shape[0] else 1  # row of slice z: z - shift (legacy: no row for slice 0)
     args = [(job, i, units[i], theta[max(0, units[i][0] - shift):units[i][1] - shift], shift) for i in todo]

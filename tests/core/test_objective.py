@@ -19,3 +19,26 @@ def test_ncc_at_the_identity_needs_no_resampling(base_image):
         direct = m.pair_ncc_identity(p, imgs[:-1], imgs[1:])
         assert torch.allclose(resampled, direct, atol=tol), (mode, resampled, direct)
         assert direct.abs().max() < 0.9  # different slices: far from a perfect match
+
+
+def test_the_compiled_ncc_at_the_identity_is_the_torch_one(base_image):
+    """``pair_ncc_identity_compiled`` (what a compiled fit records as ``ncc_before``) equals ``pair_ncc_identity``, with
+    and without masks."""
+    import pytest
+
+    from sphero_lightning.core import kernels
+
+    if not kernels.available():
+        pytest.skip("numba is a dependency; SPHERO_KERNELS=torch turned it off")
+    img = torch.from_numpy(base_image[:192, :80].reshape(3, 64, 80).copy()).float() / 255
+    m = PairObjective(shape=(64, 80))
+    imgs = m.level_stack(img.unsqueeze(1), 1.0)
+    p = torch.zeros(2, m.n_params, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    masks = ((torch.rand(2, 1, 64, 80, generator=g) > 0.1).float(), (torch.rand(2, 1, 64, 80, generator=g) > 0.3).float())
+    for mk in (None, masks):
+        torch_ncc = m.pair_ncc_identity(p, imgs[:-1], imgs[1:], mk)
+        compiled = m.pair_ncc_identity_compiled(p, imgs[:-1], imgs[1:], mk)
+        assert torch.allclose(torch_ncc, compiled, atol=1e-6), (torch_ncc, compiled)
+    assert not torch.allclose(m.pair_ncc_identity_compiled(p, imgs[:-1], imgs[1:], masks),
+                              m.pair_ncc_identity_compiled(p, imgs[:-1], imgs[1:]), atol=1e-3)  # the masks count

@@ -157,3 +157,50 @@ def test_writer_strips_chunks_and_threads_do_not_change_the_output(tmp_path, mon
         np.testing.assert_array_equal(outs[0][0], stack[0, 3:75, 4:84])
         if mode == "bspline":
             np.testing.assert_array_equal(outs[0][1:], whole)
+
+
+def test_the_compiled_warp_is_the_torch_warp_to_rounding_whatever_the_chunks_and_threads(tmp_path, monkeypatch):
+    """The compiled warp (stacks big enough for numba, as the fit decides): one output whatever the chunks, threads and
+    scheduler; the torch warp's within one grey level on a handful of pixels, and to float32 rounding on a float
+    stack, including pixels sampled outside the slice (no crop); slices longer than DENSE_MAX (sampled from the torch
+    prefilter's window canvas) likewise."""
+    from sphero_lightning.core import kernels
+    from sphero_lightning.storage import writing as output
+
+    if not kernels.available():
+        pytest.skip("numba is a dependency; SPHERO_KERNELS=torch turned it off")
+    assert output.compiled_warp("bspline", "cpu", 100, (512, 512), np.uint8)
+    assert not output.compiled_warp("bspline", "cpu", 4, (96, 96), np.uint8)  # numba's start is not worth it
+    assert not output.compiled_warp("bicubic", "cpu", 100, (512, 512), np.uint8)
+    assert not output.compiled_warp("bspline", "cpu", 100, (512, 512), np.float64)
+    monkeypatch.setattr(windows, "CANVAS_FILL", float("nan"))  # a read outside a task's region would show
+    rng = np.random.default_rng(1)
+    for shape, dtype, box in (((80, 90), np.uint16, [3, 75, 4, 84]), ((80, 90), np.float32, [0, 80, 0, 90]),
+                              ((40, 800), np.uint8, [2, 38, 10, 790])):
+        tiles = np.stack([large_image(800, seed=k)[:shape[0], :shape[1]] for k in range(4)])
+        stack = (tiles * (200 if dtype == np.uint16 else 1)).astype(dtype)
+        src = zarr.create_array(str(tmp_path / f"src{dtype.__name__}{shape[1]}.zarr"), shape=stack.shape,
+                                chunks=(1, *shape), dtype=stack.dtype)
+        src[:] = stack
+        theta = torch.tensor([[[1.0, 0.01, 0.02], [-0.01, 1.0, -0.03]]] * 3, dtype=torch.float64)
+        theta[:, :, 2] += torch.from_numpy(rng.normal(0, 0.01, (3, 2)))
+        out_shape = (4, box[1] - box[0], box[3] - box[2])
+        outs = {}
+        for compiled in (True, False):
+            monkeypatch.setattr(output, "compiled_warp", lambda *a, c=compiled: c)
+            layouts = [((1, *out_shape[1:]), 1, "threads"), ((1, *out_shape[1:]), 3, "threads"),
+                       ((3, 20, 50), 2, "threads"), ((2, 17, 200), 1, "synchronous")] if compiled else [((1, *out_shape[1:]), 1, "threads")]
+            for k, (chunks, workers, scheduler) in enumerate(layouts):
+                out = zarr.create_array(str(tmp_path / f"o{dtype.__name__}{shape[1]}{compiled}{k}.zarr"), shape=out_shape,
+                                        chunks=chunks, dtype=stack.dtype)
+                output.warp_stack(src, out, theta, box, "bspline", num_workers=workers, scheduler=scheduler)
+                outs.setdefault(compiled, []).append(out[:])
+        for other in outs[True][1:]:
+            np.testing.assert_array_equal(outs[True][0], other)
+        fast, slow = outs[True][0].astype(np.float64), outs[False][0].astype(np.float64)
+        np.testing.assert_array_equal(fast[0], slow[0])
+        if dtype == np.float32:
+            assert np.abs(fast - slow).max() < 1e-4 * np.abs(slow).max()
+        else:
+            # values near 40000 carry ~0.004 of float32 rounding in the torch warp: more of them flip there
+            assert np.abs(fast - slow).max() <= 1 and (fast != slow).mean() < (1e-2 if dtype == np.uint16 else 1e-3)
