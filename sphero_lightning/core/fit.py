@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .fastncc import Rows, plain
-from .initialization import consecutive_phase_correlation
+from .initialization import FIT_SIZE, consecutive_phase_correlation
 from .masks import kept_fraction, pair_masks
 from .objective import PairObjective, take
 from .optimizers import BatchSolver, make_solver
@@ -237,7 +237,7 @@ class BlockFit:
             n_local = self.n_local
             est = torch.zeros(rows, 2, dtype=torch.float64, device=dev)
             if n_local:
-                shift = consecutive_phase_correlation(self.slices, fixed=self.fixed, moving=self.moving).double()
+                shift = consecutive_phase_correlation(self.slices, FIT_SIZE, fixed=self.fixed, moving=self.moving).double()
                 local = torch.zeros(self.ranks.rows.stop - self.ranks.rows.start, 2, dtype=torch.float64, device=dev)
                 local[:n_local] = shift / (max(self.slices.shape[-2:]) / 2.0)
                 est[self.ranks.rows] = local

@@ -11,6 +11,12 @@ import torch
 
 from .interpolation import downscale
 
+#: Larger side (px) of the slices the fit's phase correlation works on: its estimate only has to bring a pair within
+#: the coarsest pyramid level's reach (a pixel of that level is 8 or more of the slice's; at 128 px a 2048 px slice's
+#: estimate is within a few pixels), and at 256 px it cost a fit of 40 slices of 384 px 7 % of its time (2.6 ms a
+#: slice, as much as the finest level's evaluations of the slice's pairs).
+FIT_SIZE = 128
+
 
 def _hann(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     wy = torch.hann_window(h, periodic=False, dtype=like.dtype, device=like.device)

@@ -33,7 +33,7 @@ from .interpolation import (
 from .losses import get_loss, ncc_loss
 from .masks import sample_mask_autograd
 from .settings import MODEL, Loss, LossInterpolation, Transformation
-from .transforms import corner_displacement, family_basis, params_to_normalized
+from .transforms import corner_displacement, family_basis, params_jacobian, params_to_normalized
 
 INTERPOLATIONS = get_args(LossInterpolation)
 
@@ -299,13 +299,7 @@ class PairObjective:
         h, w = size
         dev = p.device
         eye = torch.eye(n, dtype=torch.float64, device=dev)
-        eps = 1e-6  # d theta / d p by central differences (theta is smooth and cheap; float64)
-        cols = []
-        for k in range(n):
-            e = torch.zeros_like(p)
-            e[:, k] = eps
-            cols.append((self.matrices(p + e) - self.matrices(p - e)).reshape(b, 6) / (2 * eps))
-        dtheta = torch.stack(cols, -1)  # (b, 6, n)
+        dtheta = params_jacobian(p, self.basis, self.shape)  # (b, 6, n)
         if chain:
             # d/dX m(px, py) = m_x dpx/dX + m_y dpy/dX (pixel units: px = theta00 X + theta01 (w/h) Y + ...):
             # the warped slice's derivative c = sum_d m_d A[d, c]
@@ -378,7 +372,7 @@ class PairObjective:
         else:
             want = torch.full((len(p),), bool(curvature), dtype=torch.bool, device=p.device)
         for c0 in range(0, len(p), per):
-            pc = p[c0:c0 + per].detach().clone().requires_grad_(True)
+            pc = p[c0:c0 + per].detach().clone().requires_grad_(not self.uses_fast_ncc)
             rows = want[c0:c0 + per]
             curv = curvature if dense else bool(rows.any())
             mk = None if masks is None else (masks[0][c0:c0 + per], masks[1][c0:c0 + per])
@@ -394,11 +388,10 @@ class PairObjective:
                 mom: dict[str, torch.Tensor] | None = {} if curv else None
                 lc, g_theta = ncc_and_gradient(theta.detach().to(fixed.dtype), fixed[c0:c0 + per], coeffs[c0:c0 + per],
                                                fixed_coeffs=fc, curvature=mom, masks=mk, dense=dense, compiled=self.compiled)
-                total = (theta * g_theta).sum()
+                # the chain rule through the matrices in closed form, and the penalty's gradient
+                gc = torch.einsum("bk,bkn->bn", g_theta.reshape(len(pc), 6), params_jacobian(pc, self.basis, self.shape))
                 if self.regularization:
-                    pen = self.penalty(pc)
-                    total, lc = total + pen.sum(), lc + pen.detach()
-                (gc,) = torch.autograd.grad(total, pc)
+                    lc, gc = lc + self.penalty(pc), gc + 2 * self.regularization * (pc @ self.basis[:, 3:]) @ self.basis[:, 3:].T
                 if mom and dense:
                     hc = torch.where(rows.view(-1, 1, 1), self.gauss_newton_from_moments(pc.detach(), *(mom[k] for k in (
                         "sums", "fixed_first", "moving_first", "cross", "own")), size=(h, w), dense=True), hc)

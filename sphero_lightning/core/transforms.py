@@ -113,6 +113,24 @@ def params_to_centered(q: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return torch.stack([row0, row1], -2)
 
 
+def params_jacobian(p: torch.Tensor, basis: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``(B, 6, n)``: the derivatives of the normalized matrices ``params_to_normalized(p @ basis)`` (entries row by
+    row) with respect to the free parameters ``p`` (``(B, n)``), in closed form (what autograd through the matrices
+    gave, without a graph at every evaluation). The frame conversion is linear, so it converts each derivative."""
+    q = p @ basis.to(p)
+    tx, th, dsx, dsy, k = q[:, 0], q[:, 2], q[:, 3], q[:, 4], q[:, 5]
+    c, s = torch.cos(th), torch.sin(th)
+    sx, sy = 1 + dsx, 1 + dsy
+    jac = torch.zeros(len(q), 6, 2, 3, dtype=q.dtype, device=q.device)  # [b, q_k, row, col] of the centred matrix
+    jac[:, 0, 0, 2] = jac[:, 1, 1, 2] = half_size(shape) * torch.ones_like(tx)
+    jac[:, 2, 0, 0], jac[:, 2, 0, 1], jac[:, 2, 1, 0], jac[:, 2, 1, 1] = -s * sx, -(s * k + c) * sy, c * sx, (c * k - s) * sy
+    jac[:, 3, 0, 0], jac[:, 3, 1, 0] = c, s
+    jac[:, 4, 0, 1], jac[:, 4, 1, 1] = c * k - s, s * k + c
+    jac[:, 5, 0, 1], jac[:, 5, 1, 1] = c * sy, s * sy
+    normalized = centered_to_normalized(jac.reshape(-1, 2, 3), shape).reshape(len(q), 6, 6)
+    return normalized.transpose(1, 2) @ basis.to(p).T
+
+
 def centered_to_normalized(a: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """``(B, 2, 3)`` centered-pixel matrices to normalized ``affine_grid`` matrices (:class:`~.frames.Affine`)."""
     return Affine(a, Frame.CENTRED, shape).to(Frame.NORMALIZED).matrix

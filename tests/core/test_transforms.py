@@ -111,3 +111,23 @@ def test_chain_with_gaps_interpolates_and_stays_consistent():
     assert log[2]["bridged_by"]["slice_indices"] == [1, 4]
     assert all(e["slice_indices"] == [i, i + 1] for i, e in enumerate(log))
     assert torch.allclose(homogeneous(pairwise[0:1])[0, :2], torch.tensor(mats[0]))
+
+
+def test_the_closed_form_jacobian_of_the_matrices_is_autograd_s():
+    """``params_jacobian`` (the chain rule of every evaluation and the Gauss-Newton model) equals autograd through
+    ``params_to_normalized`` for every family, away from the identity, on a non-square slice."""
+    import torch
+
+    from sphero_lightning.core.transforms import family_basis, params_jacobian, params_to_normalized
+
+    g = torch.Generator().manual_seed(0)
+    for fam, kw in (("translation", {}), ("rigid", {}), ("similarity", {}), ("affine", {"scaling": True, "shear": True}),
+                    ("affine", {"scaling": False, "shear": True})):
+        basis = family_basis(fam, **kw)
+        p = 0.1 * torch.randn(3, basis.shape[0], dtype=torch.float64, generator=g)
+        jac = params_jacobian(p, basis, (100, 140))
+        auto = torch.autograd.functional.jacobian(lambda x, b=basis: params_to_normalized(x @ b, (100, 140)).reshape(3, 6), p)
+        auto = torch.stack([auto[b, :, b, :] for b in range(3)])
+        assert jac.shape == (3, 6, basis.shape[0])
+        assert torch.allclose(jac, auto, atol=1e-12), fam
+        assert float(jac.abs().max()) > 0.1
