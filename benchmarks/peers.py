@@ -20,7 +20,10 @@ Seconds per pair: for the in-process tools the time of the stack over its pairs 
 command (t(all slices) - t(8 slices)) / (pairs between them), start-up cancelled, and the same from 16 slices
 (``ours (command, 16 ->)``: a 384 px stack of 8 slices is under ``core.kernels.MIN_WORK`` and never loads numba, so
 the first figure also carries numba's one-off start, ~0.5 s in every fresh process that fits more; from 16 both runs
-load it and only the pairs' own cost remains); medians of ``--repeats`` runs, the
+load it and only the pairs' own cost remains), and the same from the command's own time line (``ours (command, time
+line, 16 ->)``: the seconds it reports for checking the slices, fitting and writing: what grows with the pairs,
+without the fresh process's start-up, whose jitter on a shared 2-core machine, a second from run to run, is as long as
+the 24 pairs take; the pictures and the page are left out); medians of ``--repeats`` runs, the
 tools alternating. Threads: pystackreg has one; OpenCV is set to ``--threads``; ours takes the cores it is given
 (``SPHERO_NUM_THREADS``, default all: the column says how many). Errors: on ``synthetic`` the mean and worst distance
 (px, mean displacement over the slice) of the composed transforms from the truth; on ``real`` the median distance of
@@ -36,6 +39,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -115,16 +119,26 @@ def run_api(stack: np.ndarray) -> tuple[np.ndarray, float]:
     return reg.composed, time.perf_counter() - t0
 
 
-def run_command(stack: np.ndarray, work: Path) -> tuple[np.ndarray, float]:
+#: The command's own time line: "checking slices X s, fitting Y s ... writing Z s".
+_TIMELINE = re.compile(r"checking slices ([\d.]+) s, fitting ([\d.]+) s.*writing ([\d.]+) s")
+
+
+def run_command(stack: np.ndarray, work: Path) -> tuple[np.ndarray, float, float]:
+    """The composed transforms, the wall time of the fresh process, and the seconds its time line gives to checking,
+    fitting and writing (what grows with the pairs, without the start-up, the pictures and the page)."""
     import zarr
 
     root = work / f"s{time.monotonic_ns()}.zarr"
     write_zarr(stack, root)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sphero_lightning", "fit", "--data.root", str(root), "--data.array",
-                    "images/50-4-4", "--model.transformation", "rigid"], cwd=work, check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "sphero_lightning", "fit", "--data.root", str(root), "--data.array",
+                          "images/50-4-4", "--model.transformation", "rigid"], cwd=work, check=True, capture_output=True,
+                         text=True)
     dt = time.perf_counter() - t0
-    return np.asarray(zarr.open_array(str(root), path="images/registered/50-4-4", mode="r").attrs["composed_transforms"]), dt
+    line = _TIMELINE.search(run.stderr)
+    work_s = sum(float(v) for v in line.groups()) if line else float("nan")
+    attrs = zarr.open_array(str(root), path="images/registered/50-4-4", mode="r").attrs
+    return np.asarray(attrs["composed_transforms"]), dt, work_s
 
 
 def pairwise_px(composed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -180,19 +194,20 @@ def main() -> None:
             shape = stack.shape[1:]
             n_pairs = len(stack) - 1
             times: dict[str, list[float]] = {k: [] for k in ("pystackreg", "ecc", "ours (API)", "ours (command)",
-                                                              "ours (command, 16 ->)")}
+                                                              "ours (command, 16 ->)", "ours (command, time line, 16 ->)")}
             result: dict[str, np.ndarray] = {}
             for _ in range(a.repeats):
                 for tool, fn in (("pystackreg", run_pystackreg), ("ecc", run_ecc), ("ours (API)", run_api)):
                     with contextlib.redirect_stderr(io.StringIO()):
                         result[tool], dt = fn(stack)
                     times[tool].append(dt / n_pairs)
-                _, t_small = run_command(stack[:8], work)
-                _, t_16 = run_command(stack[:16], work)
-                result["ours (command)"], t_all = run_command(stack, work)
-                result["ours (command, 16 ->)"] = result["ours (command)"]
+                _, t_small, _ = run_command(stack[:8], work)
+                _, t_16, w_16 = run_command(stack[:16], work)
+                result["ours (command)"], t_all, w_all = run_command(stack, work)
+                result["ours (command, 16 ->)"] = result["ours (command, time line, 16 ->)"] = result["ours (command)"]
                 times["ours (command)"].append((t_all - t_small) / (n_pairs - 7))
                 times["ours (command, 16 ->)"].append((t_all - t_16) / (n_pairs - 15))
+                times["ours (command, time line, 16 ->)"].append((w_all - w_16) / (n_pairs - 15))
             ref = statistics.median(times["pystackreg"])
             ours_pw = pairwise_px(result["ours (API)"], shape)
             print(f"\n## {name}: {len(stack)} slices of {shape[0]} x {shape[1]}")
