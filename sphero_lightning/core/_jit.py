@@ -35,6 +35,17 @@ def tap_row(coeffs, p, y, ix, wx0, wx1, wx2, wx3, dx0, dx1, dx2, dx3):
     return wx0 * a0 + wx1 * a1 + wx2 * a2 + wx3 * a3, dx0 * a0 + dx1 * a1 + dx2 * a2 + dx3 * a3
 
 
+@njit(inline="always")
+def cubic_weights(f):
+    """The cubic B-spline's four weights at fraction ``f`` (taps ``i - 1 .. i + 2``)."""
+    omf = 1.0 - f
+    f2 = f * f
+    w0 = omf * omf * omf * (1.0 / 6.0)
+    w1 = 2.0 / 3.0 - f2 + 0.5 * f2 * f
+    w3 = f2 * f * (1.0 / 6.0)
+    return w0, w1, 1.0 - w0 - w1 - w3, w3
+
+
 @njit(inline="always", fastmath=_FAST)
 def taps(p, px, py, coeffs, cm):
     """The cubic B-spline interpolant of coefficient image ``p`` at ``(px, py)`` (pixels), less ``cm``, and its x and
@@ -51,14 +62,8 @@ def taps(p, px, py, coeffs, cm):
     ty2 = ty * ty
     omx = 1.0 - tx
     omy = 1.0 - ty
-    wx0 = omx * omx * omx * (1.0 / 6.0)
-    wx1 = 2.0 / 3.0 - tx2 + 0.5 * tx2 * tx
-    wx3 = tx2 * tx * (1.0 / 6.0)
-    wx2 = 1.0 - wx0 - wx1 - wx3
-    wy0 = omy * omy * omy * (1.0 / 6.0)
-    wy1 = 2.0 / 3.0 - ty2 + 0.5 * ty2 * ty
-    wy3 = ty2 * ty * (1.0 / 6.0)
-    wy2 = 1.0 - wy0 - wy1 - wy3
+    wx0, wx1, wx2, wx3 = cubic_weights(tx)
+    wy0, wy1, wy2, wy3 = cubic_weights(ty)
     dx0 = -0.5 * omx * omx
     dx1 = 1.5 * tx2 - 2.0 * tx
     dx3 = 0.5 * tx2

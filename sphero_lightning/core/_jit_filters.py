@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ._jit import PAD, njit, prange
+from ._jit import PAD, cubic_weights, njit, prange
 
 #: The cubic B-spline prefilter's pole, and the causal initialisation's horizon (|pole|^k below 1e-13 beyond it).
 POLE = math.sqrt(3.0) - 2.0
@@ -165,17 +165,6 @@ def blur(x, kernel, out):
 
 
 @njit(inline="always")
-def _cubic_weights(f):
-    """The cubic B-spline's four weights at fraction ``f`` (taps ``i - 1 .. i + 2``)."""
-    omf = 1.0 - f
-    f2 = f * f
-    w0 = omf * omf * omf * (1.0 / 6.0)
-    w1 = 2.0 / 3.0 - f2 + 0.5 * f2 * f
-    w3 = f2 * f * (1.0 / 6.0)
-    return w0, w1, 1.0 - w0 - w1 - w3, w3
-
-
-@njit(inline="always")
 def _bilinear(c, x, y):
     """``c`` at padded position ``(x, y)``, bilinear, the position clamped to the array (``grid_sample``'s border)."""
     hh, ww = c.shape
@@ -196,7 +185,7 @@ def _merged_taps(x):
     """The two merged bilinear taps of one axis at padded position ``x`` and the first one's weight (as
     :func:`.interpolation.axis_taps`)."""
     i = math.floor(x)
-    w0, w1, w2, w3 = _cubic_weights(x - i)
+    w0, w1, w2, w3 = cubic_weights(x - i)
     return w0 + w1, i - 1.0 + w1 / (w0 + w1), i + 1.0 + w3 / (w2 + w3)
 
 
@@ -218,8 +207,8 @@ def sample_window(c, m, r0, c0, lo, hi, rounding, out):
             if 1.0 <= x < ww - 2.0 and 1.0 <= y < hh - 2.0:
                 ix = int(x)
                 iy = int(y)
-                a0, a1, a2, a3 = _cubic_weights(x - ix)
-                b0, b1, b2, b3 = _cubic_weights(y - iy)
+                a0, a1, a2, a3 = cubic_weights(x - ix)
+                b0, b1, b2, b3 = cubic_weights(y - iy)
                 ix -= 1
                 iy -= 1
                 v = b0 * (a0 * c[iy, ix] + a1 * c[iy, ix + 1] + a2 * c[iy, ix + 2] + a3 * c[iy, ix + 3])

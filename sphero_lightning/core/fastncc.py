@@ -345,10 +345,9 @@ def ncc_at_identity(fixed: torch.Tensor, moving: torch.Tensor, masks: tuple[torc
     (:func:`~.kernels.identity_sums`), over :func:`ncc_and_gradient` 's weight: what it gives at the identity to
     rounding, without sampling (the interpolant is the slice itself at its pixel centres)."""
     (f, fidx), (m, midx) = _numpy_rows(fixed), _numpy_rows(moving)
-    b = len(fixed)
     sums = kernels.identity_sums(f, m, ramp, None if masks is None else _numpy(masks[0][:, 0].float()),
                                  None if masks is None else _numpy(masks[1][:, 0].float()), torch.get_num_threads(),
-                                 np.arange(b) if fidx is None else fidx, np.arange(b) if midx is None else midx)
+                                 fidx, midx)
     loss, _ = _ncc_and_derivatives(torch.from_numpy(sums))
     return 1 - loss
 

@@ -83,7 +83,7 @@ def ncc_sums(theta: np.ndarray, fixed: np.ndarray, coeffs: np.ndarray, fmean: np
     fmask = empty if fmask is None else fmask
     mmask = empty if mmask is None else mmask
     if want is None or fcoeffs is None:  # no curvature wanted: nothing reads the fixed slices' coefficients
-        want, fcoeffs = np.zeros(b, dtype=np.bool_), np.zeros((0, 1, 1), dtype=np.float32)
+        want, fcoeffs = np.zeros(b, dtype=np.bool_), empty
     _call(jit.bands, threads, theta, fixed, coeffs, fidx, midx, fmean, cmean, float(ramp), fmask, mmask, fcoeffs,
           np.ascontiguousarray(want, dtype=np.bool_), out)
     total = out.sum(1)
@@ -150,8 +150,7 @@ def warp_slice(image: np.ndarray | None, theta: np.ndarray, offset: tuple[int, i
         jit.prefilter_slice(np.ascontiguousarray(image, dtype=np.float32), coeffs)
     shape = (coeffs.shape[0] - 2 * jit.PAD, coeffs.shape[1] - 2 * jit.PAD)
     # output pixel (x, y) of the slice's frame -> the source pixel it samples
-    pixel = Affine(np.asarray(theta, dtype=np.float64), Frame.NORMALIZED, shape).to(Frame.PIXEL).matrix
-    m = np.array([pixel[0, 0], pixel[0, 1], pixel[0, 2], pixel[1, 0], pixel[1, 1], pixel[1, 2]])
+    m = Affine(np.asarray(theta, dtype=np.float64), Frame.NORMALIZED, shape).to(Frame.PIXEL).matrix[:2].ravel()
     out = np.empty(out_shape, dtype=dtype)
     integer = np.issubdtype(out.dtype, np.integer)
     info = np.iinfo(out.dtype) if integer else None
