@@ -22,6 +22,7 @@ from .._version import __version__
 from ..core.frames import composed_of_all
 from ..core.settings import DATA, OUTPUT
 from ..errors import SpheroError
+from ..storage.partial import prepare_output, resumed_line
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import (
     check_writable,
@@ -36,7 +37,7 @@ from ..storage.store import (
     zarr_format,
 )
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import ArrayRef, level_arrays, prepare_output, resumed_line, warp_stack
+from ..storage.writing import ArrayRef, level_arrays, warp_stack
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 

@@ -145,13 +145,16 @@ def blur(x, kernel, out):
     b, h, w = x.shape
     r = len(kernel) // 2
     for p in prange(b):
-        tmp = np.empty((h, w))
+        tmp = np.zeros((h, w))
+        line = np.empty(w + 2 * r)  # a row with its replicated border: the taps read it without clamping (vectorized)
         for y in range(h):
-            for c in range(w):
-                acc = 0.0
-                for o in range(-r, r + 1):
-                    acc += kernel[o + r] * x[p, y, min(max(c + o, 0), w - 1)]
-                tmp[y, c] = acc
+            for c in range(w + 2 * r):
+                line[c] = x[p, y, min(max(c - r, 0), w - 1)]
+            acc = tmp[y]
+            for o in range(2 * r + 1):  # each pixel's sum in the order of the taps, as the torch filter's
+                k = kernel[o]
+                for c in range(w):
+                    acc[c] += k * line[c + o]
         row = np.empty(w)
         for y in range(h):
             row[:] = 0.0

@@ -177,25 +177,29 @@ def _numpy_convert(m: np.ndarray, src: Frame, dst: Frame, shape: tuple[int, int]
 
 
 def _torch_convert(m: Any, src: Frame, dst: Frame, shape: tuple[int, int]) -> Any:
-    """The torch conversions: normalized <-> centred by ``D = diag(2/W, 2/H)``, centred <-> pixel by the shift to the
-    pixel centre, normalized <-> pixel through the centred frame."""
+    """The torch conversions, in closed form (the fit converts small batches at every step): normalized <-> centred by
+    ``D = diag(2/W, 2/H)`` (``D^-1 L D`` and ``D^-1 t``, entry by entry), centred <-> pixel by the shift ``c`` to the
+    pixel centre (the linear part kept, ``t' = t + c - L c`` and back), normalized <-> pixel through the centred
+    frame."""
     import torch
 
     h, w = shape
     if Frame.PIXEL in (src, dst):
-        shift = torch.eye(3, dtype=m.dtype, device=m.device)
-        shift[0, 2], shift[1, 2] = pixel_centre(shape)
+        c = torch.tensor(pixel_centre(shape), dtype=m.dtype, device=m.device)
         if src is Frame.PIXEL:
-            centred = (torch.linalg.inv(shift) @ m @ shift)[..., :2, :]
+            lin = m[..., :2, :2]
+            centred = torch.cat([lin, (m[..., :2, 2] + (lin @ c.unsqueeze(-1)).squeeze(-1) - c).unsqueeze(-1)], -1)
             return centred if dst is Frame.CENTRED else _torch_convert(centred, Frame.CENTRED, dst, shape)
         centred = m if src is Frame.CENTRED else _torch_convert(m, src, Frame.CENTRED, shape)
-        return shift @ homogeneous(centred) @ torch.linalg.inv(shift)
-    d = torch.diag(torch.tensor([2.0 / w, 2.0 / h], dtype=m.dtype, device=m.device))
-    dinv = torch.linalg.inv(d)
-    left, right = (dinv, d) if dst is Frame.CENTRED else (d, dinv)
-    lin = left @ m[..., :2] @ right
-    t = (left @ m[..., 2:]).squeeze(-1)
-    return torch.cat([lin, t.unsqueeze(-1)], -1)
+        lin = centred[..., :2]
+        t = centred[..., 2] + c - (lin @ c.unsqueeze(-1)).squeeze(-1)
+        return homogeneous(torch.cat([lin, t.unsqueeze(-1)], -1))
+    dx, dy = 2.0 / w, 2.0 / h
+    if dst is Frame.CENTRED:  # [[1, dy/dx, 1/dx], [dx/dy, 1, 1/dy]]
+        scale = [[1.0, dy / dx, 1.0 / dx], [dx / dy, 1.0, 1.0 / dy]]
+    else:
+        scale = [[1.0, dx / dy, dx], [dy / dx, 1.0, dy]]
+    return m * torch.tensor(scale, dtype=m.dtype, device=m.device)
 
 
 def to_centered(theta: Any, shape: tuple[int, int]) -> np.ndarray:

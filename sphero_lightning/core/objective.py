@@ -33,7 +33,7 @@ from .interpolation import (
 from .losses import get_loss, ncc_loss
 from .masks import sample_mask_autograd
 from .settings import MODEL, Loss, LossInterpolation, Transformation
-from .transforms import corner_displacement, family_basis, params_jacobian, params_to_normalized
+from .transforms import centred_corner_displacement, family_basis, params_jacobian, params_to_centered, params_to_normalized
 
 INTERPOLATIONS = get_args(LossInterpolation)
 
@@ -115,7 +115,9 @@ class PairObjective:
 
     def displacement_px(self, x_old: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """``(B,)`` largest displacement (full-resolution pixels) of any slice corner between two parameter sets."""
-        return corner_displacement(self.matrices(x_new), self.matrices(x_old), self.shape)
+        basis = self.basis.to(x_new)
+        return centred_corner_displacement(params_to_centered(x_new @ basis, self.shape)
+                                           - params_to_centered(x_old @ basis, self.shape), self.shape)
 
     def matrices(self, p: torch.Tensor) -> torch.Tensor:
         """``(R, n_free)`` free parameters to ``(R, 2, 3)`` normalized matrices (float64)."""

@@ -186,7 +186,11 @@ def corner_displacement(theta_a: torch.Tensor, theta_b: torch.Tensor, shape: tup
     For affine maps the largest displacement over a rectangle is reached at a corner, so this is
     the exact maximum over the whole slice. ``(B, 2, 3)`` normalized inputs, ``(B,)`` output.
     """
-    diff = normalized_to_centered(theta_a - theta_b, shape)  # linear in theta, so diff is exact
+    return centred_corner_displacement(normalized_to_centered(theta_a - theta_b, shape), shape)  # linear in theta
+
+
+def centred_corner_displacement(diff: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """:func:`corner_displacement` of the difference ``diff`` (``(B, 2, 3)``) of two centred-pixel matrices."""
     cx, cy = pixel_centre(shape)
     corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [-cx, cy, 1], [cx, cy, 1]], dtype=diff.dtype, device=diff.device)
     moved = torch.einsum("bij,cj->bci", diff, corners)

@@ -21,8 +21,6 @@ created, fingerprinted and resumed with the output; ``storage/pyramid.py`` renam
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -41,7 +39,7 @@ from ..core.warping import nearest_index, warp, warp_coefficients
 from ..core.windows import bspline_window, corner_positions, sample_bounds, window_canvas
 from ..errors import SpheroError
 from .pyramid import level_shapes, reduce2
-from .store import create_array
+from .slices import group_depth
 from .tasks import is_distributed, run_tasks
 
 
@@ -142,6 +140,10 @@ def compiled_warp(mode: str, device: torch.device | str, n_slices: int, shape: t
             and kernels.worth(n_slices, shape[0] * shape[1]))
 
 
+#: Tasks a stack of small slices is split into at least (the writing threads stay busy; see :func:`unit_shape`).
+MIN_TASKS = 8
+
+
 def unit_shape(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int]
                ) -> tuple[int, int, int]:
     """The box of one writing task: a row of the output's shards (or chunks, unsharded) ``unit`` deep and high across
@@ -149,7 +151,12 @@ def unit_shape(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full
     by every chunk-sized task that straddles it, and the band is prefiltered once; 8 slices of 8192^2 px in 1 MB chunks
     written 1.2x faster), or whole slices where the source's slices are at most ``DENSE_MAX`` pixels on a side
     (prefiltered whole: the exact prefilter needs the whole axis)."""
-    return (unit[0], *out_shape[1:]) if min(full_shape) <= DENSE_MAX else (unit[0], unit[1], out_shape[2])
+    if min(full_shape) > DENSE_MAX:
+        return unit[0], unit[1], out_shape[2]
+    # small slices several to a task (storage.slices.group_depth), each task reading its slices and storing its box in
+    # one Zarr call: 40 slices of 384^2 px written in 0.16 s instead of 0.22 s
+    return unit[0] * group_depth(out_shape[0] // unit[0], (unit[0] * full_shape[0], full_shape[1]), MIN_TASKS), \
+        out_shape[1], out_shape[2]
 
 
 def task_pixels(out_shape: tuple[int, int, int], unit: tuple[int, int, int], full_shape: tuple[int, int],
@@ -287,6 +294,17 @@ def _torch_window(read: Any, th: torch.Tensor, full: tuple[int, int], out_shape:
     return res
 
 
+class _Slices:
+    """Slices ``z0 .. z1`` of a source array, read at once: what :func:`warp_window` reads of them (``[z, rows,
+    cols]``, ``shape``, ``dtype``)."""
+
+    def __init__(self, src: zarr.Array, z0: int, z1: int) -> None:
+        self.data, self.z0, self.shape, self.dtype = np.asarray(src[z0:z1]), z0, tuple(src.shape), src.dtype
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return self.data[(key[0] - self.z0, *key[1:])]
+
+
 def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, int], thetas: np.ndarray | None,
                shift: int = 1) -> tuple[int, float, float]:
     """One task: warp the output box ``unit`` (``thetas``: its slices' matrices, row ``k`` for slice ``z0 + k``,
@@ -295,6 +313,8 @@ def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, in
     t0 = time.perf_counter()
     z0, z1, y0, y1, x0, x1 = unit
     src, out = _array(job.src), _array(job.out, "r+")
+    if z1 - z0 > 1 and min(src.shape[1:]) <= DENSE_MAX:  # several whole slices (unit_shape): read in one call
+        src = _Slices(src, z0, z1)
     block = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=src.dtype)
     with torch.inference_mode():
         for z in range(z0, z1):
@@ -309,61 +329,6 @@ def write_unit(job: WarpJob, index: int, unit: tuple[int, int, int, int, int, in
     if job.written is not None:
         _array(job.written, "r+")[index] = 1
     return z1 - z0, time.perf_counter() - t0, t2 - t1
-
-
-def resumed_line(command: str, resumed: int, units: int) -> str:
-    """What a resumed write prints: how much of the output an interrupted ``command`` had written."""
-    return (f"sphero: resuming an interrupted {command}: {resumed} of {units} parts of the output (rows of chunks or "
-            f"whole slices) are already written")
-
-
-def fingerprint(**settings: Any) -> str:
-    """A digest of everything that determines an output's bytes."""
-    text = json.dumps({"writer_version": WRITER_VERSION, **settings}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def open_partial(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int], chunks: tuple[int, int, int],
-                 shards: tuple[int, int, int] | None, dtype: Any, compression_level: int, key: str,
-                 n_units: int, levels: Sequence[tuple[str, tuple[int, int, int], tuple[int, int, int]]] = ()) -> int:
-    """The temporary output, its same-pass ``levels`` (:func:`level_arrays`) and its ``written`` flags: those of an
-    interrupted run with the same fingerprint ``key`` (resumed), else new ones (and no other temporary levels: those of
-    an interrupted run with more levels). Returns how many units are already written."""
-    flags = f"{tmp_name}-written"
-    arrays = [(tmp_name, shape, chunks, shards), *((name, s, c, None) for name, s, c in levels)]
-    try:
-        written = group[flags]
-        same = written.attrs.get("fingerprint") == key and written.shape == (n_units,) and all(
-            tuple(a.shape) == s and tuple(a.chunks) == c and getattr(a, "shards", None) == sh
-            and np.dtype(a.dtype) == np.dtype(dtype) for a, s, c, sh in ((group[n], s, c, sh) for n, s, c, sh in arrays))
-    except KeyError:
-        same = False
-    if same:
-        return int(np.count_nonzero(written[:]))
-    for name in [n for n in group.array_keys() if n.startswith(f"{tmp_name}-level")]:
-        del group[name]
-    for name, s, c, sh in arrays:
-        create_array(group, name, shape=s, chunks=c, shards=sh, dtype=dtype, compression_level=compression_level)
-    written = group.create_array(flags, shape=(n_units,), chunks=(1,), dtype="uint8", fill_value=0, overwrite=True)
-    written.attrs["fingerprint"] = key
-    return 0
-
-
-def prepare_output(group: zarr.Group, tmp_name: str, *, shape: tuple[int, int, int], chunks: tuple[int, int, int],
-                   shards: tuple[int, int, int] | None, dtype: Any, compression_level: int, full_shape: tuple[int, int],
-                   levels: list[tuple[str, tuple[int, int, int], tuple[int, int, int]]] | None = None,
-                   nearest: bool = False, **settings: Any) -> tuple[int, int]:
-    """The temporary output of a write, its same-pass ``levels`` (:func:`level_arrays`; ``nearest``: how they are
-    reduced) and its flags (:func:`open_partial`), keyed by the layout and ``settings`` (source, transforms, crop,
-    interpolation: everything else that determines the bytes). Returns ``(tasks, tasks already written)``: the second
-    is non-zero where an interrupted write of the same output is resumed."""
-    n_units = len(output_units(shape, shards or chunks, full_shape))
-    if levels:
-        settings = {**settings, "levels": [[s, c] for _, s, c in levels], "levels_nearest": nearest}
-    key = fingerprint(shape=shape, chunks=chunks, shards=shards, dtype=str(np.dtype(dtype)),
-                      compression_level=compression_level, **settings)
-    return n_units, open_partial(group, tmp_name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
-                                 compression_level=compression_level, key=key, n_units=n_units, levels=levels or ())
 
 
 @dataclass(frozen=True)

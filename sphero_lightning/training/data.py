@@ -26,6 +26,7 @@ from ..storage.slices import (
     open_mask,
     read_slice,
     read_slices,
+    scan_stats,
     slice_masks,
     slice_stats,
 )
@@ -40,7 +41,6 @@ from ..storage.store import (
     store_format,
     zarr_format,
 )
-from ..storage.tasks import run_tasks
 from ..threads import available_memory, launch_rank
 from .report import say
 from .scope import current_run
@@ -369,13 +369,7 @@ class ZarrPairDataModule(L.LightningDataModule):
     def scan(self, rank: int = 0, world: int = 1, reduce: Any = None, progress: bool = False) -> dict[int, str]:
         """Find damaged slices (see ``check_slices``); each rank reads its share, ``reduce`` sums them."""
         n = self.n_slices
-        stats = torch.zeros(n, 4, dtype=torch.float64)
-        mine = list(range(rank, n, world))
-        found = run_tasks(lambda z: slice_stats(read_slice(self.source, z)), [(z,) for z in mine], num_workers=4,
-                          progress=progress and rank == 0 and n >= 64, desc="checking slices", unit="slice",
-                          weights=[world] * len(mine))
-        for z, st in zip(mine, found):
-            stats[z] = torch.tensor(st, dtype=torch.float64)
+        stats = torch.from_numpy(scan_stats(self.source, rank, world, progress and rank == 0 and n >= 64))
         if reduce is not None:
             stats = reduce(stats)
         st = stats.cpu().numpy()

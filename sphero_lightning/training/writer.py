@@ -24,18 +24,11 @@ from ..core.settings import OUTPUT, OutputInterpolation, check_bounds
 from ..core.stack import VolumeResult, compose_stack
 from ..errors import SpheroError
 from ..report.drift import accumulation_warning
+from ..storage.partial import prepare_output, resumed_line
 from ..storage.pyramid import default_levels, place_levels
 from ..storage.store import is_url, move_into_place, open_group, remove_node, utc_now, write_ome
 from ..storage.tasks import check_scheduler, is_distributed
-from ..storage.writing import (
-    ArrayRef,
-    level_arrays,
-    output_layout,
-    prepare_output,
-    resumed_line,
-    task_pixels,
-    warp_stack,
-)
+from ..storage.writing import ArrayRef, level_arrays, output_layout, task_pixels, warp_stack
 from .module import RegistrationModule
 from .report import RunTimes, fit_record, log_panels, say
 from .volume import VolumeSolve

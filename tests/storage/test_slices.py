@@ -21,3 +21,24 @@ def test_slice_scan_finds_blank_constant_and_nan(base_image):
     assert sorted(bad) == [1, 2, 3]
     assert bad[1] == "constant" and "non-finite values (NaN or inf) over 100 % of the slice" == bad[2] and bad[3].startswith("blank")
     assert 0.99 < stats[4, 0] < 1.0
+
+
+def test_the_scan_reads_runs_of_slices_and_its_ranks_shares_add_up_to_every_slice(base_image, monkeypatch):
+    """scan_stats: small slices several to a read (fewer reads than slices), the same numbers as slice by slice; two
+    ranks' shares are disjoint and sum to the whole."""
+    import zarr
+
+    from sphero_lightning.storage import slices
+
+    st = make_stack(base_image, 40, (64, 64), seed=1, dtype="float32").stack
+    st[5, 3:9, 3:9] = np.nan
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=st.shape, chunks=(1, 64, 64), dtype=st.dtype)
+    arr[:] = st
+    reads = []
+    monkeypatch.setattr(slices, "read_block", lambda a, z0, z1: reads.append((z0, z1)) or np.asarray(a[z0:z1]))
+    whole = slices.scan_stats(arr)
+    np.testing.assert_array_equal(whole, np.array([slice_stats(im) for im in st]))
+    assert len(reads) == 8 and sorted(reads)[0] == (0, 5)  # 40 slices in 8 runs of 5 (group_depth)
+    shares = [slices.scan_stats(arr, rank, 2) for rank in (0, 1)]
+    assert not np.any((shares[0] != 0).all(1) & (shares[1] != 0).all(1))
+    np.testing.assert_array_equal(shares[0] + shares[1], whole)

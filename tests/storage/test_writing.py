@@ -204,3 +204,28 @@ def test_the_compiled_warp_is_the_torch_warp_to_rounding_whatever_the_chunks_and
         else:
             # values near 40000 carry ~0.004 of float32 rounding in the torch warp: more of them flip there
             assert np.abs(fast - slow).max() <= 1 and (fast != slow).mean() < (1e-2 if dtype == np.uint16 else 1e-3)
+
+
+def test_small_slices_go_several_to_a_task_with_the_same_bytes(tmp_path, monkeypatch, base_image):
+    """Whole-slice tasks of small slices hold several slices (storage.slices.group_depth: one Zarr read and one write a
+    task); the output is the one-slice-a-task output bit for bit, and a task's flag covers all its slices."""
+    from sphero_lightning.storage import slices, writing
+
+    assert writing.unit_shape((40, 361, 363), (1, 361, 363), (384, 384)) == (5, 361, 363)  # >= 8 tasks
+    assert writing.unit_shape((400, 361, 363), (1, 361, 363), (384, 384)) == (7, 361, 363)  # <= 1 Mpx of source
+    assert writing.unit_shape((40, 900, 363), (1, 900, 363), (1000, 384)) == (2, 900, 363)
+    assert writing.unit_shape((4, 361, 363), (1, 361, 363), (384, 384)) == (1, 361, 363)
+    s = make_stack(base_image, 24, (80, 80), seed=2, dtype="uint8")
+    src = zarr.create_array(str(tmp_path / "src.zarr"), shape=s.stack.shape, chunks=(1, 80, 80), dtype="uint8")
+    src[:] = s.stack
+    composed = torch.from_numpy(s.composed)
+    outs = {}
+    for group, units in ((True, 8), (False, 24)):
+        if not group:
+            monkeypatch.setattr(slices, "GROUP_PIXELS", 1)
+        out = zarr.create_array(str(tmp_path / f"o{group}.zarr"), shape=(24, 70, 72), chunks=(1, 70, 72), dtype="uint8")
+        flags = zarr.create_array(str(tmp_path / f"f{group}.zarr"), shape=(units,), chunks=(1,), dtype="uint8")
+        result = warp_stack(src, out, composed, [5, 75, 4, 76], "bspline", written=flags, num_workers=3)
+        assert result.units == units and flags[:].all()
+        outs[group] = out[:]
+    np.testing.assert_array_equal(outs[True], outs[False])
