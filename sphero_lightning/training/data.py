@@ -24,6 +24,7 @@ from ..storage.slices import (
     damaged_slices,
     intensity_range,
     open_mask,
+    read_block,
     read_slice,
     read_slices,
     scan_stats,
@@ -56,6 +57,11 @@ DEFAULT_BUDGET = 4 << 30
 FIT_BYTES_PER_PX = 40
 #: Bytes the writer holds per source pixel in flight (raw, float copy, B-spline coefficients, filter temporaries).
 WRITE_BYTES_PER_PX = 20
+
+
+#: A stack of at most this many bytes (and an eighth of the memory budget) is read once, by the slice scan, and held for the
+#: fit and the writer (a Zarr read of a 384^2 slice costs ~1 ms beside its decoding); others, and DDP runs, stream.
+HOLD_BYTES = 64 << 20
 
 
 class ZarrPairDataModule(L.LightningDataModule):
@@ -152,6 +158,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         self.scan_s = 0.0  # seconds the slice check took (set at setup)
         self.reads = ReadTimes()  # the block reader's seconds, of the last fit (the reader's own until it is closed)
         self.intensity: tuple[float, float] | None = None  # the stack's grey-value range (set at setup)
+        self.held: np.ndarray | None = None  # a small stack as the scan read it, for the fit and the writer (HOLD_BYTES)
         self.validate()
         self.neighbours, self.coarse_factor = int(neighbours), float(coarse_factor)
         self.set_damaged({})
@@ -230,8 +237,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         return self.journal_path / "lock"
 
     def release(self) -> None:
-        """Let other runs at this output: release the lock this run took, if it holds one (when the run ends, however
-        it ends)."""
+        """Release the output's lock if this run holds it (when the run ends, however it ends)."""
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.release()
@@ -241,6 +247,7 @@ class ZarrPairDataModule(L.LightningDataModule):
             self.reads = self._stream.times
             self._stream.close()
             self._stream = None
+        self.held = None
         self.release()
 
     def on_exception(self, exception: BaseException) -> None:
@@ -349,7 +356,7 @@ class ZarrPairDataModule(L.LightningDataModule):
                     "fixed": none, "moving": none}
         low, high = self.intensity if self.intensity is not None else self.sample_intensity()
         slices, fixed, moving = block_layout(self.pairs[pairs.start: pairs.stop])
-        raw = read_slices(self.source, slices)
+        raw = read_slices(self.source if self.held is None else self.held, slices)
         masks = slice_masks(raw, slices, self.ignore_value, self._mask, self._static_mask)
         data, offset, scale = to_tensor(raw, low, high)
         out = {"slices": data, "offset": torch.tensor(offset), "scale": torch.tensor(scale),
@@ -369,25 +376,24 @@ class ZarrPairDataModule(L.LightningDataModule):
     def scan(self, rank: int = 0, world: int = 1, reduce: Any = None, progress: bool = False) -> dict[int, str]:
         """Find damaged slices (see ``check_slices``); each rank reads its share, ``reduce`` sums them."""
         n = self.n_slices
-        stats = torch.from_numpy(scan_stats(self.source, rank, world, progress and rank == 0 and n >= 64))
-        if reduce is not None:
-            stats = reduce(stats)
-        st = stats.cpu().numpy()
+        small = world == 1 and n * math.prod(self.slice_shape) * self.source.dtype.itemsize <= min(HOLD_BYTES, self.memory_budget // 8)
+        self.held = read_block(self.source, 0, n) if small else None
+        stats = torch.from_numpy(scan_stats(self.held if small else self.source, rank, world, progress and rank == 0 and n >= 64))
+        st = (reduce(stats) if reduce is not None else stats).cpu().numpy()
         damaged = damaged_slices(st, self.min_contrast)
         self.intensity = intensity_range(st, [z for z in range(n) if z not in damaged])
         return damaged
 
     def find_static(self, n: int = 8) -> None:
-        """Patterns identical across up to ``n`` spread slices, each subsampled to <= ~1 Mpx (core.masks), and the
-        full-resolution mask of a static region left out of the loss (``static_patterns: leave_out``); the same on
-        every rank (the same slices read)."""
+        """Patterns identical across up to ``n`` spread slices, each subsampled to <= ~1 Mpx (core.masks), and the mask
+        of a static region left out of the loss (``static_patterns: leave_out``); the same on every rank."""
         self.static, self._static_mask = StaticPatterns(), None
         if self._mask is not None:  # the user has said what to leave out
             return
         zs = sorted({self.good[round(float(q))] for q in np.linspace(0, len(self.good) - 1, min(n, len(self.good)))})
         h, w = self.slice_shape
         step = max(1, math.ceil(math.sqrt(h * w / (1 << 20))))  # <= ~1 Mpx each
-        sample = np.stack([read_slice(self.source, z)[::step, ::step] for z in zs])
+        sample = np.stack([read_slice(self.source if self.held is None else self.held, z)[::step, ::step] for z in zs])
         self.static = find_static_patterns(sample, self.ignore_value, self.destripe)
         self._static_mask = self.static.mask(step, (h, w)) if self.static_mode == "leave_out" else None
 

@@ -397,3 +397,36 @@ def test_a_nan_patch_is_left_out_of_the_loss_and_kept_where_it_lands(tmp_path):
     assert rows.max() - rows.min() <= 20 + 6 and cols.max() - cols.min() <= 200 + 6  # one compact patch (rotated <= 3 deg)
     assert np.isfinite(np.delete(out, [5, 8], axis=0)).all()
     assert not np.isfinite(out[8]).any()  # all NaN in, all NaN out
+
+
+def test_a_small_stack_is_read_once_and_gives_the_streamed_output(tmp_path, base_image, monkeypatch):
+    """A stack under data.HOLD_BYTES is read by the scan in one call and held for the fit and the writer (no other
+    read of the source); with the limit at 0 it streams block by block; the outputs and transforms are the same."""
+    from sphero_lightning.training import data
+
+    s = make_stack(base_image, 9, (96, 96), dtype="uint16", seed=4)
+    outputs = {}
+    for hold in (data.HOLD_BYTES, 0):
+        monkeypatch.setattr(data, "HOLD_BYTES", hold)
+        root = tmp_path / f"h{hold}.zarr"
+        write_zarr(s.stack, root, truth=s.composed)
+        reads = []
+        original = zarr.Array.__getitem__
+
+        def counting(self, key, reads=reads, original=original):
+            if self.shape == s.stack.shape and self.path.endswith("images/50-4-4"):
+                reads.append(key)
+            return original(self, key)
+
+        monkeypatch.setattr(zarr.Array, "__getitem__", counting)
+        fit(root, "--data.pairs_per_block", "4")
+        monkeypatch.setattr(zarr.Array, "__getitem__", original)
+        if hold:  # the scan's one read first; then only the page's (its reslices and its pairs' windows)
+            assert reads[0] == slice(0, 9, None) and all(isinstance(k, (slice, tuple)) for k in reads), reads
+            held = len(reads)
+        else:  # runs of slices read by the scan, the fit and the writer, besides the page's reads
+            assert reads[0] != slice(0, 9, None) and len(reads) > held + 6, reads
+        outputs[hold] = (registered(root), output_attrs(root)["composed_transforms"])
+    (a, ta), (b, tb) = outputs.values()
+    np.testing.assert_array_equal(a, b)
+    assert ta == tb
