@@ -61,7 +61,7 @@ WRITE_BYTES_PER_PX = 20
 
 #: A stack of at most this many bytes (and an eighth of the memory budget) is read once, by the slice scan, and held for the
 #: fit and the writer (a Zarr read of a 384^2 slice costs ~1 ms beside its decoding); others, and DDP runs, stream.
-HOLD_BYTES = 64 << 20
+HOLD_BYTES = 32 << 20
 
 
 class ZarrPairDataModule(L.LightningDataModule):
