@@ -60,3 +60,28 @@ def test_commands_that_do_not_fit_import_neither_torch_nor_lightning(tmp_path):
     assert np.allclose(np.load(tmp_path / "t.npy")[1], [[1, 0, 0.1 * 16], [0, 1, 0], [0, 0, 1]])
     # apply warps with torch, but needs no Lightning
     assert "lightning" not in _modules_after("import sphero_lightning.commands.apply")
+
+
+def test_a_command_lines_imports_run_without_the_garbage_collector_and_are_frozen_after():
+    """From the command line, the collector rests while the command's modules import, and their objects are then left
+    out of later collections (gc.freeze); in-process callers' collector is left as it is."""
+    import gc
+
+    from sphero_lightning.commands.main import _imports
+
+    frozen = gc.get_freeze_count()
+    try:
+        with _imports(False):
+            assert gc.isenabled()
+        assert gc.get_freeze_count() == frozen
+        with _imports(True):
+            assert not gc.isenabled()
+            made = [[i] for i in range(1000)]
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+        gc.disable()
+        with _imports(True):  # a caller that turned it off keeps it off
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
