@@ -352,7 +352,8 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     """Warp every slice of ``src`` once into the cropped ``out``: one dask task per row of shards (or chunks) of ``out``.
 
     ``composed`` holds the transforms of slices ``1..n`` (slice 0 is the reference and is only cropped), or of every
-    slice ``0..n`` (the output takes another slice's frame; a slice whose transform is the identity is only cropped).
+    slice ``0..n`` (the output takes another slice's frame; a slice whose transform is the identity is only cropped);
+    ``n + 1`` is ``out``'s length, which may be less than ``src``'s (the first slices registered).
     ``mode`` is a :func:`~sphero_lightning.core.warping.warp` mode; ``nearest`` keeps integer values exact
     (labels), the others round and clip to ``src``'s dtype. Tasks go round-robin to the ranks; with ``written``
     (flags from :func:`open_partial`), tasks already flagged are skipped and the others flag themselves when done.
@@ -375,13 +376,16 @@ def warp_stack(src: zarr.Array | ArrayRef, out: zarr.Array | ArrayRef, composed:
     units = output_units(tuple(o.shape), tuple(int(v) for v in (getattr(o, "shards", None) or o.chunks)), tuple(s.shape[1:]))
     done = np.asarray(_array(written)[:]) if written is not None else np.zeros(len(units), np.uint8)
     theta = composed.detach().cpu().numpy()
-    if len(theta) == s.shape[0]:  # every slice's: slice 0 as the others (cropped only where it is the identity)
+    # the output's slices are the source's first o.shape[0] (fewer with --data.max_pairs): ``composed`` holds a row for
+    # each of them, or for each but slice 0
+    every = len(theta) == o.shape[0]
+    if every:  # slice 0 as the others (cropped only where it is the identity)
         theta = theta[1:] if Affine(theta[0], Frame.NORMALIZED, tuple(s.shape[1:])).is_identity() else theta
     job = WarpJob(src, out, written, (up, down, left, right), mode, str(device) if not is_distributed(scheduler) else "cpu",
                   levels, nearest, float(fill),
-                  not is_distributed(scheduler) and compiled_warp(mode, device, s.shape[0], tuple(s.shape[1:]), s.dtype))
+                  not is_distributed(scheduler) and compiled_warp(mode, device, o.shape[0], tuple(s.shape[1:]), s.dtype))
     todo = [i for i in range(rank, len(units), world) if not done[i]]
-    shift = 0 if len(theta) == s.shape[0] else 1  # row of slice z: z - shift (legacy: no row for slice 0)
+    shift = 0 if every and len(theta) == o.shape[0] else 1  # row of slice z: z - shift (no row for slice 0)
     args = [(job, i, units[i], theta[max(0, units[i][0] - shift):units[i][1] - shift], shift) for i in todo]
     area = o.shape[1] * o.shape[2]
     weights = [(u[1] - u[0]) * (u[3] - u[2]) * (u[5] - u[4]) / area for u in (units[i] for i in todo)]

@@ -12,7 +12,7 @@ import zarr
 from sphero_lightning.commands.apply import apply_registration
 from sphero_lightning.core.synthetic import make_stack
 from sphero_lightning.errors import SpheroError
-from sphero_lightning.storage.stacks import pixel_error_of_output
+from sphero_lightning.storage.stacks import pixel_error_of_output, write_zarr
 from tests.conftest import OUT, fit, run_cli
 
 
@@ -108,3 +108,20 @@ def test_apply_equals_the_fit_output(fitted_stack, tmp_path):
     shutil.copytree(fitted_stack.root, out_root)
     dst = apply_registration(str(out_root), "images/50-4-4", OUT, dst="images/applied/x", progress=False, num_workers=3)
     np.testing.assert_array_equal(zarr.open_array(str(out_root), path=dst)[:], zarr.open_array(str(out_root), path=OUT)[:])
+
+
+def test_a_registration_of_the_first_slices_writes_and_applies_them_with_their_own_transforms(tmp_path, stack, monkeypatch):
+    """--data.max_pairs registers the first slices of a longer stack; with --solve.reference every slice has a
+    transform. Streamed (not held), the writer and apply once took slice z - 1's transform for slice z there."""
+    from sphero_lightning.training import data
+
+    monkeypatch.setattr(data, "HOLD_BYTES", 0)  # the streamed path of a large stack
+    whole, first = tmp_path / "whole.zarr", tmp_path / "first.zarr"
+    write_zarr(stack.stack, whole)
+    write_zarr(stack.stack[:4].copy(), first)
+    fit(whole, "--data.max_pairs", "3", "--solve.reference", "2")
+    fit(first, "--solve.reference", "2")
+    a = zarr.open_array(str(whole), path=OUT, mode="r")[:]
+    np.testing.assert_array_equal(a, zarr.open_array(str(first), path=OUT, mode="r")[:])
+    dst = apply_registration(str(whole), "images/50-4-4", OUT, dst="images/applied/x", progress=False)
+    np.testing.assert_array_equal(zarr.open_array(str(whole), path=dst, mode="r")[:], a)
