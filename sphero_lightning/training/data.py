@@ -1,4 +1,4 @@
-"""Input: a Zarr (v3) array of slices, streamed block by block; never the whole stack in memory."""
+"""Input: a Zarr (v3) array of slices, streamed block by block (a small stack read once and held, HOLD_BYTES)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,6 @@ DEFAULT_BUDGET = 4 << 30
 FIT_BYTES_PER_PX = 40
 #: Bytes the writer holds per source pixel in flight (raw, float copy, B-spline coefficients, filter temporaries).
 WRITE_BYTES_PER_PX = 20
-
 
 #: A stack of at most this many bytes (and an eighth of the memory budget) is read once, by the slice scan, and held for the
 #: fit and the writer (a Zarr read of a 384^2 slice costs ~1 ms beside its decoding); others, and DDP runs, stream.
@@ -261,6 +260,10 @@ class ZarrPairDataModule(L.LightningDataModule):
         return self._arr
 
     @property
+    def slices(self) -> zarr.Array | np.ndarray:  # where slices are read from: the held small stack, or the source
+        return self.source if self.held is None else self.held
+
+    @property
     def spacing(self) -> list[float]:  # self.source opens and checks the array first when needed
         return list(self._spacing) if self.source is not None else []
 
@@ -356,7 +359,7 @@ class ZarrPairDataModule(L.LightningDataModule):
                     "fixed": none, "moving": none}
         low, high = self.intensity if self.intensity is not None else self.sample_intensity()
         slices, fixed, moving = block_layout(self.pairs[pairs.start: pairs.stop])
-        raw = read_slices(self.source if self.held is None else self.held, slices)
+        raw = read_slices(self.slices, slices)
         masks = slice_masks(raw, slices, self.ignore_value, self._mask, self._static_mask)
         data, offset, scale = to_tensor(raw, low, high)
         out = {"slices": data, "offset": torch.tensor(offset), "scale": torch.tensor(scale),
@@ -378,7 +381,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         n = self.n_slices
         small = world == 1 and n * math.prod(self.slice_shape) * self.source.dtype.itemsize <= min(HOLD_BYTES, self.memory_budget // 8)
         self.held = read_block(self.source, 0, n) if small else None
-        stats = torch.from_numpy(scan_stats(self.held if small else self.source, rank, world, progress and rank == 0 and n >= 64))
+        stats = torch.from_numpy(scan_stats(self.slices, rank, world, progress and rank == 0 and n >= 64))
         st = (reduce(stats) if reduce is not None else stats).cpu().numpy()
         damaged = damaged_slices(st, self.min_contrast)
         self.intensity = intensity_range(st, [z for z in range(n) if z not in damaged])
@@ -393,7 +396,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         zs = sorted({self.good[round(float(q))] for q in np.linspace(0, len(self.good) - 1, min(n, len(self.good)))})
         h, w = self.slice_shape
         step = max(1, math.ceil(math.sqrt(h * w / (1 << 20))))  # <= ~1 Mpx each
-        sample = np.stack([read_slice(self.source if self.held is None else self.held, z)[::step, ::step] for z in zs])
+        sample = np.stack([read_slice(self.slices, z)[::step, ::step] for z in zs])
         self.static = find_static_patterns(sample, self.ignore_value, self.destripe)
         self._static_mask = self.static.mask(step, (h, w)) if self.static_mode == "leave_out" else None
 
@@ -423,9 +426,7 @@ class ZarrPairDataModule(L.LightningDataModule):
             strategy = trainer.strategy
 
             def reduce(t: torch.Tensor) -> torch.Tensor:
-                if trainer.world_size == 1:
-                    return t
-                return strategy.reduce(t.to(strategy.root_device), reduce_op="sum").double().cpu()
+                return t if trainer.world_size == 1 else strategy.reduce(t.to(strategy.root_device), reduce_op="sum").double().cpu()
 
             self.set_damaged(self.scan(trainer.global_rank, trainer.world_size, reduce,
                                        progress=getattr(trainer, "progress_bar_callback", None) is not None))
@@ -437,8 +438,7 @@ class ZarrPairDataModule(L.LightningDataModule):
             listing = "; ".join(f"slice {z}: {why}" for z, why in list(self.damaged.items())[:10])
             more = f" (and {len(self.damaged) - 10} more)" if len(self.damaged) > 10 else ""
             say(self.notes, f"{len(self.damaged)} damaged slice(s) left out and bridged over: {listing}{more}", self.damaged)
-        # One epoch per block; the whole fit is exactly that many epochs.
-        trainer.fit_loop.max_epochs = self.n_blocks(trainer.world_size)
+        trainer.fit_loop.max_epochs = self.n_blocks(trainer.world_size)  # one epoch per block, exactly
 
     def train_dataloader(self) -> DataLoader:
         if self._stream is not None:

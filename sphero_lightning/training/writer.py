@@ -94,8 +94,8 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
         print(f"sphero: writing with {workers} thread(s) of --output.num_workers {writer.num_workers}: the memory budget "
               f"({dm.memory_budget / 2**30:.2f} GB) holds {workers} band(s) of {band // shape[1]} x {shape[1]} source "
               f"pixels in flight", file=sys.stderr)
-    held = getattr(dm, "held", None)  # a small stack the scan read (data.HOLD_BYTES): not read again
-    wrote = warp_stack(ArrayRef(str(dm.root), dm.array) if distributed else (src if held is None else held), out_ref, composed, box,
+    slices = dm.slices  # a small stack the scan read (data.HOLD_BYTES) is not read again
+    wrote = warp_stack(ArrayRef(str(dm.root), dm.array) if distributed else slices, out_ref, composed, box,
                        writer.interpolation, written=written, device=module.device, rank=rank, world=world,
                        progress=show, num_workers=workers, scheduler=writer.scheduler,
                        levels=[ArrayRef(str(out_root), f"{group_path}/{n}") for n, _, _ in levels or []],
@@ -138,7 +138,7 @@ def write_registration(trainer: L.Trainer, module: RegistrationModule, writer: R
             listing = ", ".join(f"{e['slice_indices'][0]}->{e['slice_indices'][1]} (NCC {e['ncc_after']:.3f})" for e in poor[:20])
             say(notes, f"warning: {len(poor)} pair(s) barely correlate after fitting (NCC < {MIN_TRUSTED_NCC}); their "
                 f"transforms cannot be trusted (status low_correlation): {listing}", {z for e in poor for z in e["slice_indices"]})
-        log_panels(trainer, src if held is None else held, vol.fitted, log)
+        log_panels(trainer, slices, vol.fitted, log)
         out.attrs.update({
             "spacing": dm.spacing,
             "inputs": [dm.array],
