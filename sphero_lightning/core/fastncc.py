@@ -301,6 +301,11 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy())
 
 
+def _numpy_masks(masks: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The fixed and moving ``(B, 1, h, w)`` masks as the ``(B, h, w)`` float32 arrays the compiled kernels read."""
+    return (None, None) if masks is None else (_numpy(masks[0][:, 0].float()), _numpy(masks[1][:, 0].float()))
+
+
 def _compiled(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, ramp: float,
               fixed_coeffs: torch.Tensor | None, curvature: dict[str, torch.Tensor] | None,
               masks: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,9 +325,7 @@ def _compiled(theta: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor, ra
         if (fcidx is None) != (fidx is None) or (fidx is not None and not np.array_equal(fcidx, fidx)):
             f, fidx, fc = _numpy(plain(fixed)[:, 0]), None, _numpy(plain(fixed_coeffs)[:, 0])
     sums, mom, ramp_mom, cm = (torch.from_numpy(a) for a in kernels.ncc_sums(
-        _numpy(theta.to(torch.float64)), f, c, zero, zero, ramp,
-        None if masks is None else _numpy(masks[0][:, 0].float()), None if masks is None else _numpy(masks[1][:, 0].float()),
-        fc if want else None, np.full(b, want), torch.get_num_threads(), fidx, midx))
+        _numpy(theta.to(torch.float64)), f, c, zero, zero, ramp, *_numpy_masks(masks), fc if want else None, np.full(b, want), torch.get_num_threads(), fidx, midx))
     loss, a64 = _ncc_and_derivatives(sums)
     mm = 2 * a64[:, 4].view(b, 1, 1, 1) * mom[:, 0] + a64[:, 5].view(b, 1, 1, 1) * mom[:, 1] + a64[:, 2].view(b, 1, 1, 1) * mom[:, 2]
     mm = mm + torch.einsum("bq,bdqji->bdji", a64, ramp_mom)  # dL/dw through every sum, times d w / d pos
@@ -345,9 +348,7 @@ def ncc_at_identity(fixed: torch.Tensor, moving: torch.Tensor, masks: tuple[torc
     (:func:`~.kernels.identity_sums`), over :func:`ncc_and_gradient` 's weight: what it gives at the identity to
     rounding, without sampling (the interpolant is the slice itself at its pixel centres)."""
     (f, fidx), (m, midx) = _numpy_rows(fixed), _numpy_rows(moving)
-    sums = kernels.identity_sums(f, m, ramp, None if masks is None else _numpy(masks[0][:, 0].float()),
-                                 None if masks is None else _numpy(masks[1][:, 0].float()), torch.get_num_threads(),
-                                 fidx, midx)
+    sums = kernels.identity_sums(f, m, ramp, *_numpy_masks(masks), torch.get_num_threads(), fidx, midx)
     loss, _ = _ncc_and_derivatives(torch.from_numpy(sums))
     return 1 - loss
 

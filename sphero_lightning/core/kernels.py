@@ -79,12 +79,9 @@ def ncc_sums(theta: np.ndarray, fixed: np.ndarray, coeffs: np.ndarray, fmean: np
     b, h = theta.shape[0], fixed.shape[1]
     fidx, midx = _rows(fidx, b), _rows(midx, b)
     out = np.zeros((b, -(-h // jit.BAND_ROWS), jit.WIDTH), dtype=np.float64)
-    empty = np.zeros((0, 1, 1), dtype=np.float32)
-    fmask = empty if fmask is None else fmask
-    mmask = empty if mmask is None else mmask
     if want is None or fcoeffs is None:  # no curvature wanted: nothing reads the fixed slices' coefficients
-        want, fcoeffs = np.zeros(b, dtype=np.bool_), empty
-    _call(jit.bands, threads, theta, fixed, coeffs, fidx, midx, fmean, cmean, float(ramp), fmask, mmask, fcoeffs,
+        want, fcoeffs = np.zeros(b, dtype=np.bool_), _given(None)
+    _call(jit.bands, threads, theta, fixed, coeffs, fidx, midx, fmean, cmean, float(ramp), _given(fmask), _given(mmask), fcoeffs,
           np.ascontiguousarray(want, dtype=np.bool_), out)
     total = out.sum(1)
     n0, n1, n2 = jit.N_SUMS, jit.N_SUMS + jit.N_MOM, jit.N_SUMS + jit.N_MOM + jit.N_RAMP
@@ -101,10 +98,13 @@ def identity_sums(fixed: np.ndarray, moving: np.ndarray, ramp: float, fmask: np.
     b, h = len(fidx) if fidx is not None else fixed.shape[0], fixed.shape[1]
     fidx, midx = _rows(fidx, b), _rows(midx, b)
     out = np.zeros((b, -(-h // jit.BAND_ROWS), 6), dtype=np.float64)
-    empty = np.zeros((0, 1, 1), dtype=np.float32)
-    _call(jit.identity_sums, threads, fixed, moving, fidx, midx, float(ramp), empty if fmask is None else fmask,
-          empty if mmask is None else mmask, out)
+    _call(jit.identity_sums, threads, fixed, moving, fidx, midx, float(ramp), _given(fmask), _given(mmask), out)
     return out.sum(1)
+
+
+def _given(a: np.ndarray | None) -> np.ndarray:
+    """``a``, or for None the empty ``(0, 1, 1)`` float32 array by which a kernel knows an optional input is absent."""
+    return np.zeros((0, 1, 1), dtype=np.float32) if a is None else a
 
 
 def _rows(index: np.ndarray | None, b: int) -> np.ndarray:
