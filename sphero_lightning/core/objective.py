@@ -183,6 +183,11 @@ class PairObjective:
         q = p @ self.basis.to(p)
         return self.regularization * (q[:, 3:] ** 2).sum(-1)
 
+    def penalty_gradient(self, p: torch.Tensor) -> torch.Tensor:
+        """``(B, n)``: the gradient of :meth:`penalty` at ``p``."""
+        b3 = self.basis[:, 3:].to(p)
+        return 2 * self.regularization * (p @ b3) @ b3.T
+
     def pair_ncc(self, p: torch.Tensor, fixed: torch.Tensor, coeffs: torch.Tensor,
                  masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Normalized cross-correlation of each pair over the valid overlap at ``p`` (whatever the loss is)."""
@@ -393,7 +398,7 @@ class PairObjective:
                 # the chain rule through the matrices in closed form, and the penalty's gradient
                 gc = torch.einsum("bk,bkn->bn", g_theta.reshape(len(pc), 6), params_jacobian(pc, self.basis, self.shape))
                 if self.regularization:
-                    lc, gc = lc + self.penalty(pc), gc + 2 * self.regularization * (pc @ self.basis[:, 3:]) @ self.basis[:, 3:].T
+                    lc, gc = lc + self.penalty(pc), gc + self.penalty_gradient(pc)
                 if mom and dense:
                     hc = torch.where(rows.view(-1, 1, 1), self.gauss_newton_from_moments(pc.detach(), *(mom[k] for k in (
                         "sums", "fixed_first", "moving_first", "cross", "own")), size=(h, w), dense=True), hc)

@@ -42,3 +42,11 @@ def test_the_compiled_ncc_at_the_identity_is_the_torch_one(base_image):
         assert torch.allclose(torch_ncc, compiled, atol=1e-6), (torch_ncc, compiled)
     assert not torch.allclose(m.pair_ncc_identity_compiled(p, imgs[:-1], imgs[1:], masks),
                               m.pair_ncc_identity_compiled(p, imgs[:-1], imgs[1:]), atol=1e-3)  # the masks count
+
+
+def test_the_penalty_gradient_is_the_penalty_s_derivative():
+    m = PairObjective(transformation="affine", regularization=0.3, shape=(64, 80))
+    p = torch.randn(3, m.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    m.penalty(p).sum().backward()
+    assert float(p.grad.abs().max()) > 0.01  # the penalty depends on these parameters
+    torch.testing.assert_close(m.penalty_gradient(p.detach()), p.grad)
