@@ -226,6 +226,10 @@ def main() -> None:
                     d = [np.linalg.norm(((p - q) @ corners)[:2], axis=0).mean() for p, q in zip(pw, ours_pw, strict=True)]
                     tail = f"{np.median(d):.3f} | {pair_ncc(stack, result[tool]):.4f} |"
                 print(f"| {tool} | {sec:.4f} | {sec / ref:.2f} | {tail}", flush=True)
+            # the spread: a fresh process's start-up varies by a few tenths of a second from run to run on this VM
+            for tool in ("ecc", "ours (command)", "ours (command, 16 ->)", "ours (command, time line, 16 ->)"):
+                each = ", ".join(f"{t / p:.2f}" for t, p in zip(times[tool], times["pystackreg"], strict=True))
+                print(f"{tool}: x pystackreg per repeat {each}")
 
 
 if __name__ == "__main__":
