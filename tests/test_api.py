@@ -57,6 +57,8 @@ def test_api_errors_are_spheroerrors_not_exits():
     good = make_stack(em_like_image(192, seed=1), 3, (64, 64), seed=1).stack
     with pytest.raises(SpheroError, match="model.loss"):
         register_stack(good, options={"model.loss": "nope"})
+    with pytest.raises(SpheroError, match=r"pass transformation='rigid'"):  # was a TypeError from the module's constructor
+        register_stack(good, options={"model.transformation": "rigid"})
     with pytest.raises(SpheroError, match="2D|3D"):
         register_stack(good[0])
 

@@ -66,6 +66,8 @@ def split_options(options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]
             raise SpheroError(f"option {key!r} does not apply to a stack in memory"
                               + ("; use 'solve.neighbours' / 'solve.coarse_factor'" if name in ("neighbours", "coarse_factor") else
                                  "; pass mask= for a mask array" if name == "mask_array" else ""))
+        if (group, name) == ("model", "transformation"):
+            raise SpheroError(f"option {key!r} is register_stack's own argument: pass transformation={value!r}")
         groups[group][name] = value
     return groups
 
