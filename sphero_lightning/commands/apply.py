@@ -38,6 +38,7 @@ from ..storage.store import (
 )
 from ..storage.tasks import check_scheduler, is_distributed
 from ..storage.writing import ArrayRef, level_arrays, warp_stack
+from .fit_help import plain
 
 MODES = ("auto", "nearest", "bspline", "bicubic", "bilinear")
 
@@ -122,7 +123,7 @@ def apply_registration(root: str, array: str, transforms: str, dst: str | None =
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="sphero apply", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="sphero apply", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", required=True, help="the Zarr store")
     ap.add_argument("--array", required=True, help="the array to transform, e.g. labels/50-4-4")
     ap.add_argument("--transforms", required=True, help="a finished registration, e.g. images/registered/50-4-4")

@@ -14,10 +14,11 @@ import zarr
 
 from ..core.synthetic import composed_error, em_like_image, make_stack
 from ..storage.stacks import write_zarr
+from .fit_help import plain
 
 
 def main(argv: list[str] | None = None) -> float:
-    ap = argparse.ArgumentParser(prog="sphero demo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="sphero demo", description=plain(__doc__))
     ap.add_argument("--out", default="demo", help="folder for demo.zarr and the logs (default: ./demo)")
     ap.add_argument("--slices", type=int, default=16)
     ap.add_argument("--size", type=int, nargs=2, default=[384, 384], metavar=("H", "W"))

@@ -23,6 +23,7 @@ from ..core.frames import composed_of_all, decompose, pixel_matrices
 from ..core.records import PairRecord
 from ..errors import SpheroError
 from ..storage.store import open_registration
+from .fit_help import plain
 
 CSV_FIELDS = ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "shear", "status"]
 
@@ -41,7 +42,7 @@ def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="sphero export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="sphero export", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", required=True, help="the Zarr store")
     ap.add_argument("--transforms", required=True, help="a finished registration, e.g. images/registered/50-4-4")
     ap.add_argument("--tmats", default=None, help="write the (Z, 3, 3) pystackreg/TurboReg matrices here (.npy)")

@@ -39,6 +39,7 @@ from ..storage.store import (
     write_ome,
 )
 from ..storage.tasks import run_tasks
+from .fit_help import plain
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
@@ -196,7 +197,7 @@ def ingest(src: str | Path, root: str | Path, spacing: list[float], array: str |
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="sphero ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="sphero ingest", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="a multi-page TIFF, or a folder of single-page TIFFs or of PNG slices")
     ap.add_argument("--root", required=True, help="the Zarr store to write into (created if absent)")
     ap.add_argument("--spacing", required=True, type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size in nm")

@@ -24,6 +24,7 @@ import zarr
 from ..errors import SpheroError
 from ..report.visual import build_report
 from ..storage.store import open_source
+from .fit_help import plain
 
 #: The attributes every ``sphero fit`` output has, and the report needs.
 REQUIRED = ("composed_transforms", "crop_box", "inputs", "registration_log")
@@ -55,7 +56,7 @@ def open_pair(root: str, array: str, source_root: str | None = None, source_arra
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="sphero report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="sphero report", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", required=True, help="the Zarr store that holds the registration")
     ap.add_argument("--array", "--transforms", dest="array", required=True,
                     help="the registration sphero fit wrote, e.g. images/registered/50-4-4")

@@ -29,6 +29,17 @@ def test_top_level_help_lists_our_commands_without_importing_torch():
     assert "validate" not in r.stdout and "predict" not in r.stdout
 
 
+def test_each_commands_help_is_plain_text(capsys):
+    for cmd in ("ingest", "apply", "export", "report", "demo"):
+        try:
+            main([cmd, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0
+        out = capsys.readouterr().out
+        assert f"sphero {cmd}" in out and "usage:" in out
+        assert "``" not in out and ":func:" not in out and ":class:" not in out, out  # the docstring's markup out
+
+
 def test_version_and_removed_subcommands(capsys):
     main(["--version"])
     from sphero_lightning import __version__
