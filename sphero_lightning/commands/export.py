@@ -4,7 +4,8 @@
 
 * ``tmats.npy``: ``(Z, 3, 3)`` matrices in the convention of TurboReg/pystackreg (``register_stack`` output,
   input of ``StackReg.transform_stack(stack, tmats=...)``): pixel-index coordinates ``(x, y, 1)``, mapping a
-  position of the aligned (slice 0) frame to the position sampled in slice ``z``; slice 0 is the identity.
+  position of the aligned frame (slice 0's, or ``--solve.reference`` 's) to the position sampled in slice ``z``;
+  the reference slice's is the identity.
   The same matrices are stored on the output array as ``composed_transforms_pixel``.
 * ``transforms.csv``: per slice, the displacement of the slice centre (px), rotation (degrees), scale and
   shear of that mapping, and the registration status of the pair that ends at the slice.
@@ -30,14 +31,15 @@ CSV_FIELDS = ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "
 
 
 
-def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: list[PairRecord]) -> None:
+def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: list[PairRecord], reference: int = 0) -> None:
     status = {int(e["slice_indices"][1]): e.get("status", "") for e in log}
+    status[reference] = "reference"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for z, m in enumerate(tmats):
             row = {"slice": z, **{k: f"{v:.6f}" for k, v in decompose(m, shape).items()},
-                   "status": status.get(z, "reference" if z == 0 else "")}
+                   "status": status.get(z, "")}
             w.writerow(row)
 
 
@@ -62,5 +64,6 @@ def main(argv: list[str] | None = None) -> None:
         np.save(a.tmats, tmats)
         print(f"sphero: wrote {a.tmats} ({len(tmats)} x 3 x 3, pystackreg tmats)", file=sys.stderr)
     if a.csv:
-        write_csv(a.csv, tmats, shape, list(reg.attrs.get("registration_log", [])))
+        write_csv(a.csv, tmats, shape, list(reg.attrs.get("registration_log", [])),
+                  int((reg.attrs.get("volume_solve") or {}).get("reference") or 0))
         print(f"sphero: wrote {a.csv}", file=sys.stderr)

@@ -65,3 +65,15 @@ def test_export_into_a_missing_folder_is_one_line(tmp_path, fitted_stack):
     r = sphero("export", "--root", str(fitted_stack.root), "--transforms", OUT, "--tmats", str(tmp_path / "nope" / "t.npy"), cwd=tmp_path)
     assert_one_line_error(r.returncode, r.stderr, "does not exist")
     assert not (tmp_path / "nope").exists()
+
+
+def test_the_csv_names_the_reference_slice_the_run_used(tmp_path, base_image):
+    s = make_stack(base_image, 5, (96, 96), seed=5)
+    root = tmp_path / "s.zarr"
+    write_zarr(s.stack, root)
+    fit(root, "--solve.reference", "2")
+    code, err = run_cli(["export", "--root", str(root), "--transforms", OUT, "--csv", str(tmp_path / "t.csv")])
+    assert code == 0, err
+    rows = [r.split(",") for r in (tmp_path / "t.csv").read_text().splitlines()[1:]]
+    assert [r[-1] for r in rows] == ["", "ok", "reference", "ok", "ok"]  # slice 0 was once called the reference
+    assert float(rows[2][1]) == 0.0 and float(rows[2][2]) == 0.0 and abs(float(rows[0][1])) + abs(float(rows[0][2])) > 0.1
