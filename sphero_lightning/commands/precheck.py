@@ -170,9 +170,11 @@ def _check_array(store: Path, root: str, array: str, values: dict[str, str], con
         if isinstance(m, list) and tuple(m) not in (tuple(shape), tuple(shape[1:])):
             raise SpheroError(f"--data.mask_array {mask!r} has shape {tuple(m)}; it must be the stack's {tuple(shape)} or one "
                               f"slice's {tuple(shape[1:])} (non-zero = use)")
-    reference = values.get("--solve.reference")
-    if reference is not None and isinstance(shape, list) and reference.lstrip("-").isdigit() and int(reference) >= shape[0]:
-        raise SpheroError(f"--solve.reference {reference} is not a slice of this stack ({shape[0]} slices: 0..{shape[0] - 1})")
+    reference, max_pairs = values.get("--solve.reference"), values.get("--data.max_pairs", "")
+    if reference is not None and isinstance(shape, list) and reference.lstrip("-").isdigit():
+        n = min(shape[0], int(max_pairs) + 1) if max_pairs.isdigit() else shape[0]  # the registered slices
+        if int(reference) >= n:
+            raise SpheroError(f"--solve.reference {reference} is not a slice of this stack ({n} slices: 0..{n - 1})")
     _check_output(store, root, values, spacing)
 
 

@@ -97,6 +97,7 @@ def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
              f"{ok} --pyramid.levels 2 --pyramid.steps [100,0]": "--pyramid.steps must be >= 1, got [100, 0]",
              f"{ok} --data.min_contrast 1.5": "--data.min_contrast must be in [0, 1), got 1.5",
              f"{ok} --solve.reference 3": "--solve.reference 3 is not a slice of this stack (3 slices: 0..2)",
+             f"{ok} --data.max_pairs 1 --solve.reference 2": "--solve.reference 2 is not a slice of this stack (2 slices: 0..1)",
              f"{ok} --solve.anchors nope.json": "--solve.anchors 'nope.json': no such file"}
     code = ("import sys\nfrom sphero_lightning.commands.main import main\ntry:\n    main(['fit', *sys.argv[1:]])\n"
             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n")
