@@ -31,7 +31,7 @@ CSV_FIELDS = ["slice", "dx_px", "dy_px", "rotation_deg", "scale_x", "scale_y", "
 
 
 
-def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: list[PairRecord], reference: int = 0) -> None:
+def write_csv(path: str | Path, tmats: np.ndarray, shape: tuple[int, int], log: list[PairRecord], reference: int) -> None:
     status = {int(e["slice_indices"][1]): e.get("status", "") for e in log}
     status[reference] = "reference"
     with open(path, "w", newline="") as f:
