@@ -4,9 +4,8 @@
 
 * ``tmats.npy``: ``(Z, 3, 3)`` matrices in the convention of TurboReg/pystackreg (``register_stack`` output,
   input of ``StackReg.transform_stack(stack, tmats=...)``): pixel-index coordinates ``(x, y, 1)``, mapping a
-  position of the aligned frame (slice 0's, or ``--solve.reference`` 's) to the position sampled in slice ``z``;
-  the reference slice's is the identity.
-  The same matrices are stored on the output array as ``composed_transforms_pixel``.
+  position of the aligned frame (slice 0's, or that of the slice ``--solve.reference`` named) to the position
+  sampled in slice ``z``; the reference slice's is the identity. The same matrices are stored on the output array as ``composed_transforms_pixel``.
 * ``transforms.csv``: per slice, the displacement of the slice centre (px), rotation (degrees), scale and
   shear of that mapping, and the registration status of the pair that ends at the slice.
 """
