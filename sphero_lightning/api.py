@@ -109,7 +109,9 @@ def register_stack(stack: Any, *, transformation: str = MODEL.transformation, de
         Show ``sphero fit``'s progress bar (pairs per second, time left).
     options : mapping, optional
         Any other ``sphero fit`` option by its name without the dashes, e.g. ``{"model.loss": "mse",
-        "pyramid.levels": 3, "early_stopping.step_tol_px": 0.001, "data.ignore_value": 0}``.
+        "pyramid.levels": 3, "early_stopping.step_tol_px": 0.001, "data.ignore_value": 0}``. ``trainer.*`` options are
+        checked as ``sphero fit`` checks them (none that would change the result, no logger); ``trainer.callbacks``
+        run beside the fit's own.
     mask : array-like, optional
         What the loss may use (non-zero = use): ``(Z, Y, X)`` like the stack, or ``(Y, X)`` for every slice
         (``--data.mask_array``). Pixels of one grey value: ``options={"data.ignore_value": 0}``; curtaining:

@@ -63,6 +63,27 @@ def test_api_errors_are_spheroerrors_not_exits():
         register_stack(good[0])
 
 
+def test_trainer_options_are_checked_as_sphero_fit_checks_them_and_callbacks_join_the_fits_own():
+    import lightning as L
+
+    good = make_stack(em_like_image(192, seed=1), 3, (64, 64), seed=1).stack
+    with pytest.raises(SpheroError, match=r"'trainer.max_epochs' = 3 would change the registration .*use data.max_pairs"):
+        register_stack(good, options={"trainer.max_epochs": 3})
+    with pytest.raises(SpheroError, match="register_stack writes nothing to disk"):
+        register_stack(good, options={"trainer.logger": True})
+
+    class Blocks(L.Callback):
+        ends = 0
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            Blocks.ends += 1
+
+    # a callback of the caller's used to replace the fit's own (the pyramid schedule among them): the fit never ended
+    reg = register_stack(good, options={"trainer.callbacks": [Blocks()]})
+    assert Blocks.ends >= 1
+    np.testing.assert_array_equal(reg.composed, register_stack(good).composed)
+
+
 def test_register_stack_writes_nothing_and_needs_no_command_line(tmp_path):
     """Issue 27 must-show 1: in process and in memory: no file in the temporary folder or the working directory (the
     machine-wide core-sharing slots aside, and torch's own compile cache folder, which ``import lightning`` creates

@@ -3,7 +3,7 @@
 ``--model.*`` the transform and loss, ``--data.*`` the input and output stores, ``--pyramid.*``,
 ``--early_stopping.*`` and ``--output.*`` the callbacks that are always present, ``--trainer.*`` devices,
 strategy and nodes. Trainer options that would change the result (a partial or lower-precision fit) are
-refused before any work, with one line saying why (:data:`RESULT_CHANGING`).
+refused before any work, with one line saying why (:data:`~.state.RESULT_CHANGING`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .data import ZarrPairDataModule
 from .module import RegistrationModule
 from .scope import RunScope, current_run
 from .state import PLAIN_TRAINER as _PLAIN_DEFAULTS
-from .state import quiet_lightning
+from .state import quiet_lightning, result_changing
 from .volume import VolumeSolve
 from .writer import RegistrationWriter
 
@@ -36,22 +36,6 @@ TRAINER_DEFAULTS = {
     "callbacks": [{"class_path": "sphero_lightning.training.callbacks.PairProgressBar"}],
 }
 
-#: Trainer options that would change the registration, with the value that leaves it exact and why.
-#: A pair is fitted to convergence within one epoch (one block); anything that cuts epochs or steps short,
-#: or lowers the arithmetic's precision, degrades the transforms silently, so these are refused.
-RESULT_CHANGING: dict[str, tuple[tuple[Any, ...], str]] = {
-    "fast_dev_run": ((False, 0, None), "fits one step of one block only"),
-    "precision": ((None, "32-true", "32", 32), "the fit is built and validated for float32 images and float64 parameters"),
-    "max_epochs": ((None, -1), "the number of epochs is the number of blocks; use --data.max_pairs to fit fewer pairs"),
-    "min_epochs": ((None,), "the number of epochs is the number of blocks"),
-    "max_steps": ((None, -1), "stops pairs before they converge; use --pyramid.steps for the budget per level"),
-    "min_steps": ((None,), "steps are per pair and level; use --pyramid.steps"),
-    "max_time": ((None,), "stops pairs before they converge"),
-    "limit_train_batches": ((None, 1.0, 1), "stops pairs before they converge"),
-    "overfit_batches": ((0, 0.0, None), "not meaningful for a registration"),
-    "accumulate_grad_batches": ((1, None), "each step is one solver update of every pair"),
-    "gradient_clip_val": ((None,), "the solver takes exact steps; use --pyramid.learning_rate to change the first step"),
-}
 
 #: Accelerators that need a device torch can see, and how to check for it.
 def _accelerator_missing(name: str) -> str | None:
@@ -151,10 +135,9 @@ class SpheroCLI(LightningCLI):
         # --trainer.enable_progress_bar false must also drop our default progress bar.
         if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
             trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("PairProgressBar")]
-        for key, (allowed, why) in RESULT_CHANGING.items():
-            value = trainer.get(key)
-            if value not in allowed:
-                raise SpheroError(f"--trainer.{key} {value} would change the registration ({why}); remove it")
+        bad = result_changing(trainer)
+        if bad is not None:
+            raise SpheroError(f"--trainer.{bad[0]} {bad[1]} would change the registration ({bad[2]}); remove it")
         if cfg.get("ckpt_path") is not None:
             raise SpheroError("--ckpt_path: sphero fit keeps no Lightning checkpoints; an interrupted run resumes from its "
                               "journal when the same command runs again (README: Interrupted runs); remove --ckpt_path")

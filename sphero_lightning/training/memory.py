@@ -18,7 +18,7 @@ from ..storage.checks import check_stack
 from ..storage.slices import check_mask_shape
 from .data import ZarrPairDataModule
 from .scope import RunScope
-from .state import OPTION_GROUPS
+from .state import OPTION_GROUPS, result_changing
 
 #: The option groups of ``sphero fit`` a fit in memory takes (``output``: only the crop settings matter).
 GROUPS = (*(group for group, _, _ in OPTION_GROUPS), "trainer")
@@ -69,6 +69,11 @@ def split_options(options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]
         if (group, name) == ("model", "transformation"):
             raise SpheroError(f"option {key!r} is register_stack's own argument: pass transformation={value!r}")
         groups[group][name] = value
+    bad = result_changing(groups["trainer"])
+    if bad is not None:
+        raise SpheroError(f"option 'trainer.{bad[0]}' = {bad[1]!r} would change the registration ({bad[2].replace('--', '')}); leave it out")
+    if groups["trainer"].get("logger") not in (None, False):
+        raise SpheroError("option 'trainer.logger': register_stack writes nothing to disk; sphero fit logs to TensorBoard")
     return groups
 
 
@@ -106,6 +111,8 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
     from .writer import RegistrationWriter, compose_result
 
     groups = split_options(options)
+    extra = groups["trainer"].pop("callbacks", None) or []
+    extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
     for group, module, name in OPTION_GROUPS:
         check_options(group, getattr(import_module(module), name), groups[group])
     solve = VolumeSolve(**groups["solve"])
@@ -121,8 +128,8 @@ def fit_array(stack: Any, transformation: str, accelerator: str, devices: Any, p
         run.share_cores()
         L.seed_everything(0, verbose=False)  # as sphero fit (init_std noise)
         trainer = L.Trainer(**{**PLAIN_TRAINER, "logger": False, "enable_progress_bar": progress, "accelerator": accelerator,
-                               "devices": devices, "callbacks": [*([PairProgressBar()] if progress else []), early, pyramid, solve],
-                               **groups["trainer"]})
+                               "devices": devices, **groups["trainer"],  # the caller's own callbacks beside the fit's, not instead
+                               "callbacks": [*([PairProgressBar()] if progress else []), early, pyramid, solve, *extra]})
         try:
             trainer.fit(model, datamodule=dm)
         except SystemExit:

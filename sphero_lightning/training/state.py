@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 from ..core.fit import MAX_STEP_PX, NEWTON_MIN_NCC, NEWTON_TRUST_NCC, BlockState, Level  # noqa: F401 - their home is core.fit
 from ..options import GROUPS
@@ -23,6 +25,31 @@ PLAIN_TRAINER = {
     "max_epochs": -1,  # replaced by the number of blocks at setup
 }
 
+
+#: Trainer options that would change the registration, with the value that leaves it exact and why.
+#: A pair is fitted to convergence within one epoch (one block); anything that cuts epochs or steps short,
+#: or lowers the arithmetic's precision, degrades the transforms silently, so these are refused.
+RESULT_CHANGING: dict[str, tuple[tuple[Any, ...], str]] = {
+    "fast_dev_run": ((False, 0, None), "fits one step of one block only"),
+    "precision": ((None, "32-true", "32", 32), "the fit is built and validated for float32 images and float64 parameters"),
+    "max_epochs": ((None, -1), "the number of epochs is the number of blocks; use --data.max_pairs to fit fewer pairs"),
+    "min_epochs": ((None,), "the number of epochs is the number of blocks"),
+    "max_steps": ((None, -1), "stops pairs before they converge; use --pyramid.steps for the budget per level"),
+    "min_steps": ((None,), "steps are per pair and level; use --pyramid.steps"),
+    "max_time": ((None,), "stops pairs before they converge"),
+    "limit_train_batches": ((None, 1.0, 1), "stops pairs before they converge"),
+    "overfit_batches": ((0, 0.0, None), "not meaningful for a registration"),
+    "accumulate_grad_batches": ((1, None), "each step is one solver update of every pair"),
+    "gradient_clip_val": ((None,), "the solver takes exact steps; use --pyramid.learning_rate to change the first step"),
+}
+
+
+def result_changing(trainer: Mapping[str, Any]) -> tuple[str, Any, str] | None:
+    """The first Trainer setting of ``trainer`` that would change the registration: ``(name, value, why)``, or None."""
+    for key, (allowed, why) in RESULT_CHANGING.items():
+        if trainer.get(key) not in allowed:
+            return key, trainer.get(key), why
+    return None
 
 def quiet_lightning() -> None:
     """Keep Lightning's chatter out of the user's terminal: only what they can act on stays.

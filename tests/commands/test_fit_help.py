@@ -39,7 +39,7 @@ def test_fit_help_is_short_plain_and_advertises_nothing_refused():
     import re
 
     from sphero_lightning.commands.fit_help import LINKED
-    from sphero_lightning.training.cli import RESULT_CHANGING
+    from sphero_lightning.training.state import RESULT_CHANGING
 
     short, full = _fit_help("--help"), _fit_help("--help-all")
     assert len(short.splitlines()) < 150, len(short.splitlines())

@@ -154,7 +154,7 @@ def test_trainer_options_that_change_the_result_are_refused(mistake_store, optio
 
 
 def test_every_refused_trainer_option_is_tested():
-    from sphero_lightning.training.cli import RESULT_CHANGING
+    from sphero_lightning.training.state import RESULT_CHANGING
 
     marks = test_trainer_options_that_change_the_result_are_refused.pytestmark
     tested = {opt for m in marks if m.name == "parametrize" for opt, _ in m.args[1]}
