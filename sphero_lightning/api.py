@@ -171,8 +171,11 @@ def warp_stack(stack: Any, registration: Registration, *, crop: bool = OUTPUT.cr
 
     stack = _check_stack(stack)
     if tuple(stack.shape[1:]) != tuple(registration.shape) or stack.shape[0] != len(registration.composed) + 1:
-        raise SpheroError(f"stack has shape {tuple(stack.shape)}; the registration is for {len(registration.composed) + 1} "
-                          f"slices of {registration.shape[0]} x {registration.shape[1]}")
+        n = len(registration.composed) + 1
+        hint = f" (the first {n} were registered: pass stack[:{n}])" if stack.shape[0] > n and \
+            tuple(stack.shape[1:]) == tuple(registration.shape) else ""
+        raise SpheroError(f"stack has shape {tuple(stack.shape)}; the registration is for {n} slices of "
+                          f"{registration.shape[0]} x {registration.shape[1]}{hint}")
     if interpolation not in ("bspline", "bicubic", "bilinear", "nearest"):
         raise SpheroError(f"unknown interpolation {interpolation!r}; choose bspline, bicubic, bilinear or nearest")
     shape = registration.shape

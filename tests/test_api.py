@@ -82,6 +82,10 @@ def test_trainer_options_are_checked_as_sphero_fit_checks_them_and_callbacks_joi
     reg = register_stack(good, options={"trainer.callbacks": [Blocks()]})
     assert Blocks.ends >= 1
     np.testing.assert_array_equal(reg.composed, register_stack(good).composed)
+    first = register_stack(good, options={"data.max_pairs": 1})  # the first 2 slices
+    with pytest.raises(SpheroError, match=r"the first 2 were registered: pass stack\[:2\]"):
+        warp_stack(good, first)
+    assert warp_stack(good[:2], first).shape[0] == 2
 
 
 def test_register_stack_writes_nothing_and_needs_no_command_line(tmp_path):
