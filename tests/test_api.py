@@ -82,6 +82,10 @@ def test_trainer_options_are_checked_as_sphero_fit_checks_them_and_callbacks_joi
     reg = register_stack(good, options={"trainer.callbacks": [Blocks()]})
     assert Blocks.ends >= 1
     np.testing.assert_array_equal(reg.composed, register_stack(good).composed)
+
+
+def test_warp_stack_of_a_registration_of_the_first_slices_says_which_to_pass():
+    good = make_stack(em_like_image(192, seed=1), 3, (64, 64), seed=1).stack
     first = register_stack(good, options={"data.max_pairs": 1})  # the first 2 slices
     with pytest.raises(SpheroError, match=r"the first 2 were registered: pass stack\[:2\]"):
         warp_stack(good, first)
