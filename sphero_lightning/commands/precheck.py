@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import SpheroError
 from ..options import BOUNDS, LINKED, closest, fit_options, known
-from ..storage.checks import check_stack
+from ..storage.checks import check_stack, read_anchors
 
 #: The enumerated options and their values, as the options' own ``Literal`` s declare them.
 CHOICES: dict[str, tuple[str, ...]] = {f"--{k}": o.choices for k, o in fit_options().items() if o.choices is not None}
@@ -170,11 +170,15 @@ def _check_array(store: Path, root: str, array: str, values: dict[str, str], con
         if isinstance(m, list) and tuple(m) not in (tuple(shape), tuple(shape[1:])):
             raise SpheroError(f"--data.mask_array {mask!r} has shape {tuple(m)}; it must be the stack's {tuple(shape)} or one "
                               f"slice's {tuple(shape[1:])} (non-zero = use)")
-    reference, max_pairs = values.get("--solve.reference"), values.get("--data.max_pairs", "")
-    if reference is not None and isinstance(shape, list) and reference.lstrip("-").isdigit():
-        n = min(shape[0], int(max_pairs) + 1) if max_pairs.isdigit() else shape[0]  # the registered slices
-        if int(reference) >= n:
+    if isinstance(shape, list):  # the slices the options name are registered ones
+        max_pairs = values.get("--data.max_pairs", "")
+        n = min(shape[0], int(max_pairs) + 1) if max_pairs.isdigit() else shape[0]
+        reference, anchors = values.get("--solve.reference"), values.get("--solve.anchors")
+        if reference is not None and reference.lstrip("-").isdigit() and int(reference) >= n:
             raise SpheroError(f"--solve.reference {reference} is not a slice of this stack ({n} slices: 0..{n - 1})")
+        outside = [z for z in read_anchors(anchors) if not 0 <= z < n] if _given(anchors) else []
+        if outside:
+            raise SpheroError(f"--solve.anchors names slice(s) {outside} outside this stack ({n} slices: 0..{n - 1})")
     _check_output(store, root, values, spacing)
 
 
@@ -196,14 +200,18 @@ def _check_output(store: Path, root: str, values: dict[str, str], spacing: Any) 
                           "choose another --data.dst_group")
 
 
+def _given(value: str | None) -> bool:
+    return value is not None and value.lower() not in ("null", "none")
+
+
 def check_fit_arguments(argv: list[str]) -> None:
     """Raise :class:`SpheroError` (one line, the fix) for the mistakes above in ``sphero fit``'s ``argv``."""
     check_option_names(argv)
     values = _values(argv)
     check_option_values(values)
     anchors = values.get("--solve.anchors")
-    if anchors is not None and anchors.lower() not in ("null", "none") and not Path(anchors).is_file():
-        raise SpheroError(f"--solve.anchors {anchors!r}: no such file")
+    if _given(anchors):
+        read_anchors(anchors)  # there, and a JSON object of slice -> 3 x 3 matrix
     root = values.get("--data.root")
     if root is None or "://" in root or root.lower().endswith(".zip"):
         return  # from a config file, a URL or a zipped store: the full parser's

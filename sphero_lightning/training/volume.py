@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 
 from ..core.settings import SOLVE, check_bounds
 from ..core.stack import MAX_BRIDGE_ROUNDS
 from ..core.volume import Priors
 from ..errors import SpheroError
+from ..storage.checks import read_anchors
 
 
 class VolumeSolve(L.Callback):
@@ -54,7 +52,7 @@ class VolumeSolve(L.Callback):
                      highpass=highpass)
         self.neighbours, self.coarse_factor, self.reference = int(neighbours), float(coarse_factor), int(reference)
         self.detrend, self.highpass, self.anchors = detrend, highpass, anchors
-        self._anchor_tmats = _read_anchors(anchors) if anchors else {}
+        self._anchor_tmats = read_anchors(anchors) if anchors else {}
 
     #: Config group of these settings (``--solve.*``), for the logged hyperparameters.
     config_group = "solve"
@@ -119,17 +117,3 @@ class VolumeSolve(L.Callback):
         anchors = {z: Affine(torch.tensor(m, dtype=torch.float64)[None], Frame.PIXEL, shape).to(Frame.NORMALIZED).matrix[0].numpy()
                    for z, m in self._anchor_tmats.items()}
         return Priors(detrend=self.detrend, highpass=self.highpass, anchors=anchors or None)
-
-
-def _read_anchors(path: str) -> dict[int, np.ndarray]:
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-        out = {int(k): np.asarray(v, dtype=np.float64).reshape(3, 3) for k, v in doc.items()}
-    except FileNotFoundError:
-        raise SpheroError(f"--solve.anchors {path!r}: no such file") from None
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise SpheroError(f"--solve.anchors {path!r}: expected a JSON object of slice -> 3 x 3 pixel matrix ({exc})") from None
-    if not out:
-        raise SpheroError(f"--solve.anchors {path!r} names no slice")
-    return out

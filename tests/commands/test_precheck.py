@@ -66,7 +66,7 @@ def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
     """Issues 29 and 36: a wrong store, a TIFF given as the store, a wrong array, a bad enumerated value, a misspelt
     option (with the closest one), a value of the wrong type, a 2D array, a one-slice stack, a missing spacing, a mask
     array of the wrong shape or missing, an existing output, a value out of its range, a reference slice that is not
-    one, a missing anchors file: one line, exit 2, with neither torch nor Lightning imported (they take seconds to
+    one, a missing anchors file or one that names other slices or holds no matrices: one line, exit 2, with neither torch nor Lightning imported (they take seconds to
     load; benchmarks/error_latency.py)."""
     import tifffile
 
@@ -78,6 +78,8 @@ def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
     group.create_array("bare", data=np.zeros((3, 32, 32), np.uint8))
     group.create_array("mask", data=np.ones((5, 5), np.uint8))
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 32, 32), np.uint8))
+    (tmp_path / "far.json").write_text('{"5": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}')
+    (tmp_path / "short.json").write_text('{"1": [1, 0]}')
     ok = "--data.root s.zarr --data.array images/50-4-4 --data.overwrite"
     cases = {"--data.root nope.zarr --data.array images/50-4-4": "store 'nope.zarr' does not exist",
              "--data.root stack.tif --data.array x": "is a TIFF file, not a Zarr store; convert it first: sphero ingest",
@@ -98,7 +100,9 @@ def test_common_mistakes_are_answered_before_torch_and_lightning_load(tmp_path):
              f"{ok} --data.min_contrast 1.5": "--data.min_contrast must be in [0, 1), got 1.5",
              f"{ok} --solve.reference 3": "--solve.reference 3 is not a slice of this stack (3 slices: 0..2)",
              f"{ok} --data.max_pairs 1 --solve.reference 2": "--solve.reference 2 is not a slice of this stack (2 slices: 0..1)",
-             f"{ok} --solve.anchors nope.json": "--solve.anchors 'nope.json': no such file"}
+             f"{ok} --solve.anchors nope.json": "--solve.anchors 'nope.json': no such file",
+             f"{ok} --solve.anchors far.json": "--solve.anchors names slice(s) [5] outside this stack (3 slices: 0..2)",
+             f"{ok} --solve.anchors short.json": "expected a JSON object of slice -> 3 x 3 pixel matrix"}
     code = ("import sys\nfrom sphero_lightning.commands.main import main\ntry:\n    main(['fit', *sys.argv[1:]])\n"
             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n")
     for args, expect in cases.items():
