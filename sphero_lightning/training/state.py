@@ -51,6 +51,7 @@ def result_changing(trainer: Mapping[str, Any]) -> tuple[str, Any, str] | None:
             return key, trainer.get(key), why
     return None
 
+
 def quiet_lightning() -> None:
     """Keep Lightning's chatter out of the user's terminal: only what they can act on stays.
 
