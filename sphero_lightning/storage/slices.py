@@ -65,13 +65,12 @@ def slice_stats(image: np.ndarray) -> tuple[float, float, float, float]:
     return finite, float(sub.std()), float(sub.min()), float(sub.max())
 
 
-def scan_stats(arr: Any, rank: int = 0, world: int = 1, progress: bool = False) -> np.ndarray:
-    """``(Z, 4)`` float64: :func:`slice_stats` of this rank's share of the slices of ``arr`` (zeros elsewhere, for the
-    ranks' to be summed): runs of consecutive slices (:func:`group_depth`), one read each, round-robin to the ranks,
-    on 4 threads; ``progress``: a bar."""
+def scan_stats(arr: Any, n: int, rank: int = 0, world: int = 1, progress: bool = False) -> np.ndarray:
+    """``(n, 4)`` float64: :func:`slice_stats` of this rank's share of the first ``n`` slices of ``arr`` (zeros
+    elsewhere, for the ranks' to be summed): runs of consecutive slices (:func:`group_depth`), one read each,
+    round-robin to the ranks, on 4 threads; ``progress``: a bar."""
     from .tasks import run_tasks
 
-    n = int(arr.shape[0])
     stats = np.zeros((n, 4), dtype=np.float64)
     depth = group_depth(n, tuple(arr.shape[1:]), 8 * world)
     mine = [(z, min(z + depth, n)) for z in range(0, n, depth)][rank::world]

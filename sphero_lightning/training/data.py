@@ -381,7 +381,7 @@ class ZarrPairDataModule(L.LightningDataModule):
         n = self.n_slices
         small = world == 1 and n * math.prod(self.slice_shape) * self.source.dtype.itemsize <= min(HOLD_BYTES, self.memory_budget // 8)
         self.held = read_block(self.source, 0, n) if small else None
-        stats = torch.from_numpy(scan_stats(self.slices, rank, world, progress and rank == 0 and n >= 64))
+        stats = torch.from_numpy(scan_stats(self.slices, n, rank, world, progress and rank == 0 and n >= 64))
         st = (reduce(stats) if reduce is not None else stats).cpu().numpy()
         damaged = damaged_slices(st, self.min_contrast)
         self.intensity = intensity_range(st, [z for z in range(n) if z not in damaged])

@@ -25,7 +25,7 @@ def test_slice_scan_finds_blank_constant_and_nan(base_image):
 
 def test_the_scan_reads_runs_of_slices_and_its_ranks_shares_add_up_to_every_slice(base_image, monkeypatch):
     """scan_stats: small slices several to a read (fewer reads than slices), the same numbers as slice by slice; two
-    ranks' shares are disjoint and sum to the whole."""
+    ranks' shares are disjoint and sum to the whole; the first slices only (--data.max_pairs) read only those."""
     import zarr
 
     from sphero_lightning.storage import slices
@@ -36,9 +36,12 @@ def test_the_scan_reads_runs_of_slices_and_its_ranks_shares_add_up_to_every_slic
     arr[:] = st
     reads = []
     monkeypatch.setattr(slices, "read_block", lambda a, z0, z1: reads.append((z0, z1)) or np.asarray(a[z0:z1]))
-    whole = slices.scan_stats(arr)
+    whole = slices.scan_stats(arr, 40)
     np.testing.assert_array_equal(whole, np.array([slice_stats(im) for im in st]))
     assert len(reads) == 8 and min(reads) == (0, 5)  # 40 slices in 8 runs of 5 (group_depth)
-    shares = [slices.scan_stats(arr, rank, 2) for rank in (0, 1)]
+    shares = [slices.scan_stats(arr, 40, rank, 2) for rank in (0, 1)]
     assert not np.any((shares[0] != 0).all(1) & (shares[1] != 0).all(1))
     np.testing.assert_array_equal(shares[0] + shares[1], whole)
+    reads.clear()
+    np.testing.assert_array_equal(slices.scan_stats(arr, 12), whole[:12])
+    assert max(z1 for _, z1 in reads) == 12  # the slices after them are not read (the scan once read all 40)
