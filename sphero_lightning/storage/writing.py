@@ -39,7 +39,7 @@ from ..core.warping import nearest_index, warp, warp_coefficients
 from ..core.windows import bspline_window, corner_positions, sample_bounds, window_canvas
 from ..errors import SpheroError
 from .pyramid import level_shapes, reduce2
-from .slices import group_depth
+from .slices import group_depth, read_block
 from .tasks import is_distributed, run_tasks
 
 
@@ -299,7 +299,7 @@ class _Slices:
     cols]``, ``shape``, ``dtype``)."""
 
     def __init__(self, src: zarr.Array, z0: int, z1: int) -> None:
-        self.data, self.z0, self.shape, self.dtype = np.asarray(src[z0:z1]), z0, tuple(src.shape), src.dtype
+        self.data, self.z0, self.shape, self.dtype = read_block(src, z0, z1), z0, tuple(src.shape), src.dtype
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         return self.data[(key[0] - self.z0, *key[1:])]
