@@ -51,6 +51,11 @@ FIT_DESCRIPTION = "Register a Zarr stack: fit the pairwise transforms, compose, 
 REQUIRED = object()
 
 
+def is_null(text: str) -> bool:
+    """Whether a command-line value says "no value" (``null`` or ``none``, any case)."""
+    return text.strip().lower() in ("null", "none")
+
+
 @dataclass(frozen=True)
 class Option:
     """One option: ``group.name``, its annotation (as written), default (:data:`REQUIRED` where there is none),
@@ -87,7 +92,7 @@ class Option:
 
     def parse(self, text: str) -> Any:
         """The value of ``text`` as the command line gives it; ``ValueError`` where it is not one."""
-        if self.optional and text.strip().lower() in ("null", "none"):
+        if self.optional and is_null(text):
             return None
         kind = self.kind
         try:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SpheroError
-from ..options import BOUNDS, LINKED, closest, fit_options, known
+from ..options import BOUNDS, LINKED, closest, fit_options, is_null, known
 from ..storage.checks import check_stack, read_anchors
 
 #: The enumerated options and their values, as the options' own ``Literal`` s declare them.
@@ -201,7 +201,7 @@ def _check_output(store: Path, root: str, values: dict[str, str], spacing: Any) 
 
 
 def _given(value: str | None) -> bool:
-    return value is not None and value.lower() not in ("null", "none")
+    return value is not None and not is_null(value)
 
 
 def check_fit_arguments(argv: list[str]) -> None:
